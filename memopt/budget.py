@@ -1,0 +1,56 @@
+"""Byte budgets: parsing ("24GB", "512MiB", 10**9) and printing."""
+
+from __future__ import annotations
+
+import re
+
+from memopt.errors import BudgetParseError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_budget(value: int | str | None) -> int | None:
+    """Bytes from a budget: an int, or a string with a Hugging Face style unit.
+
+    "GB"/"MB" are powers of ten, "GiB"/"MiB" powers of two, a bare number is bytes.
+    None stays None (no budget). Anything else raises BudgetParseError.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise BudgetParseError(value)
+    if isinstance(value, int):
+        if value <= 0:
+            raise BudgetParseError(value)
+        return value
+    if not isinstance(value, str):
+        raise BudgetParseError(value)
+    match = _PATTERN.match(value)
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise BudgetParseError(value)
+    number, unit = match.groups()
+    scale = _UNITS[unit.lower()]
+    if "." in number:
+        whole, _, frac = number.partition(".")
+        # exact decimal arithmetic: "1.5GB" is 1_500_000_000 bytes, not a float rounding of it
+        nbytes = (int(whole or 0) * 10 ** len(frac) + int(frac or 0)) * scale // 10 ** len(frac)
+    else:
+        nbytes = int(number) * scale
+    if nbytes <= 0:
+        raise BudgetParseError(value)
+    return nbytes
+
+
+def format_bytes(nbytes: int | float) -> str:
+    """'1.50 GiB', '512.00 MiB', '100 B': powers of two, for people."""
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,217 @@
+"""The real peak of one call: what the allocator saw, not what a plan predicts.
+
+On CPU the peak comes from the profiler's memory events: c10's CPU allocator
+reports every allocation (+bytes) and free (-bytes) below the dispatcher, so
+eager ops, temporaries inside a kernel, autograd's gradient buffers, optimizer
+state and Inductor's buffers are all seen. On CUDA it comes from the caching
+allocator's own counters (`max_memory_allocated`).
+
+Bytes on CPU are "sum of storage nbytes" (what was requested); bytes on CUDA
+are the caching allocator's block sizes (rounded up to 512 bytes), so the two
+are not in the same units to the byte.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.autograd.profiler_util import DeviceType
+from torch.profiler import ProfilerActivity, profile
+from torch.utils import _pytree as pytree
+
+from memopt.errors import MeasurementError
+
+log = logging.getLogger(__name__)
+
+_MEASURABLE = ("cpu", "cuda")
+# The allocations torch's own profiler summary counts as CPU memory.
+_CPU_MEMORY_DEVICES = (DeviceType.CPU, DeviceType.MKLDNN, DeviceType.IDEEP)
+_MEMORY_EVENT = "[memory]"
+
+
+@dataclass(frozen=True, slots=True)
+class MeasuredPeak:
+    """The peak of one call on one device, with the timeline that led to it."""
+
+    peak_bytes: int  # baseline_bytes + the highest running sum of alloc/free events (absolute live bytes)
+    baseline_bytes: int  # live bytes on the device at entry
+    end_bytes: int  # live bytes after the call, counted independently of the events (CPU: a scan of live tensors)
+    timeline: tuple[tuple[int, int], ...]  # (ns since the start, live bytes): the start, then after each event
+    unaccounted_bytes: int  # end_bytes - (baseline_bytes + net of the events); nonzero means the events missed something
+    device: str  # "cpu" or "cuda"
+    result: Any = field(default=None, repr=False, compare=False)  # what step_fn returned
+
+
+def measure_peak(
+    step_fn: Callable[..., Any], *args: Any, device: str | torch.device | None = None, **kwargs: Any
+) -> MeasuredPeak:
+    """Call `step_fn(*args, **kwargs)` once and measure its peak memory on `device`.
+
+    `device` defaults to the device of the first tensor (or module parameter or
+    buffer) found in the arguments, else "cpu". A `device=` keyword is taken by
+    measure_peak itself; to hand one to step_fn, wrap it in a lambda.
+
+    Measure a warm call: a first call may compile, and the first optimizer step
+    allocates optimizer state. Exceptions from step_fn propagate unchanged.
+
+    CPU: runs under `torch.profiler.profile(profile_memory=True)`, so it raises
+    MeasurementError if a profiler is already running on this thread (nested
+    profilers switch each other off). Only this thread's allocations are seen
+    (the allocator's reporter is thread-local), plus those of threads torch
+    hands the profiler to (autograd engine, `torch.jit.fork`). A cyclic garbage
+    collection runs at entry, so that no tensor allocated before the call is
+    freed by the collector during it.
+
+    CUDA: synchronizes, resets the device's peak counter (so a later
+    `max_memory_allocated` starts from this call), and counts every stream and
+    thread on that device. The timeline is the start and the end only; the time
+    of the peak is not known.
+    """
+    if not callable(step_fn):
+        raise MeasurementError(
+            f"measure_peak needs a callable step function as its first argument, got "
+            f"{type(step_fn).__name__} {step_fn!r}; pass the function itself, e.g. measure_peak(train_step, batch)"
+        )
+    dev = _resolve_device(device if device is not None else _infer_device(args, kwargs))
+    if dev.type == "cuda":
+        return _measure_cuda(step_fn, args, kwargs, dev)
+    return _measure_cpu(step_fn, args, kwargs)
+
+
+def live_tensor_bytes(device: str | torch.device = "cpu") -> int:
+    """Bytes of the distinct live tensor storages on `device`, found by scanning Python's objects.
+
+    Each storage counts once (views and aliases share it), keyed by its data
+    pointer. Counts nn.Parameters, buffers and the `.grad` of every live leaf
+    tensor; skips fake and meta tensors. A device without an index ("cuda")
+    matches every index of its type. Tensors held only by C++ (autograd's saved
+    tensors, say) are not Python objects and are not seen.
+    """
+    want = _resolve_device(device, require_available=False)
+    nbytes_by_ptr: dict[int, int] = {}
+    for obj in gc.get_objects():
+        # type() rather than isinstance(): isinstance would read `__class__` of every object in the process.
+        if not issubclass(type(obj), torch.Tensor):
+            continue
+        for storage in _storages(obj):
+            where = storage.device
+            if where.type == want.type and (want.index is None or where.index == want.index):
+                ptr = storage.data_ptr()
+                nbytes_by_ptr[ptr] = max(nbytes_by_ptr.get(ptr, 0), storage.nbytes())
+    nbytes_by_ptr.pop(0, None)  # empty storages
+    return sum(nbytes_by_ptr.values())
+
+
+def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> MeasuredPeak:
+    if torch.autograd._profiler_enabled():
+        raise MeasurementError(
+            "measure_peak on CPU starts its own torch.profiler session, but a profiler is already running on this "
+            "thread (a nested session would switch the outer one off); call measure_peak outside the other profiler"
+        )
+    gc.collect()
+    baseline = live_tensor_bytes("cpu")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = step_fn(*args, **kwargs)
+    end = live_tensor_bytes("cpu")
+
+    results = prof.profiler.kineto_results
+    if results is None:
+        raise MeasurementError("the profiler returned no results, so the call's memory could not be measured")
+    start_ns = results.trace_start_ns()
+    # Raw events, not prof.events(): FunctionEvents fold every allocation made inside an op into that op's
+    # cpu_memory_usage and list as "[memory]" only those made outside any op. Every event is of this session:
+    # a thread that does not carry this profiler's thread-local state reports nothing.
+    deltas = sorted(
+        (event.start_ns() - start_ns, event.nbytes())
+        for event in results.events()
+        if event.name() == _MEMORY_EVENT and event.device_type() in _CPU_MEMORY_DEVICES
+    )
+    live, highest = baseline, baseline
+    timeline = [(0, baseline)]
+    for at_ns, nbytes in deltas:
+        live += nbytes
+        highest = max(highest, live)
+        timeline.append((max(at_ns, 0), live))
+    unaccounted = end - live
+    log.debug(
+        "cpu: %d memory events, baseline %d, peak %d, end %d, unaccounted %d",
+        len(deltas), baseline, highest, end, unaccounted,
+    )
+    return MeasuredPeak(highest, baseline, end, tuple(timeline), unaccounted, "cpu", result)
+
+
+def _measure_cuda(step_fn: Callable[..., Any], args: tuple, kwargs: dict, dev: torch.device) -> MeasuredPeak:
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    baseline = torch.cuda.memory_allocated(dev)
+    start_ns = time.perf_counter_ns()
+    result = step_fn(*args, **kwargs)
+    torch.cuda.synchronize(dev)
+    elapsed_ns = time.perf_counter_ns() - start_ns
+    peak = torch.cuda.max_memory_allocated(dev)
+    end = torch.cuda.memory_allocated(dev)
+    # end is read from the same counter as the peak, so nothing can be unaccounted here.
+    return MeasuredPeak(peak, baseline, end, ((0, baseline), (elapsed_ns, end)), 0, "cuda", result)
+
+
+def _resolve_device(device: str | torch.device, require_available: bool = True) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise MeasurementError(
+            f"cannot read {device!r} as a torch device; measure on 'cpu' or 'cuda' (or 'cuda:N')"
+        ) from error
+    if dev.type not in _MEASURABLE:
+        raise MeasurementError(
+            f"memopt measures memory on 'cpu' or 'cuda', not on {str(dev)!r}; pass device='cpu' or device='cuda'"
+        )
+    if require_available and dev.type == "cuda" and not torch.cuda.is_available():
+        raise MeasurementError(
+            f"cannot measure on {str(dev)!r}: torch.cuda.is_available() is False in this process; "
+            "measure on device='cpu' or run where a CUDA device is visible"
+        )
+    return dev
+
+
+def _infer_device(args: tuple, kwargs: dict) -> torch.device:
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+        if isinstance(leaf, torch.nn.Module):
+            tensor = next(itertools.chain(leaf.parameters(), leaf.buffers()), None)
+            if tensor is not None:
+                return tensor.device
+    return torch.device("cpu")
+
+
+def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages a tensor holds on a real device: its own (or its sparse parts') and its gradient's."""
+    layout = tensor.layout
+    if layout == torch.sparse_coo:
+        parts = [tensor._indices(), tensor._values()]
+    elif layout in (torch.sparse_csr, torch.sparse_bsr):
+        parts = [tensor.crow_indices(), tensor.col_indices(), tensor.values()]
+    elif layout in (torch.sparse_csc, torch.sparse_bsc):
+        parts = [tensor.ccol_indices(), tensor.row_indices(), tensor.values()]
+    else:
+        parts = [tensor]
+    storages = []
+    for part in parts:
+        try:
+            storage = part.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            continue  # a wrapper subclass with no storage of its own; the scan finds its inner tensors
+        if storage.device.type != "meta":  # fake tensors keep meta storage (and say "cpu" as their device)
+            storages.append(storage)
+    if storages and (tensor.is_leaf or tensor.retains_grad) and tensor.grad is not None:
+        storages.extend(_storages(tensor.grad))
+    return storages

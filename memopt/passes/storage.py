@@ -1,0 +1,125 @@
+"""Storages of a captured step: bytes counted once per storage, a category for each.
+
+A pure analysis: it reads ``node.meta["val"]`` (fake tensors) and the capture's
+signature, and returns a frozen table. Views and in-place results share their
+base's storage, so they add no bytes; every tensor an op returns (used or not)
+is a storage allocated at that op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import _pytree as pytree
+
+from memopt.capture import CapturedStep
+
+# Categories of the ledger, in the order a table prints them.
+PARAMETERS = "parameters"
+BUFFERS = "buffers"
+INPUTS = "inputs"
+GRADIENTS = "gradients"
+OPTIMIZER_STATE = "optimizer_state"
+ACTIVATIONS = "activations"  # produced by the forward and read by the backward (saved tensors)
+TEMPORARIES = "temporaries"  # everything else that lives between two ops
+OFFLOADED = "offloaded"  # host side; no bytes on the device
+CATEGORIES = (PARAMETERS, BUFFERS, INPUTS, GRADIENTS, OPTIMIZER_STATE, ACTIVATIONS, TEMPORARIES)
+
+
+@dataclass(frozen=True, slots=True)
+class Storage:
+    """One allocation: who makes it, who reads it last, and what it is."""
+
+    index: int
+    nbytes: int
+    defined_at: int  # position in the graph's node list; -1 for graph inputs (live before the step)
+    last_use: int  # position of the last node that reads it (or an alias of it)
+    category: str
+    node: str  # the node that allocates it (or the placeholder)
+    is_output: bool  # returned by the step (loss, gradients): live to the end of the graph
+
+
+@dataclass(frozen=True)
+class StorageTable:
+    """Every storage of the step, and for each node which storages it reads and makes."""
+
+    storages: tuple[Storage, ...]
+    node_names: tuple[str, ...]
+    backward_start: int  # index of the first backward node
+
+    def by_category(self, category: str) -> Iterator[Storage]:
+        return (s for s in self.storages if s.category == category)
+
+    def bytes_of(self, category: str) -> int:
+        return sum(s.nbytes for s in self.by_category(category))
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    return [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
+
+
+def storage_table(step: CapturedStep) -> StorageTable:
+    """Bytes per storage and a category for each, for the captured step."""
+    nodes: list[fx.Node] = list(step.graph.graph.nodes)
+    device = step.device
+    backward_start = next(i for i, n in enumerate(nodes) if n.name == step.backward_start)
+    roles = {p.node: p.role for p in step.placeholders}
+    output_names = {step.loss_node, *step.gradients.values()}
+    gradient_names = set(step.gradients.values())
+
+    key_of: dict[StorageWeakRef, int] = {}
+    nbytes: list[int] = []
+    defined: list[int] = []
+    last: list[int] = []
+    maker: list[str] = []
+    category: list[str] = []
+    is_output: list[bool] = []
+    node_storages: dict[fx.Node, list[int]] = {}
+
+    for i, node in enumerate(nodes):
+        if node.op == "output":
+            continue
+        keys: list[int] = []
+        for tensor in _tensors(node.meta.get("val")):
+            if tensor.device != device:
+                continue  # host scalars and the like are not device memory
+            ref = StorageWeakRef(tensor.untyped_storage())
+            key = key_of.get(ref)
+            if key is None:
+                key = key_of[ref] = len(nbytes)
+                nbytes.append(tensor.untyped_storage().nbytes())
+                placeholder = node.op == "placeholder"
+                defined.append(-1 if placeholder else i)
+                last.append(i)
+                maker.append(node.name)
+                category.append(_PLACEHOLDER_CATEGORY[roles[node.name]] if placeholder else TEMPORARIES)
+                is_output.append(False)
+            keys.append(key)
+        node_storages[node] = keys
+        # reading an input keeps its storage alive up to here
+        for arg in node.all_input_nodes:
+            for key in node_storages.get(arg, ()):
+                last[key] = max(last[key], i)
+        if node.name in output_names:
+            for key in keys:
+                is_output[key] = True
+                if node.name in gradient_names and category[key] == TEMPORARIES:
+                    category[key] = GRADIENTS
+
+    end = len(nodes) - 1
+    for key in range(len(nbytes)):
+        if is_output[key]:
+            last[key] = end
+        elif category[key] == TEMPORARIES and defined[key] < backward_start <= last[key]:
+            category[key] = ACTIVATIONS
+    storages = tuple(
+        Storage(k, nbytes[k], defined[k], last[k], category[k], maker[k], is_output[k]) for k in range(len(nbytes))
+    )
+    return StorageTable(storages, tuple(n.name for n in nodes), backward_start)
+
+
+_PLACEHOLDER_CATEGORY = {"parameter": PARAMETERS, "buffer": BUFFERS, "input": INPUTS}
