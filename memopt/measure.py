@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.autograd.profiler_util import DeviceType
+from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils import _pytree as pytree
 
@@ -31,9 +31,6 @@ from memopt.errors import MeasurementError
 log = logging.getLogger(__name__)
 
 _MEASURABLE = ("cpu", "cuda")
-# The allocations torch's own profiler summary counts as CPU memory.
-_CPU_MEMORY_DEVICES = (DeviceType.CPU, DeviceType.MKLDNN, DeviceType.IDEEP)
-_MEMORY_EVENT = "[memory]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +91,11 @@ def live_tensor_bytes(device: str | torch.device = "cpu") -> int:
     matches every index of its type. Tensors held only by C++ (autograd's saved
     tensors, say) are not Python objects and are not seen.
     """
-    want = _resolve_device(device, require_available=False)
+    return sum(_live_storage_sizes(_resolve_device(device, require_available=False)).values())
+
+
+def _live_storage_sizes(want: torch.device) -> dict[int, int]:
+    """data_ptr -> nbytes of every live, non-empty storage on `want` that Python can reach."""
     nbytes_by_ptr: dict[int, int] = {}
     for obj in gc.get_objects():
         # type() rather than isinstance(): isinstance would read `__class__` of every object in the process.
@@ -106,7 +107,7 @@ def live_tensor_bytes(device: str | torch.device = "cpu") -> int:
                 ptr = storage.data_ptr()
                 nbytes_by_ptr[ptr] = max(nbytes_by_ptr.get(ptr, 0), storage.nbytes())
     nbytes_by_ptr.pop(0, None)  # empty storages
-    return sum(nbytes_by_ptr.values())
+    return nbytes_by_ptr
 
 
 def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> MeasuredPeak:
@@ -116,7 +117,8 @@ def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Meas
             "thread (a nested session would switch the outer one off); call measure_peak outside the other profiler"
         )
     gc.collect()
-    baseline = live_tensor_bytes("cpu")
+    live_at_entry = _live_storage_sizes(torch.device("cpu"))
+    baseline = sum(live_at_entry.values())
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = step_fn(*args, **kwargs)
     end = live_tensor_bytes("cpu")
@@ -125,26 +127,48 @@ def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Meas
     if results is None:
         raise MeasurementError("the profiler returned no results, so the call's memory could not be measured")
     start_ns = results.trace_start_ns()
-    # Raw events, not prof.events(): FunctionEvents fold every allocation made inside an op into that op's
-    # cpu_memory_usage and list as "[memory]" only those made outside any op. Every event is of this session:
-    # a thread that does not carry this profiler's thread-local state reports nothing.
-    deltas = sorted(
-        (event.start_ns() - start_ns, event.nbytes())
-        for event in results.events()
-        if event.name() == _MEMORY_EVENT and event.device_type() in _CPU_MEMORY_DEVICES
-    )
     live, highest = baseline, baseline
     timeline = [(0, baseline)]
-    for at_ns, nbytes in deltas:
+    allocated_here: set[int] = set()
+    for at_ns, ptr, nbytes in _cpu_allocation_events(results):
+        if nbytes > 0:
+            allocated_here.add(ptr)
+        elif ptr in allocated_here:
+            allocated_here.discard(ptr)
+        elif ptr in live_at_entry:
+            # The profiler sizes a free by a process-wide ptr -> size map that it updates only while profiling,
+            # so for a block allocated outside a session the size can be that of an older block at the same
+            # address. The scan at entry knows the true size.
+            nbytes = -live_at_entry.pop(ptr)
         live += nbytes
         highest = max(highest, live)
-        timeline.append((max(at_ns, 0), live))
+        timeline.append((max(at_ns - start_ns, 0), live))
     unaccounted = end - live
     log.debug(
         "cpu: %d memory events, baseline %d, peak %d, end %d, unaccounted %d",
-        len(deltas), baseline, highest, end, unaccounted,
+        len(timeline) - 1, baseline, highest, end, unaccounted,
     )
     return MeasuredPeak(highest, baseline, end, tuple(timeline), unaccounted, "cpu", result)
+
+
+def _cpu_allocation_events(results: Any) -> list[tuple[int, int, int]]:
+    """(time ns, ptr, +-nbytes) of every CPU allocation and free the profiler saw, sorted by time.
+
+    Read from the event tree, not from FunctionEvents: those fold each allocation made inside an op into the
+    op's cpu_memory_usage, list as "[memory]" only those made outside any op, and carry no pointer. Every
+    event belongs to this session: a thread that does not carry this profiler's thread-local state reports
+    nothing.
+    """
+    events = []
+    stack = list(results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            fields = node.extra_fields
+            events.append((node.start_time_ns, fields.ptr, fields.alloc_size))
+    events.sort(key=lambda event: event[0])
+    return events
 
 
 def _measure_cuda(step_fn: Callable[..., Any], args: tuple, kwargs: dict, dev: torch.device) -> MeasuredPeak:

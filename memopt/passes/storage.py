@@ -39,7 +39,7 @@ class Storage:
     defined_at: int  # position in the graph's node list; -1 for graph inputs (live before the step)
     last_use: int  # position of the last node that reads it (or an alias of it)
     category: str
-    node: str  # the node that allocates it (or the placeholder)
+    node: str  # the node that allocates it (for graph inputs: the parameter, buffer or input name)
     is_output: bool  # returned by the step (loss, gradients): live to the end of the graph
 
 
@@ -50,6 +50,7 @@ class StorageTable:
     storages: tuple[Storage, ...]
     node_names: tuple[str, ...]
     backward_start: int  # index of the first backward node
+    touched: tuple[tuple[int, ...], ...]  # per node: the storages it reads or makes (graph inputs left out)
 
     def by_category(self, category: str) -> Iterator[Storage]:
         return (s for s in self.storages if s.category == category)
@@ -68,6 +69,7 @@ def storage_table(step: CapturedStep) -> StorageTable:
     device = step.device
     backward_start = next(i for i, n in enumerate(nodes) if n.name == step.backward_start)
     roles = {p.node: p.role for p in step.placeholders}
+    input_names = {p.node: p.name for p in step.placeholders}  # "transformer.h.0.attn.c_attn.weight", ...
     output_names = {step.loss_node, *step.gradients.values()}
     gradient_names = set(step.gradients.values())
 
@@ -79,9 +81,11 @@ def storage_table(step: CapturedStep) -> StorageTable:
     category: list[str] = []
     is_output: list[bool] = []
     node_storages: dict[fx.Node, list[int]] = {}
+    touched: list[tuple[int, ...]] = []
 
     for i, node in enumerate(nodes):
         if node.op == "output":
+            touched.append(())
             continue
         keys: list[int] = []
         for tensor in _tensors(node.meta.get("val")):
@@ -95,15 +99,16 @@ def storage_table(step: CapturedStep) -> StorageTable:
                 placeholder = node.op == "placeholder"
                 defined.append(-1 if placeholder else i)
                 last.append(i)
-                maker.append(node.name)
+                maker.append(input_names.get(node.name, node.name) if placeholder else node.name)
                 category.append(_PLACEHOLDER_CATEGORY[roles[node.name]] if placeholder else TEMPORARIES)
                 is_output.append(False)
             keys.append(key)
         node_storages[node] = keys
         # reading an input keeps its storage alive up to here
-        for arg in node.all_input_nodes:
-            for key in node_storages.get(arg, ()):
-                last[key] = max(last[key], i)
+        reads = {key for arg in node.all_input_nodes for key in node_storages.get(arg, ())}
+        for key in reads:
+            last[key] = max(last[key], i)
+        touched.append(tuple(k for k in sorted(reads.union(keys)) if defined[k] >= 0))
         if node.name in output_names:
             for key in keys:
                 is_output[key] = True
@@ -119,7 +124,7 @@ def storage_table(step: CapturedStep) -> StorageTable:
     storages = tuple(
         Storage(k, nbytes[k], defined[k], last[k], category[k], maker[k], is_output[k]) for k in range(len(nbytes))
     )
-    return StorageTable(storages, tuple(n.name for n in nodes), backward_start)
+    return StorageTable(storages, tuple(n.name for n in nodes), backward_start, tuple(touched))
 
 
 _PLACEHOLDER_CATEGORY = {"parameter": PARAMETERS, "buffer": BUFFERS, "input": INPUTS}

@@ -1,0 +1,339 @@
+#!/usr/bin/env python
+"""Benchmark harness: measured peak, step time and plan accuracy, strategy by strategy.
+
+    python benchmarks/run.py [--workloads gpt2,llama,mlp,llama7b] [--strategies eager,checkpoint,...]
+                             [--repeats 5] [--quick] [--out DIR]
+
+Every (workload, strategy) pair runs in a fresh subprocess (`--one WORKLOAD STRATEGY --json-out FILE`)
+with an empty Inductor cache, so one configuration cannot disturb another's memory or compiled code
+and every compile time is a cold one. In that subprocess: two warm-up steps (the first creates the
+optimizer state and compiles), one steady-state step measured with `memopt.measure_peak`, then
+`--repeats` timed steps (never while profiling). For `eager`, `memopt.plan` predicts the peak
+before training. `llama7b` is planned only (fake mode, meta device): plan time, peak RSS, ledger.
+
+The parent writes `results.json` and `RESULTS.md` (into benchmarks/, or benchmarks/_runs/quick
+with --quick); per-configuration JSON and logs go to benchmarks/_runs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # memopt and benchmarks, without installing
+
+from benchmarks.report import render_markdown  # noqa: E402
+from benchmarks.strategies import STRATEGIES, dynamo_graph_summary, partitioner_probe  # noqa: E402
+
+PLAN_ONLY_WORKLOADS = ("llama7b",)  # too big to run here: planned in fake mode only
+DEFAULT_WORKLOADS = ("gpt2", "llama", "mlp", "llama7b")
+QUICK_SIZES: dict[str, dict[str, int]] = {  # --quick: the same models, small enough for a smoke test
+    "gpt2": {"layers": 2, "width": 64, "heads": 2, "seq": 32, "batch": 2, "vocab": 512},
+    "llama": {"layers": 2, "width": 64, "heads": 4, "seq": 32, "batch": 2, "vocab": 512},
+    "mlp": {"width": 64, "depth": 4, "batch": 64},
+    "llama7b": {"seq": 256},
+}
+WARMUP_STEPS = 2
+
+
+# ---------------------------------------------------------------- one configuration (subprocess)
+
+def make_workload(name: str, quick: bool):
+    from memopt.examples import BENCHMARK_WORKLOADS, llama7b
+
+    factories = {**BENCHMARK_WORKLOADS, "llama7b": llama7b}
+    return factories[name](**(QUICK_SIZES[name] if quick else {}))
+
+
+def call_model(forward: Callable[..., Any], inputs: tuple | dict) -> Any:
+    return forward(**inputs) if isinstance(inputs, dict) else forward(*inputs)
+
+
+def loss_of(output: Any, workload, inputs: tuple | dict):
+    if workload.loss_fn is not None:
+        return workload.loss_fn(output, **inputs) if isinstance(inputs, dict) else workload.loss_fn(output, *inputs)
+    return output.loss if hasattr(output, "loss") else output
+
+
+def training_step(forward: Callable[..., Any], workload, inputs: tuple | dict, optimizer) -> Callable[[], float]:
+    """One eager-style training step; gradients are set to None first, as memopt plans it."""
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(call_model(forward, inputs), workload, inputs)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def timed(step: Callable[[], float]) -> tuple[float, float]:
+    start = time.perf_counter()
+    loss = step()
+    return time.perf_counter() - start, loss
+
+
+def storage_bytes(tensors: Iterable) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and aliases counted once)."""
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def static_bytes(model, optimizer) -> dict[str, int]:
+    import torch
+
+    state = [v for per_param in optimizer.state.values() for v in per_param.values() if isinstance(v, torch.Tensor)]
+    return {
+        "parameters": storage_bytes(model.parameters()),
+        "gradients": storage_bytes(p.grad for p in model.parameters() if p.grad is not None),
+        "optimizer_state": storage_bytes(state),
+    }
+
+
+def plan_summary(model, inputs, workload, optimizer, device: str | None) -> dict[str, Any]:
+    """memopt's prediction for the steady-state eager step, and how long planning took."""
+    import memopt
+
+    start = time.perf_counter()
+    try:
+        plan = memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, device=device)
+    except Exception as error:  # a benchmark reports a failing planner; it does not stop the run
+        return {"error": f"{type(error).__name__}: {error}", "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    data = plan.to_json()
+    data = json.loads(data) if isinstance(data, str) else data
+    return {
+        "seconds": seconds,
+        "peak_bytes": plan.peak_bytes,
+        "ledger": {k: int(v) for k, v in plan.ledger.items()},
+        "peak_node": data.get("peak_node"),
+        "device": data.get("device"),
+    }
+
+
+def measure_config(workload_name: str, strategy_name: str, *, repeats: int, quick: bool) -> dict[str, Any]:
+    import memopt
+
+    workload = make_workload(workload_name, quick)
+    model = workload.build().train()
+    inputs = workload.inputs()
+    row: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters())}
+    setup = STRATEGIES[strategy_name](model)
+    optimizer = workload.optimizer(model)
+    if strategy_name == "eager":
+        row["plan"] = plan_summary(model, inputs, workload, optimizer, device="cpu")
+    step = training_step(setup.forward, workload, inputs, optimizer)
+    with setup.context(), partitioner_probe() as partitions:
+        warmup = [timed(step) for _ in range(WARMUP_STEPS)]
+        row["static"] = static_bytes(model, optimizer)
+        graphs_after_warmup = dynamo_graph_summary()["graphs"] if setup.compiled else None
+        optimizer.zero_grad(set_to_none=True)  # the measured step starts without gradients, as planned
+        gc.collect()
+        measured = memopt.measure_peak(step)
+        step_seconds = [timed(step)[0] for _ in range(repeats)]
+    row.update(
+        settings=setup.settings,
+        first_step_s=warmup[0][0],
+        second_step_s=warmup[1][0],
+        loss=warmup[0][1],
+        step_s=step_seconds,
+        step_median_s=statistics.median(step_seconds),
+        measured={
+            "peak_bytes": measured.peak_bytes,
+            "baseline_bytes": measured.baseline_bytes,
+            "unaccounted_bytes": measured.unaccounted_bytes,
+        },
+    )
+    if setup.compiled:
+        summary = dynamo_graph_summary()
+        summary["recompiled_after_warmup"] = summary["graphs"] != graphs_after_warmup
+        row.update(dynamo=summary, partitions=partitions)
+    return row
+
+
+def plan_only(workload_name: str, quick: bool) -> dict[str, Any]:
+    """Plan a model that cannot run here (meta device): plan time, peak RSS and the static ledger."""
+    workload = make_workload(workload_name, quick)
+    model = workload.build()
+    parameters = sum(p.numel() for p in model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rss_before = peak_rss_bytes()
+    optimizer = (workload.optimizer_cls, workload.optimizer_kwargs)
+    return {
+        "parameters": parameters,
+        "plan": plan_summary(model, workload.inputs(), workload, optimizer, device=None),
+        "rss_before_plan_bytes": rss_before,
+        "peak_rss_bytes": peak_rss_bytes(),
+        # fp32 weights, fp32 gradients, AdamW's two fp32 moments
+        "expected_static": {"parameters": param_bytes, "gradients": param_bytes, "optimizer_state": 2 * param_bytes},
+    }
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def run_one(workload: str, strategy: str, *, repeats: int, quick: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {"workload": workload, "strategy": strategy, "load_average": os.getloadavg()[0]}
+    start = time.perf_counter()
+    try:
+        if workload in PLAN_ONLY_WORKLOADS:
+            row.update(plan_only(workload, quick))
+        else:
+            row.update(measure_config(workload, strategy, repeats=repeats, quick=quick))
+        row["description"] = make_workload(workload, quick).description
+    except Exception as error:  # recorded in the results, next to the configurations that worked
+        row["error"] = f"{type(error).__name__}: {error}"
+        row["traceback"] = traceback.format_exc()[-4000:]
+    row["wall_s"] = time.perf_counter() - start
+    return row
+
+
+# ---------------------------------------------------------------- the whole run (parent)
+
+def run_in_subprocess(workload: str, strategy: str, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    stem = f"{workload}-{strategy}"
+    out, log = run_dir / f"{stem}.json", run_dir / f"{stem}.log"
+    out.unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--one", workload, strategy,
+               "--json-out", str(out), "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="memopt-bench-inductor-") as cache, log.open("w") as log_file:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}  # cold compile, nothing shared between runs
+        child = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                 start_new_session=True)  # its own group: a timeout ends its compile workers too
+        try:
+            status = child.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            status = f"timed out after {args.timeout} s"
+    if out.exists():
+        row = json.loads(out.read_text())
+    else:
+        tail = log.read_text()[-2000:]
+        row = {"workload": workload, "strategy": strategy, "error": f"subprocess: {status}", "traceback": tail}
+    row["subprocess_wall_s"] = time.perf_counter() - start
+    return row
+
+
+def configurations(workloads: list[str], strategies: list[str]) -> list[tuple[str, str]]:
+    return [(w, s) for w in workloads for s in (["plan"] if w in PLAN_ONLY_WORKLOADS else strategies)]
+
+
+def one_line(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"ERROR {row['error']}"
+    if "measured" in row:
+        peak = row["measured"]["peak_bytes"] / 2**20
+        return f"peak {peak:.1f} MiB, step {row['step_median_s'] * 1e3:.0f} ms, first step {row['first_step_s']:.1f} s"
+    return f"plan {row['plan'].get('seconds', 0):.1f} s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB"
+
+
+def machine() -> dict[str, Any]:
+    def first_line_with(path: str, key: str) -> str | None:
+        try:
+            return next((line.split(":", 1)[1].strip() for line in open(path) if line.startswith(key)), None)
+        except OSError:
+            return None
+
+    mem_kib = first_line_with("/proc/meminfo", "MemTotal")
+    return {
+        "cpu": first_line_with("/proc/cpuinfo", "model name") or platform.processor(),
+        "cores": os.cpu_count(),
+        "ram_bytes": int(mem_kib.split()[0]) * 1024 if mem_kib else None,
+        "platform": platform.platform(),
+    }
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "ortools"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    out_dir = Path(args.out) if args.out else (HERE / "_runs" / "quick" if args.quick else HERE)
+    run_dir = HERE / "_runs" / ("quick" if args.quick else "full")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = configurations(args.workloads, args.strategies)
+    start = time.perf_counter()
+    rows = []
+    for index, (workload, strategy) in enumerate(todo, 1):
+        print(f"[{index}/{len(todo)}] {workload} {strategy} ...", flush=True)
+        rows.append(run_in_subprocess(workload, strategy, args, run_dir))
+        print(f"    {one_line(rows[-1])} ({rows[-1]['subprocess_wall_s']:.0f} s)", flush=True)
+    results = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": versions(),
+        "settings": {"repeats": args.repeats, "warmup_steps": WARMUP_STEPS, "quick": args.quick,
+                     "workloads": args.workloads, "strategies": args.strategies},
+        "total_wall_s": time.perf_counter() - start,
+        "rows": rows,
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out_dir / "RESULTS.md").write_text(render_markdown(results))
+    print(f"wrote {out_dir / 'results.json'} and {out_dir / 'RESULTS.md'} in {results['total_wall_s']:.0f} s")
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    def names(known: Iterable[str]) -> Callable[[str], list[str]]:
+        def parse(text: str) -> list[str]:
+            chosen = [name.strip() for name in text.split(",") if name.strip()]
+            unknown = sorted(set(chosen) - set(known))
+            if unknown:
+                raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {sorted(known)}")
+            return chosen
+        return parse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", type=names(QUICK_SIZES), default=list(DEFAULT_WORKLOADS))
+    parser.add_argument("--strategies", type=names(STRATEGIES), default=list(STRATEGIES))
+    parser.add_argument("--repeats", type=int, default=5, help="timed steady-state steps (median reported)")
+    parser.add_argument("--quick", action="store_true", help="tiny models: a smoke test of the harness")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    parser.add_argument("--out", help="where results.json and RESULTS.md go")
+    parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "STRATEGY"), help=argparse.SUPPRESS)
+    parser.add_argument("--json-out", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.one:
+        row = run_one(*args.one, repeats=args.repeats, quick=args.quick)
+        Path(args.json_out).write_text(json.dumps(row, indent=1) + "\n")
+        return 1 if "error" in row else 0
+    results = run_all(args)
+    return 1 if any("error" in row for row in results["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""memopt: a memory compiler for PyTorch training.
+
+    plan = memopt.plan(model, example_inputs, optimizer=opt, budget="24GB")
+    print(plan); plan.explain(); plan.plot("plan.png"); plan.to_json()
+    memopt.measure_peak(step_fn)  # the real peak of one call
+"""
+
+from memopt.api import plan
+from memopt.budget import format_bytes, parse_budget
+from memopt.device import PRESETS as DEVICES
+from memopt.device import DeviceSpec, get_device
+from memopt.errors import (
+    BudgetInfeasibleError,
+    BudgetParseError,
+    CaptureError,
+    LossNotScalarError,
+    MemoptError,
+    ModelForwardError,
+    UnsupportedOptimizerError,
+)
+from memopt.measure import MeasuredPeak, measure_peak
+from memopt.plan import MemoryPlan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEVICES", "BudgetInfeasibleError", "BudgetParseError", "CaptureError", "DeviceSpec", "LossNotScalarError",
+    "MeasuredPeak", "MemoptError", "MemoryPlan", "ModelForwardError", "UnsupportedOptimizerError",
+    "format_bytes", "get_device", "measure_peak", "parse_budget", "plan",
+]

@@ -1,0 +1,47 @@
+"""The smallest budget any keep/recompute plan of this step can meet, and where it binds.
+
+Whatever is recomputed, at every op the step holds: parameters, buffers, the
+batch and optimizer state; the gradients produced so far (they wait for the
+optimizer); and the op's own inputs and outputs. The optimizer step holds all
+gradients plus its own temporaries. The largest of these is a proven minimum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memopt.passes.liveness import Liveness, MemoryTimeline
+from memopt.passes.storage import BUFFERS, GRADIENTS, INPUTS, OPTIMIZER_STATE, PARAMETERS, StorageTable
+
+
+@dataclass(frozen=True, slots=True)
+class LowerBound:
+    bytes: int
+    where: str  # the node (or optimizer phase) where the bound binds
+    why: str
+
+
+def minimum_budget(table: StorageTable, live: Liveness, timeline: MemoryTimeline) -> LowerBound:
+    """A lower bound on the peak of every rematerialization plan of this step."""
+    best = LowerBound(0, "", "")
+    held = (PARAMETERS, BUFFERS, INPUTS, OPTIMIZER_STATE, GRADIENTS)
+    for pos, node in enumerate(live.order):
+        resident = sum(timeline.by_category[c][pos] for c in held)
+        operands = sum(
+            table.storages[k].nbytes for k in table.touched[node] if table.storages[k].category != GRADIENTS
+        )
+        if resident + operands > best.bytes:
+            best = LowerBound(
+                resident + operands,
+                table.node_names[node],
+                "parameters, buffers, inputs, optimizer state and the gradients so far, plus this op's "
+                "own inputs and outputs",
+            )
+    for index, phase in enumerate(timeline.phases):
+        if phase == "optimizer" and timeline.totals[index] > best.bytes:
+            best = LowerBound(
+                timeline.totals[index],
+                timeline.labels[index],
+                "the optimizer step holds every gradient, its state and its own temporaries",
+            )
+    return best

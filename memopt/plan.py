@@ -1,0 +1,238 @@
+"""MemoryPlan: what a training step holds, where it peaks, what memopt decided, as data and as text."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from memopt.budget import format_bytes
+from memopt.device import DeviceSpec
+from memopt.passes.bounds import LowerBound
+from memopt.passes.liveness import Liveness, MemoryTimeline
+from memopt.passes.optimizer_memory import OptimizerMemory
+from memopt.passes.storage import (
+    ACTIVATIONS,
+    BUFFERS,
+    CATEGORIES,
+    GRADIENTS,
+    OFFLOADED,
+    OPTIMIZER_STATE,
+    PARAMETERS,
+    StorageTable,
+)
+
+LEDGER_KEYS = (*CATEGORIES, OFFLOADED)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What was done with one tensor that crosses from forward to backward, and why."""
+
+    name: str
+    bytes: int
+    action: str  # "keep" | "recompute" | "offload"
+    cost_s: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SolverReport:
+    name: str
+    status: str  # "optimal" | "feasible" | "infeasible" | "not-run"
+    objective: float | None
+    lower_bound: float | None
+    gap: float | None
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class PassRecord:
+    """One pass of the pipeline: how long it took, whether it changed the step, the peak around it."""
+
+    name: str
+    seconds: float
+    changed: bool
+    peak_before: int | None
+    peak_after: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    peak_bytes: int
+    error: float  # (predicted - measured) / measured
+
+
+class Report(str):
+    """Text that shows as itself in a REPL (``plan.explain()``) and prints as itself."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The memory plan of one training step (forward, backward, optimizer step).
+
+    ``print(plan)`` shows the ledger at the peak; ``plan.explain()`` the tensors
+    and passes behind it; ``plan.to_json()`` the stable machine-readable form.
+    """
+
+    device: DeviceSpec
+    budget_bytes: int | None
+    timeline: MemoryTimeline
+    storages: StorageTable
+    live: Liveness
+    optimizer: OptimizerMemory
+    minimum: LowerBound
+    decisions: tuple[Decision, ...]
+    solver: SolverReport
+    history: tuple[PassRecord, ...]
+    fake: bool
+    graph_nodes: int
+    measured: Measured | None = None
+
+    # -- the numbers --------------------------------------------------------
+    @property
+    def peak_bytes(self) -> int:
+        """Predicted peak of live device bytes during the step."""
+        return self.timeline.peak_bytes
+
+    @property
+    def peak(self) -> int:
+        return self.peak_bytes
+
+    @property
+    def peak_node(self) -> str:
+        return self.timeline.peak_label
+
+    @property
+    def ledger(self) -> dict[str, int]:
+        """Bytes per category at the peak; the categories sum to the peak."""
+        at_peak = self.timeline.ledger_at(self.timeline.peak_index)
+        return {key: at_peak.get(key, 0) for key in LEDGER_KEYS}
+
+    @property
+    def static_ledger(self) -> dict[str, int]:
+        """What a step holds whatever is recomputed: parameters, buffers, all gradients, optimizer state."""
+        return {
+            PARAMETERS: self.storages.bytes_of(PARAMETERS),
+            BUFFERS: self.storages.bytes_of(BUFFERS),
+            GRADIENTS: self.storages.bytes_of(GRADIENTS),
+            OPTIMIZER_STATE: self.optimizer.state_bytes,
+        }
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget_bytes is None else self.peak_bytes <= self.budget_bytes
+
+    def with_measurement(self, measured_peak_bytes: int) -> MemoryPlan:
+        """This plan with a measured peak attached (for the JSON, the text and the plot)."""
+        error = (self.peak_bytes - measured_peak_bytes) / measured_peak_bytes
+        return dataclasses.replace(self, measured=Measured(measured_peak_bytes, error))
+
+    # -- as data --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "budget_bytes": self.budget_bytes,
+            "peak_bytes": self.peak_bytes,
+            "device": self.device.name,
+            "ledger": self.ledger,
+            "peak_node": self.peak_node,
+            "static": self.static_ledger,
+            "minimum_budget": {"bytes": self.minimum.bytes, "where": self.minimum.where, "why": self.minimum.why},
+            "optimizer": {
+                "name": self.optimizer.name,
+                "implementation": self.optimizer.implementation,
+                "state_bytes": self.optimizer.state_bytes,
+                "step_peak_extra_bytes": self.optimizer.step_peak_extra,
+            },
+            "decisions": [dataclasses.asdict(d) for d in self.decisions],
+            "solver": dataclasses.asdict(self.solver),
+            "passes": [dataclasses.asdict(p) for p in self.history],
+            "fake": self.fake,
+            "graph_nodes": self.graph_nodes,
+        }
+        if self.measured is not None:
+            data["measured"] = dataclasses.asdict(self.measured)
+        return data
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    # -- as text ---------------------------------------------------------------
+    def __str__(self) -> str:
+        lines = [f"memopt plan for {self.device.name}: {self.graph_nodes} graph nodes"
+                 f"{' (planned from shapes only)' if self.fake else ''}"]
+        budget = "none" if self.budget_bytes is None else _both(self.budget_bytes)
+        lines.append(f"budget: {budget}")
+        lines.append(f"predicted peak: {_both(self.peak_bytes)} at {self.peak_node}")
+        if self.measured is not None:
+            lines.append(f"measured peak:  {_both(self.measured.peak_bytes)} "
+                         f"(prediction off by {self.measured.error:+.2%})")
+        lines.append("")
+        lines.append(f"{'category':<18}{'bytes':>16}{'GiB':>10}{'share':>8}")
+        for key, value in self.ledger.items():
+            share = value / self.peak_bytes if self.peak_bytes else 0.0
+            lines.append(f"{key:<18}{value:>16,}{value / 2**30:>10.3f}{share:>8.1%}")
+        lines.append(f"{'total':<18}{self.peak_bytes:>16,}{self.peak_bytes / 2**30:>10.3f}")
+        lines.append("")
+        lines.append(f"optimizer: {self.optimizer.name} ({self.optimizer.implementation}), state "
+                     f"{format_bytes(self.optimizer.state_bytes)}, step temporaries up to "
+                     f"{format_bytes(self.optimizer.step_peak_extra)}")
+        lines.append(f"smallest budget any recompute plan can meet: {format_bytes(self.minimum.bytes)} "
+                     f"(at {self.minimum.where})")
+        lines.append(self._verdict())
+        return "\n".join(lines)
+
+    def _verdict(self) -> str:
+        if self.budget_bytes is None:
+            return "no budget: this describes the eager step"
+        if self.fits:
+            return f"the eager step fits the budget with {format_bytes(self.budget_bytes - self.peak_bytes)} to spare"
+        return (f"the eager step is {format_bytes(self.peak_bytes - self.budget_bytes)} over budget; "
+                f"{len(self.decisions)} decisions made ({self.solver.name}: {self.solver.status})")
+
+    def explain(self, top: int = 15) -> Report:
+        """The largest tensors behind the peak, the optimizer's part, and the passes that ran."""
+        names = self.storages.node_names
+        peak = self.timeline.peak_index
+        lines = [str(self), "", f"largest storages live at the peak ({self.peak_node}):"]
+        live = [s for s in self.storages.storages if _live_at(self, s.index, peak)]
+        live.sort(key=lambda s: -s.nbytes)
+        lines.append(f"  {'storage made by':<36}{'category':<16}{'bytes':>14}  lifetime")
+        for s in live[:top]:
+            span = "whole step" if s.defined_at < 0 else f"{names[s.defined_at]} -> {names[s.last_use]}"
+            lines.append(f"  {s.node:<36}{s.category:<16}{s.nbytes:>14,}  {span}")
+        if len(live) > top:
+            rest = sum(s.nbytes for s in live[top:])
+            lines.append(f"  ... {len(live) - top} more, {rest:,} bytes")
+        saved = self.storages.bytes_of(ACTIVATIONS)
+        lines.append(f"\nsaved for backward over the whole step: {format_bytes(saved)} in "
+                     f"{sum(1 for _ in self.storages.by_category(ACTIVATIONS))} storages")
+        if self.decisions:
+            lines.append("\ndecisions:")
+            lines.extend(f"  {d.action:<10}{d.name:<36}{d.bytes:>14,}  {d.reason}" for d in self.decisions)
+        lines.append("\npasses:")
+        for record in self.history:
+            lines.append(f"  {record.name:<20}{record.seconds * 1000:>9.1f} ms"
+                         f"{'  changed' if record.changed else ''}")
+        return Report("\n".join(lines))
+
+    def plot(self, path: str, *, measured_timeline: list[tuple[float, int]] | None = None) -> str:
+        """A PNG of the predicted timeline, categories stacked, budget and peak marked."""
+        from memopt.plot import plot_plan
+
+        return plot_plan(self, path, measured_timeline=measured_timeline)
+
+
+def _live_at(plan: MemoryPlan, storage: int, position: int) -> bool:
+    if position >= len(plan.live.order):  # the optimizer step: graph inputs and what the graph returned
+        s = plan.storages.storages[storage]
+        return s.defined_at < 0 or s.is_output
+    return plan.live.start[storage] <= position <= plan.live.end[storage]
+
+
+def _both(nbytes: int) -> str:
+    return f"{nbytes:,} bytes ({nbytes / 2**30:.3f} GiB)"
