@@ -166,10 +166,12 @@ def _step_temporaries(name: str, p: ParamInfo, group: dict[str, Any], foreach: b
     n = p.nbytes
     negated = n if group.get("maximize") else 0  # grad = -grad
     if name in ("Adam", "AdamW"):
+        if foreach:
+            # a new grad list for maximize / coupled decay is deleted before _foreach_sqrt; the rest is in place
+            return n
         coupled_decay = name == "Adam" and group.get("weight_decay", 0) != 0
         decayed = n if coupled_decay else 0  # grad = grad.add(param, alpha=wd)
-        # loop: denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps); foreach: _foreach_sqrt, then in place
-        return negated + decayed + (n if foreach else 2 * n)
+        return negated + decayed + 2 * n  # denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
     if name == "SGD":
         decayed = n if group.get("weight_decay", 0) != 0 else 0
         nesterov = n if group.get("nesterov") and not foreach else 0  # foreach adds into the grads in place

@@ -1,0 +1,47 @@
+import pytest
+import torch
+from torch import nn
+
+
+class Scale(nn.Module):
+    """loss = relu(x * w).sum(): small enough to know every byte of its step."""
+
+    def __init__(self, n: int = 1000) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.w).relu().sum()
+
+
+def square_mean(output: torch.Tensor) -> torch.Tensor:
+    return output.square().mean()
+
+
+def steady_step(model, inputs, optimizer, loss_fn=None):
+    """A training step function, warmed up so that optimizer state exists, with gradients set to None.
+
+    Gradients are cleared outside the measured call: freeing blocks allocated
+    before the profiler started emits no event."""
+
+    def step():
+        output = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+        loss = loss_fn(output) if loss_fn else (output if isinstance(output, torch.Tensor) else output.loss)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        return loss.detach()
+
+    for _ in range(2):
+        step()
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
+    return step
+
+
+@pytest.fixture
+def mlp_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
