@@ -30,7 +30,9 @@ def plan(
     """The memory plan of one steady-state training step of ``model`` on ``example_inputs``.
 
     The step is: forward, loss, backward, ``optimizer.step()`` with optimizer state
-    present and gradients set to None beforehand. ``optimizer`` is an optimizer
+    present and gradients set to None beforehand. The model's output is dropped
+    once the loss is taken (``loss = model(**batch).loss``); a training loop that
+    keeps the whole output alive through the backward holds more. ``optimizer`` is an optimizer
     instance, a class, or ``(class, kwargs)``; None leaves optimizer state out.
     ``budget`` is bytes or a string such as "24GB" / "512MiB". ``device`` is a
     preset name ("h100", "a100-80gb", "a100-40gb", "rtx4090", "cpu") or a

@@ -24,9 +24,14 @@ def steady_step(model, inputs, optimizer, loss_fn=None):
     Gradients are cleared outside the measured call: freeing blocks allocated
     before the profiler started emits no event."""
 
-    def step():
+    def forward_loss():
+        # the output is dropped once the loss is taken, as `loss = model(**batch).loss` does; a step
+        # that holds it (logits, say) through the backward holds more than the plan
         output = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-        loss = loss_fn(output) if loss_fn else (output if isinstance(output, torch.Tensor) else output.loss)
+        return loss_fn(output) if loss_fn else (output if isinstance(output, torch.Tensor) else output.loss)
+
+    def step():
+        loss = forward_loss()
         loss.backward()
         if optimizer is not None:
             optimizer.step()

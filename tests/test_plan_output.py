@@ -1,0 +1,85 @@
+"""The plan as text, JSON and picture."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import Scale, square_mean
+
+import memopt
+from memopt import examples
+
+DESIGN_KEYS = {"budget_bytes", "peak_bytes", "device", "ledger", "peak_node", "decisions", "solver"}
+LEDGER_KEYS = {"parameters", "buffers", "gradients", "optimizer_state", "activations", "temporaries", "offloaded"}
+
+
+@pytest.fixture(scope="module")
+def gpt2_plan():
+    workload = examples.tiny_gpt2()
+    model = workload.build()
+    return memopt.plan(model, workload.inputs(), optimizer=workload.optimizer(model), budget="1GB")
+
+
+def test_json_has_the_design_keys(gpt2_plan):
+    data = json.loads(gpt2_plan.to_json())
+    assert DESIGN_KEYS <= data.keys()
+    assert LEDGER_KEYS <= data["ledger"].keys()
+    assert data["peak_bytes"] == gpt2_plan.peak_bytes == sum(data["ledger"].values())
+    assert data["budget_bytes"] == 10**9 and data["device"] == "cpu"
+    assert set(data["solver"]) == {"name", "status", "objective", "lower_bound", "gap", "seconds"}
+    assert data["decisions"] == []  # no budget pressure: nothing decided
+    assert "measured" not in data
+    measured = json.loads(gpt2_plan.with_measurement(gpt2_plan.peak_bytes // 2).to_json())["measured"]
+    assert measured == {"peak_bytes": gpt2_plan.peak_bytes // 2, "error": pytest.approx(1.0, abs=1e-6)}
+
+
+def test_text_shows_the_ledger_and_the_peak(gpt2_plan):
+    text = str(gpt2_plan)
+    assert f"{gpt2_plan.peak_bytes:,}" in text and gpt2_plan.peak_node in text
+    for key in LEDGER_KEYS:
+        assert key in text
+    assert "fits the budget" in text
+    explained = gpt2_plan.explain()
+    assert "largest storages live at the peak" in explained and "passes:" in explained
+    assert "capture" in explained and "lower-bound" in explained
+    assert repr(explained) == str(explained)
+    # the largest storage at the peak of GPT-2's step is a logits-sized one
+    logits_bytes = 4 * 128 * 2048 * 4
+    assert f"{logits_bytes:,}" in explained
+
+
+def test_plot_is_a_real_picture(gpt2_plan, tmp_path):
+    import matplotlib.image
+
+    path = gpt2_plan.plot(str(tmp_path / "plan.png"))
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 200 and image.shape[1] > 400
+    assert np.std(image[..., :3]) > 0.05  # not blank
+    distinct = np.unique((image[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
+    assert len(distinct) > 20
+
+
+def test_plot_with_a_measured_timeline(tmp_path):
+    model, x = Scale(1000), torch.randn(1000)
+    plan = memopt.plan(model, (x,), loss_fn=None, budget=10**6)
+    path = plan.plot(str(tmp_path / "p.png"), measured_timeline=[(0.0, 8000), (0.5, 16000), (1.0, 12000)])
+    assert (tmp_path / "p.png").stat().st_size > 10_000 and path.endswith("p.png")
+
+
+def test_history_records_every_pass(gpt2_plan):
+    names = [record.name for record in gpt2_plan.history]
+    assert names == ["capture", "storages", "liveness", "optimizer-memory", "timeline", "lower-bound"]
+    assert all(record.seconds >= 0 for record in gpt2_plan.history)
+
+
+def test_loss_fn_receives_the_output():
+    seen = []
+
+    def loss_fn(output):
+        seen.append(tuple(output.shape))
+        return square_mean(output)
+
+    model = torch.nn.Linear(4, 3)
+    memopt.plan(model, {"input": torch.randn(5, 4)}, loss_fn=loss_fn)
+    assert seen == [(5, 3)]
