@@ -69,7 +69,7 @@ def strategy_row(row: dict[str, Any], eager: dict[str, Any] | None) -> list[str]
     loss_diff = f"{abs(row['loss'] - eager['loss']):.1e}" if eager_ok else DASH
     return [
         row["strategy"], mib(peak), mib(predicted_peak(row)), error_percent(predicted_peak(row), peak),
-        f"{row['step_median_s'] * 1e3:.0f}", ratio, compile_or_plan_time(row), f"{row['loss']:.6f}",
+        f"{row['step_median_s'] * 1e3:.0f} ({row['step_min_s'] * 1e3:.0f})", ratio, compile_or_plan_time(row), f"{row['loss']:.6f}",
         loss_diff, graphs(row), saved_activations(row),
     ]
 
@@ -82,14 +82,20 @@ def ledger_lines(eager: dict[str, Any]) -> list[str]:
     if "ledger" not in plan or "measured" not in eager:
         return []
     ledger, static, measured = plan["ledger"], eager["static"], eager["measured"]["peak_bytes"]
-    rows = [[name, mib(ledger.get(name)), mib(static.get(name))] for name in STATIC]
-    rows += [[name, mib(ledger[name]), DASH] for name in ledger if name not in STATIC]
-    rows.append(["dynamic (peak − static)", mib(plan["peak_bytes"] - sum(ledger.get(n, 0) for n in STATIC)),
-                 mib(measured - sum(static.values()))])
-    rows.append(["**peak**", mib(plan["peak_bytes"]), mib(measured)])
-    lines = [f"memopt's ledger at its peak (node `{plan.get('peak_node')}`, plan time {plan['seconds']:.1f} s) "
-             "against the eager step (static bytes measured after warm-up):", ""]
-    return lines + table(["category", "predicted (MiB)", "measured (MiB)"], rows) + [""]
+    planned_static = plan.get("static") or {}
+    rows = [[name, mib(ledger.get(name)), mib(planned_static.get(name)), mib(static.get(name))] for name in STATIC]
+    rows += [[name, mib(ledger[name]), DASH, DASH] for name in ledger if name not in STATIC and ledger[name]]
+    always_live = ("parameters", "optimizer_state")  # live for the whole step, so at either peak
+    rows.append(["peak − parameters − optimizer state",
+                 mib(plan["peak_bytes"] - sum(ledger.get(n, 0) for n in always_live)), DASH,
+                 mib(measured - sum(static[n] for n in always_live))])
+    rows.append(["**peak**", mib(plan["peak_bytes"]), DASH, mib(measured)])
+    lines = [f"memopt's ledger at its predicted peak (node `{plan.get('peak_node')}`, plan time "
+             f"{plan['seconds']:.1f} s) and its static ledger (whole step, all gradients), against the eager "
+             "step: tensors held after warm-up (parameters, all gradients, optimizer state) and the measured peak.",
+             ""]
+    header = ["category", "predicted at peak (MiB)", "predicted static (MiB)", "measured (MiB)"]
+    return lines + table(header, rows) + [""]
 
 
 def workload_section(name: str, rows: list[dict[str, Any]]) -> list[str]:
@@ -98,7 +104,7 @@ def workload_section(name: str, rows: list[dict[str, Any]]) -> list[str]:
     params = described.get("parameters")
     lines = [f"## {name}: {described.get('description', '')}" + (f", {params / 1e6:.1f} M parameters" if params else ""),
              ""]
-    header = ["strategy", "measured peak (MiB)", "predicted peak (MiB, memopt)", "error %", "step median (ms)",
+    header = ["strategy", "measured peak (MiB)", "predicted peak (MiB, memopt)", "error %", "step median (min) (ms)",
               "× eager", "compile/plan (s)", "loss (step 1)", "|loss − eager|", "graphs",
               "saved activations (MiB) @ budget"]
     lines += table(header, [strategy_row(row, eager) for row in rows]) + [""]
@@ -116,15 +122,21 @@ def plan_only_section(row: dict[str, Any]) -> list[str]:
     plan = row.get("plan", {})
     if "error" in row or "error" in plan:
         return lines + [f"error: `{(row.get('error') or plan['error'])[:500]}`", ""]
-    ledger, expected = plan["ledger"], row["expected_static"]
-    rows = [[name, f"{ledger.get(name, 0) / GiB:.2f}", f"{expected[name] / GiB:.2f}",
-             "yes" if ledger.get(name) == expected[name] else "**no**"] for name in STATIC]
-    rows += [[name, f"{ledger[name] / GiB:.2f}", DASH, ""] for name in ledger if name not in STATIC]
-    rows.append(["**peak**", f"{plan['peak_bytes'] / GiB:.2f}", DASH, ""])
+    ledger, static, expected = plan["ledger"], plan.get("static") or {}, row["expected_static"]
+
+    def gib(nbytes: int | None) -> str:
+        return DASH if nbytes is None else f"{nbytes / GiB:.3f}"
+
+    rows = [[name, gib(ledger.get(name)), gib(static.get(name)), gib(expected[name]),
+             f"{static.get(name, 0) - expected[name]:+,}"] for name in STATIC]
+    rows += [[name, gib(ledger[name]), DASH, DASH, ""] for name in ledger if name not in STATIC and ledger[name]]
+    rows.append(["**peak**", gib(plan["peak_bytes"]), DASH, DASH, ""])
     lines += [f"{row['parameters'] / 1e9:.3f} B parameters. Plan time {plan['seconds']:.1f} s; peak RSS of the "
               f"planning process {row['peak_rss_bytes'] / GiB:.2f} GiB ({row['rss_before_plan_bytes'] / GiB:.2f} GiB "
-              f"before planning). Peak node `{plan.get('peak_node')}`.", ""]
-    header = ["category", "predicted (GiB)", "parameters × 4/4/8 bytes (GiB)", "equal"]
+              f"before planning). Peak node `{plan.get('peak_node')}`. Expected optimizer state includes AdamW's "
+              "4-byte `step` tensor per parameter tensor (CPU, not capturable).", ""]
+    header = ["category", "at the peak (GiB)", "static (GiB)", "parameters × 4 / 4 / 8 bytes (GiB)",
+              "static − expected (bytes)"]
     return lines + table(header, rows) + [""]
 
 
@@ -146,7 +158,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "Peaks are absolute live CPU bytes (parameters, optimizer state and inputs included) of one "
         "steady-state step (gradients set to None, optimizer state present), from `memopt.measure_peak`; "
         "the prediction is `memopt.plan` of the eager step, made before training. error % = "
-        "(predicted − measured) / measured. Step time is the median of the timed steps, never profiled. "
+        "(predicted − measured) / measured. Step time: median (minimum) of the timed steps, never profiled; "
+        "the machine is shared with other work, so the minimum is the steadier figure. "
         "compile = first step − median step. loss is the first step's; same seed and weights everywhere. "
         "graphs: Dynamo graphs compiled (breaks in brackets). saved activations: bytes the min-cut "
         "partitioner kept for the backward, excluding inputs and parameters, with the "

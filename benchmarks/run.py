@@ -65,9 +65,10 @@ def call_model(forward: Callable[..., Any], inputs: tuple | dict) -> Any:
     return forward(**inputs) if isinstance(inputs, dict) else forward(*inputs)
 
 
-def loss_of(output: Any, workload, inputs: tuple | dict):
+def loss_of(output: Any, workload):
+    """As memopt.plan reads it: loss_fn(output), else the output's `.loss`, else the output itself."""
     if workload.loss_fn is not None:
-        return workload.loss_fn(output, **inputs) if isinstance(inputs, dict) else workload.loss_fn(output, *inputs)
+        return workload.loss_fn(output)
     return output.loss if hasattr(output, "loss") else output
 
 
@@ -76,7 +77,7 @@ def training_step(forward: Callable[..., Any], workload, inputs: tuple | dict, o
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(call_model(forward, inputs), workload, inputs)
+        loss = loss_of(call_model(forward, inputs), workload)
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -126,8 +127,8 @@ def plan_summary(model, inputs, workload, optimizer, device: str | None) -> dict
         "seconds": seconds,
         "peak_bytes": plan.peak_bytes,
         "ledger": {k: int(v) for k, v in plan.ledger.items()},
-        "peak_node": data.get("peak_node"),
-        "device": data.get("device"),
+        "static": data.get("static"),  # what the step holds whatever the order: all gradients included
+        **{key: data.get(key) for key in ("peak_node", "device", "optimizer", "fake", "graph_nodes")},
     }
 
 
@@ -158,6 +159,7 @@ def measure_config(workload_name: str, strategy_name: str, *, repeats: int, quic
         loss=warmup[0][1],
         step_s=step_seconds,
         step_median_s=statistics.median(step_seconds),
+        step_min_s=min(step_seconds),
         measured={
             "peak_bytes": measured.peak_bytes,
             "baseline_bytes": measured.baseline_bytes,
@@ -175,17 +177,18 @@ def plan_only(workload_name: str, quick: bool) -> dict[str, Any]:
     """Plan a model that cannot run here (meta device): plan time, peak RSS and the static ledger."""
     workload = make_workload(workload_name, quick)
     model = workload.build()
-    parameters = sum(p.numel() for p in model.parameters())
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tensors = list(model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in tensors)
     rss_before = peak_rss_bytes()
     optimizer = (workload.optimizer_cls, workload.optimizer_kwargs)
     return {
-        "parameters": parameters,
+        "parameters": sum(p.numel() for p in tensors),
         "plan": plan_summary(model, workload.inputs(), workload, optimizer, device=None),
         "rss_before_plan_bytes": rss_before,
         "peak_rss_bytes": peak_rss_bytes(),
-        # fp32 weights, fp32 gradients, AdamW's two fp32 moments
-        "expected_static": {"parameters": param_bytes, "gradients": param_bytes, "optimizer_state": 2 * param_bytes},
+        # fp32 weights and gradients; AdamW's two fp32 moments plus its fp32 scalar `step` per parameter (CPU)
+        "expected_static": {"parameters": param_bytes, "gradients": param_bytes,
+                            "optimizer_state": 2 * param_bytes + 4 * len(tensors)},
     }
 
 

@@ -9,6 +9,11 @@ allocator's own counters (`max_memory_allocated`).
 Bytes on CPU are "sum of storage nbytes" (what was requested); bytes on CUDA
 are the caching allocator's block sizes (rounded up to 512 bytes), so the two
 are not in the same units to the byte.
+
+What the CPU events cannot tell, the scans of live tensors before and after
+the call check: a free of a block allocated outside any profiler session emits
+no event (it shows as `unaccounted_bytes`), or one sized from a stale entry of
+the profiler's ptr -> size map (it is resized from the scan at entry).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ class MeasuredPeak:
     baseline_bytes: int  # live bytes on the device at entry
     end_bytes: int  # live bytes after the call, counted independently of the events (CPU: a scan of live tensors)
     timeline: tuple[tuple[int, int], ...]  # (ns since the start, live bytes): the start, then after each event
-    unaccounted_bytes: int  # end_bytes - (baseline_bytes + net of the events); nonzero means the events missed something
+    unaccounted_bytes: int  # end_bytes - (baseline_bytes + net of the events); nonzero: the events missed something
     device: str  # "cpu" or "cuda"
     result: Any = field(default=None, repr=False, compare=False)  # what step_fn returned
 

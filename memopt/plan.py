@@ -17,6 +17,7 @@ from memopt.passes.storage import (
     BUFFERS,
     CATEGORIES,
     GRADIENTS,
+    INPUTS,
     OFFLOADED,
     OPTIMIZER_STATE,
     PARAMETERS,
@@ -122,6 +123,11 @@ class MemoryPlan:
             GRADIENTS: self.storages.bytes_of(GRADIENTS),
             OPTIMIZER_STATE: self.optimizer.state_bytes,
         }
+
+    @property
+    def entry_bytes(self) -> int:
+        """Live bytes as the step starts: parameters, buffers, the batch and optimizer state."""
+        return sum(self.timeline.by_category[c][0] for c in (PARAMETERS, BUFFERS, INPUTS, OPTIMIZER_STATE))
 
     @property
     def fits(self) -> bool | None:

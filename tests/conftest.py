@@ -50,3 +50,12 @@ def steady_step(model, inputs, optimizer, loss_fn=None):
 def mlp_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+
+
+def measured_step_peak(plan, measured):
+    """The measured peak restated from the plan's own entry state.
+
+    measure_peak counts every live tensor of the process at entry (other tests'
+    leftovers too); what the step adds on top of that is what the plan predicts
+    on top of its entry bytes."""
+    return plan.entry_bytes + measured.peak_bytes - measured.baseline_bytes
