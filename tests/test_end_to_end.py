@@ -190,3 +190,50 @@ def test_model_with_unused_and_frozen_parameters():
     assert plan.static_ledger["parameters"] == 3 * 4 * (64 + 8)
     x = copy.deepcopy(model)
     assert x is not model
+
+
+class Autocast(nn.Module):
+    """fp32 parameters, bf16 compute: the usual mixed-precision training."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(256, 512), nn.Linear(512, 256)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.l2(torch.relu(self.l1(x))).float()
+
+
+def _cnn():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+    labels = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(0))
+    return model, (torch.randn(16, 3, 32, 32),), lambda out: nn.functional.cross_entropy(out, labels)
+
+
+def _bf16():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).to(torch.bfloat16)
+    return model, (torch.randn(64, 256, dtype=torch.bfloat16),), square_mean
+
+
+def _autocast():
+    torch.manual_seed(0)
+    return Autocast(), (torch.randn(64, 256),), square_mean
+
+
+@pytest.mark.parametrize("build", [_cnn, _bf16, _autocast], ids=["cnn-batchnorm", "bf16-params", "autocast-bf16"])
+def test_other_models_predicted_within_1_percent(build):
+    model, inputs, loss_fn = build()
+    optimizer = torch.optim.AdamW(model.parameters())
+    plan = memopt.plan(model, inputs, loss_fn=loss_fn, optimizer=optimizer)
+    itemsize = next(model.parameters()).element_size()
+    n = sum(p.numel() for p in model.parameters())
+    assert plan.static_ledger["optimizer_state"] == 2 * itemsize * n + 4 * len(list(model.parameters()))
+    measured = memopt.measure_peak(steady_step(model, inputs, optimizer, loss_fn))
+    actual = measured_step_peak(plan, measured)
+    assert abs(plan.peak_bytes - actual) <= 0.01 * actual
