@@ -14,11 +14,13 @@ models the eager step.
 from __future__ import annotations
 
 import time
+from functools import partial
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
@@ -104,15 +106,18 @@ def capture(
         grads = torch.autograd.grad(loss, wanted, allow_unused=True)
         return loss, list(grads)
 
-    param_inputs = [p.detach().requires_grad_(p.requires_grad) for p in params.values()]
-    buffer_inputs = [b.detach() for b in buffers.values()]
     started = time.perf_counter()
+    # Meta tensors become fake CPU tensors, so that the kernels chosen (attention above all) are
+    # the ones a real step runs, not the meta device's reference decompositions.
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_of = partial(_fake, mode)
+    param_inputs = [fake_of(p).requires_grad_(p.requires_grad) for p in params.values()]
+    buffer_inputs = [fake_of(b) for b in buffers.values()]
+    inputs = pytree.tree_map_only(torch.Tensor, fake_of, (args, kwargs))
     was_training = model.training
     try:
         with _tracing_context():
-            graph = make_fx(joint, tracing_mode="fake", _allow_non_fake_inputs=True)(
-                param_inputs, buffer_inputs, (args, kwargs)
-            )
+            graph = make_fx(joint, tracing_mode="fake")(param_inputs, buffer_inputs, inputs)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - started
@@ -131,7 +136,7 @@ def capture(
     output_node = graph.graph.output_node()
     loss_node, grad_nodes = pytree.tree_unflatten(list(output_node.args[0]), graph._out_spec)
     gradients = {name: node.name for name, node in zip(trainable, grad_nodes) if node is not None}
-    device = _step_device(model, args, kwargs)
+    device = _step_device(param_inputs + buffer_inputs + pytree.tree_leaves(inputs))
     return CapturedStep(
         graph=graph,
         placeholders=placeholders,
@@ -193,8 +198,17 @@ def _module_tensors(model: nn.Module) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers()]
 
 
-def _step_device(model: nn.Module, args: tuple, kwargs: dict) -> torch.device:
-    for tensor in [*_module_tensors(model), *pytree.tree_leaves((args, kwargs))]:
+def _fake(mode: FakeTensorMode, tensor: torch.Tensor) -> torch.Tensor:
+    """A fake tensor like ``tensor``; one on the meta device becomes a fake CPU tensor."""
+    detached = tensor.detach()
+    if tensor.device.type != "meta":
+        return mode.from_tensor(detached)
+    with mode:
+        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu")
+
+
+def _step_device(tensors: list) -> torch.device:
+    for tensor in tensors:
         if isinstance(tensor, torch.Tensor):
             return tensor.device
     return torch.device("cpu")

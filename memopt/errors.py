@@ -58,6 +58,7 @@ class BudgetInfeasibleError(MemoptError):
         from memopt.budget import format_bytes
 
         super().__init__(
-            f"budget {format_bytes(budget)} is below the smallest that can work, {format_bytes(minimum)}, "
-            f"needed at {where}{': ' + why if why else ''}; raise the budget to at least {format_bytes(minimum)}"
+            f"budget {budget:,} bytes ({format_bytes(budget)}) is below the smallest that can work, "
+            f"{minimum:,} bytes ({format_bytes(minimum)}), needed at {where}{': ' + why if why else ''}; "
+            f"raise the budget to at least {format_bytes(minimum)}"
         )

@@ -42,6 +42,8 @@ def minimum_budget(table: StorageTable, live: Liveness, timeline: MemoryTimeline
             best = LowerBound(
                 timeline.totals[index],
                 timeline.labels[index],
-                "the optimizer step holds every gradient, its state and its own temporaries",
+                "the optimizer step holds every gradient, its state and its own temporaries, whatever is "
+                "recomputed; what needs less: a fused optimizer (no temporaries), one with less state "
+                "(SGD, Adafactor), lower-precision parameters, or sharding them across devices (FSDP2)",
             )
     return best
