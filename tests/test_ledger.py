@@ -40,6 +40,18 @@ def test_static_ledger_by_hand(mlp_model):
     }
 
 
+def _state_bytes_after_warmup(model, x, optimizer) -> int:
+    steady_step(model, (x,), optimizer, square_mean)
+    return sum(t.untyped_storage().nbytes() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def _step_extra_bytes(model, x, optimizer) -> int:
+    """What optimizer.step() allocates beyond what it starts with (gradients present)."""
+    square_mean(model(x)).backward()
+    measured = memopt.measure_peak(optimizer.step)
+    return measured.peak_bytes - measured.baseline_bytes
+
+
 OPTIMIZERS = [
     (torch.optim.AdamW, {}),
     (torch.optim.AdamW, {"foreach": True}),
@@ -58,14 +70,8 @@ def test_optimizer_state_and_step_match_the_real_optimizer(mlp_model, cls, kwarg
     x = torch.randn(16, 64)
     optimizer = cls(mlp_model.parameters(), lr=1e-3, **kwargs)
     plan = memopt.plan(mlp_model, (x,), loss_fn=square_mean, optimizer=optimizer)
-    step = steady_step(mlp_model, (x,), optimizer, square_mean)
-    real_state = sum(
-        t.untyped_storage().nbytes() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
-    )
-    assert plan.optimizer.state_bytes == real_state
-    square_mean(mlp_model(x)).backward()
-    measured = memopt.measure_peak(optimizer.step)
-    extra = measured.peak_bytes - measured.baseline_bytes
+    assert plan.optimizer.state_bytes == _state_bytes_after_warmup(mlp_model, x, optimizer)
+    extra = _step_extra_bytes(mlp_model, x, optimizer)
     # the model covers every parameter-sized buffer; the step also makes up to three 0-dim scalars
     assert 0 <= extra - plan.optimizer.step_peak_extra <= 12
 
@@ -75,14 +81,8 @@ def test_adafactor_state_exact_and_step_estimated(mlp_model, kwargs):
     x = torch.randn(16, 64)
     optimizer = torch.optim.Adafactor(mlp_model.parameters(), **kwargs)
     plan = memopt.plan(mlp_model, (x,), loss_fn=square_mean, optimizer=optimizer)
-    steady_step(mlp_model, (x,), optimizer, square_mean)
-    real_state = sum(
-        t.untyped_storage().nbytes() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
-    )
-    assert plan.optimizer.state_bytes == real_state
-    square_mean(mlp_model(x)).backward()
-    measured = memopt.measure_peak(optimizer.step)
-    extra = measured.peak_bytes - measured.baseline_bytes
+    assert plan.optimizer.state_bytes == _state_bytes_after_warmup(mlp_model, x, optimizer)
+    extra = _step_extra_bytes(mlp_model, x, optimizer)
     assert abs(extra - plan.optimizer.step_peak_extra) <= 0.1 * extra
 
 
