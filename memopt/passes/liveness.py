@@ -41,14 +41,14 @@ def liveness(table: StorageTable, order: Sequence[int] | None = None) -> Livenes
         position[node] = pos
     last = n - 1
     start, end = [], []
-    for s in table.storages:
+    for s, readers in zip(table.storages, table.readers):
         if s.defined_at < 0:
             start.append(-1)
             end.append(last)
         else:
             start.append(position[s.defined_at])
-            # an unread output still exists at the op that made it
-            end.append(last if s.is_output else max(position[s.last_use], position[s.defined_at]))
+            # an unread result still exists at the op that made it; outputs live to the end
+            end.append(last if s.is_output else max([position[r] for r in readers], default=position[s.defined_at]))
     return Liveness(order, tuple(start), tuple(end))
 
 

@@ -37,7 +37,7 @@ class Storage:
     index: int
     nbytes: int
     defined_at: int  # position in the graph's node list; -1 for graph inputs (live before the step)
-    last_use: int  # position of the last node that reads it (or an alias of it)
+    last_use: int  # position of the last node that reads it (or an alias of it), in the traced order
     category: str
     node: str  # the node that allocates it (for graph inputs: the parameter, buffer or input name)
     is_output: bool  # returned by the step (loss, gradients): live to the end of the graph
@@ -51,6 +51,7 @@ class StorageTable:
     node_names: tuple[str, ...]
     backward_start: int  # index of the first backward node
     touched: tuple[tuple[int, ...], ...]  # per node: the storages it reads or makes (graph inputs left out)
+    readers: tuple[tuple[int, ...], ...]  # per storage: the nodes that read it (through any alias)
 
     def by_category(self, category: str) -> Iterator[Storage]:
         return (s for s in self.storages if s.category == category)
@@ -82,6 +83,7 @@ def storage_table(step: CapturedStep) -> StorageTable:
     is_output: list[bool] = []
     node_storages: dict[fx.Node, list[int]] = {}
     touched: list[tuple[int, ...]] = []
+    readers: list[list[int]] = []
 
     for i, node in enumerate(nodes):
         if node.op == "output":
@@ -102,12 +104,14 @@ def storage_table(step: CapturedStep) -> StorageTable:
                 maker.append(input_names.get(node.name, node.name) if placeholder else node.name)
                 category.append(_PLACEHOLDER_CATEGORY[roles[node.name]] if placeholder else TEMPORARIES)
                 is_output.append(False)
+                readers.append([])
             keys.append(key)
         node_storages[node] = keys
         # reading an input keeps its storage alive up to here
         reads = {key for arg in node.all_input_nodes for key in node_storages.get(arg, ())}
         for key in reads:
             last[key] = max(last[key], i)
+            readers[key].append(i)
         touched.append(tuple(k for k in sorted(reads.union(keys)) if defined[k] >= 0))
         if node.name in output_names:
             for key in keys:
@@ -124,7 +128,9 @@ def storage_table(step: CapturedStep) -> StorageTable:
     storages = tuple(
         Storage(k, nbytes[k], defined[k], last[k], category[k], maker[k], is_output[k]) for k in range(len(nbytes))
     )
-    return StorageTable(storages, tuple(n.name for n in nodes), backward_start, tuple(touched))
+    return StorageTable(
+        storages, tuple(n.name for n in nodes), backward_start, tuple(touched), tuple(tuple(r) for r in readers)
+    )
 
 
 _PLACEHOLDER_CATEGORY = {"parameter": PARAMETERS, "buffer": BUFFERS, "input": INPUTS}
