@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from memopt.budget import parse_budget
 from memopt.capture import capture
+from memopt.config import PlanConfig
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import MemoptError
 from memopt.passes.optimizer_memory import ParamInfo
@@ -26,6 +28,8 @@ def plan(
     device: str | DeviceSpec | None = None,
     offload: bool | None = None,
     fake: bool | None = None,
+    layout: bool = False,
+    config: PlanConfig | None = None,
 ) -> MemoryPlan:
     """The memory plan of one steady-state training step of ``model`` on ``example_inputs``.
 
@@ -36,9 +40,12 @@ def plan(
     instance, a class, or ``(class, kwargs)``; None leaves optimizer state out.
     ``budget`` is bytes or a string such as "24GB" / "512MiB". ``device`` is a
     preset name ("h100", "a100-80gb", "a100-40gb", "rtx4090", "cpu") or a
-    DeviceSpec; by default the device the model is on. Nothing is run: the step
-    is traced on fake tensors, and the model is left as it was.
+    DeviceSpec; by default the device the model is on. ``layout=True`` also plans
+    offsets in one arena for the step's intermediates (the ``layout`` key);
+    ``config`` sets every other knob (solver time limits). Nothing is run: the
+    step is traced on fake tensors, and the model is left as it was.
     """
+    config = dataclasses.replace(config or PlanConfig(), layout=layout or (config is not None and config.layout))
     budget_bytes = parse_budget(budget)
     spec = get_device(device, default=_device_of(model))
     if offload:
@@ -51,7 +58,7 @@ def plan(
         index_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         groups_of = {name: index_of[id(p)] for name, p in named.items() if id(p) in index_of}
     return run_pipeline(step, params=params, optimizer=optimizer, groups_of=groups_of, device=spec,
-                        budget_bytes=budget_bytes)
+                        budget_bytes=budget_bytes, config=config)
 
 
 def _device_of(model: nn.Module) -> str:

@@ -6,11 +6,14 @@ import time
 from typing import Any, Callable, TypeVar
 
 from memopt.capture import CapturedStep
+from memopt.config import PlanConfig
 from memopt.device import DeviceSpec
 from memopt.errors import BudgetInfeasibleError
+from memopt.passes.arena_plan import plan_arena
 from memopt.passes.bounds import minimum_budget
 from memopt.passes.liveness import liveness, memory_timeline
 from memopt.passes.optimizer_memory import ParamInfo, optimizer_memory
+from memopt.passes.order_plan import plan_order
 from memopt.passes.storage import storage_table
 from memopt.plan import MemoryPlan, PassRecord, SolverReport
 
@@ -38,6 +41,7 @@ def run_pipeline(
     groups_of: dict[str, int] | None,
     device: DeviceSpec,
     budget_bytes: int | None,
+    config: PlanConfig,
 ) -> MemoryPlan:
     history = _History()
     history.records.append(PassRecord("capture", step.seconds, False, None, None))
@@ -54,6 +58,16 @@ def run_pipeline(
     minimum = history.run("lower-bound", minimum_budget, table, live, timeline)
     if budget_bytes is not None and budget_bytes < minimum.bytes:
         raise BudgetInfeasibleError(budget_bytes, minimum.bytes, minimum.where, minimum.why)
+    # a topological order with a lower peak (recorded; the eager timeline above keeps the traced order)
+    order = None
+    if config.order:
+        order = history.run("order", plan_order, step.graph, table, time_limit_s=config.order_time_limit_s)
+    # offsets in one arena for the intermediates, over the chosen order's liveness
+    arena = None
+    if config.layout:
+        arena_live = live if order is None else liveness(table, order.order)
+        arena = history.run("layout", plan_arena, step.graph, table, arena_live,
+                            time_limit_s=config.layout_time_limit_s)
     return MemoryPlan(
         device=device,
         budget_bytes=budget_bytes,
@@ -67,4 +81,6 @@ def run_pipeline(
         history=tuple(history.records),
         fake=step.fake,
         graph_nodes=len(table.node_names),
+        order=order,
+        arena=arena,
     )

@@ -9,6 +9,7 @@ from typing import Any
 
 from memopt.budget import format_bytes
 from memopt.device import DeviceSpec
+from memopt.passes.arena_plan import ArenaPlan
 from memopt.passes.bounds import LowerBound
 from memopt.passes.liveness import Liveness, MemoryTimeline
 from memopt.passes.optimizer_memory import OptimizerMemory
@@ -23,6 +24,8 @@ from memopt.passes.storage import (
     PARAMETERS,
     StorageTable,
 )
+
+from memopt.solvers.order import OrderSolution
 
 LEDGER_KEYS = (*CATEGORIES, OFFLOADED)
 
@@ -92,6 +95,8 @@ class MemoryPlan:
     history: tuple[PassRecord, ...]
     fake: bool
     graph_nodes: int
+    order: OrderSolution | None = None  # the peak-lowering order the order pass found
+    arena: ArenaPlan | None = None  # offsets in one arena (layout=True)
     measured: Measured | None = None
 
     # -- the numbers --------------------------------------------------------
@@ -160,9 +165,44 @@ class MemoryPlan:
             "fake": self.fake,
             "graph_nodes": self.graph_nodes,
         }
+        if self.order is not None:
+            data["order"] = self._order_dict()
+        if self.arena is not None:
+            data["layout"] = self._layout_dict()
         if self.measured is not None:
             data["measured"] = dataclasses.asdict(self.measured)
         return data
+
+    def _order_dict(self) -> dict[str, Any]:
+        order = self.order
+        assert order is not None
+        # the solver counts the graph (forward and backward); optimizer state is live throughout
+        return {
+            "changed": order.changed,
+            "peak_before_bytes": order.peak_before + self.optimizer.state_bytes,
+            "peak_after_bytes": order.peak_after + self.optimizer.state_bytes,
+            "lower_bound_bytes": order.lower_bound + self.optimizer.state_bytes,
+            "scope": "forward and backward graph",
+            "method": order.method,
+            "status": order.status,
+            "seconds": order.seconds,
+        }
+
+    def _layout_dict(self) -> dict[str, Any]:
+        arena = self.arena
+        assert arena is not None
+        solution = arena.solution
+        return {
+            "arena_bytes": solution.arena_bytes,
+            "lower_bound_bytes": solution.lower_bound_bytes,
+            "fragmentation": solution.fragmentation,
+            "planned": len(arena.placements),
+            "unplanned": dict(arena.unplanned),
+            "unplanned_peak_bytes": arena.unplanned_peak_bytes,
+            "method": solution.method,
+            "status": solution.status,
+            "seconds": solution.seconds,
+        }
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -189,6 +229,15 @@ class MemoryPlan:
                      f"{format_bytes(self.optimizer.step_peak_extra)}")
         lines.append(f"smallest budget any recompute plan can meet: {format_bytes(self.minimum.bytes)} "
                      f"(at {self.minimum.where})")
+        if self.order is not None:
+            order = self._order_dict()
+            lines.append(f"order: {'changed' if order['changed'] else 'unchanged'} ({order['method']}), graph peak "
+                         f"{format_bytes(order['peak_before_bytes'])} -> {format_bytes(order['peak_after_bytes'])}")
+        if self.arena is not None:
+            layout = self._layout_dict()
+            lines.append(f"arena: {format_bytes(layout['arena_bytes'])} for {layout['planned']} tensors, lower bound "
+                         f"{format_bytes(layout['lower_bound_bytes'])}, fragmentation {layout['fragmentation']:.2%}; "
+                         f"{len(layout['unplanned'])} allocations outside it (no out= overload or several results)")
         lines.append(self._verdict())
         return "\n".join(lines)
 
@@ -217,6 +266,10 @@ class MemoryPlan:
         saved = self.storages.bytes_of(ACTIVATIONS)
         lines.append(f"\nsaved for backward over the whole step: {format_bytes(saved)} in "
                      f"{sum(1 for _ in self.storages.by_category(ACTIVATIONS))} storages")
+        if self.arena is not None and self.arena.unplanned:
+            lines.append("\nallocations outside the arena:")
+            unplanned = sorted(self.arena.unplanned.items(), key=lambda item: -item[1])
+            lines.extend(f"  {name:<52}{nbytes:>14,}" for name, nbytes in unplanned[:top])
         if self.decisions:
             lines.append("\ndecisions:")
             lines.extend(f"  {d.action:<10}{d.name:<36}{d.bytes:>14,}  {d.reason}" for d in self.decisions)

@@ -78,3 +78,56 @@ def test_arena_offsets_never_overlap_live_tensors():
     problem = LayoutProblem(tuple(table.storages[k].nbytes for k in keys), tuple(live.start[k] for k in keys),
                             tuple(live.end[k] for k in keys))
     check_layout(problem, arena.solution.offsets)
+
+
+class DropoutNet(torch.nn.Module):
+    """Two branches with dropout: reordering must keep the random draws in eager's order."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, 256), torch.nn.Linear(64, 256)
+        self.head = torch.nn.Linear(256, 1)
+
+    def forward(self, x):
+        left = torch.nn.functional.dropout(torch.relu(self.a(x)), 0.3)
+        right = torch.nn.functional.dropout(torch.tanh(self.b(x)), 0.3)
+        return self.head(left * right)
+
+
+def test_reordered_arena_step_with_dropout_is_bitwise_eager():
+    from memopt.passes.order_plan import plan_order, reorder
+
+    torch.manual_seed(0)
+    model, x = DropoutNet(), torch.randn(128, 64)
+    step = capture(model, (x,), loss_fn=square_mean)
+    table = storage_table(step)
+    order = plan_order(step.graph, table, time_limit_s=1.0)
+    assert order.peak_after <= order.peak_before
+    arena = plan_arena(step.graph, table, liveness(table, order.order))
+    graph = reorder(step.graph, order.order)
+    torch.manual_seed(1)
+    loss, grads = run_in_arena(graph, arena.placements, arena.arena_bytes, list(model.parameters()), [], ((x,), {}))
+    torch.manual_seed(1)
+    expected = square_mean(model(x))
+    expected.backward()
+    assert torch.equal(loss, expected.detach())
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+def test_plan_reports_layout_and_order():
+    import json
+
+    workload = WORKLOADS["mlp"]()
+    model = workload.build()
+    plan = memopt.plan(model, workload.inputs(), loss_fn=workload.loss_fn, optimizer=workload.optimizer(model),
+                       layout=True)
+    data = json.loads(plan.to_json())
+    layout, order = data["layout"], data["order"]
+    assert layout["lower_bound_bytes"] <= layout["arena_bytes"] <= 1.02 * layout["lower_bound_bytes"]
+    assert layout["fragmentation"] == pytest.approx(1 - layout["lower_bound_bytes"] / layout["arena_bytes"])
+    assert layout["planned"] > 0 and isinstance(layout["unplanned"], dict)
+    assert order["peak_after_bytes"] <= order["peak_before_bytes"]
+    assert order["peak_before_bytes"] == max(plan.timeline.totals[: plan.graph_nodes])
+    assert "arena:" in str(plan) and "order:" in str(plan)
+    assert "allocations outside the arena" in plan.explain()
+    assert "layout" not in memopt.plan(model, workload.inputs(), loss_fn=workload.loss_fn).to_dict()

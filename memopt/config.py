@@ -1,0 +1,13 @@
+"""PlanConfig: every knob of a plan, in one frozen object passed down the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class PlanConfig:
+    order: bool = True  # search a topological order with a lower peak
+    order_time_limit_s: float = 1.0  # CP-SAT windows around the peak after the heuristics
+    layout: bool = False  # plan offsets in one arena for the step's intermediates
+    layout_time_limit_s: float = 5.0

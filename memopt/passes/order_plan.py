@@ -1,0 +1,72 @@
+"""Turn a captured step into an order problem, and a solved order back into a graph.
+
+Dependencies are the graph's own edges, plus the orders a reordering must not
+change: every op that writes a storage stays between the reads before and after
+it, and random ops keep their relative order (each draws from the generator).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from memopt.passes.storage import StorageTable
+from memopt.solvers.order import OrderProblem, OrderSolution, solve_order
+
+
+def order_problem(graph: fx.GraphModule, table: StorageTable) -> OrderProblem:
+    nodes = list(graph.graph.nodes)
+    index = {node: i for i, node in enumerate(nodes)}
+    edges: set[tuple[int, int]] = set()
+    last = len(nodes) - 1  # the output node comes last
+    for i, node in enumerate(nodes):
+        edges.update((index[arg], i) for arg in node.all_input_nodes)
+        if i != last:
+            edges.add((i, last))
+    for i, node in enumerate(nodes):
+        if _mutates(node):
+            for key in table.touched[i]:
+                edges.update((r, i) for r in table.readers[key] if r < i)
+                edges.update((i, r) for r in table.readers[key] if r > i)
+    random_ops = [i for i, node in enumerate(nodes) if _is_random(node)]
+    edges.update(zip(random_ops, random_ops[1:]))
+    storages = table.storages
+    return OrderProblem(
+        num_nodes=len(nodes),
+        sizes=tuple(s.nbytes for s in storages),
+        producers=tuple(s.defined_at for s in storages),
+        users=table.readers,
+        is_output=tuple(s.is_output for s in storages),
+        edges=tuple(sorted(edges)),
+    )
+
+
+def plan_order(graph: fx.GraphModule, table: StorageTable, *, time_limit_s: float) -> OrderSolution:
+    """A topological order of the step with a peak no higher than the traced one."""
+    return solve_order(order_problem(graph, table), time_limit_s=time_limit_s)
+
+
+def reorder(graph: fx.GraphModule, order: tuple[int, ...]) -> fx.GraphModule:
+    """A copy of ``graph`` whose nodes run in ``order`` (placeholders first, the output last)."""
+    nodes = list(graph.graph.nodes)
+    ordered = [nodes[i] for i in order]
+    ordered = [n for n in ordered if n.op == "placeholder"] + [
+        n for n in ordered if n.op not in ("placeholder", "output")
+    ] + [n for n in ordered if n.op == "output"]
+    new_graph = fx.Graph()
+    new_graph._codegen = graph.graph._codegen
+    env: dict[fx.Node, fx.Node] = {}
+    for node in ordered:
+        env[node] = new_graph.node_copy(node, lambda arg: env[arg])
+    new_graph.lint()
+    return fx.GraphModule(graph, new_graph)
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and schema.is_mutable
+
+
+def _is_random(node: fx.Node) -> bool:
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
