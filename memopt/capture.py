@@ -52,8 +52,6 @@ class CapturedStep:
     fake: bool  # planned from shapes alone (meta-device model or fake=True)
     seconds: float
 
-    def parameters(self) -> list[Placeholder]:
-        return [p for p in self.placeholders if p.role == "parameter"]
 
 
 def capture(

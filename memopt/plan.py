@@ -24,7 +24,6 @@ from memopt.passes.storage import (
     PARAMETERS,
     StorageTable,
 )
-
 from memopt.solvers.order import OrderSolution
 
 LEDGER_KEYS = (*CATEGORIES, OFFLOADED)

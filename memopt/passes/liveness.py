@@ -14,7 +14,6 @@ from typing import Sequence
 from memopt.passes.optimizer_memory import OptimizerMemory
 from memopt.passes.storage import (
     CATEGORIES,
-    GRADIENTS,
     OPTIMIZER_STATE,
     TEMPORARIES,
     StorageTable,
@@ -106,6 +105,3 @@ def memory_timeline(table: StorageTable, live: Liveness, optimizer: OptimizerMem
     totals = tuple(sum(values[i] for values in by_category.values()) for i in range(len(labels)))
     return MemoryTimeline(tuple(labels), tuple(phases), {c: tuple(v) for c, v in by_category.items()}, totals)
 
-
-def gradient_bytes(table: StorageTable) -> int:
-    return table.bytes_of(GRADIENTS)
