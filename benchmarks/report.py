@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 MiB = 2**20
@@ -69,8 +71,8 @@ def strategy_row(row: dict[str, Any], eager: dict[str, Any] | None) -> list[str]
     loss_diff = f"{abs(row['loss'] - eager['loss']):.1e}" if eager_ok else DASH
     return [
         row["strategy"], mib(peak), mib(predicted_peak(row)), error_percent(predicted_peak(row), peak),
-        f"{row['step_median_s'] * 1e3:.0f} ({row['step_min_s'] * 1e3:.0f})", ratio, compile_or_plan_time(row), f"{row['loss']:.6f}",
-        loss_diff, graphs(row), saved_activations(row),
+        f"{row['step_median_s'] * 1e3:.0f} ({row['step_min_s'] * 1e3:.0f})", ratio, compile_or_plan_time(row),
+        f"{row['loss']:.6f}",        loss_diff, graphs(row), saved_activations(row),
     ]
 
 
@@ -102,8 +104,8 @@ def workload_section(name: str, rows: list[dict[str, Any]]) -> list[str]:
     eager = next((r for r in rows if r["strategy"] == "eager"), None)
     described = next((r for r in rows if "description" in r), rows[0])
     params = described.get("parameters")
-    lines = [f"## {name}: {described.get('description', '')}" + (f", {params / 1e6:.1f} M parameters" if params else ""),
-             ""]
+    title = f"## {name}: {described.get('description', '')}"
+    lines = [title + (f", {params / 1e6:.1f} M parameters" if params else ""), ""]
     header = ["strategy", "measured peak (MiB)", "predicted peak (MiB, memopt)", "error %", "step median (min) (ms)",
               "× eager", "compile/plan (s)", "loss (step 1)", "|loss − eager|", "graphs",
               "saved activations (MiB) @ budget"]
@@ -140,13 +142,14 @@ def plan_only_section(row: dict[str, Any]) -> list[str]:
     return lines + table(header, rows) + [""]
 
 
-def render_markdown(results: dict[str, Any]) -> str:
+def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] | None = None) -> str:
     machine, versions = results["machine"], results["versions"]
     loads = [row["load_average"] for row in results["rows"] if "load_average" in row]
     lines = [
         "# Benchmark results", "",
         f"Written by `python benchmarks/run.py` on {results['date']}, in {results['total_wall_s'] / 60:.1f} min "
-        f"({results['settings']['repeats']} timed steps per configuration"
+        f"({results['settings']['repeats']} timed steps per configuration, "
+        f"{results['settings'].get('threads') or 'default'} torch thread(s)"
         + (", **--quick sizes**" if results["settings"]["quick"] else "") + ").", "",
         f"- machine: {machine['cpu']}, {machine['cores']} cores, "
         f"{(machine['ram_bytes'] or 0) / GiB:.1f} GiB RAM, {machine['platform']}",
@@ -172,4 +175,19 @@ def render_markdown(results: dict[str, Any]) -> str:
     for name, rows in by_workload.items():
         planned_only = all(row["strategy"] == "plan" for row in rows)
         lines += plan_only_section(rows[0]) if planned_only else workload_section(name, rows)
-    return "\n".join(lines).rstrip() + "\n"
+    text = "\n".join(lines).rstrip() + "\n"
+    if layout_rows:  # benchmarks/layout_order.py's section
+        from benchmarks.layout_order import markdown
+
+        text += "\n" + markdown(layout_rows)
+    return text
+
+
+def write_results_md(directory: Path) -> Path:
+    """RESULTS.md from results.json (benchmarks/run.py) and, when present, layout_order.json."""
+    results = json.loads((directory / "results.json").read_text())
+    layout = directory / "layout_order.json"
+    layout_rows = json.loads(layout.read_text()) if layout.exists() else None
+    path = directory / "RESULTS.md"
+    path.write_text(render_markdown(results, layout_rows))
+    return path

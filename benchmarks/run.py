@@ -2,7 +2,7 @@
 """Benchmark harness: measured peak, step time and plan accuracy, strategy by strategy.
 
     python benchmarks/run.py [--workloads gpt2,llama,mlp,llama7b] [--strategies eager,checkpoint,...]
-                             [--repeats 5] [--quick] [--out DIR]
+                             [--repeats 5] [--threads 1] [--quick] [--out DIR]
 
 Every (workload, strategy) pair runs in a fresh subprocess (`--one WORKLOAD STRATEGY --json-out FILE`)
 with an empty Inductor cache, so one configuration cannot disturb another's memory or compiled code
@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # memopt and benchmarks, without installing
 
-from benchmarks.report import render_markdown  # noqa: E402
+from benchmarks.report import write_results_md  # noqa: E402
 from benchmarks.strategies import STRATEGIES, dynamo_graph_summary, partitioner_probe  # noqa: E402
 
 PLAN_ONLY_WORKLOADS = ("llama7b",)  # too big to run here: planned in fake mode only
@@ -121,8 +121,7 @@ def plan_summary(model, inputs, workload, optimizer, device: str | None) -> dict
     except Exception as error:  # a benchmark reports a failing planner; it does not stop the run
         return {"error": f"{type(error).__name__}: {error}", "seconds": time.perf_counter() - start}
     seconds = time.perf_counter() - start
-    data = plan.to_json()
-    data = json.loads(data) if isinstance(data, str) else data
+    data = json.loads(plan.to_json())
     return {
         "seconds": seconds,
         "peak_bytes": plan.peak_bytes,
@@ -132,13 +131,17 @@ def plan_summary(model, inputs, workload, optimizer, device: str | None) -> dict
     }
 
 
-def measure_config(workload_name: str, strategy_name: str, *, repeats: int, quick: bool) -> dict[str, Any]:
+def measure_config(workload_name: str, strategy_name: str, *, repeats: int, quick: bool,
+                   threads: int) -> dict[str, Any]:
     import memopt
+    import torch
 
+    if threads:
+        torch.set_num_threads(threads)  # before any compile: Inductor's C++ kernels bake the count in
     workload = make_workload(workload_name, quick)
     model = workload.build().train()
     inputs = workload.inputs()
-    row: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters())}
+    row: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}
     setup = STRATEGIES[strategy_name](model)
     optimizer = workload.optimizer(model)
     if strategy_name == "eager":
@@ -196,14 +199,14 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def run_one(workload: str, strategy: str, *, repeats: int, quick: bool) -> dict[str, Any]:
+def run_one(workload: str, strategy: str, *, repeats: int, quick: bool, threads: int = 1) -> dict[str, Any]:
     row: dict[str, Any] = {"workload": workload, "strategy": strategy, "load_average": os.getloadavg()[0]}
     start = time.perf_counter()
     try:
         if workload in PLAN_ONLY_WORKLOADS:
             row.update(plan_only(workload, quick))
         else:
-            row.update(measure_config(workload, strategy, repeats=repeats, quick=quick))
+            row.update(measure_config(workload, strategy, repeats=repeats, quick=quick, threads=threads))
         row["description"] = make_workload(workload, quick).description
     except Exception as error:  # recorded in the results, next to the configurations that worked
         row["error"] = f"{type(error).__name__}: {error}"
@@ -219,7 +222,8 @@ def run_in_subprocess(workload: str, strategy: str, args: argparse.Namespace, ru
     out, log = run_dir / f"{stem}.json", run_dir / f"{stem}.log"
     out.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--one", workload, strategy,
-               "--json-out", str(out), "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+               "--json-out", str(out), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    command += ["--quick"] if args.quick else []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="memopt-bench-inductor-") as cache, log.open("w") as log_file:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}  # cold compile, nothing shared between runs
@@ -296,12 +300,12 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "versions": versions(),
         "settings": {"repeats": args.repeats, "warmup_steps": WARMUP_STEPS, "quick": args.quick,
-                     "workloads": args.workloads, "strategies": args.strategies},
+                     "threads": args.threads, "workloads": args.workloads, "strategies": args.strategies},
         "total_wall_s": time.perf_counter() - start,
         "rows": rows,
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out_dir / "RESULTS.md").write_text(render_markdown(results))
+    write_results_md(out_dir)
     print(f"wrote {out_dir / 'results.json'} and {out_dir / 'RESULTS.md'} in {results['total_wall_s']:.0f} s")
     return results
 
@@ -317,10 +321,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return parse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", type=names(QUICK_SIZES), default=list(DEFAULT_WORKLOADS))
-    parser.add_argument("--strategies", type=names(STRATEGIES), default=list(STRATEGIES))
+    parser.add_argument("--workloads", type=names(QUICK_SIZES), default=list(DEFAULT_WORKLOADS),
+                        help=f"comma-separated, from {', '.join(QUICK_SIZES)}")
+    parser.add_argument("--strategies", type=names(STRATEGIES), default=list(STRATEGIES),
+                        help=f"comma-separated, from {', '.join(STRATEGIES)}")
     parser.add_argument("--repeats", type=int, default=5, help="timed steady-state steps (median reported)")
     parser.add_argument("--quick", action="store_true", help="tiny models: a smoke test of the harness")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads per run (0: torch's default). 1 by default: on a shared "
+                             "machine, two OpenMP threads slow a step down up to 9x whenever another process "
+                             "holds a core, which buries the differences between strategies")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     parser.add_argument("--out", help="where results.json and RESULTS.md go")
     parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "STRATEGY"), help=argparse.SUPPRESS)
@@ -331,7 +341,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one:
-        row = run_one(*args.one, repeats=args.repeats, quick=args.quick)
+        row = run_one(*args.one, repeats=args.repeats, quick=args.quick, threads=args.threads)
         Path(args.json_out).write_text(json.dumps(row, indent=1) + "\n")
         return 1 if "error" in row else 0
     results = run_all(args)

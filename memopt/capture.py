@@ -185,11 +185,10 @@ def _loss_of(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None) -> torc
 
 
 def _tracing_context():
-    # Trace as torch.export's non-strict mode does: library code that skips
-    # data-dependent checks while compiling (Hugging Face masks) skips them here too.
-    from torch._export.utils import _compiling_state_context
-
-    return _compiling_state_context()
+    # Trace as a torch.compile session does (the compiling flag, not the exporting one): library
+    # code that skips data-dependent checks while compiling (Hugging Face's packed-sequence and
+    # mask checks) skips them here too, and still picks the kernels eager picks (is_causal SDPA).
+    return torch.compiler._compile_session_context()
 
 
 def _module_tensors(model: nn.Module) -> list[torch.Tensor]:
