@@ -241,3 +241,47 @@ def test_other_models_predicted_within_1_percent(build):
     measured = memopt.measure_peak(steady_step(model, inputs, optimizer, loss_fn))
     actual = measured_step_peak(plan, measured)
     assert abs(plan.peak_bytes - actual) <= 0.01 * actual
+
+
+class Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class WithCustomFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(256, 256)
+
+    def forward(self, x):
+        return Square.apply(self.lin(x)).sum()
+
+
+def _custom_function():
+    torch.manual_seed(0)
+    return WithCustomFunction(), (torch.randn(64, 256),), None
+
+
+def _user_checkpointed_gpt2():
+    workload = examples.gpt2(layers=4, width=128, heads=4, seq=128, batch=8, vocab=2048)
+    model = workload.build()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, workload.inputs(), None
+
+
+@pytest.mark.parametrize("build", [_custom_function, _user_checkpointed_gpt2], ids=["custom-function", "user-checkpoint"])
+def test_custom_functions_and_the_users_own_checkpointing_are_planned(build):
+    model, inputs, loss_fn = build()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plan = memopt.plan(model, inputs, loss_fn=loss_fn, optimizer=optimizer)
+    measured = memopt.measure_peak(steady_step(model, inputs, optimizer, loss_fn))
+    actual = measured_step_peak(plan, measured)
+    assert abs(plan.peak_bytes - actual) <= 0.01 * actual
