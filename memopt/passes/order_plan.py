@@ -7,9 +7,9 @@ it, and random ops keep their relative order (each draws from the generator).
 
 from __future__ import annotations
 
-import torch
 from torch import fx
 
+from memopt.passes.op_kinds import is_random, mutates
 from memopt.passes.storage import StorageTable
 from memopt.solvers.order import OrderProblem, OrderSolution, solve_order
 
@@ -24,11 +24,11 @@ def order_problem(graph: fx.GraphModule, table: StorageTable) -> OrderProblem:
         if i != last:
             edges.add((i, last))
     for i, node in enumerate(nodes):
-        if _mutates(node):
+        if mutates(node):
             for key in table.touched[i]:
                 edges.update((r, i) for r in table.readers[key] if r < i)
                 edges.update((i, r) for r in table.readers[key] if r > i)
-    random_ops = [i for i, node in enumerate(nodes) if _is_random(node)]
+    random_ops = [i for i, node in enumerate(nodes) if is_random(node)]
     edges.update(zip(random_ops, random_ops[1:]))
     storages = table.storages
     return OrderProblem(
@@ -61,12 +61,3 @@ def reorder(graph: fx.GraphModule, order: tuple[int, ...]) -> fx.GraphModule:
     new_graph.lint()
     return fx.GraphModule(graph, new_graph)
 
-
-def _mutates(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return schema is not None and schema.is_mutable
-
-
-def _is_random(node: fx.Node) -> bool:
-    tags = getattr(node.target, "tags", ())
-    return torch.Tag.nondeterministic_seeded in tags

@@ -1,0 +1,44 @@
+"""Op cost model: seconds an op takes on a DeviceSpec, from FLOPs and bytes moved (a roofline)."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import flop_registry
+
+from memopt.device import DeviceSpec
+
+
+def node_flops(node: fx.Node) -> int:
+    """FLOPs of ``node`` by torch's own flop counter formulas (0 for ops it has none for)."""
+    packet = getattr(node.target, "overloadpacket", None)
+    formula = flop_registry.get(packet)
+    if formula is None:
+        return 0
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: arg.meta.get("val"))
+    return int(formula(*args, **kwargs, out_val=node.meta.get("val")))
+
+
+def node_bytes(node: fx.Node) -> int:
+    """Bytes an op reads and writes: its tensor inputs and results."""
+    values = [arg.meta.get("val") for arg in node.all_input_nodes] + [node.meta.get("val")]
+    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(values) if isinstance(t, torch.Tensor))
+
+
+def node_seconds(node: fx.Node, device: DeviceSpec) -> float:
+    """max(compute time, memory time): the roofline estimate of one run of the op."""
+    if node.op != "call_function" or _is_view(node):
+        return 0.0
+    return max(node_flops(node) / device.fp32_flops_per_s, node_bytes(node) / device.memory_bandwidth)
+
+
+def _is_view(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return False
+    storage = val.untyped_storage()
+    return any(
+        isinstance(arg.meta.get("val"), torch.Tensor) and arg.meta["val"].untyped_storage()._cdata == storage._cdata
+        for arg in node.all_input_nodes
+    )

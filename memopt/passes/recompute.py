@@ -1,0 +1,125 @@
+"""Recompute rewrite: drop chosen activations after the forward and recompute them in the backward.
+
+Works on the captured joint graph. For each storage chosen for recomputation,
+the forward node that makes it (and the views of it that the backward reads)
+is copied right before the first backward node that needs it, and the backward
+reads the copy. A copy's own inputs are copies too when they are recomputed,
+else the originals, which the backward then keeps (saves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from memopt.passes.op_kinds import is_random, mutates
+from memopt.passes.storage import StorageTable
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An activation that may be recomputed instead of kept."""
+
+    storage: int
+    nodes: tuple[str, ...]  # forward nodes to copy into the backward: the maker, then views the backward reads
+    nbytes: int
+
+
+def recompute_candidates(graph: fx.GraphModule, table: StorageTable) -> list[Candidate]:
+    """Forward results whose recomputation replays exactly what eager computed.
+
+    Left out: results of random ops (the generator has moved on), storages an op
+    writes in place, results of ops that read a storage written in place somewhere
+    in the step (its value at recompute time may differ), and ops with several
+    results.
+    """
+    nodes = list(graph.graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    mutated = {key for i, node in enumerate(nodes) if mutates(node) for key in table.touched[i]}
+    # ops that cannot replay: random ones, and readers of a storage written in place (a recompute would
+    # read the later value). Their consumers can: a recompute reads a kept input, not a recomputed one.
+    tainted = {i for i, node in enumerate(nodes) if is_random(node) or mutated.intersection(table.touched[i])}
+    results_of: dict[str, int] = {}
+    for storage in table.storages:
+        results_of[storage.node] = results_of.get(storage.node, 0) + 1
+    by_name = {node.name: i for i, node in enumerate(nodes)}
+    candidates = []
+    forward_made = [s for s in table.storages if 0 <= s.defined_at < table.backward_start]
+    for storage in forward_made:
+        maker = by_name[storage.node]
+        if storage.index in mutated or maker in tainted or nodes[maker].op != "call_function":
+            continue
+        if results_of[storage.node] != 1:
+            continue
+        # forward views of this storage (nodes that read it and make no storage) read by the backward
+        views = [
+            nodes[r] for r in table.readers[storage.index]
+            if maker < r < table.backward_start and nodes[r].name not in results_of
+            and any(position[user] >= table.backward_start for user in nodes[r].users)
+        ]
+        if any(position[view] in tainted for view in views):
+            continue
+        candidates.append(Candidate(storage.index, (storage.node, *(v.name for v in views)), storage.nbytes))
+    return candidates
+
+
+def apply_recompute(graph: fx.GraphModule, backward_start: str, chosen: list[Candidate]) -> fx.GraphModule:
+    """A copy of ``graph`` in which the chosen activations are recomputed in the backward."""
+    new = fx.GraphModule(graph, _copy_graph(graph.graph))
+    recompute = {name for candidate in chosen for name in candidate.nodes}
+    copies: dict[str, fx.Node] = {}
+    original_val: dict[fx.Node, object] = {}  # what a copied or re-valued node held before
+
+    def copy_of(node: fx.Node, before: fx.Node) -> fx.Node:
+        if node.name not in copies:
+            with new.graph.inserting_before(before):
+                copy = new.graph.node_copy(node, lambda arg: copy_of(arg, before) if arg.name in recompute else arg)
+            original_val[copy] = copy.meta["val"]
+            copy.meta["val"] = _fake_result(copy)  # a new storage, not the original's
+            copies[node.name] = copy
+        return copies[node.name]
+
+    in_backward = False
+    for node in list(new.graph.nodes):
+        in_backward = in_backward or node.name == backward_start
+        if not in_backward or node in copies.values():
+            continue
+        for arg in list(node.all_input_nodes):
+            if arg.name in recompute:
+                node.replace_input_with(arg, copy_of(arg, node))
+        changed = [arg for arg in node.all_input_nodes if arg in original_val]
+        if changed and node.op == "call_function" and any(
+            _same_storage(node.meta.get("val"), original_val[arg]) for arg in changed
+        ):
+            original_val[node] = node.meta["val"]
+            node.meta["val"] = _fake_result(node)  # a view of a recomputed value aliases the copy
+    new.graph.lint()
+    new.recompile()
+    return new
+
+
+def _same_storage(a: object, b: object) -> bool:
+    return (
+        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        and a.untyped_storage()._cdata == b.untyped_storage()._cdata
+    )
+
+
+def _fake_result(node: fx.Node) -> object:
+    """Run ``node``'s op on its inputs' fake values, in their fake mode."""
+    values = [arg.meta["val"] for arg in node.all_input_nodes]
+    mode = next(v.fake_mode for v in values if hasattr(v, "fake_mode"))
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: arg.meta["val"])
+    with mode:
+        return node.target(*args, **kwargs)
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    copy = fx.Graph()
+    copy._codegen = graph._codegen
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        env[node] = copy.node_copy(node, lambda arg: env[arg])
+    return copy

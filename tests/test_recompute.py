@@ -1,0 +1,77 @@
+"""The recompute rewrite and the op cost model (the building blocks of rematerialization)."""
+
+import dataclasses
+
+import torch
+from conftest import square_mean
+from torch import nn
+
+from memopt import examples
+from memopt.capture import capture
+from memopt.codegen.arena import run_in_arena
+from memopt.device import get_device
+from memopt.passes.costs import node_flops, node_seconds
+from memopt.passes.liveness import liveness
+from memopt.passes.recompute import apply_recompute, recompute_candidates
+from memopt.passes.storage import ACTIVATIONS, storage_table
+
+
+def _dropout_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, 128), nn.Tanh(),
+                         nn.Linear(128, 1))
+
+
+def test_recomputing_every_candidate_is_bitwise_eager_and_frees_them_after_the_forward():
+    model, x = _dropout_mlp(), torch.randn(32, 64)
+    step = capture(model, (x,), loss_fn=square_mean)
+    table = storage_table(step)
+    candidates = recompute_candidates(step.graph, table)
+    makers = {c.nodes[0] for c in candidates}
+    assert {"relu", "tanh"} <= makers
+    assert not any("dropout" in name or "bernoulli" in name for name in makers)  # random: never recomputed
+    rewritten = dataclasses.replace(step, graph=apply_recompute(step.graph, step.backward_start, candidates))
+    new_table = storage_table(rewritten)
+    live = liveness(new_table)
+    names = new_table.node_names
+    for storage in new_table.storages:
+        if storage.node in ("relu", "tanh"):  # the originals now die in the forward
+            assert names[live.end[storage.index]] in names[: new_table.backward_start]
+            assert storage.category != ACTIVATIONS
+    torch.manual_seed(3)
+    loss, grads = run_in_arena(rewritten.graph, {}, 0, list(model.parameters()), [], ((x,), {}))
+    torch.manual_seed(3)
+    expected = square_mean(model(x))
+    expected.backward()
+    assert torch.equal(loss, expected.detach())
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+def test_in_place_writes_are_not_recomputed():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = torch.tanh(self.lin(x))
+            z = y * 2
+            z.add_(1.0)  # written in place after it was made: its maker cannot replay it
+            return (z * z).sum()
+
+    step = capture(InPlace(), (torch.randn(4, 16),))
+    table = storage_table(step)
+    makers = {c.nodes[0] for c in recompute_candidates(step.graph, table)}
+    assert "mul" not in makers and "tanh" in makers
+
+
+def test_costs_follow_the_roofline():
+    workload = examples.mlp(width=128, depth=1, batch=256)
+    step = capture(workload.build(), workload.inputs(), loss_fn=workload.loss_fn)
+    nodes = {n.name: n for n in step.graph.graph.nodes}
+    assert node_flops(nodes["addmm"]) == 2 * 256 * 128 * 128
+    h100, cpu = get_device("h100"), get_device("cpu")
+    assert node_seconds(nodes["addmm"], cpu) > node_seconds(nodes["addmm"], h100) > 0
+    assert node_seconds(nodes["t"], h100) == 0.0  # a view moves nothing
+    relu_bytes = 2 * 256 * 128 * 4
+    assert node_seconds(nodes["relu"], h100) == relu_bytes / h100.memory_bandwidth
