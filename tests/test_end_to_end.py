@@ -277,7 +277,8 @@ def _user_checkpointed_gpt2():
     return model, workload.inputs(), None
 
 
-@pytest.mark.parametrize("build", [_custom_function, _user_checkpointed_gpt2], ids=["custom-function", "user-checkpoint"])
+@pytest.mark.parametrize("build", [_custom_function, _user_checkpointed_gpt2],
+                         ids=["custom-function", "user-checkpoint"])
 def test_custom_functions_and_the_users_own_checkpointing_are_planned(build):
     model, inputs, loss_fn = build()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

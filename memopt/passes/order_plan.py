@@ -53,11 +53,15 @@ def reorder(graph: fx.GraphModule, order: tuple[int, ...]) -> fx.GraphModule:
     ordered = [n for n in ordered if n.op == "placeholder"] + [
         n for n in ordered if n.op not in ("placeholder", "output")
     ] + [n for n in ordered if n.op == "output"]
-    new_graph = fx.Graph()
-    new_graph._codegen = graph.graph._codegen
-    env: dict[fx.Node, fx.Node] = {}
-    for node in ordered:
-        env[node] = new_graph.node_copy(node, lambda arg: env[arg])
-    new_graph.lint()
-    return fx.GraphModule(graph, new_graph)
+    return fx.GraphModule(graph, copy_graph(graph.graph, ordered))
 
+
+def copy_graph(graph: fx.Graph, nodes: list[fx.Node] | None = None) -> fx.Graph:
+    """A new graph with copies of ``nodes`` (default: all, in order), names and metadata kept."""
+    copy = fx.Graph()
+    copy._codegen = graph._codegen
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes if nodes is None else nodes:
+        env[node] = copy.node_copy(node, lambda arg: env[arg])
+    copy.lint()
+    return copy

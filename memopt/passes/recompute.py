@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from memopt.passes.op_kinds import is_random, mutates
+from memopt.passes.order_plan import copy_graph
 from memopt.passes.storage import StorageTable
 
 
@@ -67,7 +68,7 @@ def recompute_candidates(graph: fx.GraphModule, table: StorageTable) -> list[Can
 
 def apply_recompute(graph: fx.GraphModule, backward_start: str, chosen: list[Candidate]) -> fx.GraphModule:
     """A copy of ``graph`` in which the chosen activations are recomputed in the backward."""
-    new = fx.GraphModule(graph, _copy_graph(graph.graph))
+    new = fx.GraphModule(graph, copy_graph(graph.graph))
     recompute = {name for candidate in chosen for name in candidate.nodes}
     copies: dict[str, fx.Node] = {}
     original_val: dict[fx.Node, object] = {}  # what a copied or re-valued node held before
@@ -115,11 +116,3 @@ def _fake_result(node: fx.Node) -> object:
     with mode:
         return node.target(*args, **kwargs)
 
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    copy = fx.Graph()
-    copy._codegen = graph._codegen
-    env: dict[fx.Node, fx.Node] = {}
-    for node in graph.nodes:
-        env[node] = copy.node_copy(node, lambda arg: env[arg])
-    return copy
