@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from memopt.passes.op_kinds import is_random, mutates
 from memopt.passes.order_plan import copy_graph
@@ -32,9 +33,9 @@ def recompute_candidates(graph: fx.GraphModule, table: StorageTable) -> list[Can
     """Forward results whose recomputation replays exactly what eager computed.
 
     Left out: results of random ops (the generator has moved on), storages an op
-    writes in place, results of ops that read a storage written in place somewhere
-    in the step (its value at recompute time may differ), and ops with several
-    results.
+    writes in place, and results of ops that read a storage written in place
+    somewhere in the step (its value at recompute time may differ). An op with
+    several results is recomputed whole.
     """
     nodes = list(graph.graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
@@ -42,9 +43,7 @@ def recompute_candidates(graph: fx.GraphModule, table: StorageTable) -> list[Can
     # ops that cannot replay: random ones, and readers of a storage written in place (a recompute would
     # read the later value). Their consumers can: a recompute reads a kept input, not a recomputed one.
     tainted = {i for i, node in enumerate(nodes) if is_random(node) or mutated.intersection(table.touched[i])}
-    results_of: dict[str, int] = {}
-    for storage in table.storages:
-        results_of[storage.node] = results_of.get(storage.node, 0) + 1
+    makers = {storage.node for storage in table.storages}
     by_name = {node.name: i for i, node in enumerate(nodes)}
     candidates = []
     forward_made = [s for s in table.storages if 0 <= s.defined_at < table.backward_start]
@@ -52,12 +51,11 @@ def recompute_candidates(graph: fx.GraphModule, table: StorageTable) -> list[Can
         maker = by_name[storage.node]
         if storage.index in mutated or maker in tainted or nodes[maker].op != "call_function":
             continue
-        if results_of[storage.node] != 1:
-            continue
-        # forward views of this storage (nodes that read it and make no storage) read by the backward
+        # forward views of this storage (nodes that read it and make no storage: for an op with several
+        # results, the getitems that pick them) read by the backward
         views = [
             nodes[r] for r in table.readers[storage.index]
-            if maker < r < table.backward_start and nodes[r].name not in results_of
+            if maker < r < table.backward_start and nodes[r].name not in makers
             and any(position[user] >= table.backward_start for user in nodes[r].users)
         ]
         if any(position[view] in tainted for view in views):
@@ -110,9 +108,10 @@ def _same_storage(a: object, b: object) -> bool:
 
 def _fake_result(node: fx.Node) -> object:
     """Run ``node``'s op on its inputs' fake values, in their fake mode."""
-    values = [arg.meta["val"] for arg in node.all_input_nodes]
-    mode = next(v.fake_mode for v in values if hasattr(v, "fake_mode"))
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: arg.meta["val"])
+    leaves = pytree.tree_leaves((args, kwargs))
+    mode = next((leaf.fake_mode for leaf in leaves if hasattr(leaf, "fake_mode")), None)
+    if mode is None:  # getitem of a tuple and the like: nothing to run
+        return node.target(*args, **kwargs)
     with mode:
         return node.target(*args, **kwargs)
-
