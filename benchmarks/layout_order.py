@@ -48,7 +48,7 @@ def measure(name: str) -> dict:
         "order": {"peak_before": order.peak_before, "peak_after": order.peak_after, "method": order.method,
                   "status": order.status, "seconds": order_s},
         "layout": {"arena_bytes": solution.arena_bytes, "lower_bound_bytes": solution.lower_bound_bytes,
-                   "fragmentation": solution.fragmentation, "planned": len(arena.placements),
+                   "fragmentation": solution.fragmentation, "planned": len(arena.planned_storages),
                    "unplanned": len(arena.unplanned), "unplanned_bytes": sum(arena.unplanned.values()),
                    "method": solution.method, "status": solution.status, "seconds": layout_s},
     }
@@ -61,10 +61,11 @@ def markdown(rows: list[dict]) -> str:
         "`python benchmarks/layout_order.py`. The order pass runs first (1 s of CP-SAT windows after the "
         "heuristics); the arena is planned over the new order. Peaks of the graph (parameters and the batch "
         "included, optimizer state not). Tensors: intermediates the step allocates; planned: those whose op "
-        "has an `out=` overload and a single result (the rest are allocated as usual and reported).",
+        "has an `out=` overload taking all its results and that do not leave the step (the rest are allocated "
+        "as usual and reported: loss, gradients, ops without out=).",
         "",
         "| workload | nodes | tensors | graph peak traced (MiB) | after order (MiB) | order method | order (s) "
-        "| arena (MiB) | lower bound (MiB) | fragmentation | planned / unplanned | layout method | layout (s) |",
+        "| arena (MiB) | lower bound (MiB) | fragmentation | planned tensors / ops outside | layout method | layout (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mib = 2**20

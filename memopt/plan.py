@@ -195,7 +195,7 @@ class MemoryPlan:
             "arena_bytes": solution.arena_bytes,
             "lower_bound_bytes": solution.lower_bound_bytes,
             "fragmentation": solution.fragmentation,
-            "planned": len(arena.placements),
+            "planned": len(arena.planned_storages),
             "unplanned": dict(arena.unplanned),
             "unplanned_peak_bytes": arena.unplanned_peak_bytes,
             "method": solution.method,
@@ -236,7 +236,7 @@ class MemoryPlan:
             layout = self._layout_dict()
             lines.append(f"arena: {format_bytes(layout['arena_bytes'])} for {layout['planned']} tensors, lower bound "
                          f"{format_bytes(layout['lower_bound_bytes'])}, fragmentation {layout['fragmentation']:.2%}; "
-                         f"{len(layout['unplanned'])} allocations outside it (no out= overload or several results)")
+                         f"{len(layout['unplanned'])} ops allocate outside it (no out= overload)")
         lines.append(self._verdict())
         return "\n".join(lines)
 

@@ -27,7 +27,7 @@ def test_out_variants_match_arguments_and_types():
     assert out_variant(aten.le.Tensor) is aten.le.Tensor_out
     assert out_variant(aten.mm.default) is aten.mm.out
     assert out_variant(aten.tanh_backward.default) is aten.tanh_backward.grad_input
-    assert out_variant(aten.native_layer_norm.default) is None  # three results
+    assert out_variant(aten.native_layer_norm.default) is aten.native_layer_norm.out  # out0, out1, out2
     assert out_variant(aten.t.default) is None  # a view: no out overload
     assert out_variant("not an op") is None
 
@@ -42,7 +42,8 @@ def test_arena_run_is_bitwise_eager_and_its_peak_is_the_plan(name):
     arena = plan_arena(step.graph, table, live)
     solution = arena.solution
     assert solution.lower_bound_bytes <= solution.arena_bytes <= 1.02 * solution.lower_bound_bytes
-    assert len(arena.placements) == len(arena.planned_storages) > len(arena.unplanned)  # most ops have out=
+    placed = sum(len(results) for results in arena.placements.values())
+    assert placed == len(arena.planned_storages) and len(arena.placements) > len(arena.unplanned)
 
     params, buffers = list(model.parameters()), list(model.buffers())
     args, kwargs = ((inputs, {}) if isinstance(inputs, tuple) else ((), inputs))
@@ -59,11 +60,11 @@ def test_arena_run_is_bitwise_eager_and_its_peak_is_the_plan(name):
     for param_name, grad in zip(step.gradients, grads):
         assert torch.equal(grad, named[param_name].grad), param_name
 
-    # the arena and the allocations outside it are all the step holds, but for the scratch
-    # buffers some kernels allocate inside themselves (a few percent at most)
+    # the arena and the allocations outside it are all the step holds, but for scratch some kernels
+    # allocate inside themselves (measured: 8 bytes on gpt2 and llama, 2 KiB on the mlp)
     predicted = arena.arena_bytes + arena.unplanned_peak_bytes
     grown = measured.peak_bytes - measured.baseline_bytes
-    assert predicted <= grown <= 1.03 * predicted
+    assert predicted <= grown <= predicted + max(64, 0.002 * predicted)
 
 
 def test_arena_offsets_never_overlap_live_tensors():

@@ -24,8 +24,11 @@ class Placement:
 
 
 def out_variant(op: object) -> torch._ops.OpOverload | None:
-    """The ``out=`` overload of an ATen op with one tensor result: same arguments, one out argument."""
-    if not isinstance(op, torch._ops.OpOverload) or len(op._schema.returns) != 1:
+    """The ``out=`` overload of an ATen op: the same arguments, one out argument per tensor result."""
+    if not isinstance(op, torch._ops.OpOverload):
+        return None
+    returns = op._schema.returns
+    if not returns or any(str(r.type) != "Tensor" for r in returns):
         return None
     signature = [(a.name, str(a.type)) for a in op._schema.arguments]
     packet = op.overloadpacket
@@ -33,38 +36,46 @@ def out_variant(op: object) -> torch._ops.OpOverload | None:
         candidate = getattr(packet, overload)
         arguments = candidate._schema.arguments
         outs = [a for a in arguments if a.is_out]
-        if len(outs) == 1 and [(a.name, str(a.type)) for a in arguments if not a.is_out] == signature:
+        if len(outs) == len(returns) and [(a.name, str(a.type)) for a in arguments if not a.is_out] == signature:
             return candidate
     return None
 
 
-def out_argument(out_op: torch._ops.OpOverload) -> str:
-    return next(a.name for a in out_op._schema.arguments if a.is_out)
+def out_arguments(out_op: torch._ops.OpOverload) -> list[str]:
+    return [a.name for a in out_op._schema.arguments if a.is_out]
 
 
 class ArenaInterpreter(fx.Interpreter):
-    """Runs ``graph`` writing each placed node's result into ``arena`` at its offset."""
+    """Runs ``graph`` writing each placed node's results into ``arena`` at their offsets."""
 
-    def __init__(self, graph: fx.GraphModule, placements: dict[str, Placement], arena: torch.Tensor) -> None:
+    def __init__(
+        self, graph: fx.GraphModule, placements: dict[str, tuple[Placement, ...]], arena: torch.Tensor
+    ) -> None:
         super().__init__(graph, garbage_collect_values=True)
         self.placements = placements
         self.arena = arena  # 1-D uint8
 
     def run_node(self, node: fx.Node) -> Any:
-        placement = self.placements.get(node.name)
-        if placement is None:
+        placements = self.placements.get(node.name)
+        if placements is None:
             return super().run_node(node)
-        val = node.meta["val"]
+        values = node.meta["val"]
+        values = list(values) if isinstance(values, (tuple, list)) else [values]
         out_op = out_variant(node.target)
         assert out_op is not None, f"{node.format_node()} was placed in the arena but has no out= overload"
         args, kwargs = self.fetch_args_kwargs_from_env(node)
-        raw = self.arena[placement.offset : placement.offset + placement.nbytes]
-        out = torch.as_strided(raw.view(val.dtype), tuple(val.shape), tuple(val.stride()))
-        return out_op(*args, **kwargs, **{out_argument(out_op): out})
+        outs = {
+            name: torch.as_strided(
+                self.arena[p.offset : p.offset + p.nbytes].view(val.dtype), tuple(val.shape), tuple(val.stride())
+            )
+            for name, p, val in zip(out_arguments(out_op), placements, values)
+        }
+        return out_op(*args, **kwargs, **outs)
 
 
 def run_in_arena(
-    graph: fx.GraphModule, placements: dict[str, Placement], arena_bytes: int, *args: Any, device: str = "cpu"
+    graph: fx.GraphModule, placements: dict[str, tuple[Placement, ...]], arena_bytes: int, *args: Any,
+    device: str = "cpu",
 ) -> Any:
     """Allocate one arena of ``arena_bytes`` and run ``graph(*args)`` with the placed results inside it."""
     arena = torch.empty(arena_bytes, dtype=torch.uint8, device=device)
