@@ -59,3 +59,22 @@ def measured_step_peak(plan, measured):
     leftovers too); what the step adds on top of that is what the plan predicts
     on top of its entry bytes."""
     return plan.entry_bytes + measured.peak_bytes - measured.baseline_bytes
+
+
+def assert_runs_like_eager(graph, model, inputs, loss_fn=None, placements=None, arena_bytes=0, seed=0):
+    """Run the captured ``graph`` (in an arena when placed) and eager from the same seed: loss and
+    gradients must be bitwise equal."""
+    from memopt.codegen.arena import run_in_arena
+
+    args, kwargs = (tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((), inputs)
+    torch.manual_seed(seed)
+    loss, grads = run_in_arena(graph, placements or {}, arena_bytes, list(model.parameters()),
+                               list(model.buffers()), (args, kwargs))
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    output = model(*args, **kwargs)
+    expected = loss_fn(output) if loss_fn else (output if isinstance(output, torch.Tensor) else output.loss)
+    expected.backward()
+    assert torch.equal(loss, expected.detach())
+    for grad, param in zip(grads, [p for p in model.parameters() if p.requires_grad]):
+        assert torch.equal(grad, param.grad)

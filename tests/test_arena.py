@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import square_mean
+from conftest import assert_runs_like_eager, square_mean
 
 import memopt
 from memopt import examples
@@ -106,13 +106,7 @@ def test_reordered_arena_step_with_dropout_is_bitwise_eager():
     assert order.peak_after <= order.peak_before
     arena = plan_arena(step.graph, table, liveness(table, order.order))
     graph = reorder(step.graph, order.order)
-    torch.manual_seed(1)
-    loss, grads = run_in_arena(graph, arena.placements, arena.arena_bytes, list(model.parameters()), [], ((x,), {}))
-    torch.manual_seed(1)
-    expected = square_mean(model(x))
-    expected.backward()
-    assert torch.equal(loss, expected.detach())
-    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert_runs_like_eager(graph, model, (x,), square_mean, arena.placements, arena.arena_bytes, seed=1)
 
 
 def test_plan_reports_layout_and_order():

@@ -4,12 +4,11 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import square_mean
+from conftest import assert_runs_like_eager, square_mean
 from torch import nn
 
 from memopt import examples
 from memopt.capture import capture
-from memopt.codegen.arena import run_in_arena
 from memopt.device import get_device
 from memopt.passes.costs import node_flops, node_seconds
 from memopt.passes.liveness import liveness
@@ -39,13 +38,7 @@ def test_recomputing_every_candidate_is_bitwise_eager_and_frees_them_after_the_f
         if storage.node in ("relu", "tanh"):  # the originals now die in the forward
             assert names[live.end[storage.index]] in names[: new_table.backward_start]
             assert storage.category != ACTIVATIONS
-    torch.manual_seed(3)
-    loss, grads = run_in_arena(rewritten.graph, {}, 0, list(model.parameters()), [], ((x,), {}))
-    torch.manual_seed(3)
-    expected = square_mean(model(x))
-    expected.backward()
-    assert torch.equal(loss, expected.detach())
-    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert_runs_like_eager(rewritten.graph, model, (x,), square_mean, seed=3)
 
 
 def test_in_place_writes_are_not_recomputed():
@@ -87,10 +80,4 @@ def test_ops_with_several_results_are_recomputed_whole_and_exactly(name):
     candidates = recompute_candidates(step.graph, storage_table(step))
     assert any(c.nodes[0].startswith("native_layer_norm") for c in candidates)
     graph = apply_recompute(step.graph, step.backward_start, candidates)
-    args = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
-    loss, grads = run_in_arena(graph, {}, 0, list(model.parameters()), list(model.buffers()), args)
-    output = model(*args[0], **args[1])
-    expected = workload.loss_fn(output) if workload.loss_fn else output.loss
-    expected.backward()
-    assert torch.equal(loss, expected.detach())
-    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert_runs_like_eager(graph, model, inputs, workload.loss_fn)
