@@ -45,7 +45,9 @@ def plan(
     ``config`` sets every other knob (solver time limits). Nothing is run: the
     step is traced on fake tensors, and the model is left as it was.
     """
-    config = dataclasses.replace(config or PlanConfig(), layout=layout or (config is not None and config.layout))
+    config = config or PlanConfig()
+    if layout:
+        config = dataclasses.replace(config, layout=True)
     budget_bytes = parse_budget(budget)
     spec = get_device(device, default=_device_of(model))
     if offload:

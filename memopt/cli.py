@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import json
 import sys
 from typing import Any
 

@@ -50,7 +50,7 @@ class ResidualMLP(nn.Module):
         return x
 
 
-def mse_to_zero(output: torch.Tensor, *inputs: Any) -> torch.Tensor:
+def mse_to_zero(output: torch.Tensor) -> torch.Tensor:
     return output.float().pow(2).mean()
 
 

@@ -54,6 +54,12 @@ class ArenaInterpreter(fx.Interpreter):
         super().__init__(graph, garbage_collect_values=True)
         self.placements = placements
         self.arena = arena  # 1-D uint8
+        self.out_ops: dict[str, torch._ops.OpOverload] = {}  # looked up once, not at every run of the node
+        for node in graph.graph.nodes:
+            if node.name in placements:
+                out_op = out_variant(node.target)
+                assert out_op is not None, f"{node.format_node()} was placed in the arena but has no out= overload"
+                self.out_ops[node.name] = out_op
 
     def run_node(self, node: fx.Node) -> Any:
         placements = self.placements.get(node.name)
@@ -61,8 +67,7 @@ class ArenaInterpreter(fx.Interpreter):
             return super().run_node(node)
         values = node.meta["val"]
         values = list(values) if isinstance(values, (tuple, list)) else [values]
-        out_op = out_variant(node.target)
-        assert out_op is not None, f"{node.format_node()} was placed in the arena but has no out= overload"
+        out_op = self.out_ops[node.name]
         args, kwargs = self.fetch_args_kwargs_from_env(node)
         outs = {
             name: torch.as_strided(

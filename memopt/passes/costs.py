@@ -8,6 +8,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import flop_registry
 
 from memopt.device import DeviceSpec
+from memopt.passes.storage import shares_storage
 
 
 def node_flops(node: fx.Node) -> int:
@@ -28,17 +29,9 @@ def node_bytes(node: fx.Node) -> int:
 
 def node_seconds(node: fx.Node, device: DeviceSpec) -> float:
     """max(compute time, memory time): the roofline estimate of one run of the op."""
-    if node.op != "call_function" or _is_view(node):
+    val = node.meta.get("val")
+    if node.op != "call_function" or any(shares_storage(val, arg.meta.get("val")) for arg in node.all_input_nodes):
+        # a view moves nothing
         return 0.0
     return max(node_flops(node) / device.fp32_flops_per_s, node_bytes(node) / device.memory_bandwidth)
 
-
-def _is_view(node: fx.Node) -> bool:
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return False
-    storage = val.untyped_storage()
-    return any(
-        isinstance(arg.meta.get("val"), torch.Tensor) and arg.meta["val"].untyped_storage()._cdata == storage._cdata
-        for arg in node.all_input_nodes
-    )

@@ -9,15 +9,15 @@ else the originals, which the backward then keeps (saves).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
 from memopt.passes.op_kinds import is_random, mutates
 from memopt.passes.order_plan import copy_graph
-from memopt.passes.storage import StorageTable
+from memopt.passes.storage import StorageTable, shares_storage
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,14 +83,14 @@ def apply_recompute(graph: fx.GraphModule, backward_start: str, chosen: list[Can
     in_backward = False
     for node in list(new.graph.nodes):
         in_backward = in_backward or node.name == backward_start
-        if not in_backward or node in copies.values():
+        if not in_backward:  # (the copies inserted below are not in this snapshot of the nodes)
             continue
         for arg in list(node.all_input_nodes):
             if arg.name in recompute:
                 node.replace_input_with(arg, copy_of(arg, node))
         changed = [arg for arg in node.all_input_nodes if arg in original_val]
         if changed and node.op == "call_function" and any(
-            _same_storage(node.meta.get("val"), original_val[arg]) for arg in changed
+            shares_storage(node.meta.get("val"), original_val[arg]) for arg in changed
         ):
             original_val[node] = node.meta["val"]
             node.meta["val"] = _fake_result(node)  # a view of a recomputed value aliases the copy
@@ -99,19 +99,11 @@ def apply_recompute(graph: fx.GraphModule, backward_start: str, chosen: list[Can
     return new
 
 
-def _same_storage(a: object, b: object) -> bool:
-    return (
-        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-        and a.untyped_storage()._cdata == b.untyped_storage()._cdata
-    )
-
-
 def _fake_result(node: fx.Node) -> object:
     """Run ``node``'s op on its inputs' fake values, in their fake mode."""
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: arg.meta["val"])
     leaves = pytree.tree_leaves((args, kwargs))
-    mode = next((leaf.fake_mode for leaf in leaves if hasattr(leaf, "fake_mode")), None)
-    if mode is None:  # getitem of a tuple and the like: nothing to run
-        return node.target(*args, **kwargs)
+    # getitem of a tuple and the like have no fake input and run as they are
+    mode = next((leaf.fake_mode for leaf in leaves if hasattr(leaf, "fake_mode")), contextlib.nullcontext())
     with mode:
         return node.target(*args, **kwargs)

@@ -60,6 +60,15 @@ class StorageTable:
         return sum(s.nbytes for s in self.by_category(category))
 
 
+def shares_storage(a: object, b: object) -> bool:
+    """Both are tensors over the same storage (a view, an alias or an in-place result of the other)."""
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and StorageWeakRef(a.untyped_storage()) == StorageWeakRef(b.untyped_storage())
+    )
+
+
 def _tensors(value: object) -> list[torch.Tensor]:
     return [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
 
