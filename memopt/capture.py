@@ -212,8 +212,11 @@ def _step_device(tensors: list) -> torch.device:
 
 
 def _first_backward_node(graph: fx.GraphModule, loss: fx.Node) -> str:
-    """The node right after the loss: autograd starts there (the loss's ones_like seed)."""
+    """Where autograd starts: the loss's ones_like seed (else the first op after the loss)."""
     nodes = list(graph.graph.nodes)
+    for user in loss.users:
+        if user.target is torch.ops.aten.ones_like.default:
+            return user.name
     index = nodes.index(loss)
     for node in nodes[index + 1 :]:
         if node.op == "call_function":

@@ -49,6 +49,13 @@ class MeasuredPeak:
     unaccounted_bytes: int  # end_bytes - (baseline_bytes + net of the events); nonzero: the events missed something
     device: str  # "cpu" or "cuda"
     result: Any = field(default=None, repr=False, compare=False)  # what step_fn returned
+    duration_ns: int = 0  # the call's length on the timeline's clock (CPU: to the end of the last op profiled)
+
+    @property
+    def timeline_fractions(self) -> tuple[tuple[float, int], ...]:
+        """The timeline with time as a fraction of the call in [0, 1], to draw over a plan's steps."""
+        span = max(self.duration_ns, self.timeline[-1][0], 1)
+        return tuple((at / span, live) for at, live in self.timeline)
 
 
 def measure_peak(
@@ -132,10 +139,12 @@ def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Meas
     if results is None:
         raise MeasurementError("the profiler returned no results, so the call's memory could not be measured")
     start_ns = results.trace_start_ns()
+    roots = results.experimental_event_tree()
+    end_ns = max((node.end_time_ns for node in roots), default=start_ns)
     live, highest = baseline, baseline
     timeline = [(0, baseline)]
     allocated_here: set[int] = set()
-    for at_ns, ptr, nbytes in _cpu_allocation_events(results):
+    for at_ns, ptr, nbytes in _cpu_allocation_events(roots):
         if nbytes > 0:
             allocated_here.add(ptr)
         elif ptr in allocated_here:
@@ -153,10 +162,10 @@ def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Meas
         "cpu: %d memory events, baseline %d, peak %d, end %d, unaccounted %d",
         len(timeline) - 1, baseline, highest, end, unaccounted,
     )
-    return MeasuredPeak(highest, baseline, end, tuple(timeline), unaccounted, "cpu", result)
+    return MeasuredPeak(highest, baseline, end, tuple(timeline), unaccounted, "cpu", result, max(end_ns - start_ns, 0))
 
 
-def _cpu_allocation_events(results: Any) -> list[tuple[int, int, int]]:
+def _cpu_allocation_events(roots: list[Any]) -> list[tuple[int, int, int]]:
     """(time ns, ptr, +-nbytes) of every CPU allocation and free the profiler saw, sorted by time.
 
     Read from the event tree, not from FunctionEvents: those fold each allocation made inside an op into the
@@ -165,7 +174,7 @@ def _cpu_allocation_events(results: Any) -> list[tuple[int, int, int]]:
     nothing.
     """
     events = []
-    stack = list(results.experimental_event_tree())
+    stack = list(roots)
     while stack:
         node = stack.pop()
         stack.extend(node.children)
@@ -189,7 +198,7 @@ def _measure_cuda(step_fn: Callable[..., Any], args: tuple, kwargs: dict, dev: t
     peak = torch.cuda.max_memory_allocated(dev)
     end = torch.cuda.memory_allocated(dev)
     # end is read from the same counter as the peak, so nothing can be unaccounted here.
-    return MeasuredPeak(peak, baseline, end, ((0, baseline), (elapsed_ns, end)), 0, "cuda", result)
+    return MeasuredPeak(peak, baseline, end, ((0, baseline), (elapsed_ns, end)), 0, "cuda", result, elapsed_ns)
 
 
 def _resolve_device(device: str | torch.device, require_available: bool = True) -> torch.device:

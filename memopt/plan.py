@@ -284,6 +284,12 @@ class MemoryPlan:
 
         return plot_plan(self, path, measured_timeline=measured_timeline)
 
+    def to_memory_viz(self, path: str) -> str:
+        """A pickled snapshot of the predicted step that PyTorch's memory_viz page opens."""
+        from memopt.memory_viz import to_memory_viz
+
+        return to_memory_viz(self, path)
+
 
 def _live_at(plan: MemoryPlan, storage: int, position: int) -> bool:
     if position >= len(plan.live.order):  # the optimizer step: graph inputs and what the graph returned

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -14,11 +15,16 @@ _COLORS = {
 _GIB = 2**30
 
 
-def plot_plan(plan: MemoryPlan, path: str, *, measured_timeline: list[tuple[float, int]] | None = None) -> str:
+def plot_plan(
+    plan: MemoryPlan, path: str, *, measured_timeline: Sequence[tuple[float, int]] | None = None
+) -> str:
     """Write a PNG of ``plan``'s predicted timeline to ``path`` and return the path.
 
     ``measured_timeline`` (fractions of the step in [0, 1], live bytes), when
-    given, is drawn over the prediction.
+    given, is drawn over the prediction, the step's steps spread evenly over
+    [0, 1]: ``MeasuredPeak.timeline_fractions``, its bytes restated from the
+    plan's entry (``plan.entry_bytes + live - baseline_bytes``) when the
+    process holds other tensors.
     """
     import matplotlib
 

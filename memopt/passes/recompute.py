@@ -51,12 +51,12 @@ def recompute_candidates(graph: fx.GraphModule, table: StorageTable) -> list[Can
         maker = by_name[storage.node]
         if storage.index in mutated or maker in tainted or nodes[maker].op != "call_function":
             continue
-        # forward views of this storage (nodes that read it and make no storage: for an op with several
-        # results, the getitems that pick them) read by the backward
+        # forward nodes whose result lives in this storage and makes none (views, views of views, the
+        # getitem that picks it from an op's several results): copied when the backward needs them
         views = [
             nodes[r] for r in table.readers[storage.index]
             if maker < r < table.backward_start and nodes[r].name not in makers
-            and any(position[user] >= table.backward_start for user in nodes[r].users)
+            and set(table.values[r]) <= {storage.index}
         ]
         if any(position[view] in tainted for view in views):
             continue

@@ -52,6 +52,7 @@ class StorageTable:
     backward_start: int  # index of the first backward node
     touched: tuple[tuple[int, ...], ...]  # per node: the storages it reads or makes (graph inputs left out)
     readers: tuple[tuple[int, ...], ...]  # per storage: the nodes that read it (through any alias)
+    values: tuple[tuple[int, ...], ...] = ()  # per node: the storages its result lives in (graph inputs included)
 
     def by_category(self, category: str) -> Iterator[Storage]:
         return (s for s in self.storages if s.category == category)
@@ -138,7 +139,8 @@ def storage_table(step: CapturedStep) -> StorageTable:
         Storage(k, nbytes[k], defined[k], last[k], category[k], maker[k], is_output[k]) for k in range(len(nbytes))
     )
     return StorageTable(
-        storages, tuple(n.name for n in nodes), backward_start, tuple(touched), tuple(tuple(r) for r in readers)
+        storages, tuple(n.name for n in nodes), backward_start, tuple(touched), tuple(tuple(r) for r in readers),
+        tuple(tuple(node_storages.get(node, ())) for node in nodes),
     )
 
 

@@ -1,0 +1,226 @@
+"""Which activations the backward recomputes: blocks of the forward, options per block, a solver's choice.
+
+Blocks are found from parameter names: the repeated layers of a ModuleList
+(``transformer.h.3.attn...``, ``model.layers.7...``) each start where the
+forward first reads one of their parameters. Each block (and the stretches
+before and after them) offers three options: keep everything; recompute the
+cheap results (everything but matmuls, convolutions and attention, as
+selective activation checkpointing does); recompute everything but what later
+blocks read (what ``torch.utils.checkpoint`` around the block does).
+Baselines by name: ``none``, ``blocks`` (every block checkpointed) and
+``sqrt`` (Chen et al.: segments of about sqrt(n) blocks checkpointed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import fx
+
+from memopt.capture import CapturedStep
+from memopt.device import DeviceSpec
+from memopt.passes import recompute
+from memopt.passes.costs import node_flops, node_seconds
+from memopt.passes.op_kinds import is_random
+from memopt.passes.storage import ACTIVATIONS, StorageTable
+from memopt.solvers import remat_fast
+from memopt.solvers.remat_fast import RecomputeProblem, RecomputeSolution
+
+SOLVERS = ("memopt", "none", "blocks", "sqrt")
+KEPT_RANDOM = "made by a random op: kept, so the backward sees the numbers the forward drew"
+KEPT_EXACT = "written in place, or made from data written in place: recomputing it could differ from eager"
+KEEP, CHEAP, FULL = "keep everything", "recompute all but matmuls and attention", "recompute all but its outputs"
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A stretch of the forward: a repeated block, or what comes before or after the blocks."""
+
+    name: str
+    start: int  # first node position
+    end: int  # one past the last
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationDecision:
+    node: str
+    nbytes: int
+    action: str  # "keep" | "recompute"
+    cost_s: float  # seconds its recomputation takes (or would take)
+    reason: str
+
+
+@dataclass(frozen=True)
+class RecomputePlan:
+    solver: str
+    solution: RecomputeSolution
+    chosen: tuple[recompute.Candidate, ...]
+    segments: tuple[Segment, ...]
+    options: tuple[tuple[str, ...], ...]  # per segment: the names of its options, by level
+    decisions: tuple[ActivationDecision, ...]
+
+
+def find_segments(step: CapturedStep, table: StorageTable) -> tuple[Segment, ...]:
+    """The forward cut at the repeated layers of the model's largest ModuleList."""
+    nodes = list(step.graph.graph.nodes)
+    bs = table.backward_start
+    qualified = {p.node: p.name for p in step.placeholders if p.role != "input"}
+    first_use: dict[str, int] = {}
+    for i, node in enumerate(nodes[:bs]):
+        for arg in node.all_input_nodes:
+            if arg.name in qualified:
+                first_use.setdefault(qualified[arg.name], i)
+    layers: dict[str, dict[int, int]] = {}  # container -> layer index -> first forward use
+    for name, pos in first_use.items():
+        parts = name.split(".")
+        for k, part in enumerate(parts[:-1]):
+            if part.isdigit():
+                layer = layers.setdefault(".".join(parts[:k]), {})
+                layer[int(part)] = min(layer.get(int(part), pos), pos)
+    loss = next(i for i, node in enumerate(nodes) if node.name == step.loss_node)
+    if not layers or max(len(v) for v in layers.values()) < 2:
+        # no repeated layers: about sqrt(n) even stretches of the forward
+        count = max(1, math.isqrt(loss + 1))
+        cuts = [round(k * (loss + 1) / count) for k in range(count + 1)]
+        return tuple(Segment(f"stretch {k}", cuts[k], cuts[k + 1]) for k in range(count) if cuts[k] < cuts[k + 1])
+    container = max(layers, key=lambda c: (len(layers[c]), -c.count(".")))
+    starts = sorted(set(layers[container].values()))
+    outside = [pos for name, pos in first_use.items() if not name.startswith(container + ".") and pos > starts[-1]]
+    stop = min(outside, default=loss + 1)
+    prefix = container or "layers"
+    segments = [Segment("before the blocks", 0, starts[0])] if starts[0] > 0 else []
+    bounds = [*starts, stop]
+    segments += [Segment(f"{prefix}[{k}]", bounds[k], bounds[k + 1]) for k in range(len(starts))]
+    if stop < loss + 1:
+        segments.append(Segment("after the blocks", stop, loss + 1))
+    return tuple(segments)
+
+
+def plan_recompute(
+    step: CapturedStep,
+    table: StorageTable,
+    device: DeviceSpec,
+    budget_bytes: int,
+    *,
+    constant_bytes: int,
+    floor_bytes: int,
+    solver: str = "memopt",
+    time_limit_s: float = 5.0,
+) -> RecomputePlan:
+    """Choose the activations to recompute so that the step's peak is at most ``budget_bytes``."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown remat solver {solver!r}; known: {', '.join(SOLVERS)}")
+    graph = step.graph
+    nodes: list[fx.Node] = list(graph.graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    by_name = {node.name: node for node in nodes}
+    bs = table.backward_start
+    activations = {s.index for s in table.storages if s.category == ACTIVATIONS}
+    candidates = [c for c in recompute.recompute_candidates(graph, table) if c.storage in activations]
+    problem = RecomputeProblem(
+        backward_start=bs,
+        inputs=tuple(tuple(position[a] for a in node.all_input_nodes) for node in nodes),
+        values=table.values,
+        node_costs=tuple(node_seconds(node, device) for node in nodes),
+        sizes=tuple(s.nbytes for s in table.storages),
+        start=tuple(s.defined_at for s in table.storages),
+        end=tuple(s.last_use for s in table.storages),
+        readers=table.readers,
+        candidates=tuple(
+            remat_fast.Candidate(c.storage, tuple(position[by_name[n]] for n in c.nodes)) for c in candidates
+        ),
+        constant_bytes=constant_bytes,
+        floor_bytes=floor_bytes,
+    )
+    segments = find_segments(step, table)
+    options, names = _options(problem, nodes, segments, solver)
+    if solver == "memopt":
+        solution = remat_fast.solve_blocks(problem, options, budget_bytes, time_limit_s=time_limit_s)
+    else:  # a baseline: its one option per segment, whatever the budget
+        solution = _fixed(problem, options, budget_bytes)
+    chosen = tuple(candidates[i] for i in solution.chosen)
+    decisions = _decisions(table, nodes, device, candidates, solution, segments, options, names)
+    return RecomputePlan(solver, solution, chosen, segments, names, decisions)
+
+
+def _options(
+    problem: RecomputeProblem, nodes: list[fx.Node], segments: tuple[Segment, ...], solver: str
+) -> tuple[list[list[frozenset[int]]], tuple[tuple[str, ...], ...]]:
+    bs = problem.backward_start
+    per_segment: list[list[frozenset[int]]] = []
+    names: list[tuple[str, ...]] = []
+    if solver == "sqrt":  # Chen's segments: about sqrt(n) blocks each, checkpointed as one
+        blocks = [s for s in segments if s.name.endswith("]")]
+        size = max(1, math.isqrt(len(blocks))) if blocks else 1
+        merged = [Segment(f"{blocks[k].name}..", blocks[k].start, blocks[min(k + size, len(blocks)) - 1].end)
+                  for k in range(0, len(blocks), size)]
+        segments = tuple(merged)
+    for segment in segments:
+        inside = [i for i, c in enumerate(problem.candidates) if segment.start <= c.nodes[0] < segment.end]
+        # what the forward reads after the segment stays: recomputing it would chain into later blocks
+        free = [i for i in inside
+                if not any(segment.end <= r < bs for r in problem.readers[problem.candidates[i].storage])]
+        cheap = frozenset(i for i in free if node_flops(nodes[problem.candidates[i].nodes[0]]) == 0)
+        full = frozenset(free)
+        if solver == "none" or (solver == "blocks" and not segment.name.endswith("]")):
+            per_segment.append([frozenset()])
+            names.append((KEEP,))
+        elif solver in ("blocks", "sqrt"):
+            per_segment.append([full])
+            names.append((FULL,))
+        else:
+            levels, level_names = [frozenset()], [KEEP]
+            for option, name in ((cheap, CHEAP), (full, FULL)):
+                if option != levels[-1]:
+                    levels.append(option)
+                    level_names.append(name)
+            per_segment.append(levels)
+            names.append(tuple(level_names))
+    return per_segment, tuple(names)
+
+
+def _fixed(problem: RecomputeProblem, options: list[list[frozenset[int]]], budget_bytes: int) -> RecomputeSolution:
+    chosen = tuple(sorted({i for block in options for i in block[0]}))
+    sim = remat_fast.simulate(problem, chosen)
+    status = "feasible" if sim.peak_bytes <= budget_bytes else "infeasible"
+    return RecomputeSolution(status, chosen, (0,) * len(options), sim.peak_bytes, sim.cost_s, 0.0, 0.0, 1)
+
+
+def _decisions(
+    table: StorageTable,
+    nodes: list[fx.Node],
+    device: DeviceSpec,
+    candidates: list[recompute.Candidate],
+    solution: RecomputeSolution,
+    segments: tuple[Segment, ...],
+    options: list[list[frozenset[int]]],
+    names: tuple[tuple[str, ...], ...],
+) -> tuple[ActivationDecision, ...]:
+    by_storage = {c.storage: (i, c) for i, c in enumerate(candidates)}
+    chosen = set(solution.chosen)
+    by_name = {node.name: node for node in nodes}
+    level_of = {}
+    if len(solution.levels) == len(options):
+        for j, level in enumerate(solution.levels):
+            for i in options[j][level]:
+                level_of[i] = f"{segments[j].name if j < len(segments) else j}: {names[j][level]}"
+    decisions = []
+    for storage in table.storages:
+        if storage.category != ACTIVATIONS:
+            continue
+        entry = by_storage.get(storage.index)
+        if entry is None:
+            cost = node_seconds(by_name[storage.node], device)
+            why = KEPT_RANDOM if is_random(by_name[storage.node]) else KEPT_EXACT
+            decisions.append(ActivationDecision(storage.node, storage.nbytes, "keep", cost, why))
+            continue
+        i, candidate = entry
+        cost = sum(node_seconds(by_name[n], device) for n in candidate.nodes)
+        if i in chosen:
+            decisions.append(ActivationDecision(storage.node, storage.nbytes, "recompute", cost,
+                                                level_of.get(i, "chosen by the solver")))
+        else:
+            decisions.append(ActivationDecision(storage.node, storage.nbytes, "keep", cost,
+                                                "the budget is met without recomputing it"))
+    return tuple(decisions)
