@@ -2,10 +2,11 @@
 
     plan = memopt.plan(model, example_inputs, optimizer=opt, budget="24GB")
     print(plan); plan.explain(); plan.plot("plan.png"); plan.to_json()
+    model = memopt.compile(model, budget="24GB", optimizer=opt)  # trains with the plan: model(x).backward()
     memopt.measure_peak(step_fn)  # the real peak of one call
 """
 
-from memopt.api import plan
+from memopt.api import CompiledModule, compile, plan
 from memopt.budget import format_bytes, parse_budget
 from memopt.device import PRESETS as DEVICES
 from memopt.device import DeviceSpec, get_device
@@ -24,7 +25,7 @@ from memopt.plan import MemoryPlan
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEVICES", "BudgetInfeasibleError", "BudgetParseError", "CaptureError", "DeviceSpec", "LossNotScalarError",
+    "DEVICES", "BudgetInfeasibleError", "CompiledModule", "compile", "BudgetParseError", "CaptureError", "DeviceSpec", "LossNotScalarError",
     "MeasuredPeak", "MemoptError", "MemoryPlan", "ModelForwardError", "UnsupportedOptimizerError",
     "format_bytes", "get_device", "measure_peak", "parse_budget", "plan",
 ]

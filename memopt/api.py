@@ -1,4 +1,4 @@
-"""The user's door: memopt.plan()."""
+"""The user's door: memopt.plan() and memopt.compile()."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from memopt.budget import parse_budget
 from memopt.capture import capture
+from memopt.codegen.runner import StepRunner, run_step
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import MemoptError
 from memopt.passes.optimizer_memory import ParamInfo
+from memopt.passes.remat_plan import SOLVERS
 from memopt.pipeline import run_pipeline
 from memopt.plan import MemoryPlan
 
@@ -29,6 +32,7 @@ def plan(
     offload: bool | None = None,
     fake: bool | None = None,
     layout: bool = False,
+    solver: str | None = None,
     config: PlanConfig | None = None,
 ) -> MemoryPlan:
     """The memory plan of one steady-state training step of ``model`` on ``example_inputs``.
@@ -41,13 +45,15 @@ def plan(
     ``budget`` is bytes or a string such as "24GB" / "512MiB". ``device`` is a
     preset name ("h100", "a100-80gb", "a100-40gb", "rtx4090", "cpu") or a
     DeviceSpec; by default the device the model is on. ``layout=True`` also plans
-    offsets in one arena for the step's intermediates (the ``layout`` key);
-    ``config`` sets every other knob (solver time limits). Nothing is run: the
+    offsets in one arena for the step's intermediates (the ``layout`` key).
+    With a budget, memopt chooses activations to recompute in the backward so
+    that the step fits (``decisions``, ``solver``); ``solver`` names the remat
+    solver: "memopt" (default) or a baseline, "none", "blocks" (every layer
+    checkpointed), "sqrt" (Chen's segments). ``config`` sets every other knob
+    (solver time limits, headroom). Nothing is run: the
     step is traced on fake tensors, and the model is left as it was.
     """
-    config = config or PlanConfig()
-    if layout:
-        config = dataclasses.replace(config, layout=True)
+    config = _config(config, layout=layout, solver=solver)
     budget_bytes = parse_budget(budget)
     spec = get_device(device, default=_device_of(model))
     if offload:
@@ -67,3 +73,92 @@ def _device_of(model: nn.Module) -> str:
     for tensor in model.parameters():
         return "h100" if tensor.device.type == "cuda" else "cpu"
     return "cpu"
+
+
+def _config(config: PlanConfig | None, *, layout: bool, solver: str | None) -> PlanConfig:
+    config = config or PlanConfig()
+    if layout:
+        config = dataclasses.replace(config, layout=True)
+    if solver is not None:
+        config = dataclasses.replace(config, solver=solver)
+    if config.solver not in SOLVERS:
+        raise MemoptError(f"unknown remat solver {config.solver!r}; choose one of: {', '.join(SOLVERS)}")
+    return config
+
+
+def compile(
+    model: nn.Module,
+    *,
+    budget: int | str,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    optimizer: Any = None,
+    device: str | DeviceSpec | None = None,
+    offload: bool | None = None,
+    solver: str | None = None,
+    config: PlanConfig | None = None,
+) -> CompiledModule:
+    """``model`` as a module whose training step runs memopt's plan for ``budget``.
+
+    Calling the returned module in training mode with grad enabled runs the
+    forward and returns the loss (``loss_fn(output)``, the output itself, or its
+    ``.loss``); ``loss.backward()`` runs the planned backward, recomputing what
+    the plan says, and fills the parameters' ``.grad`` as eager does. The first
+    call with a new input shape plans the step (``.plan``); a budget no plan
+    can meet raises ``BudgetInfeasibleError`` before anything runs. In eval
+    mode or under ``torch.no_grad()`` the model runs as it is.
+    """
+    if offload:
+        raise MemoptError("offload planning is not available in this version of memopt; use offload=None")
+    if budget is None:
+        raise MemoptError("memopt.compile needs a budget, e.g. budget='24GB'")
+    return CompiledModule(model, budget=parse_budget(budget), loss_fn=loss_fn, optimizer=optimizer,
+                          device=device, config=_config(config, layout=False, solver=solver))
+
+
+class CompiledModule(nn.Module):
+    """A model that trains with memopt's plan; ``.plan`` is the plan of the last input shape seen."""
+
+    def __init__(self, model: nn.Module, *, budget: int | None, loss_fn: Callable[[Any], torch.Tensor] | None,
+                 optimizer: Any, device: str | DeviceSpec | None, config: PlanConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.budget_bytes = budget
+        self._loss_fn, self._optimizer, self._device, self._config = loss_fn, optimizer, device, config
+        self._steps: dict[tuple, tuple[MemoryPlan, StepRunner]] = {}
+        self._last: MemoryPlan | None = None
+
+    @property
+    def plan(self) -> MemoryPlan | None:
+        return self._last
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not (self.training and torch.is_grad_enabled()):
+            return self.model(*args, **kwargs)
+        inputs: tuple | dict = kwargs if kwargs and not args else args
+        if args and kwargs:
+            raise MemoptError("call a memopt-compiled module with positional or keyword arguments, not both")
+        key = _signature(self.model, inputs)
+        if key not in self._steps:
+            planned = plan(self.model, inputs, loss_fn=self._loss_fn, optimizer=self._optimizer,
+                           budget=self.budget_bytes, device=self._device, config=self._config)
+            assert planned.program is not None
+            self._steps[key] = (planned, StepRunner(planned.program))
+        self._last, runner = self._steps[key]
+        values = [*self.model.parameters(), *self.model.buffers(), *pytree.tree_leaves(_split(inputs))]
+        return run_step(runner, values)
+
+
+def _split(inputs: tuple | dict) -> tuple[tuple, dict]:
+    return ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
+
+
+def _signature(model: nn.Module, inputs: tuple | dict) -> tuple:
+    """What a plan depends on: shapes, dtypes and devices of the inputs and the model's tensors, and the mode."""
+    def describe(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return (tuple(value.shape), value.dtype, value.device.type, value.requires_grad)
+        return value if isinstance(value, (int, float, bool, str, type(None))) else type(value).__name__
+
+    leaves, spec = pytree.tree_flatten(_split(inputs))
+    state = [describe(t) for t in (*model.parameters(), *model.buffers())]
+    return (str(spec), tuple(describe(v) for v in leaves), tuple(state), model.training)

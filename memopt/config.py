@@ -11,3 +11,7 @@ class PlanConfig:
     order_time_limit_s: float = 1.0  # CP-SAT windows around the peak after the heuristics
     layout: bool = False  # plan offsets in one arena for the step's intermediates
     layout_time_limit_s: float = 5.0
+    solver: str = "memopt"  # remat: "memopt" (fast block solver), or a baseline: "none", "blocks", "sqrt"
+    remat_time_limit_s: float = 5.0
+    # part of the budget left for what the prediction does not see (kernel scratch, allocator rounding)
+    headroom: float = 0.02

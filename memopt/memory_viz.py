@@ -76,10 +76,10 @@ def memory_viz_snapshot(plan: MemoryPlan) -> dict[str, Any]:
                 freed_at[live.end[s.index]].append(s)
     addr_of: dict[int, int] = {}  # storage index -> addr
     for position in range(last + 1):
-        for s in freed_at[position - 1]:
-            free(addr_of[s.index], position)
         for s in made_at[position]:
             addr_of[s.index] = alloc(s.nbytes, position, s.category, s.node)
+        for s in freed_at[position]:
+            free(addr_of[s.index], position)
     for k, phase in enumerate(plan.optimizer.phases):
         if phase.extra_bytes:
             position = last + 1 + k

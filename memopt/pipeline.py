@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from typing import Any, Callable, TypeVar
 
@@ -10,12 +12,15 @@ from memopt.config import PlanConfig
 from memopt.device import DeviceSpec
 from memopt.errors import BudgetInfeasibleError
 from memopt.passes.arena_plan import plan_arena
-from memopt.passes.bounds import minimum_budget
+from memopt.budget import format_bytes
+from memopt.passes.bounds import LowerBound, minimum_budget
 from memopt.passes.liveness import liveness, memory_timeline
 from memopt.passes.optimizer_memory import ParamInfo, optimizer_memory
 from memopt.passes.order_plan import plan_order
+from memopt.passes.recompute import apply_recompute
+from memopt.passes.remat_plan import plan_recompute
 from memopt.passes.storage import storage_table
-from memopt.plan import MemoryPlan, PassRecord, SolverReport
+from memopt.plan import Decision, MemoryPlan, PassRecord, SolverReport
 
 T = TypeVar("T")
 
@@ -58,6 +63,30 @@ def run_pipeline(
     minimum = history.run("lower-bound", minimum_budget, table, live, timeline)
     if budget_bytes is not None and budget_bytes < minimum.bytes:
         raise BudgetInfeasibleError(budget_bytes, minimum.bytes, minimum.where, minimum.why)
+    eager_peak = timeline.peak_bytes
+    decisions: tuple[Decision, ...] = ()
+    solver = SolverReport("none", "not-run", None, None, None, 0.0)
+    if budget_bytes is not None:
+        # which activations the backward recomputes, so that the peak stays under the budget (less headroom)
+        target = int(budget_bytes * (1 - config.headroom))
+        floor = max((t for t, phase in zip(timeline.totals, timeline.phases) if phase == "optimizer"), default=0)
+        remat = history.run("remat", plan_recompute, step, table, device, target, constant_bytes=opt.state_bytes,
+                            floor_bytes=floor, solver=config.solver, time_limit_s=config.remat_time_limit_s)
+        solution = remat.solution
+        if solution.status == "infeasible":
+            raise _unreachable(budget_bytes, target, solution.peak_bytes, minimum, remat.solver)
+        solver = SolverReport(remat.solver, solution.status, solution.cost_s, solution.lower_bound_s, solution.gap,
+                              solution.seconds)
+        decisions = tuple(Decision(d.node, d.nbytes, d.action, d.cost_s, d.reason) for d in remat.decisions)
+        if remat.chosen:
+            # the step as it will run: chosen activations dropped after the forward, recomputed in the backward
+            graph = history.run("rewrite", apply_recompute, step.graph, step.backward_start, list(remat.chosen))
+            step = dataclasses.replace(step, graph=graph)
+            table = history.run("storages", storage_table, step)
+            live = history.run("liveness", liveness, table)
+            timeline = history.run("timeline", memory_timeline, table, live, opt)
+            if timeline.peak_bytes > target:  # the solver's simulation replays the rewrite: never expected
+                raise AssertionError(f"rewritten step peaks at {timeline.peak_bytes} B, planned {solution.peak_bytes}")
     # a topological order with a lower peak (recorded; the eager timeline above keeps the traced order)
     order = None
     if config.order:
@@ -76,11 +105,24 @@ def run_pipeline(
         live=live,
         optimizer=opt,
         minimum=minimum,
-        decisions=(),
-        solver=SolverReport("none", "not-run", None, None, None, 0.0),
+        decisions=decisions,
+        solver=solver,
         history=tuple(history.records),
         fake=step.fake,
         graph_nodes=len(table.node_names),
         order=order,
         arena=arena,
+        eager_peak_bytes=eager_peak,
+        program=step,
     )
+
+
+def _unreachable(budget: int, target: int, best: int, minimum: LowerBound, solver: str) -> BudgetInfeasibleError:
+    """The budget is above the proven minimum, but no plan the solver can make reaches it."""
+    needed = math.ceil(best * budget / target) if target else best
+    why = (f"the '{solver}' remat plans reach a peak of {format_bytes(best)} at best (every option of every block "
+           f"recomputed), and memopt keeps {budget - target:,} bytes of the budget as headroom; the proven "
+           f"minimum is {format_bytes(minimum.bytes)} at {minimum.where}. What lowers it: a smaller batch or "
+           f"sequence, offloading, or a cheaper optimizer")
+    return BudgetInfeasibleError(budget, needed, "the whole step", why)
+

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from memopt.budget import format_bytes
+from memopt.capture import CapturedStep
 from memopt.device import DeviceSpec
 from memopt.passes.arena_plan import ArenaPlan
 from memopt.passes.bounds import LowerBound
@@ -97,6 +98,8 @@ class MemoryPlan:
     order: OrderSolution | None = None  # the peak-lowering order the order pass found
     arena: ArenaPlan | None = None  # offsets in one arena (layout=True)
     measured: Measured | None = None
+    eager_peak_bytes: int | None = None  # the step's peak before recomputation (None: not planned)
+    program: CapturedStep | None = dataclasses.field(default=None, compare=False, repr=False)  # what runs
 
     # -- the numbers --------------------------------------------------------
     @property
@@ -161,6 +164,7 @@ class MemoryPlan:
             "decisions": [dataclasses.asdict(d) for d in self.decisions],
             "solver": dataclasses.asdict(self.solver),
             "passes": [dataclasses.asdict(p) for p in self.history],
+            "eager_peak_bytes": self.eager_peak_bytes,
             "fake": self.fake,
             "graph_nodes": self.graph_nodes,
         }
@@ -243,10 +247,16 @@ class MemoryPlan:
     def _verdict(self) -> str:
         if self.budget_bytes is None:
             return "no budget: this describes the eager step"
-        if self.fits:
-            return f"the eager step fits the budget with {format_bytes(self.budget_bytes - self.peak_bytes)} to spare"
-        return (f"the eager step is {format_bytes(self.peak_bytes - self.budget_bytes)} over budget; "
-                f"{len(self.decisions)} decisions made ({self.solver.name}: {self.solver.status})")
+        spare = format_bytes(self.budget_bytes - self.peak_bytes)
+        recomputed = [d for d in self.decisions if d.action == "recompute"]
+        if not recomputed:
+            return f"the eager step fits the budget with {spare} to spare"
+        solver = self.solver
+        gap = "" if solver.gap is None else f", gap to the lower bound {solver.gap:.1%}"
+        return (f"recompute {len(recomputed)} of {len(self.decisions)} activations "
+                f"({format_bytes(sum(d.bytes for d in recomputed))}, about {solver.objective or 0.0:.3g} s on "
+                f"{self.device.name}): eager peak {format_bytes(self.eager_peak_bytes or 0)} -> "
+                f"{format_bytes(self.peak_bytes)}, {spare} to spare ({solver.name}: {solver.status}{gap})")
 
     def explain(self, top: int = 15) -> Report:
         """The largest tensors behind the peak, the optimizer's part, and the passes that ran."""

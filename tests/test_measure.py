@@ -49,6 +49,23 @@ def test_two_buffers_alive_together_peak_at_their_sum():
     assert_timeline_consistent(measured)
 
 
+def test_the_timeline_as_fractions_of_the_call_keeps_every_sample():
+    def two_buffers():
+        a = torch.empty(1000, dtype=torch.float32)
+        b = torch.empty(2000, dtype=torch.float32)
+        del a, b
+
+    measured = measure_peak(two_buffers)
+    base = measured.baseline_bytes
+    fractions = measured.timeline_fractions
+    assert [live for _, live in fractions] == [base, base + 4000, base + 12000, base + 8000, base]
+    assert max(live for _, live in fractions) == measured.peak_bytes
+    at = [f for f, _ in fractions]
+    assert at[0] == 0.0 and at == sorted(at) and at[-1] <= 1.0
+    assert measured.duration_ns >= measured.timeline[-1][0]
+    assert at == [ns / measured.duration_ns for ns, _ in measured.timeline]
+
+
 def test_a_returned_tensor_is_live_at_the_end():
     measured = measure_peak(lambda: torch.ones(3, 5, dtype=torch.float64))
     assert above_baseline(measured) == (120, 120)
