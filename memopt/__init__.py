@@ -25,7 +25,8 @@ from memopt.plan import MemoryPlan
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEVICES", "BudgetInfeasibleError", "CompiledModule", "compile", "BudgetParseError", "CaptureError", "DeviceSpec", "LossNotScalarError",
+    "DEVICES", "BudgetInfeasibleError", "BudgetParseError", "CaptureError", "CompiledModule", "DeviceSpec",
+    "LossNotScalarError", "compile",
     "MeasuredPeak", "MemoptError", "MemoryPlan", "ModelForwardError", "UnsupportedOptimizerError",
     "format_bytes", "get_device", "measure_peak", "parse_budget", "plan",
 ]

@@ -28,7 +28,12 @@ def test_json_has_the_design_keys(gpt2_plan):
     assert data["peak_bytes"] == gpt2_plan.peak_bytes == sum(data["ledger"].values())
     assert data["budget_bytes"] == 10**9 and data["device"] == "cpu"
     assert set(data["solver"]) == {"name", "status", "objective", "lower_bound", "gap", "seconds"}
-    assert data["decisions"] == []  # no budget pressure: nothing decided
+    # no budget pressure: every activation decided, all kept, at no cost
+    decisions = data["decisions"]
+    assert decisions and {d["action"] for d in decisions} == {"keep"}
+    assert set(decisions[0]) == {"name", "bytes", "action", "cost_s", "reason"}
+    assert sum(d["bytes"] for d in decisions) == gpt2_plan.storages.bytes_of("activations")
+    assert data["solver"]["objective"] == 0 and data["solver"]["status"] == "optimal"
     assert "measured" not in data
     measured = json.loads(gpt2_plan.with_measurement(gpt2_plan.peak_bytes // 2).to_json())["measured"]
     assert measured == {"peak_bytes": gpt2_plan.peak_bytes // 2, "error": pytest.approx(1.0, abs=1e-6)}
@@ -69,7 +74,8 @@ def test_plot_with_a_measured_timeline(tmp_path):
 
 def test_history_records_every_pass(gpt2_plan):
     names = [record.name for record in gpt2_plan.history]
-    assert names == ["capture", "storages", "liveness", "optimizer-memory", "timeline", "lower-bound", "order"]
+    assert names == ["capture", "storages", "liveness", "optimizer-memory", "timeline", "lower-bound", "remat",
+                     "order"]
     assert all(record.seconds >= 0 for record in gpt2_plan.history)
 
 
