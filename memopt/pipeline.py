@@ -61,20 +61,18 @@ def run_pipeline(
     timeline = history.run("timeline", memory_timeline, table, live, opt)
     # the smallest budget any recompute plan could meet
     minimum = history.run("lower-bound", minimum_budget, table, live, timeline)
-    if budget_bytes is not None and budget_bytes < minimum.bytes:
-        raise BudgetInfeasibleError(budget_bytes, minimum.bytes, minimum.where, minimum.why)
     eager_peak = timeline.peak_bytes
     decisions: tuple[Decision, ...] = ()
     solver = SolverReport("none", "not-run", None, None, None, 0.0)
     if budget_bytes is not None:
         # which activations the backward recomputes, so that the peak stays under the budget (less headroom)
-        target = int(budget_bytes * (1 - config.headroom))
+        target = _target(budget_bytes, config.headroom)
         floor = max((t for t, phase in zip(timeline.totals, timeline.phases) if phase == "optimizer"), default=0)
         remat = history.run("remat", plan_recompute, step, table, device, target, constant_bytes=opt.state_bytes,
                             floor_bytes=floor, solver=config.solver, time_limit_s=config.remat_time_limit_s)
         solution = remat.solution
-        if solution.status == "infeasible":
-            raise _unreachable(budget_bytes, target, solution.peak_bytes, minimum, remat.solver)
+        if budget_bytes < minimum.bytes or solution.status == "infeasible":
+            raise _infeasible(budget_bytes, config.headroom, solution.peak_bytes, minimum, remat.solver)
         solver = SolverReport(remat.solver, solution.status, solution.cost_s, solution.lower_bound_s, solution.gap,
                               solution.seconds)
         decisions = tuple(Decision(d.node, d.nbytes, d.action, d.cost_s, d.reason) for d in remat.decisions)
@@ -117,12 +115,21 @@ def run_pipeline(
     )
 
 
-def _unreachable(budget: int, target: int, best: int, minimum: LowerBound, solver: str) -> BudgetInfeasibleError:
-    """The budget is above the proven minimum, but no plan the solver can make reaches it."""
-    needed = math.ceil(best * budget / target) if target else best
-    why = (f"the '{solver}' remat plans reach a peak of {format_bytes(best)} at best (every option of every block "
-           f"recomputed), and memopt keeps {budget - target:,} bytes of the budget as headroom; the proven "
-           f"minimum is {format_bytes(minimum.bytes)} at {minimum.where}. What lowers it: a smaller batch or "
-           f"sequence, offloading, or a cheaper optimizer")
-    return BudgetInfeasibleError(budget, needed, "the whole step", why)
+def _infeasible(budget: int, headroom: float, best: int, minimum: LowerBound, solver: str) -> BudgetInfeasibleError:
+    """No plan fits: name the smallest budget memopt can meet, and the proven minimum below it."""
+    needed = math.ceil(best / (1 - headroom))
+    while _target(needed, headroom) < best:  # float rounding: the smallest budget whose target holds `best`
+        needed += 1
+    needed = max(minimum.bytes, needed)
+    if needed == minimum.bytes:
+        return BudgetInfeasibleError(budget, minimum.bytes, minimum.where, minimum.why, proven=minimum.bytes)
+    why = (f"the '{solver}' remat plans peak at {format_bytes(best)} at best, and memopt keeps {headroom:.0%} of the "
+           f"budget as headroom for what the prediction does not see. No plan of any kind can go below "
+           f"{format_bytes(minimum.bytes)} (at {minimum.where}: {minimum.why}). What else lowers the peak: a smaller "
+           f"batch or sequence, offloading, or a cheaper optimizer")
+    return BudgetInfeasibleError(budget, needed, "the step with every layer recomputed", why, proven=minimum.bytes)
 
+
+def _target(budget: int, headroom: float) -> int:
+    """The peak memopt plans for under ``budget``: the budget less its headroom."""
+    return budget - math.ceil(budget * headroom)

@@ -170,11 +170,16 @@ def test_budget_verdicts():
     model, x = Scale(1000), torch.randn(1000)
     roomy = memopt.plan(model, (x,), budget="1MB")
     assert roomy.fits and roomy.budget_bytes == 10**6
-    tight = memopt.plan(model, (x,), budget=roomy.minimum.bytes)
-    assert tight.fits is (tight.peak_bytes <= tight.budget_bytes)
     with pytest.raises(memopt.BudgetInfeasibleError) as info:
         memopt.plan(model, (x,), budget=roomy.minimum.bytes - 1)
-    assert info.value.minimum == roomy.minimum.bytes and info.value.where == roomy.minimum.where
+    # below the proven minimum: the error names it, and the smallest budget memopt can meet (headroom included)
+    error = info.value
+    assert error.proven_minimum == roomy.minimum.bytes <= error.minimum
+    tight = memopt.plan(model, (x,), budget=error.minimum)  # the budget the error names works
+    assert tight.fits and tight.peak_bytes <= error.minimum
+    with pytest.raises(memopt.BudgetInfeasibleError) as info:
+        memopt.plan(model, (x,), budget=error.minimum - 1)
+    assert info.value.minimum == error.minimum
 
 
 def test_model_with_unused_and_frozen_parameters():
