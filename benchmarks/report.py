@@ -22,7 +22,8 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def predicted_peak(row: dict[str, Any]) -> int | None:
-    return row.get("plan", {}).get("peak_bytes")
+    """memopt's prediction: of the eager step (eager row), or of the plan a memopt row ran."""
+    return row.get("plan", {}).get("peak_bytes") or row.get("memopt", {}).get("predicted_peak_bytes")
 
 
 def error_percent(predicted: float | None, measured: float | None) -> str:
@@ -35,6 +36,8 @@ def compile_or_plan_time(row: dict[str, Any]) -> str:
     if "plan" in row:
         seconds = row["plan"].get("seconds")
         return DASH if seconds is None else f"plan {seconds:.1f}"
+    if "memopt" in row:  # memopt.plan at the row's budget, timed apart from the module's own first call
+        return f"plan {row['settings']['plan_seconds']:.1f}"
     if "dynamo" in row:  # the first step compiles; what it took beyond a steady step is the compile
         return f"compile {row['first_step_s'] - row['step_median_s']:.1f}"
     return DASH
@@ -116,7 +119,139 @@ def workload_section(name: str, rows: list[dict[str, Any]]) -> list[str]:
               for row in rows if row.get("measured", {}).get("unaccounted_bytes")]
     lines += [f"- {row['strategy']}: graph breaks: {'; '.join(row['dynamo']['graph_break_reasons'])}"
               for row in rows if row.get("dynamo", {}).get("graph_breaks")]
+    lines += [""] + memopt_section(rows, eager)
     return lines + [""]
+
+
+def is_memopt(row: dict[str, Any]) -> bool:
+    return row["strategy"].startswith("memopt")
+
+
+def ran(row: dict[str, Any]) -> bool:
+    return "error" not in row and "measured" in row
+
+
+def ms(row: dict[str, Any]) -> str:
+    return f"{row['step_median_s'] * 1e3:.0f} ({row['step_min_s'] * 1e3:.0f})"
+
+
+def same_loss(row: dict[str, Any], eager: dict[str, Any] | None) -> str:
+    if eager is None or not ran(eager):
+        return DASH
+    return "yes" if row["loss"] == eager["loss"] else f"no ({row['loss'] - eager['loss']:+.1e})"
+
+
+def budget_position(row: dict[str, Any]) -> str:
+    settings = row.get("settings", {})
+    if "budget_index" in settings:
+        return f"{settings['budget_index']}/{settings['budget_count']}"
+    return "2 × eager (not binding)"
+
+
+def memopt_row(row: dict[str, Any], eager: dict[str, Any] | None) -> list[str]:
+    if not ran(row):
+        budget = row.get("settings", {}).get("budget_bytes")
+        return [row["strategy"], mib(budget), "", "", f"**error**: {row.get('error', '')[:160]}"] + [""] * 8
+    planned, solver = row["memopt"], row["memopt"]["solver"]
+    eager_ok = eager is not None and ran(eager)
+    gap = DASH if solver["gap"] is None else f"{solver['gap']:.2f}"
+    objective = DASH if solver["objective_s"] is None else f"{solver['objective_s'] * 1e3:.1f}"
+    return [
+        row["strategy"], mib(planned["budget_bytes"]), budget_position(row), mib(planned["predicted_peak_bytes"]),
+        mib(row["measured"]["peak_bytes"]), "yes" if planned["fits"] else "**NO**",
+        f"{planned['recomputed']} / {planned['decisions']} ({mib(planned['recomputed_bytes'])})", objective,
+        f"{solver['name']} {solver['status']} ({gap})", f"{row['settings']['plan_seconds']:.1f}", ms(row),
+        f"{row['step_median_s'] / eager['step_median_s']:.2f}" if eager_ok else DASH, same_loss(row, eager),
+    ]
+
+
+def monotone_lines(budgeted: list[dict[str, Any]]) -> list[str]:
+    """Lower budget never gives a higher measured peak: checked over every pair of rows that ran."""
+    done = sorted((r for r in budgeted if ran(r)), key=lambda r: r["memopt"]["budget_bytes"])
+    if len(done) < 2:
+        return [f"- monotone: not checked ({len(done)} budgeted row(s) ran)"]
+    broken = [(low, high) for i, low in enumerate(done) for high in done[i + 1:]
+              if low["measured"]["peak_bytes"] > high["measured"]["peak_bytes"]]
+    peaks = " ≤ ".join(mib(r["measured"]["peak_bytes"]) for r in done)
+    missing = f" (only the {len(done)} of {len(budgeted)} rows that ran)" if len(done) < len(budgeted) else ""
+    if not broken:
+        return [f"- monotone{missing}: **yes**, measured peaks in budget order: {peaks} MiB"]
+    pairs = "; ".join(f"{low['strategy']} {mib(low['measured']['peak_bytes'])} MiB > {high['strategy']} "
+                      f"{mib(high['measured']['peak_bytes'])} MiB" for low, high in broken)
+    return [f"- monotone{missing}: **no**: {pairs}"]
+
+
+def budget_range_lines(budgeted: list[dict[str, Any]]) -> list[str]:
+    """The numbers each memopt@k row derived its budget from; every row computed them in its own process."""
+    keys = ("minimum_bytes", "proven_minimum_bytes", "eager_predicted_bytes")
+    seen = {tuple(r["settings"][k] for k in keys) for r in budgeted if all(k in r.get("settings", {}) for k in keys)}
+    if not seen:
+        return []
+    minimum, proven, eager_peak = sorted(seen)[0]
+    agree = ("every row computed the same three numbers" if len(seen) == 1 else
+             f"**the rows disagree on them** ({len(seen)} different triples: " +
+             "; ".join(" / ".join(mib(v, 3) for v in triple) for triple in sorted(seen)) + " MiB)")
+    return [f"Budgets: memopt@k = m + k/5 × (e − m), with m = {mib(minimum)} MiB the smallest budget memopt can "
+            f"meet (`BudgetInfeasibleError.minimum` of `memopt.plan(..., budget=1)`; no plan of any kind fits below "
+            f"{mib(proven)} MiB, `.proven_minimum`) and e = {mib(eager_peak)} MiB memopt's predicted eager peak, "
+            f"both of the whole step with the workload's optimizer; {agree}.", ""]
+
+
+def same_peak_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """For each torch.compile budget and per-block checkpointing row, the memopt@k row with the closest measured
+    peak at or below its measured peak, step times side by side."""
+    budgeted = [r for r in rows if ran(r) and r["strategy"].startswith("memopt@")]
+    others = [r for r in rows if ran(r) and (r["strategy"].startswith("compile-amb") or "checkpoint" in r["strategy"])]
+    if not budgeted or not others:
+        return []
+    out = []
+    for other in others:
+        peak = other["measured"]["peak_bytes"]
+        fitting = [r for r in budgeted if r["measured"]["peak_bytes"] <= peak]
+        if not fitting:
+            lowest = min(budgeted, key=lambda r: r["measured"]["peak_bytes"])
+            out.append([other["strategy"], mib(peak), ms(other),
+                        f"none: the lowest, {lowest['strategy']}, peaks at {mib(lowest['measured']['peak_bytes'])}",
+                        DASH, DASH, DASH, DASH])
+            continue
+        best = max(fitting, key=lambda r: r["measured"]["peak_bytes"])
+        median = best["step_median_s"] / other["step_median_s"]
+        minimum = best["step_min_s"] / other["step_min_s"]
+        verdict = "yes" if median < 1 and minimum < 1 else "no" if median >= 1 and minimum >= 1 else "mixed"
+        out.append([other["strategy"], mib(peak), ms(other), best["strategy"], mib(best["measured"]["peak_bytes"]),
+                    ms(best), f"{median:.2f} ({minimum:.2f})", verdict])
+    header = ["torch strategy", "its measured peak (MiB)", "its step median (min) (ms)", "memopt row at or below",
+              "memopt measured peak (MiB)", "memopt step median (min) (ms)", "memopt ÷ torch, median (min)",
+              "memopt faster"]
+    lines = ["Same measured peak: for each torch.compile `activation_memory_budget` row and each per-block "
+             "checkpointing row, the memopt@k row with the highest measured peak at or below its measured peak "
+             "(so memopt uses no more memory), step times side by side. faster: \"yes\" when both the median and "
+             "the minimum are lower, \"mixed\" when they disagree.", ""]
+    return lines + table(header, out) + [""]
+
+
+def memopt_section(rows: list[dict[str, Any]], eager: dict[str, Any] | None) -> list[str]:
+    """memopt.compile under five budgets between its minimum and eager's peak, and memopt's per-block baseline."""
+    mine = [r for r in rows if is_memopt(r)]
+    if not mine:
+        return []
+    budgeted = [r for r in mine if r["strategy"].startswith("memopt@")]
+    header = ["strategy", "budget (MiB)", "k/5", "predicted peak (MiB)", "measured peak (MiB)", "measured ≤ budget",
+              "recomputed / candidates (MiB)", "predicted recompute (ms)", "solver status (gap)", "plan (s)",
+              "step median (min) (ms)", "× eager", "loss = eager (bitwise)"]
+    fits = [r for r in mine if ran(r) and r["memopt"]["fits"]]
+    lines = ["### memopt under a budget", ""] + budget_range_lines(budgeted)
+    lines += table(header, [memopt_row(r, eager) for r in mine]) + [""]
+    lines += [f"- measured ≤ budget: {len(fits)} of {len(mine)} memopt rows"
+              + ("" if len(fits) == len(mine) else " (**not all**: see the rows marked NO or error)")]
+    lines += monotone_lines(budgeted)
+    blocks = next((r for r in mine if r["strategy"] == "memopt-blocks" and ran(r)), None)
+    checkpointed = next((r for r in rows if r["strategy"] == "checkpoint" and ran(r)), None)
+    if blocks and checkpointed:
+        lines.append(f"- memopt-blocks (memopt recomputes all but each block's outputs) against torch.utils.checkpoint "
+                     f"per block: measured peak {mib(blocks['measured']['peak_bytes'])} vs "
+                     f"{mib(checkpointed['measured']['peak_bytes'])} MiB, step {ms(blocks)} vs {ms(checkpointed)} ms")
+    return lines + [""] + same_peak_lines(rows)
 
 
 def plan_only_section(row: dict[str, Any]) -> list[str]:
@@ -166,7 +301,12 @@ def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] |
         "compile = first step − median step. loss is the first step's; same seed and weights everywhere. "
         "graphs: Dynamo graphs compiled (breaks in brackets). saved activations: bytes the min-cut "
         "partitioner kept for the backward, excluding inputs and parameters, with the "
-        "`activation_memory_budget` it actually read.",
+        "`activation_memory_budget` it actually read. "
+        "memopt rows train with `memopt.compile(model, budget=..., optimizer=...)` (the module returns the loss; "
+        "its backward recomputes what the plan chose); their predicted peak is the plan they ran, and plan time "
+        "is one `memopt.plan` at that budget timed on its own (the module plans again on its first step). "
+        "× eager divides this row's median step by the eager row's, each measured in its own process, so "
+        "ratios within about 10 % of each other are within the noise of this shared machine.",
         "",
     ]
     by_workload: dict[str, list[dict[str, Any]]] = {}

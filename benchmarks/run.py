@@ -9,7 +9,11 @@ with an empty Inductor cache, so one configuration cannot disturb another's memo
 and every compile time is a cold one. In that subprocess: two warm-up steps (the first creates the
 optimizer state and compiles), one steady-state step measured with `memopt.measure_peak`, then
 `--repeats` timed steps (never while profiling). For `eager`, `memopt.plan` predicts the peak
-before training. `llama7b` is planned only (fake mode, meta device): plan time, peak RSS, ledger.
+before training. The memopt strategies (`memopt@0` .. `memopt@4`, `memopt-blocks`) train with
+`memopt.compile` at a budget the subprocess derives from memopt's own plans of the step (the smallest
+budget memopt can meet, eager's predicted peak), and record the plan the module ran and whether the
+measured peak stayed within the budget. `llama7b` is planned only (fake mode, meta device): plan time,
+peak RSS, ledger.
 
 The parent writes `results.json` and `RESULTS.md` (into benchmarks/, or benchmarks/_runs/quick
 with --quick); per-configuration JSON and logs go to benchmarks/_runs/.
@@ -39,7 +43,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # memopt and benchmarks, without installing
 
 from benchmarks.report import write_results_md  # noqa: E402
-from benchmarks.strategies import STRATEGIES, dynamo_graph_summary, partitioner_probe  # noqa: E402
+from benchmarks.strategies import (  # noqa: E402
+    STRATEGIES,
+    Training,
+    dynamo_graph_summary,
+    memopt_summary,
+    partitioner_probe,
+)
 
 PLAN_ONLY_WORKLOADS = ("llama7b",)  # too big to run here: planned in fake mode only
 DEFAULT_WORKLOADS = ("gpt2", "llama", "mlp", "llama7b")
@@ -72,12 +82,15 @@ def loss_of(output: Any, workload):
     return output.loss if hasattr(output, "loss") else output
 
 
-def training_step(forward: Callable[..., Any], workload, inputs: tuple | dict, optimizer) -> Callable[[], float]:
-    """One eager-style training step; gradients are set to None first, as memopt plans it."""
+def training_step(forward: Callable[..., Any], workload, inputs: tuple | dict, optimizer, *,
+                  returns_loss: bool = False) -> Callable[[], float]:
+    """One eager-style training step; gradients are set to None first, as memopt plans it.
+    `returns_loss`: the forward returns the loss itself (memopt.compile)."""
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(call_model(forward, inputs), workload)
+        output = call_model(forward, inputs)
+        loss = output if returns_loss else loss_of(output, workload)
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -142,11 +155,11 @@ def measure_config(workload_name: str, strategy_name: str, *, repeats: int, quic
     model = workload.build().train()
     inputs = workload.inputs()
     row: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}
-    setup = STRATEGIES[strategy_name](model)
-    optimizer = workload.optimizer(model)
+    optimizer = workload.optimizer(model)  # strategies keep the parameters, so it can come first
+    setup = STRATEGIES[strategy_name](model, Training(workload, inputs, optimizer))
     if strategy_name == "eager":
         row["plan"] = plan_summary(model, inputs, workload, optimizer, device="cpu")
-    step = training_step(setup.forward, workload, inputs, optimizer)
+    step = training_step(setup.forward, workload, inputs, optimizer, returns_loss=setup.returns_loss)
     with setup.context(), partitioner_probe() as partitions:
         warmup = [timed(step) for _ in range(WARMUP_STEPS)]
         row["static"] = static_bytes(model, optimizer)
@@ -169,6 +182,10 @@ def measure_config(workload_name: str, strategy_name: str, *, repeats: int, quic
             "unaccounted_bytes": measured.unaccounted_bytes,
         },
     )
+    if isinstance(setup.forward, memopt.CompiledModule):
+        budget = setup.settings["budget_bytes"]
+        row["memopt"] = {**memopt_summary(setup.forward), "budget_bytes": budget,
+                         "fits": measured.peak_bytes <= budget}
     if setup.compiled:
         summary = dynamo_graph_summary()
         summary["recompiled_after_warmup"] = summary["graphs"] != graphs_after_warmup
@@ -253,7 +270,12 @@ def one_line(row: dict[str, Any]) -> str:
         return f"ERROR {row['error']}"
     if "measured" in row:
         peak = row["measured"]["peak_bytes"] / 2**20
-        return f"peak {peak:.1f} MiB, step {row['step_median_s'] * 1e3:.0f} ms, first step {row['first_step_s']:.1f} s"
+        line = f"peak {peak:.1f} MiB, step {row['step_median_s'] * 1e3:.0f} ms, first step {row['first_step_s']:.1f} s"
+        if "memopt" in row:
+            planned = row["memopt"]
+            line += (f", budget {planned['budget_bytes'] / 2**20:.1f} MiB ({'fits' if planned['fits'] else 'OVER'}), "
+                     f"predicted {planned['predicted_peak_bytes'] / 2**20:.1f} MiB, {planned['recomputed']} recomputed")
+        return line
     return f"plan {row['plan'].get('seconds', 0):.1f} s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB"
 
 
@@ -273,8 +295,22 @@ def machine() -> dict[str, Any]:
     }
 
 
+def memopt_revision() -> str:
+    """The commit of the memopt that ran, and whether memopt/ differed from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(HERE.parent), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", "memopt")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + (" + uncommitted changes to memopt/" if changed else "")
+
+
 def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
+    found = {"python": platform.python_version(), "memopt": memopt_revision()}
     for package in ("torch", "transformers", "ortools"):
         try:
             found[package] = metadata.version(package)

@@ -1,18 +1,34 @@
-"""What a user would pick instead of memopt: each strategy turns a fresh model into what the step calls.
+"""How a model trains: eager, what a user would pick instead of memopt, and memopt under a budget.
 
-A strategy is a function `(model) -> Setup`. It may change the model in place (checkpointing wraps
-its blocks) but never the workload's code in `memopt/examples.py`.
+A strategy is a function `(model, training) -> Setup`, where `training` holds the workload, its batch
+and its optimizer (memopt plans the whole step with them). It may change the model in place
+(checkpointing wraps its blocks) but never the workload's code in `memopt/examples.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+import memopt
+from memopt.examples import Workload
+
+MEMOPT_BUDGETS = 5  # memopt@0 (the smallest budget memopt can meet) .. memopt@4 (4/5 of the way to eager's peak)
+
+
+@dataclass(frozen=True)
+class Training:
+    """What a strategy may need besides the model: the workload, the batch and the optimizer of the step."""
+
+    workload: Workload
+    inputs: tuple | dict
+    optimizer: torch.optim.Optimizer
 
 
 @dataclass(frozen=True)
@@ -22,6 +38,7 @@ class Setup:
     forward: Callable[..., Any]  # what the training step calls: the model, possibly wrapped or compiled
     context: Callable[[], ContextManager] = contextlib.nullcontext  # held for the whole run (config patches)
     compiled: bool = False
+    returns_loss: bool = False  # the forward returns the loss itself (memopt.compile), not the model's output
     settings: dict[str, Any] = field(default_factory=dict)  # what the report should say about it
 
 
@@ -52,11 +69,11 @@ def checkpoint_blocks(model: nn.Module) -> nn.Module:
     raise TypeError(f"don't know the blocks of {type(model).__name__} to checkpoint")
 
 
-def eager(model: nn.Module) -> Setup:
+def eager(model: nn.Module, training: Training | None = None) -> Setup:
     return Setup(model)
 
 
-def per_block_checkpoint(model: nn.Module) -> Setup:
+def per_block_checkpoint(model: nn.Module, training: Training | None = None) -> Setup:
     return Setup(checkpoint_blocks(model), settings={"checkpoint": "per block"})
 
 
@@ -64,7 +81,7 @@ def compile_with_budget(budget: float) -> Callable[[nn.Module], Setup]:
     """torch.compile with the partitioner's activation memory budget (read at compile time, so the
     patch is held around every call that may compile, not only around `torch.compile`)."""
 
-    def prepare(model: nn.Module) -> Setup:
+    def prepare(model: nn.Module, training: Training | None = None) -> Setup:
         import torch._functorch.config as functorch_config
 
         return Setup(
@@ -77,16 +94,89 @@ def compile_with_budget(budget: float) -> Callable[[nn.Module], Setup]:
     return prepare
 
 
-def compile_checkpointed(model: nn.Module) -> Setup:
+def compile_checkpointed(model: nn.Module, training: Training | None = None) -> Setup:
     return Setup(torch.compile(checkpoint_blocks(model)), compiled=True, settings={"checkpoint": "per block"})
 
 
-STRATEGIES: dict[str, Callable[[nn.Module], Setup]] = {
+def plan_step(model: nn.Module, training: Training, **options: Any) -> memopt.MemoryPlan:
+    """memopt.plan of the workload's whole step (forward, loss, backward, optimizer step) on the CPU."""
+    return memopt.plan(model, training.inputs, loss_fn=training.workload.loss_fn, optimizer=training.optimizer,
+                       device="cpu", **options)
+
+
+def budget_range(model: nn.Module, training: Training) -> dict[str, Any]:
+    """The smallest budget memopt can meet (and the proven minimum below it) and eager's predicted peak.
+
+    The same model build and batch give the same numbers in every process that asks, so each memopt@k
+    row computes its own budget and the report checks that the rows agree."""
+    start = time.perf_counter()
+    try:
+        plan_step(model, training, budget=1)
+    except memopt.BudgetInfeasibleError as error:
+        minimum, proven = error.minimum, error.proven_minimum
+    else:
+        raise AssertionError("memopt.plan met a budget of one byte")
+    eager_peak = plan_step(model, training).peak_bytes
+    return {"minimum_bytes": minimum, "proven_minimum_bytes": proven, "eager_predicted_bytes": eager_peak,
+            "range_seconds": time.perf_counter() - start}
+
+
+def memopt_budget(index: int, count: int = MEMOPT_BUDGETS) -> Callable[[nn.Module, Training], Setup]:
+    """memopt.compile at budget minimum + index/count × (eager peak − minimum), all predicted by memopt."""
+
+    def prepare(model: nn.Module, training: Training) -> Setup:
+        found = budget_range(model, training)
+        low, high = found["minimum_bytes"], found["eager_predicted_bytes"]
+        budget = low + (high - low) * index // count
+        return memopt_setup(model, training, budget, solver=None, budget_index=index, budget_count=count, **found)
+
+    return prepare
+
+
+def memopt_blocks(model: nn.Module, training: Training) -> Setup:
+    """memopt's own per-block checkpointing (solver "blocks"), under a budget that does not bind."""
+    found = budget_range(model, training)
+    return memopt_setup(model, training, 2 * found["eager_predicted_bytes"], solver="blocks", **found)
+
+
+def memopt_setup(model: nn.Module, training: Training, budget: int, *, solver: str | None,
+                 **settings: Any) -> Setup:
+    """memopt.compile(model) at `budget`, with the time memopt.plan takes for that budget measured apart
+    (the compiled module plans again on its first call: the first step's extra time says so too)."""
+    start = time.perf_counter()
+    planned = plan_step(model, training, budget=budget, solver=solver)
+    plan_seconds = time.perf_counter() - start
+    compiled = memopt.compile(model, budget=budget, loss_fn=training.workload.loss_fn,
+                              optimizer=training.optimizer, device="cpu", solver=solver)
+    return Setup(compiled, returns_loss=True, settings={
+        "budget_bytes": budget, "solver": solver or "memopt", "plan_seconds": plan_seconds,
+        "planned_apart_peak_bytes": planned.peak_bytes, **settings})
+
+
+STRATEGIES: dict[str, Callable[[nn.Module, Training], Setup]] = {
     "eager": eager,
     "checkpoint": per_block_checkpoint,
     **{f"compile-amb-{budget}": compile_with_budget(budget) for budget in (1.0, 0.5, 0.2, 0.0)},
     "compile-checkpoint": compile_checkpointed,
+    **{f"memopt@{index}": memopt_budget(index) for index in range(MEMOPT_BUDGETS)},
+    "memopt-blocks": memopt_blocks,
 }
+
+
+def memopt_summary(compiled: memopt.CompiledModule) -> dict[str, Any]:
+    """What the plan the compiled module ran says: predicted peak, what it recomputes, how the solver did."""
+    plan = compiled.plan
+    recomputed = [d for d in plan.decisions if d.action == "recompute"]
+    solver = plan.solver
+    return {
+        "predicted_peak_bytes": plan.peak_bytes,
+        "eager_peak_bytes": plan.eager_peak_bytes,
+        "decisions": len(plan.decisions),
+        "recomputed": len(recomputed),
+        "recomputed_bytes": sum(d.bytes for d in recomputed),
+        "solver": {"name": solver.name, "status": solver.status, "objective_s": solver.objective,
+                   "lower_bound_s": solver.lower_bound, "gap": solver.gap, "seconds": solver.seconds},
+    }
 
 
 @contextlib.contextmanager

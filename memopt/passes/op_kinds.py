@@ -6,12 +6,46 @@ import torch
 from torch import fx
 
 
+# Batch-norm ops whose schemas do not mark the running statistics they update in training as written
+_aten = torch.ops.aten
+_UNMARKED_RUNNING_STATS = {
+    _aten.native_batch_norm.default, _aten.cudnn_batch_norm.default, _aten.miopen_batch_norm.default,
+    _aten._batch_norm_impl_index.default, _aten.batch_norm.default,
+}
+
+
 def mutates(node: fx.Node) -> bool:
     """The op writes one of its inputs in place (its schema marks an argument as written)."""
     schema = getattr(node.target, "_schema", None)
-    return schema is not None and schema.is_mutable
+    return (schema is not None and schema.is_mutable) or bool(_running_stats(node))
+
+
+def _running_stats(node: fx.Node) -> list[fx.Node]:
+    """The running mean and variance a batch norm op updates (training, statistics given)."""
+    if node.target not in _UNMARKED_RUNNING_STATS:
+        return []
+    names = [a.name for a in node.target._schema.arguments]
+    value = dict(zip(names, node.args)) | dict(node.kwargs)
+    if not value.get("training"):
+        return []
+    return [v for v in (value.get("running_mean"), value.get("running_var")) if isinstance(v, fx.Node)]
 
 
 def is_random(node: fx.Node) -> bool:
     """The op draws from a random generator: running it again gives other values."""
     return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+
+
+def written_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs the op writes in place (its schema marks them ``Tensor(a!)``)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return _running_stats(node)
+    written = []
+    for i, argument in enumerate(schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        written.extend(v for v in values if isinstance(v, fx.Node))
+    return written

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from memopt.passes.op_kinds import is_random, mutates
+from memopt.passes.op_kinds import is_random, mutates, written_inputs
 from memopt.passes.order_plan import copy_graph
 from memopt.passes.storage import StorageTable, shares_storage
 
@@ -39,10 +39,16 @@ def recompute_candidates(graph: fx.GraphModule, table: StorageTable) -> list[Can
     """
     nodes = list(graph.graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
-    mutated = {key for i, node in enumerate(nodes) if mutates(node) for key in table.touched[i]}
-    # ops that cannot replay: random ones, and readers of a storage written in place (a recompute would
-    # read the later value). Their consumers can: a recompute reads a kept input, not a recomputed one.
-    tainted = {i for i, node in enumerate(nodes) if is_random(node) or mutated.intersection(table.touched[i])}
+    # storages written in place anywhere in the step (running statistics, an input changed in place, ...)
+    mutated = {key for node in nodes for arg in written_inputs(node) for key in table.values[position[arg]]}
+    # ops that cannot replay: random ones, ones that write in place (running statistics would update
+    # twice), and readers of a storage written in place (a recompute could read another value). Their
+    # consumers can: a recompute reads a kept input, not a recomputed one.
+    tainted = {
+        i for i, node in enumerate(nodes)
+        if is_random(node) or mutates(node)
+        or any(mutated.intersection(table.values[position[arg]]) for arg in node.all_input_nodes)
+    }
     makers = {storage.node for storage in table.storages}
     by_name = {node.name: i for i, node in enumerate(nodes)}
     candidates = []

@@ -22,7 +22,7 @@ from memopt.capture import CapturedStep
 from memopt.device import DeviceSpec
 from memopt.passes import recompute
 from memopt.passes.costs import node_flops, node_seconds
-from memopt.passes.op_kinds import is_random
+from memopt.passes.op_kinds import is_random, written_inputs
 from memopt.passes.storage import ACTIVATIONS, StorageTable
 from memopt.solvers import remat_fast
 from memopt.solvers.remat_fast import RecomputeProblem, RecomputeSolution
@@ -200,6 +200,10 @@ def _decisions(
     by_storage = {c.storage: (i, c) for i, c in enumerate(candidates)}
     chosen = set(solution.chosen)
     by_name = {node.name: node for node in nodes}
+    position = {node: i for i, node in enumerate(nodes)}
+    # storages a random op fills in place (dropout's mask: empty_like, then bernoulli_)
+    drawn = {key for node in nodes if is_random(node) for arg in written_inputs(node)
+             for key in table.values[position[arg]]}
     level_of = {}
     if len(solution.levels) == len(options):
         for j, level in enumerate(solution.levels):
@@ -212,7 +216,7 @@ def _decisions(
         entry = by_storage.get(storage.index)
         if entry is None:
             cost = node_seconds(by_name[storage.node], device)
-            why = KEPT_RANDOM if is_random(by_name[storage.node]) else KEPT_EXACT
+            why = KEPT_RANDOM if is_random(by_name[storage.node]) or storage.index in drawn else KEPT_EXACT
             decisions.append(ActivationDecision(storage.node, storage.nbytes, "keep", cost, why))
             continue
         i, candidate = entry

@@ -97,6 +97,23 @@ def simulate(problem: RecomputeProblem, chosen: Collection[int]) -> Simulation:
     nodes it reads are made (what a copy reads and is recomputed first, in
     argument order), then the node runs; every event gets its own time.
     """
+    replay = _replay(problem, chosen)
+    return Simulation(replay.peak_bytes, replay.peak_time, replay.cost_s)
+
+
+@dataclass(frozen=True, slots=True)
+class _Replay:
+    """A simulation with its timeline: bytes live at every event, and when each original node runs."""
+
+    peak_bytes: int
+    peak_time: int
+    cost_s: float
+    profile: list[int]  # per event time
+    time_of: list[int]  # per original node: its event time
+    copy_time: dict[int, int]  # per copied node: the event time of its copy
+
+
+def _replay(problem: RecomputeProblem, chosen: Collection[int]) -> _Replay:
     bs = problem.backward_start
     cands = [problem.candidates[i] for i in chosen]
     recompute = {node for c in cands for node in c.nodes}
@@ -151,57 +168,182 @@ def simulate(problem: RecomputeProblem, chosen: Collection[int]) -> Simulation:
         delta[s] += size
         delta[min(e, horizon) + 1] -= size
     running, peak, peak_time = problem.constant_bytes, -1, 0
+    profile = [0] * (horizon + 1)
     for t in range(horizon + 1):
         running += delta[t]
+        profile[t] = running
         if running > peak:
             peak, peak_time = running, t
     cost = sum(problem.node_costs[node] for node in copy_time)
-    return Simulation(max(peak, problem.floor_bytes), peak_time, cost)
+    return _Replay(max(peak, problem.floor_bytes), peak_time, cost, profile, time_of, copy_time)
 
 
-def lower_bound(problem: RecomputeProblem, budget_bytes: int) -> float:
-    """Seconds of recomputation every plan with peak <= ``budget_bytes`` needs (covering knapsack)."""
-    base = simulate(problem, ())
-    if base.peak_bytes <= budget_bytes:
-        return 0.0
+@dataclass(frozen=True)
+class Spans:
+    """Per candidate, where its storage lives kept and recomputed, in original node positions.
+
+    What bounds need: recomputed, the storage lives to ``forward_end``, and its
+    copy at least from ``copy_start`` to ``copy_end`` (empty when start > end);
+    the copy certainly runs the ``copied`` nodes. ``extensions``: inputs of
+    those copies that live on past their own end when nothing recomputes them:
+    (storage, first, last position it is then live at least, candidates that
+    must all be kept for that).
+    """
+
+    kept_end: tuple[int, ...]  # last position the storage lives when kept (n: to the end of the graph)
+    forward_end: tuple[int, ...]
+    copy_start: tuple[int, ...]
+    copy_end: tuple[int, ...]
+    copied: tuple[frozenset[int], ...]
+    extensions: tuple[tuple[tuple[int, int, int, tuple[int, ...]], ...], ...]
+    kept_profile: tuple[int, ...]  # bytes live at each node with nothing recomputed
+
+
+def spans(problem: RecomputeProblem) -> Spans:
+    """The candidates' life spans (computed once per problem)."""
+    cached = problem.__dict__.get("_spans")
+    if cached is not None:
+        return cached
+    bs, n = problem.backward_start, len(problem.inputs)
+    users: tuple[tuple[int, ...], ...] = problem.users  # type: ignore[attr-defined]
+    outputs = _outputs(problem)
+    kept_end = [n if out else max(readers, default=first)
+                for out, readers, first in zip(outputs, problem.readers, problem.start)]
+    # the first backward node reading each forward node or one of its forward descendants: no copy of
+    # the node is made before it
+    first_need = [n] * n
+    for node in range(bs - 1, -1, -1):
+        first_need[node] = min((u if u >= bs else first_need[u] for u in users[node]), default=n)
+    holders: dict[int, list[int]] = {}
+    for i, c in enumerate(problem.candidates):
+        for node in c.nodes:
+            holders.setdefault(node, []).append(i)
+    forward_end, copy_start, copy_end, copied, extensions = [], [], [], [], []
+    for c in problem.candidates:
+        s, own = c.storage, set(c.nodes)
+        forward_end.append(max((r for r in problem.readers[s] if r < bs), default=problem.start[s]))
+        read = {node for node in c.nodes if any(u >= bs for u in users[node])}
+        closure, stack = set(), list(read)
+        while stack:
+            node = stack.pop()
+            if node not in closure:
+                closure.add(node)
+                stack.extend(a for a in problem.inputs[node] if a in own)
+        direct = [r for r in problem.readers[s] if r >= bs and own.intersection(problem.inputs[r])]
+        made = c.nodes[0] in closure  # else (no backward reader of its nodes) no copy is made
+        copy_start.append(min(direct, default=n + 1) if made else n + 1)
+        copy_end.append(max((r for r in problem.readers[s] if r >= bs), default=-1) if made else -1)
+        copied.append(frozenset(closure))
+        items = []
+        for node in closure:
+            for arg in problem.inputs[node]:
+                if arg in own or arg >= bs:
+                    continue
+                needs = tuple(holders.get(arg, ()))
+                for t in problem.values[arg]:
+                    owner = [d for d in needs if problem.candidates[d].storage == t]
+                    if outputs[t] or (t in _candidate_storages(problem) and not owner):
+                        continue
+                    first, last = kept_end[t] + 1, first_need[node] - 1
+                    if first <= last:
+                        items.append((t, first, last, needs))
+        extensions.append(tuple(items))
+    replay = _replay(problem, ())
+    result = Spans(
+        tuple(kept_end[c.storage] for c in problem.candidates), tuple(forward_end), tuple(copy_start),
+        tuple(copy_end), tuple(copied), tuple(extensions), tuple(replay.profile[:n]),
+    )
+    object.__setattr__(problem, "_spans", result)
+    return result
+
+
+def lower_bound(problem: RecomputeProblem, budget_bytes: int, *, allowed: Collection[int] | None = None) -> float:
+    """Seconds of recomputation every plan with peak <= ``budget_bytes`` needs (covering knapsack).
+
+    At every node over budget with nothing recomputed, the excess must be freed
+    by candidates that free bytes there: recomputed, a storage is gone from
+    after its last forward reader to its kept end, except while its copy lives
+    (at least from its first to its last backward reader). Each candidate costs
+    at least its certainly copied nodes, a node shared by several candidates
+    split among them; the cheapest bytes per second are taken first, fractionally.
+    Only ``allowed`` candidates (all by default) may be recomputed.
+    """
     if problem.floor_bytes > budget_bytes:
         return INFINITY
-    # live bytes per time without recomputation, and each maker's candidate storages
-    horizon = 2 * len(problem.inputs) + 2
-    delta = [0] * (horizon + 1)
-    for s, e, size in zip(problem.start, problem.end, problem.sizes):
-        delta[2 * s + 1 if s >= 0 else 0] += size
-        delta[2 * e + 2 if s >= 0 else horizon] -= size
-    by_maker: dict[int, list[int]] = {}
-    for c in problem.candidates:
-        by_maker.setdefault(c.nodes[0], []).append(c.storage)
-    # recomputing a storage frees it only after its last forward reader
-    freeable_from = {
-        c.storage: 2 * max((r for r in problem.readers[c.storage] if r < problem.backward_start),
-                           default=problem.start[c.storage]) + 1
-        for c in problem.candidates
-    }
-    best, running = 0.0, problem.constant_bytes
-    for t in range(horizon):
-        running += delta[t]
-        excess = running - budget_bytes
+    sp = spans(problem)
+    n = len(problem.inputs)
+    if max(sp.kept_profile, default=problem.constant_bytes) <= budget_bytes:
+        return 0.0
+    pool = range(len(problem.candidates)) if allowed is None else sorted(set(allowed))
+    share: dict[int, int] = {}
+    for i in pool:
+        for node in sp.copied[i]:
+            share[node] = share.get(node, 0) + 1
+    items = []  # (seconds per byte, candidate)
+    for i in pool:
+        size = problem.sizes[problem.candidates[i].storage]
+        if size > 0:
+            items.append((sum(problem.node_costs[v] / share[v] for v in sp.copied[i]) / size, i))
+    items.sort()
+    rank = {i: k + 1 for k, (_, i) in enumerate(items)}
+    enter: list[list[int]] = [[] for _ in range(n + 1)]
+    leave: list[list[int]] = [[] for _ in range(n + 1)]
+    for _, i in items:
+        last = min(sp.kept_end[i], n - 1)
+        for first, end in ((sp.forward_end[i] + 1, min(last, sp.copy_start[i] - 1)),
+                           (max(sp.forward_end[i] + 1, sp.copy_end[i] + 1), last)):
+            if first <= end:
+                enter[first].append(i)
+                leave[end + 1].append(i)
+    sizes, seconds = _Fenwick(len(items)), _Fenwick(len(items))
+    ratios = [0.0] + [r for r, _ in items]
+    best = 0.0
+    for x in range(n):
+        for i in leave[x]:
+            size = problem.sizes[problem.candidates[i].storage]
+            sizes.add(rank[i], -size)
+            seconds.add(rank[i], -size * ratios[rank[i]])
+        for i in enter[x]:
+            size = problem.sizes[problem.candidates[i].storage]
+            sizes.add(rank[i], size)
+            seconds.add(rank[i], size * ratios[rank[i]])
+        excess = sp.kept_profile[x] - budget_bytes
         if excess <= 0:
             continue
-        items = []
-        for maker, storages in by_maker.items():
-            freed = sum(problem.sizes[s] for s in storages if freeable_from[s] < t <= 2 * problem.end[s] + 1)
-            if freed:
-                items.append((problem.node_costs[maker] / freed, freed, problem.node_costs[maker]))
-        items.sort()
-        cost = 0.0
-        for ratio, freed, item_cost in items:
-            take = min(freed, excess)
-            cost += ratio * take
-            excess -= take
-            if excess <= 0:
-                break
-        best = max(best, INFINITY if excess > 0 else cost)
+        below = sizes.last_below(excess)  # the longest prefix of items (cheapest first) freeing less
+        if below >= len(items):
+            return INFINITY
+        freed = sizes.prefix(below)
+        best = max(best, seconds.prefix(below) + (excess - freed) * ratios[below + 1])
     return best
+
+
+class _Fenwick:
+    """Prefix sums over positions 1..n, and the longest prefix whose sum stays below a value."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.tree = n, [0] * (n + 1)
+
+    def add(self, k: int, value: float) -> None:
+        while k <= self.n:
+            self.tree[k] += value
+            k += k & -k
+
+    def prefix(self, k: int) -> float:
+        total = 0
+        while k > 0:
+            total += self.tree[k]
+            k -= k & -k
+        return total
+
+    def last_below(self, value: int) -> int:
+        k, total, step = 0, 0, 1 << self.n.bit_length()
+        while step:
+            if k + step <= self.n and total + self.tree[k + step] < value:
+                k += step
+                total += self.tree[k]
+            step >>= 1
+        return k
 
 
 def solve_blocks(
@@ -279,6 +421,14 @@ def _outputs(problem: RecomputeProblem) -> list[bool]:
     """Storages live to the end of the graph: outputs, and graph inputs."""
     last = len(problem.inputs) - 1
     return [s < 0 or e >= last for s, e in zip(problem.start, problem.end)]
+
+
+def _candidate_storages(problem: RecomputeProblem) -> frozenset[int]:
+    cached = problem.__dict__.get("_candidate_storage_set")
+    if cached is None:
+        cached = frozenset(c.storage for c in problem.candidates)
+        object.__setattr__(problem, "_candidate_storage_set", cached)
+    return cached
 
 
 def _makes(start: Sequence[int], n: int) -> dict[int, tuple[int, ...]]:

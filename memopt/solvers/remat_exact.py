@@ -1,0 +1,193 @@
+"""Keep or recompute, exactly: the cheapest set of candidates whose simulated peak fits, by branch and bound.
+
+The yardstick for ``remat_fast.solve_blocks`` on small problems: the same
+decision space (a subset of the candidates), the same simulation. Plain data
+in, a ``RecomputeSolution`` out; no torch.
+
+The search decides candidates one at a time, the largest first, and prunes a
+branch with two valid bounds on every plan below it, both from
+``remat_fast.spans``: (1) memory at each forward and backward node is at least
+what the decided candidates hold there (kept: the original; recomputed: the
+forward life and the copy's life from its first to its last backward reader;
+inputs of a copy that nothing recomputes live until the copy, which comes no
+earlier than the first backward node reading a forward descendant of the
+copied node), plus the least each undecided candidate holds; (2) the cost is at
+least that of the nodes the recomputed candidates certainly copy, plus a
+fractional covering knapsack of what the undecided ones must still free at
+the node most over budget. Recomputing more never costs less, so once the
+recomputed set alone fits (simulated), nothing below it is cheaper.
+
+Peak bytes are not monotone in the set (a recomputation keeps its inputs
+longer, and its copies add events), so there is no pruning by peak beyond (1):
+every plan is priced by ``remat_fast.simulate``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+
+import numpy as np
+
+from memopt.solvers.remat_fast import (
+    INFINITY,
+    RecomputeProblem,
+    RecomputeSolution,
+    lower_bound,
+    simulate,
+    spans,
+)
+
+_TOP_EVENTS = 4  # events over budget the cost bound looks at per branch
+
+
+def solve_exact(
+    problem: RecomputeProblem,
+    budget_bytes: int,
+    *,
+    time_limit_s: float = 10.0,
+    allowed: Collection[int] | None = None,
+    incumbent: Collection[int] | None = None,
+) -> RecomputeSolution:
+    """The cheapest subset of ``allowed`` candidates (all by default) whose simulated peak is <= ``budget_bytes``.
+
+    ``incumbent``: a plan known to fit (a heuristic's), to prune with from the start.
+    Status "optimal" when the search finished, "feasible" when it ran out of time
+    with a plan, "infeasible" when it proved none fits, "unknown" when it ran out
+    of time without one. ``levels`` is empty: there are no blocks.
+    """
+    started = time.perf_counter()
+    order = sorted(set(range(len(problem.candidates)) if allowed is None else allowed),
+                   key=lambda i: (-problem.sizes[problem.candidates[i].storage], i))
+    search = _Search(problem, order, budget_bytes, started + time_limit_s)
+    root_bound = lower_bound(problem, budget_bytes, allowed=order)
+    if incumbent is not None:
+        search.offer(tuple(sorted(incumbent)))
+    if problem.floor_bytes <= budget_bytes and root_bound < INFINITY:
+        search.run()
+    best = search.best
+    seconds = time.perf_counter() - started
+    if best is None:
+        status = "unknown" if search.timed_out else "infeasible"
+        return RecomputeSolution(status, (), (), -1, INFINITY, root_bound, seconds, search.simulations)
+    sim, chosen = best
+    if search.timed_out:
+        return RecomputeSolution("feasible", chosen, (), sim.peak_bytes, sim.cost_s, min(root_bound, sim.cost_s),
+                                 seconds, search.simulations)
+    return RecomputeSolution("optimal", chosen, (), sim.peak_bytes, sim.cost_s, sim.cost_s, seconds,
+                             search.simulations)
+
+
+class _Search:
+    """Depth-first branch and bound over ``order``: keep first, then recompute."""
+
+    def __init__(self, problem: RecomputeProblem, order: list[int], budget: int, deadline: float) -> None:
+        self.problem, self.order, self.budget, self.deadline = problem, order, budget, deadline
+        self.best = None
+        self.simulations = 0
+        self.timed_out = False
+        sp = spans(problem)
+        n = len(problem.inputs)
+        positions = np.arange(n)
+        k = len(order)
+        self.kept = np.zeros((k, n), dtype=np.int64)  # bytes the candidate holds at each node when kept
+        self.recomputed = np.zeros((k, n), dtype=np.int64)  # ... and the least it holds when recomputed
+        for row, i in enumerate(order):
+            c = problem.candidates[i]
+            size, first = problem.sizes[c.storage], max(problem.start[c.storage], 0)
+            self.kept[row] = size * ((positions >= first) & (positions <= sp.kept_end[i]))
+            self.recomputed[row] = size * (((positions >= first) & (positions <= sp.forward_end[i]))
+                                           | ((positions >= sp.copy_start[i]) & (positions <= sp.copy_end[i])))
+        self.base = sp.kept_profile - self.kept.sum(axis=0)  # memory of everything else, all kept
+        self.saving = self.kept - self.recomputed
+        # inputs of a copy kept past their own end: (row, storage, first, last, rows that must be kept)
+        row_of = {i: row for row, i in enumerate(order)}
+        self.extensions = []
+        for row, i in enumerate(order):
+            for storage, first, last, needs in sp.extensions[i]:  # (candidates not allowed stay kept)
+                self.extensions.append((row, storage, first, last, tuple(row_of[d] for d in needs if d in row_of)))
+        self.copied = [sp.copied[i] for i in order]
+        self.share: dict[int, int] = {}  # per node: how many candidates certainly copy it
+        for nodes in self.copied:
+            for v in nodes:
+                self.share[v] = self.share.get(v, 0) + 1
+        self.state = [0] * k  # 0 undecided, 1 kept, 2 recomputed
+
+    def offer(self, chosen: tuple[int, ...]) -> bool:
+        self.simulations += 1
+        sim = simulate(self.problem, chosen)
+        if sim.peak_bytes <= self.budget and (self.best is None or sim.cost_s < self.best[0].cost_s):
+            self.best = (sim, chosen)
+            return True
+        return sim.peak_bytes <= self.budget
+
+    def run(self) -> None:
+        k = len(self.order)
+        self._branch(0, self.base + self.kept.sum(axis=0), self.saving.sum(axis=0), frozenset(), k)
+
+    def _extension(self) -> np.ndarray | None:
+        """Bytes the decided candidates' copies keep alive past their inputs' own ends."""
+        last: dict[int, tuple[int, int, int]] = {}
+        for row, storage, first, end, needs in self.extensions:
+            if self.state[row] == 2 and all(self.state[d] == 1 for d in needs):
+                if storage not in last or end > last[storage][1]:
+                    last[storage] = (first, end, self.problem.sizes[storage])
+        if not last:
+            return None
+        delta = np.zeros(len(self.problem.inputs) + 1, dtype=np.int64)
+        for first, end, size in last.values():
+            delta[first] += size
+            delta[end + 1] -= size
+        return np.cumsum(delta[:-1])
+
+    def _branch(self, depth: int, memory: np.ndarray, max_saving: np.ndarray, copied: frozenset, left: int) -> None:
+        """``memory``: the lower bound with every undecided candidate kept; ``max_saving``: what they can free."""
+        if time.perf_counter() > self.deadline:
+            self.timed_out = True
+            return
+        extension = self._extension()
+        need = (memory if extension is None else memory + extension) - self.budget
+        if (need > max_saving).any():
+            return  # no way to fit below this branch
+        cost = sum(self.problem.node_costs[v] for v in copied)
+        best_cost = self.best[0].cost_s if self.best is not None else INFINITY
+        if cost >= best_cost:
+            return
+        over = np.flatnonzero(need > 0)
+        if over.size == 0:
+            # the recomputed set alone may fit: if it does, nothing below is cheaper
+            chosen = tuple(sorted(self.order[r] for r in range(len(self.order)) if self.state[r] == 2))
+            if self.offer(chosen):
+                return
+        if left == 0:
+            return
+        if cost + self._knapsack(depth, need, over, copied) >= best_cost:
+            return
+        row = depth
+        self.state[row] = 1
+        self._branch(depth + 1, memory, max_saving - self.saving[row], copied, left - 1)
+        self.state[row] = 2
+        self._branch(depth + 1, memory - self.saving[row], max_saving - self.saving[row],
+                     copied | self.copied[row], left - 1)
+        self.state[row] = 0
+
+    def _knapsack(self, depth: int, need: np.ndarray, over: np.ndarray, copied: frozenset) -> float:
+        """Least cost of freeing ``need`` with undecided candidates, at the few events most over budget."""
+        if over.size == 0 or depth >= len(self.order):
+            return 0.0
+        top = over[np.argsort(-need[over], kind="stable")[:_TOP_EVENTS]]
+        rows = range(depth, len(self.order))
+        node_costs = self.problem.node_costs
+        costs = [sum(node_costs[v] / self.share[v] for v in self.copied[r] - copied) for r in rows]
+        best = 0.0
+        for x in top:
+            items = sorted((costs[j] / s, s) for j, r in enumerate(rows) if (s := int(self.saving[r, x])) > 0)
+            excess, total = int(need[x]), 0.0
+            for ratio, freed in items:
+                take = min(freed, excess)
+                total += ratio * take
+                excess -= take
+                if excess <= 0:
+                    break
+            best = max(best, total)
+        return best
