@@ -59,6 +59,8 @@ class RecomputePlan:
     segments: tuple[Segment, ...]
     options: tuple[tuple[str, ...], ...]  # per segment: the names of its options, by level
     decisions: tuple[ActivationDecision, ...]
+    problem: RecomputeProblem  # what the solver saw: candidate i of the problem is candidates[i]
+    candidates: tuple[recompute.Candidate, ...]
 
 
 def find_segments(step: CapturedStep, table: StorageTable) -> tuple[Segment, ...]:
@@ -133,7 +135,8 @@ def plan_recompute(
         constant_bytes=constant_bytes,
         floor_bytes=floor_bytes,
     )
-    segments = find_segments(step, table)
+    # the layers first (the solver upgrades in this order), then what comes before and after them
+    segments = tuple(sorted(find_segments(step, table), key=lambda s: not s.name.endswith("]")))
     options, names = _options(problem, nodes, segments, solver)
     if solver == "memopt":
         solution = remat_fast.solve_blocks(problem, options, budget_bytes, time_limit_s=time_limit_s)
@@ -141,7 +144,7 @@ def plan_recompute(
         solution = _fixed(problem, options, budget_bytes)
     chosen = tuple(candidates[i] for i in solution.chosen)
     decisions = _decisions(table, nodes, device, candidates, solution, segments, options, names)
-    return RecomputePlan(solver, solution, chosen, segments, names, decisions)
+    return RecomputePlan(solver, solution, chosen, segments, names, decisions, problem, tuple(candidates))
 
 
 def _options(

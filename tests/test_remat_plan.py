@@ -1,0 +1,111 @@
+"""The remat pass: segments from the model's layers, a simulation that is the rewrite, baselines by name."""
+
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+
+import memopt
+from memopt import examples
+from memopt.capture import capture
+from memopt.device import get_device
+from memopt.passes import remat_plan
+from memopt.passes.liveness import liveness, memory_timeline
+from memopt.passes.optimizer_memory import optimizer_memory
+from memopt.passes.recompute import apply_recompute
+from memopt.passes.storage import storage_table
+from memopt.solvers import remat_fast
+
+SMALL = {
+    "gpt2": lambda: examples.gpt2(layers=3, width=64, heads=2, seq=32, batch=2, vocab=256, dropout=0.1),
+    "llama": lambda: examples.llama(layers=3, width=64, heads=2, seq=32, batch=2, vocab=256),
+    "mlp": lambda: examples.mlp(width=64, depth=5, batch=512),
+}
+
+
+def captured(name):
+    workload = SMALL[name]()
+    step = capture(workload.build(), workload.inputs(), loss_fn=workload.loss_fn)
+    return step, storage_table(step)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_segments_are_the_model_layers(name):
+    step, table = captured(name)
+    segments = remat_plan.find_segments(step, table)
+    layers = [s for s in segments if s.name.endswith("]")]
+    assert len(layers) == (5 if name == "mlp" else 3)
+    assert all(a.end == b.start for a, b in zip(segments, segments[1:]))  # back to back, in order
+    assert segments[0].start == 0 and segments[-1].end <= table.backward_start
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_simulated_peak_is_the_rewritten_graphs_peak(name):
+    """The solver prices a choice without rewriting; the rewrite must agree to the byte."""
+    step, table = captured(name)
+    plan = remat_plan.plan_recompute(step, table, get_device("cpu"), 10**12, constant_bytes=0, floor_bytes=0)
+    problem = plan.problem
+    none = optimizer_memory(None, [], device_is_cuda=False)
+    rng = random.Random(0)
+    count = len(problem.candidates)
+    for trial in range(8):
+        chosen = sorted(rng.sample(range(count), rng.randrange(count + 1))) if trial else list(range(count))
+        simulated = remat_fast.simulate(problem, chosen)
+        graph = apply_recompute(step.graph, step.backward_start, [plan.candidates[i] for i in chosen])
+        rewritten = storage_table(dataclasses.replace(step, graph=graph))
+        real = memory_timeline(rewritten, liveness(rewritten), none).peak_bytes
+        assert simulated.peak_bytes == real, (trial, len(chosen))
+
+
+def test_baselines_by_name():
+    workload = SMALL["gpt2"]()
+    model, inputs = workload.build(), workload.inputs()
+    eager = memopt.plan(model, inputs).peak_bytes
+    plans = {name: memopt.plan(model, inputs, budget=2 * eager, solver=name) for name in ("none", "blocks", "sqrt")}
+    assert plans["none"].peak_bytes == eager and plans["none"].solver.objective == 0
+    assert plans["blocks"].peak_bytes < eager and plans["sqrt"].peak_bytes < eager
+    # per-layer checkpointing recomputes everything but each layer's outputs: more than memopt needs
+    # for a budget at its peak, and memopt's plan costs no more
+    mine = memopt.plan(model, inputs, budget=plans["blocks"].peak_bytes * 100 // 98 + 1)
+    assert mine.peak_bytes <= mine.budget_bytes
+    assert mine.solver.objective <= plans["blocks"].solver.objective
+    for name, plan in plans.items():
+        assert plan.solver.name == name
+    with pytest.raises(memopt.MemoptError, match="unknown remat solver"):
+        memopt.plan(model, inputs, budget=eager, solver="checkmate-hours")
+
+
+def test_decisions_in_the_json_say_what_and_why():
+    workload = SMALL["gpt2"]()
+    model, inputs = workload.build(), workload.inputs()
+    eager = memopt.plan(model, inputs).peak_bytes
+    with pytest.raises(memopt.BudgetInfeasibleError) as info:
+        memopt.plan(model, inputs, budget=1)
+    budget = (info.value.minimum + eager) // 2
+    plan = memopt.plan(model, inputs, budget=budget)
+    data = json.loads(plan.to_json())
+    recomputed = [d for d in data["decisions"] if d["action"] == "recompute"]
+    assert recomputed and all("transformer.h[" in d["reason"] for d in recomputed)
+    assert data["eager_peak_bytes"] == eager > data["peak_bytes"]
+    assert data["solver"]["name"] == "memopt" and data["solver"]["status"] in ("optimal", "feasible")
+    assert 0 <= data["solver"]["lower_bound"] <= data["solver"]["objective"]
+    assert data["peak_bytes"] <= budget
+    text = str(plan)
+    assert f"recompute {len(recomputed)} of {len(data['decisions'])} activations" in text
+    explained = plan.explain()
+    assert "decisions:" in explained and "recompute" in explained
+
+
+def test_the_plan_describes_the_rewritten_step():
+    torch.manual_seed(0)
+    workload = SMALL["mlp"]()
+    model, inputs = workload.build(), workload.inputs()
+    eager = memopt.plan(model, inputs, loss_fn=workload.loss_fn)
+    with pytest.raises(memopt.BudgetInfeasibleError) as info:
+        memopt.plan(model, inputs, loss_fn=workload.loss_fn, budget=1)
+    plan = memopt.plan(model, inputs, loss_fn=workload.loss_fn, budget=info.value.minimum)
+    assert plan.program is not None and plan.graph_nodes == len(plan.program.graph.graph.nodes)
+    assert plan.graph_nodes > eager.graph_nodes  # the recomputed copies are in the graph
+    assert plan.timeline.peak_bytes == plan.peak_bytes < eager.peak_bytes
