@@ -137,6 +137,10 @@ class CompiledModule(nn.Module):
         inputs: tuple | dict = kwargs if kwargs and not args else args
         if args and kwargs:
             raise MemoptError("call a memopt-compiled module with positional or keyword arguments, not both")
+        leaves = pytree.tree_leaves(_split(inputs))
+        if any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in leaves):
+            raise MemoptError("memopt.compile trains the model's parameters; an input that requires grad would need "
+                              "its own gradient, which memopt does not plan: pass it detached, or make it a parameter")
         key = _signature(self.model, inputs)
         if key not in self._steps:
             planned = plan(self.model, inputs, loss_fn=self._loss_fn, optimizer=self._optimizer,
@@ -144,7 +148,7 @@ class CompiledModule(nn.Module):
             assert planned.program is not None
             self._steps[key] = (planned, StepRunner(planned.program))
         self._last, runner = self._steps[key]
-        values = [*self.model.parameters(), *self.model.buffers(), *pytree.tree_leaves(_split(inputs))]
+        values = [*self.model.parameters(), *self.model.buffers(), *leaves]
         return run_step(runner, values)
 
 

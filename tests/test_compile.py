@@ -195,3 +195,7 @@ def test_bad_arguments_get_typed_errors():
         memopt.compile(model, budget="lots")
     with pytest.raises(memopt.MemoptError, match="needs a budget"):
         memopt.compile(model, budget=None)
+    compiled = memopt.compile(model, budget="1GB", loss_fn=examples.mse_to_zero)
+    with pytest.raises(memopt.MemoptError, match="input that requires grad"):
+        compiled(torch.randn(4, 16, requires_grad=True))
+    assert compiled.plan is None and all(p.grad is None for p in model.parameters())
