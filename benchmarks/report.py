@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ MiB = 2**20
 GiB = 2**30
 STATIC = ("parameters", "gradients", "optimizer_state")
 DASH = "—"
+STEP_HEADER = "step (ms): wall median (min) / CPU median (min)"
 
 
 def mib(nbytes: float | None, digits: int = 1) -> str:
@@ -65,16 +67,36 @@ def saved_activations(row: dict[str, Any]) -> str:
     return f"{mib(saved)} @ {', '.join(f'{b:g}' for b in budgets)}"
 
 
+def cpu_min(row: dict[str, Any]) -> float | None:
+    """The fastest timed step by CPU time: other processes can only add to a step's time, never take from it."""
+    return min(row["step_cpu_s"]) if row.get("step_cpu_s") else None
+
+
+def ms(row: dict[str, Any]) -> str:
+    """Step time in ms: wall median (wall minimum) / CPU-time median (CPU-time minimum)."""
+    wall = f"{row['step_median_s'] * 1e3:.0f} ({row['step_min_s'] * 1e3:.0f})"
+    if cpu_min(row) is None:
+        return wall + f" / {DASH}"
+    return wall + f" / {row['step_cpu_median_s'] * 1e3:.0f} ({cpu_min(row) * 1e3:.0f})"
+
+
+def time_ratio(row: dict[str, Any], base: dict[str, Any]) -> str:
+    """row ÷ base: wall median (CPU-time minimum)."""
+    wall = f"{row['step_median_s'] / base['step_median_s']:.2f}"
+    cpu, base_cpu = cpu_min(row), cpu_min(base)
+    return wall + (f" ({cpu / base_cpu:.2f})" if cpu and base_cpu else "")
+
+
 def strategy_row(row: dict[str, Any], eager: dict[str, Any] | None) -> list[str]:
     if "error" in row:
         return [row["strategy"], f"error: {row['error'][:120]}"] + [""] * 9
     peak = row["measured"]["peak_bytes"]
     eager_ok = eager is not None and "error" not in eager
-    ratio = f"{row['step_median_s'] / eager['step_median_s']:.2f}" if eager_ok else DASH
+    ratio = time_ratio(row, eager) if eager_ok else DASH
     loss_diff = f"{abs(row['loss'] - eager['loss']):.1e}" if eager_ok else DASH
     return [
         row["strategy"], mib(peak), mib(predicted_peak(row)), error_percent(predicted_peak(row), peak),
-        f"{row['step_median_s'] * 1e3:.0f} ({row['step_min_s'] * 1e3:.0f})", ratio, compile_or_plan_time(row),
+        ms(row), ratio, compile_or_plan_time(row),
         f"{row['loss']:.6f}",        loss_diff, graphs(row), saved_activations(row),
     ]
 
@@ -109,8 +131,8 @@ def workload_section(name: str, rows: list[dict[str, Any]]) -> list[str]:
     params = described.get("parameters")
     title = f"## {name}: {described.get('description', '')}"
     lines = [title + (f", {params / 1e6:.1f} M parameters" if params else ""), ""]
-    header = ["strategy", "measured peak (MiB)", "predicted peak (MiB, memopt)", "error %", "step median (min) (ms)",
-              "× eager", "compile/plan (s)", "loss (step 1)", "|loss − eager|", "graphs",
+    header = ["strategy", "measured peak (MiB)", "predicted peak (MiB, memopt)", "error %", STEP_HEADER,
+              "× eager, wall median (CPU min)", "compile/plan (s)", "loss (step 1)", "|loss − eager|", "graphs",
               "saved activations (MiB) @ budget"]
     lines += table(header, [strategy_row(row, eager) for row in rows]) + [""]
     if eager is not None:
@@ -129,10 +151,6 @@ def is_memopt(row: dict[str, Any]) -> bool:
 
 def ran(row: dict[str, Any]) -> bool:
     return "error" not in row and "measured" in row
-
-
-def ms(row: dict[str, Any]) -> str:
-    return f"{row['step_median_s'] * 1e3:.0f} ({row['step_min_s'] * 1e3:.0f})"
 
 
 def same_loss(row: dict[str, Any], eager: dict[str, Any] | None) -> str:
@@ -161,8 +179,15 @@ def memopt_row(row: dict[str, Any], eager: dict[str, Any] | None) -> list[str]:
         mib(row["measured"]["peak_bytes"]), "yes" if planned["fits"] else "**NO**",
         f"{planned['recomputed']} / {planned['decisions']} ({mib(planned['recomputed_bytes'])})", objective,
         f"{solver['name']} {solver['status']} ({gap})", f"{row['settings']['plan_seconds']:.1f}", ms(row),
-        f"{row['step_median_s'] / eager['step_median_s']:.2f}" if eager_ok else DASH, same_loss(row, eager),
+        time_ratio(row, eager) if eager_ok else DASH, same_loss(row, eager),
     ]
+
+
+def monotone_breaks(budgeted: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Pairs of rows that ran where the lower budget gave the higher measured peak."""
+    done = sorted((r for r in budgeted if ran(r)), key=lambda r: r["memopt"]["budget_bytes"])
+    return [(low, high) for i, low in enumerate(done) for high in done[i + 1:]
+            if low["measured"]["peak_bytes"] > high["measured"]["peak_bytes"]]
 
 
 def monotone_lines(budgeted: list[dict[str, Any]]) -> list[str]:
@@ -170,8 +195,7 @@ def monotone_lines(budgeted: list[dict[str, Any]]) -> list[str]:
     done = sorted((r for r in budgeted if ran(r)), key=lambda r: r["memopt"]["budget_bytes"])
     if len(done) < 2:
         return [f"- monotone: not checked ({len(done)} budgeted row(s) ran)"]
-    broken = [(low, high) for i, low in enumerate(done) for high in done[i + 1:]
-              if low["measured"]["peak_bytes"] > high["measured"]["peak_bytes"]]
+    broken = monotone_breaks(budgeted)
     peaks = " ≤ ".join(mib(r["measured"]["peak_bytes"]) for r in done)
     missing = f" (only the {len(done)} of {len(budgeted)} rows that ran)" if len(done) < len(budgeted) else ""
     if not broken:
@@ -187,46 +211,65 @@ def budget_range_lines(budgeted: list[dict[str, Any]]) -> list[str]:
     seen = {tuple(r["settings"][k] for k in keys) for r in budgeted if all(k in r.get("settings", {}) for k in keys)}
     if not seen:
         return []
-    minimum, proven, eager_peak = sorted(seen)[0]
+    minimum, proven, eager_peak = min(seen)
+    triples = "; ".join(" / ".join(mib(v, 3) for v in triple) for triple in sorted(seen))
     agree = ("every row computed the same three numbers" if len(seen) == 1 else
-             f"**the rows disagree on them** ({len(seen)} different triples: " +
-             "; ".join(" / ".join(mib(v, 3) for v in triple) for triple in sorted(seen)) + " MiB)")
-    return [f"Budgets: memopt@k = m + k/5 × (e − m), with m = {mib(minimum)} MiB the smallest budget memopt can "
-            f"meet (`BudgetInfeasibleError.minimum` of `memopt.plan(..., budget=1)`; no plan of any kind fits below "
-            f"{mib(proven)} MiB, `.proven_minimum`) and e = {mib(eager_peak)} MiB memopt's predicted eager peak, "
-            f"both of the whole step with the workload's optimizer; {agree}.", ""]
+             f"**the rows disagree on them** ({len(seen)} different triples: {triples} MiB)")
+    return [(f"Budgets: memopt@k = m + k/5 × (e − m), with m = {mib(minimum)} MiB the smallest budget memopt can "
+             f"meet (`BudgetInfeasibleError.minimum` of `memopt.plan(..., budget=1)`; no plan of any kind fits below "
+             f"{mib(proven)} MiB, `.proven_minimum`) and e = {mib(eager_peak)} MiB memopt's predicted eager peak, "
+             f"both of the whole step with the workload's optimizer; {agree}."), ""]
+
+
+def faster(mine: dict[str, Any], other: dict[str, Any]) -> str:
+    """"yes" when every timed step of `mine` took less CPU time than every step of `other`, "no" for the
+    reverse, "overlap" otherwise (wall times where CPU times are missing)."""
+    key = "step_cpu_s" if mine.get("step_cpu_s") and other.get("step_cpu_s") else "step_s"
+    if max(mine[key]) < min(other[key]):
+        return "yes"
+    return "no" if min(mine[key]) > max(other[key]) else "overlap"
+
+
+def same_peak_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """Each torch.compile budget and per-block checkpointing row that ran, with the memopt@k row whose measured
+    peak is the highest at or below its own (None: every memopt@k row peaks higher)."""
+    budgeted = [r for r in rows if ran(r) and r["strategy"].startswith("memopt@")]
+    others = [r for r in rows if ran(r) and (r["strategy"].startswith("compile-amb") or "checkpoint" in r["strategy"])]
+    if not budgeted:
+        return []
+    pairs = []
+    for other in others:
+        fitting = [r for r in budgeted if r["measured"]["peak_bytes"] <= other["measured"]["peak_bytes"]]
+        pairs.append((other, max(fitting, key=lambda r: r["measured"]["peak_bytes"]) if fitting else None))
+    return pairs
 
 
 def same_peak_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """For each torch.compile budget and per-block checkpointing row, the memopt@k row with the closest measured
-    peak at or below its measured peak, step times side by side."""
-    budgeted = [r for r in rows if ran(r) and r["strategy"].startswith("memopt@")]
-    others = [r for r in rows if ran(r) and (r["strategy"].startswith("compile-amb") or "checkpoint" in r["strategy"])]
-    if not budgeted or not others:
+    """The same-peak pairs, step times side by side."""
+    pairs = same_peak_pairs(rows)
+    if not pairs:
         return []
+    lowest = min((r for r in rows if ran(r) and r["strategy"].startswith("memopt@")),
+                 key=lambda r: r["measured"]["peak_bytes"])
     out = []
-    for other in others:
+    for other, best in pairs:
         peak = other["measured"]["peak_bytes"]
-        fitting = [r for r in budgeted if r["measured"]["peak_bytes"] <= peak]
-        if not fitting:
-            lowest = min(budgeted, key=lambda r: r["measured"]["peak_bytes"])
+        if best is None:
             out.append([other["strategy"], mib(peak), ms(other),
                         f"none: the lowest, {lowest['strategy']}, peaks at {mib(lowest['measured']['peak_bytes'])}",
                         DASH, DASH, DASH, DASH])
-            continue
-        best = max(fitting, key=lambda r: r["measured"]["peak_bytes"])
-        median = best["step_median_s"] / other["step_median_s"]
-        minimum = best["step_min_s"] / other["step_min_s"]
-        verdict = "yes" if median < 1 and minimum < 1 else "no" if median >= 1 and minimum >= 1 else "mixed"
-        out.append([other["strategy"], mib(peak), ms(other), best["strategy"], mib(best["measured"]["peak_bytes"]),
-                    ms(best), f"{median:.2f} ({minimum:.2f})", verdict])
-    header = ["torch strategy", "its measured peak (MiB)", "its step median (min) (ms)", "memopt row at or below",
-              "memopt measured peak (MiB)", "memopt step median (min) (ms)", "memopt ÷ torch, median (min)",
-              "memopt faster"]
-    lines = ["Same measured peak: for each torch.compile `activation_memory_budget` row and each per-block "
-             "checkpointing row, the memopt@k row with the highest measured peak at or below its measured peak "
-             "(so memopt uses no more memory), step times side by side. faster: \"yes\" when both the median and "
-             "the minimum are lower, \"mixed\" when they disagree.", ""]
+        else:
+            out.append([other["strategy"], mib(peak), ms(other), best["strategy"],
+                        mib(best["measured"]["peak_bytes"]), ms(best), time_ratio(best, other), faster(best, other)])
+    header = ["torch strategy", "its measured peak (MiB)", f"its {STEP_HEADER}", "memopt row at or below",
+              "memopt measured peak (MiB)", f"memopt {STEP_HEADER}", "memopt ÷ torch, wall median (CPU min)",
+              "memopt faster (CPU ranges)"]
+    lines = [("Same measured peak: for each torch.compile `activation_memory_budget` row and each per-block "
+              "checkpointing row, the memopt@k row with the highest measured peak at or below its measured peak "
+              "(so memopt uses no more memory), step times side by side. memopt faster: \"yes\" when each of "
+              "memopt's timed steps took less CPU time than each of the torch row's, \"no\" for the reverse, "
+              "\"overlap\" when their ranges overlap (then the ratio of minima is all there is, and it is "
+              "within this run's noise)."), ""]
     return lines + table(header, out) + [""]
 
 
@@ -238,7 +281,7 @@ def memopt_section(rows: list[dict[str, Any]], eager: dict[str, Any] | None) -> 
     budgeted = [r for r in mine if r["strategy"].startswith("memopt@")]
     header = ["strategy", "budget (MiB)", "k/5", "predicted peak (MiB)", "measured peak (MiB)", "measured ≤ budget",
               "recomputed / candidates (MiB)", "predicted recompute (ms)", "solver status (gap)", "plan (s)",
-              "step median (min) (ms)", "× eager", "loss = eager (bitwise)"]
+              STEP_HEADER, "× eager, wall median (CPU min)", "loss = eager (bitwise)"]
     fits = [r for r in mine if ran(r) and r["memopt"]["fits"]]
     lines = ["### memopt under a budget", ""] + budget_range_lines(budgeted)
     lines += table(header, [memopt_row(r, eager) for r in mine]) + [""]
@@ -277,6 +320,45 @@ def plan_only_section(row: dict[str, Any]) -> list[str]:
     return lines + table(header, rows) + [""]
 
 
+def summary_lines(by_workload: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One line per workload: memopt rows within budget, monotone or not, and how the same-peak pairs came out."""
+    out = []
+    for name, rows in by_workload.items():
+        mine = [r for r in rows if is_memopt(r)]
+        if not mine:
+            continue
+        budgeted = [r for r in mine if r["strategy"].startswith("memopt@")]
+        fits = sum(1 for r in mine if ran(r) and r["memopt"]["fits"])
+        checked = sum(1 for r in budgeted if ran(r)) >= 2
+        monotone = DASH if not checked else "no" if monotone_breaks(budgeted) else "yes"
+        outcomes = [DASH if best is None else faster(best, other) for other, best in same_peak_pairs(rows)]
+        labels = (("yes", "memopt faster"), ("overlap", "overlap"), ("no", "memopt slower"),
+                  (DASH, "no memopt row peaks that low"))
+        counts = ", ".join(f"{outcomes.count(o)} {label}" for o, label in labels if outcomes.count(o))
+        out.append([name, f"{fits} of {len(mine)}", monotone, counts or DASH])
+    if not out:
+        return []
+    header = ["workload", "memopt rows with measured ≤ budget", "monotone",
+              "same measured peak, against each torch row (CPU-time ranges)"]
+    return ["## memopt under a budget: summary", ""] + table(header, out) + [
+        "", "Budgets, plans and the pairs: the section \"memopt under a budget\" of each workload.", ""]
+
+
+def spread_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """How far the timed steps of one configuration spread (slowest ÷ fastest): the noise of this run."""
+    def spread(key: str) -> list[float]:
+        return [max(r[key]) / min(r[key]) for r in rows if len(r.get(key) or ()) > 1]
+
+    wall, cpu = spread("step_s"), spread("step_cpu_s")
+    if not wall:
+        return []
+    line = f"- spread of the timed steps within one configuration (slowest ÷ fastest): wall up to {max(wall):.2f}"
+    line += f" (median {statistics.median(wall):.2f})"
+    if cpu:
+        line += f", CPU time up to {max(cpu):.2f} (median {statistics.median(cpu):.2f})"
+    return [line + "; step-time differences smaller than that are noise."]
+
+
 def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] | None = None) -> str:
     machine, versions = results["machine"], results["versions"]
     loads = [row["load_average"] for row in results["rows"] if "load_average" in row]
@@ -291,13 +373,17 @@ def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] |
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         f"- 1-minute load average when each configuration started: {min(loads):.2f} to {max(loads):.2f}"
         if loads else "- load average: not recorded",
+        *spread_lines(results["rows"]),
         "",
         "Each configuration ran in its own process with an empty Inductor cache (compile times are cold). "
         "Peaks are absolute live CPU bytes (parameters, optimizer state and inputs included) of one "
         "steady-state step (gradients set to None, optimizer state present), from `memopt.measure_peak`; "
         "the prediction is `memopt.plan` of the eager step, made before training. error % = "
-        "(predicted − measured) / measured. Step time: median (minimum) of the timed steps, never profiled; "
-        "the machine is shared with other work, so the minimum is the steadier figure. "
+        "(predicted − measured) / measured. Step time: wall median (wall minimum) / CPU-time median (CPU-time "
+        "minimum) of the timed steps, never profiled. The machine is shared with other work: wall time "
+        "stretches whenever another process holds a core, while the CPU time of this one-thread process counts "
+        "only the step's own work (a busy sibling core and shared caches still slow it, so it varies too); the "
+        "CPU-time minimum is the steadiest figure. "
         "compile = first step − median step. loss is the first step's; same seed and weights everywhere. "
         "graphs: Dynamo graphs compiled (breaks in brackets). saved activations: bytes the min-cut "
         "partitioner kept for the backward, excluding inputs and parameters, with the "
@@ -305,13 +391,14 @@ def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] |
         "memopt rows train with `memopt.compile(model, budget=..., optimizer=...)` (the module returns the loss; "
         "its backward recomputes what the plan chose); their predicted peak is the plan they ran, and plan time "
         "is one `memopt.plan` at that budget timed on its own (the module plans again on its first step). "
-        "× eager divides this row's median step by the eager row's, each measured in its own process, so "
-        "ratios within about 10 % of each other are within the noise of this shared machine.",
+        "× eager divides this row's median wall step by the eager row's (the CPU-time minima in brackets), "
+        "each measured in its own process at its own moment of the run, so the load differed between them.",
         "",
     ]
     by_workload: dict[str, list[dict[str, Any]]] = {}
     for row in results["rows"]:
         by_workload.setdefault(row["workload"], []).append(row)
+    lines += summary_lines(by_workload)
     for name, rows in by_workload.items():
         planned_only = all(row["strategy"] == "plan" for row in rows)
         lines += plan_only_section(rows[0]) if planned_only else workload_section(name, rows)

@@ -89,8 +89,8 @@ def training_step(forward: Callable[..., Any], workload, inputs: tuple | dict, o
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        output = call_model(forward, inputs)
-        loss = output if returns_loss else loss_of(output, workload)
+        # the output is dropped once the loss is taken (as memopt plans it): a name for it would keep the logits
+        loss = call_model(forward, inputs) if returns_loss else loss_of(call_model(forward, inputs), workload)
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -98,10 +98,12 @@ def training_step(forward: Callable[..., Any], workload, inputs: tuple | dict, o
     return step
 
 
-def timed(step: Callable[[], float]) -> tuple[float, float]:
-    start = time.perf_counter()
+def timed(step: Callable[[], float]) -> tuple[float, float, float]:
+    """(wall seconds, loss, CPU seconds of this process). With one torch thread, waiting for a core while other
+    processes hold it stretches the wall time only; a busy sibling core or shared cache still slows both."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     loss = step()
-    return time.perf_counter() - start, loss
+    return time.perf_counter() - start, loss, time.process_time() - cpu_start
 
 
 def storage_bytes(tensors: Iterable) -> int:
@@ -167,7 +169,8 @@ def measure_config(workload_name: str, strategy_name: str, *, repeats: int, quic
         optimizer.zero_grad(set_to_none=True)  # the measured step starts without gradients, as planned
         gc.collect()
         measured = memopt.measure_peak(step)
-        step_seconds = [timed(step)[0] for _ in range(repeats)]
+        steps = [timed(step) for _ in range(repeats)]
+    step_seconds, cpu_seconds = [wall for wall, _, _ in steps], [cpu for _, _, cpu in steps]
     row.update(
         settings=setup.settings,
         first_step_s=warmup[0][0],
@@ -176,6 +179,8 @@ def measure_config(workload_name: str, strategy_name: str, *, repeats: int, quic
         step_s=step_seconds,
         step_median_s=statistics.median(step_seconds),
         step_min_s=min(step_seconds),
+        step_cpu_s=cpu_seconds,
+        step_cpu_median_s=statistics.median(cpu_seconds),
         measured={
             "peak_bytes": measured.peak_bytes,
             "baseline_bytes": measured.baseline_bytes,

@@ -1,7 +1,8 @@
 """Smoke test of the benchmark harness (benchmarks/run.py) on the --quick residual MLP.
 
 No torch.compile here: one cold compile takes half a minute on a CPU. `python benchmarks/run.py
---quick` exercises those strategies end to end.
+--quick` exercises those strategies end to end. memopt.compile at the tightest budget (memopt@0)
+runs here.
 """
 
 from __future__ import annotations
@@ -14,20 +15,61 @@ from benchmarks.strategies import STRATEGIES, CheckpointedBlock, checkpoint_bloc
 from memopt.examples import ResidualMLP
 
 
-def test_eager_and_checkpoint_rows_measure_plan_and_agree_on_the_loss():
-    rows = [run.run_one("mlp", strategy, repeats=1, quick=True) for strategy in ("eager", "checkpoint")]
+def test_eager_checkpoint_and_memopt_rows_measure_plan_and_agree_on_the_loss():
+    rows = [run.run_one("mlp", strategy, repeats=1, quick=True) for strategy in ("eager", "checkpoint", "memopt@0")]
     for row in rows:
         assert "error" not in row, row.get("traceback")
         assert row["measured"]["peak_bytes"] > row["measured"]["baseline_bytes"] > 0
         assert row["static"]["parameters"] == 4 * row["parameters"]
-    eager, checkpointed = rows
+    eager, checkpointed, planned = rows
     assert eager["plan"]["peak_bytes"] > 0 and "error" not in eager["plan"]
     assert checkpointed["loss"] == pytest.approx(eager["loss"], rel=1e-6)
+
+    # memopt@0: the smallest budget memopt can meet, derived in the run from memopt's own plans
+    settings, summary = planned["settings"], planned["memopt"]
+    assert settings["budget_bytes"] == settings["minimum_bytes"] == summary["budget_bytes"]
+    assert settings["proven_minimum_bytes"] <= settings["minimum_bytes"] < settings["eager_predicted_bytes"]
+    assert settings["eager_predicted_bytes"] == pytest.approx(eager["plan"]["peak_bytes"], rel=0.01)  # order search
+    assert summary["predicted_peak_bytes"] <= settings["budget_bytes"] and summary["recomputed"] > 0
+    assert summary["fits"] and planned["measured"]["peak_bytes"] <= settings["budget_bytes"]
+    assert planned["loss"] == eager["loss"]  # same seed, same weights: the planned step computes the same loss
 
     results = {"date": "today", "machine": run.machine(), "versions": run.versions(), "total_wall_s": 1.0,
                "settings": {"repeats": 1, "quick": True}, "rows": rows}
     text = report.render_markdown(results)
     assert "| eager |" in text and "| checkpoint |" in text and "predicted at peak" in text
+    assert "### memopt under a budget" in text and "| memopt@0 |" in text
+    assert "measured ≤ budget: 1 of 1 memopt rows" in text
+
+
+def fake_row(strategy: str, peak_mib: float, step_s: float, budget_mib: float | None = None) -> dict:
+    """A measured row as run.measure_config writes it, with only what the memopt report reads."""
+    row = {"workload": "mlp", "strategy": strategy, "loss": 1.0, "step_median_s": step_s, "step_min_s": step_s,
+           "step_cpu_median_s": step_s, "step_cpu_s": [step_s], "measured": {"peak_bytes": int(peak_mib * 2**20)},
+           "settings": {}}
+    if budget_mib is not None:
+        budget = int(budget_mib * 2**20)
+        row["settings"] = {"budget_bytes": budget, "plan_seconds": 0.1}
+        row["memopt"] = {"budget_bytes": budget, "fits": row["measured"]["peak_bytes"] <= budget,
+                         "predicted_peak_bytes": budget, "decisions": 4, "recomputed": 2, "recomputed_bytes": 0,
+                         "solver": {"name": "memopt", "status": "feasible", "objective_s": 0.001,
+                                    "lower_bound_s": 0.0, "gap": 0.5, "seconds": 0.0}}
+    return row
+
+
+def test_the_memopt_section_flags_a_peak_over_budget_and_a_broken_monotone_order():
+    rows = [fake_row("eager", 400, 1.0), fake_row("compile-amb-0.5", 350, 1.2), fake_row("checkpoint", 250, 1.5),
+            fake_row("memopt@0", 300, 1.1, budget_mib=300), fake_row("memopt@1", 340, 1.0, budget_mib=320),
+            fake_row("memopt@2", 330, 0.9, budget_mib=340)]
+    text = "\n".join(report.memopt_section(rows, rows[0]))
+    assert "measured ≤ budget: 2 of 3 memopt rows (**not all**" in text and "| **NO** |" in text
+    assert "monotone: **no**: memopt@1 340.0 MiB > memopt@2 330.0 MiB" in text
+    # amb-0.5 peaks at 350: memopt@1 (340) is the closest at or below it; nothing memopt ran fits under 250
+    assert ("| compile-amb-0.5 | 350.0 | 1200 (1200) / 1200 (1200) | memopt@1 | 340.0 | 1000 (1000) / 1000 (1000) "
+            "| 0.83 (0.83) | yes |") in text
+    assert "| checkpoint | 250.0 | 1500 (1500) / 1500 (1500) | none: the lowest, memopt@0, peaks at 300.0 |" in text
+    summary = "\n".join(report.summary_lines({"mlp": rows}))
+    assert "| mlp | 2 of 3 | no | 1 memopt faster, 1 no memopt row peaks that low |" in summary
 
 
 def test_checkpoint_blocks_wraps_every_block_and_keeps_the_parameters():
@@ -41,7 +83,7 @@ def test_checkpoint_blocks_wraps_every_block_and_keeps_the_parameters():
 def test_the_budget_patch_is_what_the_partitioner_reads():
     import torch._functorch.config as functorch_config
 
-    setup = compile_with_budget(0.2)(torch.nn.Linear(2, 2))
+    setup = compile_with_budget(0.2)(torch.nn.Linear(2, 2), None)
     assert setup.compiled and setup.settings == {"activation_memory_budget": 0.2}
     with setup.context():
         assert functorch_config.activation_memory_budget == 0.2
