@@ -11,7 +11,7 @@ from torch.utils import _pytree as pytree
 
 from memopt.budget import parse_budget
 from memopt.capture import capture
-from memopt.codegen.runner import StepRunner, run_step
+from memopt.codegen.runner import Executor, StepRunner, run_step
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import MemoptError
@@ -95,6 +95,8 @@ def compile(
     device: str | DeviceSpec | None = None,
     offload: bool | None = None,
     solver: str | None = None,
+    backend: str = "fx",
+    inductor_options: dict[str, Any] | None = None,
     config: PlanConfig | None = None,
 ) -> CompiledModule:
     """``model`` as a module whose training step runs memopt's plan for ``budget``.
@@ -106,25 +108,38 @@ def compile(
     call with a new input shape plans the step (``.plan``); a budget no plan
     can meet raises ``BudgetInfeasibleError`` before anything runs. In eval
     mode or under ``torch.no_grad()`` the model runs as it is.
+
+    ``backend="fx"`` runs the planned graphs as generated Python (bitwise eager);
+    ``backend="inductor"`` compiles them with Inductor (fused, within float
+    tolerance of eager), reads the peak of the code Inductor wrote, and when it
+    is over the budget turns off the offending Inductor passes or re-plans
+    (``InductorBudgetError`` if nothing fits). ``inductor_options`` are Inductor
+    config entries on top of memopt's (``memopt.codegen.inductor.DEFAULT_OPTIONS``).
     """
+    if backend not in ("fx", "inductor"):
+        raise MemoptError(f"unknown backend {backend!r}; choose 'fx' (plain FX graphs) or 'inductor'")
     if offload:
         raise MemoptError("offload planning is not available in this version of memopt; use offload=None")
     if budget is None:
         raise MemoptError("memopt.compile needs a budget, e.g. budget='24GB'")
     return CompiledModule(model, budget=parse_budget(budget), loss_fn=loss_fn, optimizer=optimizer,
-                          device=device, config=_config(config, layout=False, solver=solver))
+                          device=device, config=_config(config, layout=False, solver=solver), backend=backend,
+                          inductor_options=inductor_options)
 
 
 class CompiledModule(nn.Module):
     """A model that trains with memopt's plan; ``.plan`` is the plan of the last input shape seen."""
 
-    def __init__(self, model: nn.Module, *, budget: int | None, loss_fn: Callable[[Any], torch.Tensor] | None,
-                 optimizer: Any, device: str | DeviceSpec | None, config: PlanConfig) -> None:
+    def __init__(self, model: nn.Module, *, budget: int, loss_fn: Callable[[Any], torch.Tensor] | None,
+                 optimizer: Any, device: str | DeviceSpec | None, config: PlanConfig, backend: str = "fx",
+                 inductor_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.model = model
         self.budget_bytes = budget
+        self.backend = backend
         self._loss_fn, self._optimizer, self._device, self._config = loss_fn, optimizer, device, config
-        self._steps: dict[tuple, tuple[MemoryPlan, StepRunner]] = {}
+        self._inductor_options = inductor_options
+        self._steps: dict[tuple, tuple[MemoryPlan, StepRunner, Executor]] = {}
         self._last: MemoryPlan | None = None
 
     @property
@@ -143,13 +158,32 @@ class CompiledModule(nn.Module):
                               "its own gradient, which memopt does not plan: pass it detached, or make it a parameter")
         key = _signature(self.model, inputs)
         if key not in self._steps:
-            planned = plan(self.model, inputs, loss_fn=self._loss_fn, optimizer=self._optimizer,
-                           budget=self.budget_bytes, device=self._device, config=self._config)
-            assert planned.program is not None
-            self._steps[key] = (planned, StepRunner(planned.program))
-        self._last, runner = self._steps[key]
+            self._steps[key] = self._lower(inputs)
+        self._last, runner, executor = self._steps[key]
         values = [*self.model.parameters(), *self.model.buffers(), *leaves]
-        return run_step(runner, values)
+        return run_step(runner, values, executor)
+
+    def _planned(self, inputs: tuple | dict, budget: int) -> MemoryPlan:
+        return plan(self.model, inputs, loss_fn=self._loss_fn, optimizer=self._optimizer, budget=budget,
+                    device=self._device, config=self._config)
+
+    def _lower(self, inputs: tuple | dict) -> tuple[MemoryPlan, StepRunner, Executor]:
+        if self.backend == "fx":
+            planned = self._planned(inputs, self.budget_bytes)
+            assert planned.program is not None
+            runner = StepRunner(planned.program)
+            return planned, runner, runner
+        from memopt.codegen.inductor import PlannedStep, lower_within_budget
+
+        def plan_at(budget: int) -> PlannedStep:
+            planned = self._planned(inputs, budget)
+            assert planned.program is not None
+            after = max((t for t, phase in zip(planned.timeline.totals, planned.timeline.phases)
+                         if phase == "optimizer"), default=0)
+            return PlannedStep(StepRunner(planned.program), planned.entry_bytes, after, planned)
+
+        lowered = lower_within_budget(plan_at, self.budget_bytes, options=self._inductor_options)
+        return lowered.planned.plan, lowered.planned.runner, lowered.step
 
 
 def _split(inputs: tuple | dict) -> tuple[tuple, dict]:

@@ -13,5 +13,7 @@ class PlanConfig:
     layout_time_limit_s: float = 5.0
     solver: str = "memopt"  # remat: "memopt" (fast block solver), or a baseline: "none", "blocks", "sqrt"
     remat_time_limit_s: float = 5.0
+    # run each distinct op once on the real device to measure the workspace it allocates (real models only)
+    measure_scratch: bool = True
     # part of the budget left for what the prediction does not see (kernel scratch, allocator rounding)
     headroom: float = 0.02

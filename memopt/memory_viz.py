@@ -78,6 +78,10 @@ def memory_viz_snapshot(plan: MemoryPlan) -> dict[str, Any]:
     for position in range(last + 1):
         for s in made_at[position]:
             addr_of[s.index] = alloc(s.nbytes, position, s.category, s.node)
+        node = live.order[position]
+        if plan.scratch and plan.scratch[node]:  # the kernel's own workspace, freed before it returns
+            free(alloc(plan.scratch[node], position, TEMPORARIES, f"scratch of {plan.storages.node_names[node]}"),
+                 position)
         for s in freed_at[position]:
             free(addr_of[s.index], position)
     for k, phase in enumerate(plan.optimizer.phases):

@@ -19,6 +19,7 @@ from memopt.passes.optimizer_memory import ParamInfo, optimizer_memory
 from memopt.passes.order_plan import plan_order
 from memopt.passes.recompute import apply_recompute
 from memopt.passes.remat_plan import plan_recompute
+from memopt.passes.scratch import measure_scratch
 from memopt.passes.storage import storage_table
 from memopt.plan import Decision, MemoryPlan, PassRecord, SolverReport
 
@@ -57,10 +58,15 @@ def run_pipeline(
     # optimizer state and the step's own temporaries, for the implementation that will run
     opt = history.run("optimizer-memory", optimizer_memory, optimizer, params,
                       device_is_cuda=device.is_cuda, groups_of=groups_of)
+    # workspace kernels allocate inside themselves, measured per distinct op on the real device
+    scratch_model = None
+    if config.measure_scratch and not step.fake:
+        scratch_model = history.run("scratch", measure_scratch, step.graph, step.device)
+    scratch = scratch_model.per_node(step.graph) if scratch_model else ()
     # the timeline of the whole step and its peak
-    timeline = history.run("timeline", memory_timeline, table, live, opt)
+    timeline = history.run("timeline", memory_timeline, table, live, opt, scratch)
     # the smallest budget any recompute plan could meet
-    minimum = history.run("lower-bound", minimum_budget, table, live, timeline)
+    minimum = history.run("lower-bound", minimum_budget, table, live, timeline, scratch)
     eager_peak = timeline.peak_bytes
     decisions: tuple[Decision, ...] = ()
     solver = SolverReport("none", "not-run", None, None, None, 0.0)
@@ -69,7 +75,8 @@ def run_pipeline(
         target = _target(budget_bytes, config.headroom)
         floor = max((t for t, phase in zip(timeline.totals, timeline.phases) if phase == "optimizer"), default=0)
         remat = history.run("remat", plan_recompute, step, table, device, target, constant_bytes=opt.state_bytes,
-                            floor_bytes=floor, solver=config.solver, time_limit_s=config.remat_time_limit_s)
+                            floor_bytes=floor, scratch=scratch, solver=config.solver,
+                            time_limit_s=config.remat_time_limit_s)
         solution = remat.solution
         if budget_bytes < minimum.bytes or solution.status == "infeasible":
             raise _infeasible(budget_bytes, config.headroom, solution.peak_bytes, minimum, remat.solver)
@@ -82,7 +89,8 @@ def run_pipeline(
             step = dataclasses.replace(step, graph=graph)
             table = history.run("storages", storage_table, step)
             live = history.run("liveness", liveness, table)
-            timeline = history.run("timeline", memory_timeline, table, live, opt)
+            scratch = scratch_model.per_node(step.graph) if scratch_model else ()
+            timeline = history.run("timeline", memory_timeline, table, live, opt, scratch)
             if timeline.peak_bytes > target:  # the solver's simulation replays the rewrite: never expected
                 raise AssertionError(f"rewritten step peaks at {timeline.peak_bytes} B, planned {solution.peak_bytes}")
     # a topological order with a lower peak (recorded; the eager timeline above keeps the traced order)
@@ -111,6 +119,7 @@ def run_pipeline(
         order=order,
         arena=arena,
         eager_peak_bytes=eager_peak,
+        scratch=tuple(scratch),
         program=step,
     )
 

@@ -99,6 +99,7 @@ class MemoryPlan:
     arena: ArenaPlan | None = None  # offsets in one arena (layout=True)
     measured: Measured | None = None
     eager_peak_bytes: int | None = None  # the step's peak before recomputation (None: not planned)
+    scratch: tuple[int, ...] = ()  # per graph node: workspace its kernel allocates and frees inside (measured)
     program: CapturedStep | None = dataclasses.field(default=None, compare=False, repr=False)  # what runs
 
     # -- the numbers --------------------------------------------------------

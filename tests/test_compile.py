@@ -95,7 +95,8 @@ class Double(torch.autograd.Function):
 class Block(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.up, self.norm, self.down = nn.Linear(width, 2 * width), nn.BatchNorm1d(2 * width), nn.Linear(2 * width, width)
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+        self.norm = nn.BatchNorm1d(2 * width)
         self.drop = nn.Dropout(0.2)
 
     def forward(self, x):

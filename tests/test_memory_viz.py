@@ -85,8 +85,9 @@ def test_the_trace_replays_to_the_plans_timeline(plan, snapshot):
 
     # the graph's timeline from liveness alone: storages live at each position, plus optimizer state
     live, storages = plan.live, plan.storages.storages
+    scratch = plan.scratch or (0,) * len(live.order)  # what a kernel allocates inside itself, at its node
     graph = [
-        plan.optimizer.state_bytes
+        plan.optimizer.state_bytes + scratch[live.order[position]]
         + sum(s.nbytes for s in storages if live.start[s.index] <= position <= live.end[s.index])
         for position in range(len(live.order))
     ]

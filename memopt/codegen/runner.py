@@ -12,42 +12,40 @@ peak is the planned one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
+from torch.fx.graph import _BoxedCodeGen
 
 from memopt.capture import CapturedStep
 
 
 class _Program:
-    """Straight-line code over a list of FX nodes: run them, drop each value after its last reader."""
+    """Straight-line code over some nodes of a graph, generated as Python by FX.
 
-    def __init__(self, nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> None:
+    The code takes its inputs boxed (one list, which it clears) and drops each
+    value right after its last reader, so nothing outside holds what the
+    program frees; a result nobody reads is dropped at once, as eager does.
+    """
+
+    def __init__(self, root: fx.GraphModule, nodes: list[fx.Node], inputs: list[fx.Node],
+                 outputs: list[fx.Node]) -> None:
         self.nodes, self.inputs, self.outputs = nodes, inputs, outputs
-        last_use: dict[fx.Node, int] = {}
-        for i, node in enumerate(nodes):
-            for arg in node.all_input_nodes:
-                last_use[arg] = i
-        kept = set(outputs)
-        self.free_after: list[list[fx.Node]] = [[] for _ in nodes]
-        for value, i in last_use.items():
-            if value not in kept:
-                self.free_after[i].append(value)
-        # a value nobody reads is dropped at once (eager frees an unused result right away)
-        for i, node in enumerate(nodes):
-            if node not in last_use and node not in kept:
-                self.free_after[i].append(node)
+        graph = fx.Graph()
+        copies: dict[fx.Node, fx.Node] = {}
+        for node in inputs:
+            copies[node] = graph.placeholder(node.name)
+            copies[node].meta = dict(node.meta)
+        for node in nodes:
+            copies[node] = graph.node_copy(node, copies.__getitem__)
+        graph.output(tuple(copies[node] for node in outputs))
+        graph.set_codegen(_BoxedCodeGen())
+        self.module = fx.GraphModule(root, graph)
 
-    def run(self, env: dict[fx.Node, Any]) -> list[Any]:
-        """Run with ``env`` holding the inputs; ``env`` is emptied of everything but what was returned."""
-        for node, dead in zip(self.nodes, self.free_after):
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
-            env[node] = node.target(*args, **kwargs)
-            for value in dead:
-                env.pop(value, None)
-        return [env.pop(node) for node in self.outputs]
+    def __call__(self, values: list[Any]) -> list[Any]:
+        """Run on ``values`` (the inputs in order; the list is emptied); returns the outputs in order."""
+        return list(self.module(values))
 
 
 class StepRunner:
@@ -65,43 +63,51 @@ class StepRunner:
         forward = [node for node in nodes[:cut] if node.op != "placeholder"]
         backward = [node for node in nodes[cut + 1 :] if node.op != "output"]
         loss = by_name[step.loss_node]
-        in_forward = set(self.placeholders) | set(forward)
+        in_backward = set(backward)
         # what the backward reads from before the cut (parameters and inputs included): the saved set
-        self.saved = [n for n in in_forward if n is not loss and any(u in backward for u in n.users)]
+        self.saved = [n for n in [*self.placeholders, *forward]
+                      if n is not loss and any(u in in_backward for u in n.users)]
         self.saved_forward = [n for n in self.saved if n.op != "placeholder"]
         self.saved_inputs = [n for n in self.saved if n.op == "placeholder"]
         self.loss = loss
         self.seed = seed
-        self.gradients = {name: by_name[node] for name, node in step.gradients.items()}
-        grad_nodes = list(dict.fromkeys(self.gradients.values()))
-        self.forward = _Program(forward, self.placeholders, [loss, *self.saved_forward])
-        self.backward = _Program(backward, [seed, *self.saved], grad_nodes)
+        grad_nodes = list(dict.fromkeys(by_name[node] for node in step.gradients.values()))
         self.grad_nodes = grad_nodes
         grad_of = {p.node: step.gradients.get(p.name) for p in step.placeholders if p.role == "parameter"}
         self.placeholder_grads = [by_name.get(grad_of.get(node.name) or "") for node in self.placeholders]
-        self.loss_read_by_backward = any(u in backward for u in loss.users if u is not seed)
+        self.loss_read_by_backward = any(u in in_backward for u in loss.users)
+        # what the backward program takes: the loss's gradient, the saved set, and the loss if it reads it
+        self.backward_inputs = [seed, *self.saved, *([loss] if self.loss_read_by_backward else [])]
+        self.forward = _Program(step.graph, forward, self.placeholders, [loss, *self.saved_forward])
+        self.backward = _Program(step.graph, backward, self.backward_inputs, grad_nodes)
 
-    @property
-    def saved_bytes(self) -> int:
-        """Bytes of the saved set as the fake values say (views of one storage counted once)."""
-        seen: dict[int, int] = {}
-        for node in self.saved_forward:
-            for tensor in pytree.tree_leaves(node.meta.get("val")):
-                if isinstance(tensor, torch.Tensor):
-                    seen[id(tensor.untyped_storage())] = tensor.untyped_storage().nbytes()
-        return sum(seen.values())
+    def run_forward(self, values: list[Any]) -> list[Any]:
+        """The loss and the saved set, from the placeholders' ``values`` (the list is emptied)."""
+        return self.forward(values)
+
+    def run_backward(self, values: list[Any]) -> list[Any]:
+        """The gradients (``grad_nodes`` order) from ``values`` in ``backward_inputs`` order (emptied)."""
+        return self.backward(values)
+
+
+class Executor(Protocol):
+    """Runs a StepRunner's two programs: the runner itself (FX), or their compiled code (Inductor)."""
+
+    def run_forward(self, values: list[Any]) -> list[Any]: ...
+
+    def run_backward(self, values: list[Any]) -> list[Any]: ...
 
 
 class _TrainingStep(torch.autograd.Function):
-    """Forward part in ``forward``, backward part in ``backward``; the gradients go to the parameters."""
+    """Forward program in ``forward``, backward program in ``backward``; the gradients go to the parameters."""
 
     @staticmethod
-    def forward(ctx: Any, runner: StepRunner, grad_mask: tuple[bool, ...], *values: torch.Tensor) -> torch.Tensor:
-        env: dict[fx.Node, Any] = dict(zip(runner.placeholders, values))
-        inputs = {node: env[node] for node in runner.saved_inputs}
-        loss, *saved = runner.forward.run(env)
-        env.clear()
-        ctx.runner, ctx.grad_mask = runner, grad_mask
+    def forward(ctx: Any, runner: StepRunner, executor: Executor, grad_mask: tuple[bool, ...],
+                *values: torch.Tensor) -> torch.Tensor:
+        wanted = set(runner.saved_inputs)
+        inputs = {node: value for node, value in zip(runner.placeholders, values) if node in wanted}
+        loss, *saved = executor.run_forward(list(values))
+        ctx.runner, ctx.executor, ctx.grad_mask = runner, executor, grad_mask
         ctx.stash = {**inputs, **dict(zip(runner.saved_forward, saved))}
         if runner.loss_read_by_backward:
             ctx.stash[runner.loss] = loss
@@ -110,14 +116,19 @@ class _TrainingStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
         runner: StepRunner = ctx.runner
-        env, ctx.stash = ctx.stash, None  # the backward frees saved values as it goes: nobody else holds them
-        env[runner.seed] = grad_loss
-        grads = dict(zip(runner.grad_nodes, runner.backward.run(env)))
+        stash, ctx.stash = ctx.stash, None
+        # the backward program alone holds the saved set, and frees it as it goes
+        values = [grad_loss, *(stash.pop(node) for node in runner.backward_inputs[1:])]
+        del stash, grad_loss
+        grads = dict(zip(runner.grad_nodes, ctx.executor.run_backward(values)))
         by_placeholder = [grads.get(node) for node in runner.placeholder_grads]
-        return (None, None, *[g if want else None for g, want in zip(by_placeholder, ctx.grad_mask)])
+        return (None, None, None, *[g if want else None for g, want in zip(by_placeholder, ctx.grad_mask)])
 
 
-def run_step(runner: StepRunner, values: list[torch.Tensor]) -> torch.Tensor:
-    """The loss of the planned step on ``values`` (parameters, buffers, inputs, in placeholder order)."""
+def run_step(runner: StepRunner, values: list[torch.Tensor], executor: Executor | None = None) -> torch.Tensor:
+    """The loss of the planned step on ``values`` (parameters, buffers, inputs, in placeholder order).
+
+    ``executor`` runs the programs: the runner's FX code by default, or Inductor's (``InductorStep``).
+    """
     mask = tuple(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
-    return _TrainingStep.apply(runner, mask, *values)
+    return _TrainingStep.apply(runner, executor or runner, mask, *values)

@@ -8,6 +8,7 @@ gradients plus its own temporaries. The largest of these is a proven minimum.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memopt.passes.liveness import Liveness, MemoryTimeline
@@ -21,21 +22,23 @@ class LowerBound:
     why: str
 
 
-def minimum_budget(table: StorageTable, live: Liveness, timeline: MemoryTimeline) -> LowerBound:
-    """A lower bound on the peak of every rematerialization plan of this step."""
+def minimum_budget(
+    table: StorageTable, live: Liveness, timeline: MemoryTimeline, scratch: Sequence[int] = ()
+) -> LowerBound:
+    """A lower bound on the peak of every rematerialization plan of this step (``scratch``: per node)."""
     best = LowerBound(0, "", "")
     held = (PARAMETERS, BUFFERS, INPUTS, OPTIMIZER_STATE, GRADIENTS)
     for pos, node in enumerate(live.order):
         resident = sum(timeline.by_category[c][pos] for c in held)
         operands = sum(
             table.storages[k].nbytes for k in table.touched[node] if table.storages[k].category != GRADIENTS
-        )
+        ) + (scratch[node] if scratch else 0)
         if resident + operands > best.bytes:
             best = LowerBound(
                 resident + operands,
                 table.node_names[node],
                 "parameters, buffers, inputs, optimizer state and the gradients so far, plus this op's "
-                "own inputs and outputs",
+                "own inputs, outputs and scratch",
             )
     for index, phase in enumerate(timeline.phases):
         if phase == "optimizer" and timeline.totals[index] > best.bytes:

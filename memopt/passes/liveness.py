@@ -76,14 +76,24 @@ class MemoryTimeline:
         return {category: values[index] for category, values in self.by_category.items()}
 
 
-def memory_timeline(table: StorageTable, live: Liveness, optimizer: OptimizerMemory) -> MemoryTimeline:
-    """The step's timeline: liveness of the graph, then the optimizer step with gradients held."""
+def memory_timeline(
+    table: StorageTable, live: Liveness, optimizer: OptimizerMemory, scratch: Sequence[int] = ()
+) -> MemoryTimeline:
+    """The step's timeline: liveness of the graph, then the optimizer step with gradients held.
+
+    ``scratch`` (per node, in graph order) is what an op allocates and frees inside itself: a
+    temporary at that op only.
+    """
     n = len(live.order)
     delta = {category: [0] * (n + 1) for category in CATEGORIES}
     for storage, start, end in zip(table.storages, live.start, live.end):
         row = delta[storage.category]
         row[max(start, 0)] += storage.nbytes
         row[end + 1] -= storage.nbytes
+    if scratch:
+        for pos, node in enumerate(live.order):
+            delta[TEMPORARIES][pos] += scratch[node]
+            delta[TEMPORARIES][pos + 1] -= scratch[node]
     by_category: dict[str, list[int]] = {}
     for category, row in delta.items():
         running, values = 0, []

@@ -55,7 +55,7 @@ def recompute_candidates(graph: fx.GraphModule, table: StorageTable) -> list[Can
     forward_made = [s for s in table.storages if 0 <= s.defined_at < table.backward_start]
     for storage in forward_made:
         maker = by_name[storage.node]
-        if storage.index in mutated or maker in tainted or nodes[maker].op != "call_function":
+        if storage.is_output or storage.index in mutated or maker in tainted or nodes[maker].op != "call_function":
             continue
         # forward nodes whose result lives in this storage and makes none (views, views of views, the
         # getitem that picks it from an op's several results): copied when the backward needs them

@@ -14,6 +14,7 @@ Baselines by name: ``none``, ``blocks`` (every block checkpointed) and
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import fx
@@ -107,6 +108,7 @@ def plan_recompute(
     *,
     constant_bytes: int,
     floor_bytes: int,
+    scratch: Sequence[int] = (),
     solver: str = "memopt",
     time_limit_s: float = 5.0,
 ) -> RecomputePlan:
@@ -118,8 +120,9 @@ def plan_recompute(
     position = {node: i for i, node in enumerate(nodes)}
     by_name = {node.name: node for node in nodes}
     bs = table.backward_start
-    activations = {s.index for s in table.storages if s.category == ACTIVATIONS}
-    candidates = [c for c in recompute.recompute_candidates(graph, table) if c.storage in activations]
+    # every forward result that can replay, the backward's activations and the forward's temporaries alike:
+    # recomputing an activation may need a temporary it was made from (a matmul before its ReLU)
+    candidates = recompute.recompute_candidates(graph, table)
     problem = RecomputeProblem(
         backward_start=bs,
         inputs=tuple(tuple(position[a] for a in node.all_input_nodes) for node in nodes),
@@ -133,6 +136,7 @@ def plan_recompute(
             remat_fast.Candidate(c.storage, tuple(position[by_name[n]] for n in c.nodes)) for c in candidates
         ),
         constant_bytes=constant_bytes,
+        node_scratch=tuple(scratch),
         floor_bytes=floor_bytes,
     )
     # the layers first (the solver upgrades in this order), then what comes before and after them

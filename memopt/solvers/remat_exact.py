@@ -34,6 +34,7 @@ from memopt.solvers.remat_fast import (
     RecomputeProblem,
     RecomputeSolution,
     lower_bound,
+    first_need,
     simulate,
     spans,
 )
@@ -58,7 +59,7 @@ def solve_exact(
     """
     started = time.perf_counter()
     order = sorted(set(range(len(problem.candidates)) if allowed is None else allowed),
-                   key=lambda i: (-problem.sizes[problem.candidates[i].storage], i))
+                   key=lambda i: (-problem.sizes[problem.candidates[i].storage], i))  # the largest first
     search = _Search(problem, order, budget_bytes, started + time_limit_s)
     root_bound = lower_bound(problem, budget_bytes, allowed=order)
     if incumbent is not None:
@@ -100,18 +101,27 @@ class _Search:
                                            | ((positions >= sp.copy_start[i]) & (positions <= sp.copy_end[i])))
         self.base = sp.kept_profile - self.kept.sum(axis=0)  # memory of everything else, all kept
         self.saving = self.kept - self.recomputed
-        # inputs of a copy kept past their own end: (row, storage, first, last, rows that must be kept)
-        row_of = {i: row for row, i in enumerate(order)}
-        self.extensions = []
-        for row, i in enumerate(order):
-            for storage, first, last, needs in sp.extensions[i]:  # (candidates not allowed stay kept)
-                self.extensions.append((row, storage, first, last, tuple(row_of[d] for d in needs if d in row_of)))
+        self.spans = sp
+        self.row_of = {i: row for row, i in enumerate(order)}  # (candidates not allowed are always kept)
+        self.rows = range(k)
         self.copied = [sp.copied[i] for i in order]
         self.share: dict[int, int] = {}  # per node: how many candidates certainly copy it
         for nodes in self.copied:
             for v in nodes:
                 self.share[v] = self.share.get(v, 0) + 1
         self.state = [0] * k  # 0 undecided, 1 kept, 2 recomputed
+        bs = problem.backward_start
+        self.read_by_backward = {v for c in problem.candidates for v in c.nodes
+                                 if any(u >= bs for u in problem.users[v])}  # type: ignore[attr-defined]
+        # candidates that matter only as inputs of other copies, and the rows whose nodes read theirs: such a
+        # candidate recomputed while all of those are kept is the same plan as keeping it, searched already
+        self.chained = []
+        for row, i in enumerate(order):
+            if _chain_only(problem, i):
+                nodes = set(problem.candidates[i].nodes)
+                readers = [r for r, j in enumerate(order) if r != row and any(
+                    nodes.intersection(problem.inputs[v]) for v in problem.candidates[j].nodes)]
+                self.chained.append((row, readers))
 
     def offer(self, chosen: tuple[int, ...]) -> bool:
         self.simulations += 1
@@ -125,30 +135,51 @@ class _Search:
         k = len(self.order)
         self._branch(0, self.base + self.kept.sum(axis=0), self.saving.sum(axis=0), frozenset(), k)
 
-    def _extension(self) -> np.ndarray | None:
-        """Bytes the decided candidates' copies keep alive past their inputs' own ends."""
-        last: dict[int, tuple[int, int, int]] = {}
-        for row, storage, first, end, needs in self.extensions:
-            if self.state[row] == 2 and all(self.state[d] == 1 for d in needs):
-                if storage not in last or end > last[storage][1]:
-                    last[storage] = (first, end, self.problem.sizes[storage])
-        if not last:
+    def _dynamic(self) -> np.ndarray | None:
+        """Bytes the decided candidates surely hold beyond their rows: copies made early for another
+        copy, and inputs of copies kept alive past their own end."""
+        problem, sp, state = self.problem, self.spans, self.state
+        recomputed = [self.order[r] for r in self.rows if state[r] == 2]
+        if not recomputed:
             return None
-        delta = np.zeros(len(self.problem.inputs) + 1, dtype=np.int64)
-        for first, end, size in last.values():
+        certain = {v for i in recomputed for v in problem.candidates[i].nodes}
+        possible = certain | {v for r in self.rows if state[r] == 0 for v in problem.candidates[self.order[r]].nodes}
+        need_certain = first_need(problem, certain)
+        need_possible = first_need(problem, possible)
+        live: list[tuple[int, int, int]] = []  # (first, last, bytes)
+        for i in recomputed:  # the copy is made no later than any chain of copies within the recomputed needs it
+            early = need_certain[problem.candidates[i].nodes[0]]
+            if early < sp.copy_start[i] <= sp.copy_end[i]:
+                live.append((early, sp.copy_start[i] - 1, problem.sizes[problem.candidates[i].storage]))
+        last: dict[int, tuple[int, int]] = {}
+        for i in recomputed:
+            for storage, first, node, needs in sp.extensions[i]:
+                if all(state[self.row_of[d]] == 1 for d in needs if d in self.row_of):
+                    end = need_possible[node] - 1
+                    if first <= end and end > last.get(storage, (0, -1))[1]:
+                        last[storage] = (first, end)
+        live.extend((first, end, problem.sizes[storage]) for storage, (first, end) in last.items())
+        if not live:
+            return None
+        delta = np.zeros(len(problem.inputs) + 2, dtype=np.int64)
+        for first, end, size in live:
             delta[first] += size
             delta[end + 1] -= size
-        return np.cumsum(delta[:-1])
+        return np.cumsum(delta[:len(problem.inputs)])
 
     def _branch(self, depth: int, memory: np.ndarray, max_saving: np.ndarray, copied: frozenset, left: int) -> None:
         """``memory``: the lower bound with every undecided candidate kept; ``max_saving``: what they can free."""
         if time.perf_counter() > self.deadline:
             self.timed_out = True
             return
-        extension = self._extension()
+        for row, readers in self.chained:
+            if self.state[row] == 2 and all(self.state[r] == 1 for r in readers):
+                return  # the same plans as with it kept
+        extension = self._dynamic()
         need = (memory if extension is None else memory + extension) - self.budget
         if (need > max_saving).any():
             return  # no way to fit below this branch
+        copied = self._copied()
         cost = sum(self.problem.node_costs[v] for v in copied)
         best_cost = self.best[0].cost_s if self.best is not None else INFINITY
         if cost >= best_cost:
@@ -171,6 +202,20 @@ class _Search:
                      copied | self.copied[row], left - 1)
         self.state[row] = 0
 
+    def _copied(self) -> frozenset:
+        """The nodes the recomputed candidates' copies run: from those the backward reads, through the inputs
+        that are recomputed too. This is what ``simulate`` charges; recomputing more never runs fewer."""
+        inputs = self.problem.inputs
+        recomputed = {v for r in self.rows if self.state[r] == 2 for v in self.problem.candidates[self.order[r]].nodes}
+        copied: set[int] = set()
+        stack = [v for v in recomputed if v in self.read_by_backward]
+        while stack:
+            v = stack.pop()
+            if v not in copied:
+                copied.add(v)
+                stack.extend(a for a in inputs[v] if a in recomputed)
+        return frozenset(copied)
+
     def _knapsack(self, depth: int, need: np.ndarray, over: np.ndarray, copied: frozenset) -> float:
         """Least cost of freeing ``need`` with undecided candidates, at the few events most over budget."""
         if over.size == 0 or depth >= len(self.order):
@@ -191,3 +236,12 @@ class _Search:
                     break
             best = max(best, total)
         return best
+
+
+def _chain_only(problem: RecomputeProblem, i: int) -> bool:
+    """The backward reads neither the candidate's storage nor its nodes: recomputing it matters only when a
+    recomputed candidate's copy reads it (then it is copied too, instead of kept until that copy)."""
+    c = problem.candidates[i]
+    bs = problem.backward_start
+    users: tuple[tuple[int, ...], ...] = problem.users  # type: ignore[attr-defined]
+    return all(r < bs for r in problem.readers[c.storage]) and all(u < bs for v in c.nodes for u in users[v])

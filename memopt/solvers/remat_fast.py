@@ -19,9 +19,11 @@ recomputed away, by candidates live then, each at least at its own cost.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 INFINITY = float("inf")
 
@@ -49,6 +51,7 @@ class RecomputeProblem:
     candidates: tuple[Candidate, ...]
     constant_bytes: int = 0  # resident during the whole graph outside the storages (optimizer state)
     floor_bytes: int = 0  # a peak outside the graph no choice changes (the optimizer step)
+    node_scratch: tuple[int, ...] = ()  # per node: bytes it allocates and frees inside itself (a copy too)
 
     def __post_init__(self) -> None:
         n = len(self.inputs)
@@ -74,9 +77,9 @@ class Simulation:
 
 @dataclass(frozen=True)
 class RecomputeSolution:
-    status: str  # "optimal" | "feasible" | "infeasible"
+    status: str  # "optimal" | "feasible" | "infeasible" ("unknown": an exact search out of time, no plan)
     chosen: tuple[int, ...]  # candidate indices recomputed
-    levels: tuple[int, ...]  # per block: the option taken
+    levels: tuple[int, ...]  # per block: the least option that holds what the plan recomputes there
     peak_bytes: int
     cost_s: float
     lower_bound_s: float
@@ -108,72 +111,147 @@ class _Replay:
     peak_bytes: int
     peak_time: int
     cost_s: float
-    profile: list[int]  # per event time
-    time_of: list[int]  # per original node: its event time
+    profile: Any  # numpy int64, per event time
+    time_of: list[int]  # per original node: its event time (shared: read only)
     copy_time: dict[int, int]  # per copied node: the event time of its copy
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """Per-problem arrays the replay reads (numpy)."""
+
+    start: Any  # per storage: the making node, -1 for graph inputs
+    last_reader: Any  # per storage: the last node reading it, else its maker
+    forward_end: Any  # per storage: the last forward node reading it, else its maker
+    last_backward: tuple[int, ...]  # per storage: the last backward reader, -1 if none
+    copyable_readers: tuple[tuple[int, ...], ...]  # per storage: its forward readers in some candidate
+    copyable_users: dict[int, tuple[int, ...]]  # per node in some candidate: its users in some candidate
+    to_end: Any  # per storage: lives to the end of the graph (outputs, graph inputs)
+    sizes: Any
+    identity: list[int]
+    identity_times: Any  # the same, numpy, with a 0 appended (index -1: a graph input's maker)
+    reads_candidates: tuple[tuple[int, tuple[int, ...]], ...]  # backward nodes reading candidates' nodes
+
+
+def _prepared(problem: RecomputeProblem) -> _Prepared:
+    cached = problem.__dict__.get("_prepared")
+    if cached is None:
+        import numpy as np
+
+        bs = problem.backward_start
+        readers = problem.readers
+        in_candidates = {node for c in problem.candidates for node in c.nodes}
+        cached = _Prepared(
+            start=np.array(problem.start, dtype=np.int64),
+            last_reader=np.array([max(r, default=s) for r, s in zip(readers, problem.start)], dtype=np.int64),
+            forward_end=np.array([max((x for x in r if x < bs), default=s) for r, s in zip(readers, problem.start)],
+                                 dtype=np.int64),
+            last_backward=tuple(max((x for x in r if x >= bs), default=-1) for r in readers),
+            copyable_readers=tuple(tuple(x for x in r if x < bs and x in in_candidates) for r in readers),
+            copyable_users={node: tuple(u for u in problem.users[node] if u in in_candidates)  # type: ignore
+                            for node in in_candidates},
+            to_end=np.array(_outputs(problem), dtype=bool),
+            sizes=np.array(problem.sizes, dtype=np.float64),
+            identity=list(range(len(problem.inputs))),
+            identity_times=np.array([*range(len(problem.inputs)), 0], dtype=np.int64),
+            reads_candidates=tuple(
+                (node, tuple(a for a in problem.inputs[node] if a in in_candidates))
+                for node in range(bs, len(problem.inputs))
+                if any(a in in_candidates for a in problem.inputs[node])
+            ),
+        )
+        object.__setattr__(problem, "_prepared", cached)
+    return cached
+
+
 def _replay(problem: RecomputeProblem, chosen: Collection[int]) -> _Replay:
+    import numpy as np
+
+    pre = _prepared(problem)
     bs = problem.backward_start
     cands = [problem.candidates[i] for i in chosen]
     recompute = {node for c in cands for node in c.nodes}
     chosen_storages = {c.storage for c in cands}
     makes: dict[int, tuple[int, ...]] = problem.makes  # type: ignore[attr-defined]
-    n = len(problem.inputs)
-    time_of = list(range(n))  # event time of each original node
+    inputs = problem.inputs
+    n = len(inputs)
     copy_time: dict[int, int] = {}  # recomputed node -> time of its copy
-    clock = bs
-
-    def copy(node: int) -> None:
-        nonlocal clock
-        for arg in problem.inputs[node]:
-            if arg in recompute and arg not in copy_time:
-                copy(arg)
-        copy_time[node] = clock
-        clock += 1
-
     if recompute:
-        for node in range(bs, n):
-            for arg in problem.inputs[node]:
+        made = 0  # copies so far: node b runs at time b + the copies made before it
+
+        def copy(node: int, before: int) -> None:
+            nonlocal made
+            for arg in inputs[node]:
                 if arg in recompute and arg not in copy_time:
-                    copy(arg)
-            time_of[node] = clock
-            clock += 1
+                    copy(arg, before)
+            copy_time[node] = before + made
+            made += 1
+
+        groups = [0] * (n + 1)  # copies made right before each node
+        for node, args in pre.reads_candidates:  # (backward nodes reading no candidate's node copy nothing)
+            before = made
+            for arg in args:
+                if arg in recompute and arg not in copy_time:
+                    copy(arg, node)
+            groups[node] = made - before
+        times = np.arange(n + 1, dtype=np.int64)
+        times[bs:n] += np.cumsum(np.array(groups[bs:n], dtype=np.int64))
+        times[n] = 0  # (index -1, a graph input's maker: time 0)
+        time_of = times[:n].tolist()
+        clock = n + made
     else:
-        clock = n
+        time_of, clock = pre.identity, n
+        times = pre.identity_times
     horizon = clock + 1
-    start = [time_of[s] if s >= 0 else 0 for s in problem.start]
-    end = [
-        max((time_of[r] for r in readers), default=time_of[s]) if s >= 0 and not out else horizon
-        for s, readers, out in zip(problem.start, problem.readers, _outputs(problem))
-    ]
-    sizes = list(problem.sizes)
-    for storage in chosen_storages:  # the forward one dies at its last forward reader
-        end[storage] = max((r for r in problem.readers[storage] if r < bs), default=problem.start[storage])
+    start = times[pre.start]
+    # time_of grows with position, so a storage's last reader is also its last to run
+    end = np.where(pre.to_end, horizon, times[pre.last_reader])
+    if chosen_storages:  # the forward one dies at its last forward reader
+        index = np.fromiter(chosen_storages, dtype=np.int64, count=len(chosen_storages))
+        end[index] = pre.forward_end[index]
+    extra_start: list[int] = []
+    extra_end: list[int] = []
+    extra_size: list[int] = []
+    kept_until: dict[int, int] = {}
     for node, at in copy_time.items():
-        for storage in makes.get(node, ()):  # the copy's results; read by the backward if chosen
-            last = at
+        # the copy's results: all live while the copy's own getitems read it; the chosen ones until the
+        # backward is done with them
+        held = max((copy_time[u] for u in pre.copyable_users[node] if u in copy_time), default=at)
+        for storage in makes.get(node, ()):
+            last = held
             if storage in chosen_storages:
-                for r in problem.readers[storage]:
-                    last = max(last, time_of[r] if r >= bs else copy_time.get(r, -1))
-            start.append(at)
-            end.append(last)
-            sizes.append(problem.sizes[storage])
-        for arg in problem.inputs[node]:  # a kept input lives until the copy reads it
+                if pre.last_backward[storage] >= 0:
+                    last = max(last, time_of[pre.last_backward[storage]])
+                for r in pre.copyable_readers[storage]:
+                    if r in copy_time and copy_time[r] > last:
+                        last = copy_time[r]
+            extra_start.append(at)
+            extra_end.append(last)
+            extra_size.append(problem.sizes[storage])
+        for arg in inputs[node]:  # a kept input lives until the copy reads it
             if arg not in recompute:
                 for storage in problem.values[arg]:
-                    end[storage] = max(end[storage], at)
-    delta = [0] * (horizon + 2)
-    for s, e, size in zip(start, end, sizes):
-        delta[s] += size
-        delta[min(e, horizon) + 1] -= size
-    running, peak, peak_time = problem.constant_bytes, -1, 0
-    profile = [0] * (horizon + 1)
-    for t in range(horizon + 1):
-        running += delta[t]
-        profile[t] = running
-        if running > peak:
-            peak, peak_time = running, t
+                    if kept_until.get(storage, -1) < at:
+                        kept_until[storage] = at
+    if kept_until:
+        index = np.fromiter(kept_until, dtype=np.int64, count=len(kept_until))
+        end[index] = np.maximum(end[index], np.fromiter(kept_until.values(), dtype=np.int64, count=len(index)))
+    sizes = pre.sizes
+    if extra_start:
+        start = np.concatenate([start, np.array(extra_start, dtype=np.int64)])
+        end = np.concatenate([end, np.array(extra_end, dtype=np.int64)])
+        sizes = np.concatenate([sizes, np.array(extra_size, dtype=np.float64)])
+    # (sums of whole numbers below 2**53 are exact in float64)
+    delta = np.bincount(start, weights=sizes, minlength=horizon + 2)
+    delta -= np.bincount(np.minimum(end, horizon) + 1, weights=sizes, minlength=horizon + 2)
+    profile = np.rint(np.cumsum(delta[:horizon + 1])).astype(np.int64) + problem.constant_bytes
+    if problem.node_scratch:  # workspace at the op that allocates it, and at its copy
+        scratch = np.asarray(problem.node_scratch, dtype=np.int64)
+        np.add.at(profile, np.asarray(time_of, dtype=np.int64), scratch)
+        for node, at in copy_time.items():
+            profile[at] += scratch[node]
+    peak_time = int(profile.argmax())
+    peak = int(profile[peak_time])
     cost = sum(problem.node_costs[node] for node in copy_time)
     return _Replay(max(peak, problem.floor_bytes), peak_time, cost, profile, time_of, copy_time)
 
@@ -185,9 +263,10 @@ class Spans:
     What bounds need: recomputed, the storage lives to ``forward_end``, and its
     copy at least from ``copy_start`` to ``copy_end`` (empty when start > end);
     the copy certainly runs the ``copied`` nodes. ``extensions``: inputs of
-    those copies that live on past their own end when nothing recomputes them:
-    (storage, first, last position it is then live at least, candidates that
-    must all be kept for that).
+    those copies that outlive their own end when nothing recomputes them:
+    (storage, first position past its end, the copied node that reads it,
+    candidates that must all be kept for that); the storage then lives until
+    the copy, which comes no earlier than ``first_need`` of the copied node.
     """
 
     kept_end: tuple[int, ...]  # last position the storage lives when kept (n: to the end of the graph)
@@ -197,6 +276,7 @@ class Spans:
     copied: tuple[frozenset[int], ...]
     extensions: tuple[tuple[tuple[int, int, int, tuple[int, ...]], ...], ...]
     kept_profile: tuple[int, ...]  # bytes live at each node with nothing recomputed
+    holders: dict[int, tuple[int, ...]]  # per forward node in some candidate: the candidates holding it
 
 
 def spans(problem: RecomputeProblem) -> Spans:
@@ -209,15 +289,11 @@ def spans(problem: RecomputeProblem) -> Spans:
     outputs = _outputs(problem)
     kept_end = [n if out else max(readers, default=first)
                 for out, readers, first in zip(outputs, problem.readers, problem.start)]
-    # the first backward node reading each forward node or one of its forward descendants: no copy of
-    # the node is made before it
-    first_need = [n] * n
-    for node in range(bs - 1, -1, -1):
-        first_need[node] = min((u if u >= bs else first_need[u] for u in users[node]), default=n)
     holders: dict[int, list[int]] = {}
     for i, c in enumerate(problem.candidates):
         for node in c.nodes:
             holders.setdefault(node, []).append(i)
+    storages = _candidate_storages(problem)
     forward_end, copy_start, copy_end, copied, extensions = [], [], [], [], []
     for c in problem.candidates:
         s, own = c.storage, set(c.nodes)
@@ -241,20 +317,32 @@ def spans(problem: RecomputeProblem) -> Spans:
                     continue
                 needs = tuple(holders.get(arg, ()))
                 for t in problem.values[arg]:
-                    owner = [d for d in needs if problem.candidates[d].storage == t]
-                    if outputs[t] or (t in _candidate_storages(problem) and not owner):
+                    if outputs[t] or (t in storages and not any(problem.candidates[d].storage == t for d in needs)):
                         continue
-                    first, last = kept_end[t] + 1, first_need[node] - 1
-                    if first <= last:
-                        items.append((t, first, last, needs))
+                    items.append((t, kept_end[t] + 1, node, needs))
         extensions.append(tuple(items))
     replay = _replay(problem, ())
     result = Spans(
         tuple(kept_end[c.storage] for c in problem.candidates), tuple(forward_end), tuple(copy_start),
-        tuple(copy_end), tuple(copied), tuple(extensions), tuple(replay.profile[:n]),
+        tuple(copy_end), tuple(copied), tuple(extensions), tuple(int(v) for v in replay.profile[:n]),
+        {node: tuple(h) for node, h in holders.items()},
     )
     object.__setattr__(problem, "_spans", result)
     return result
+
+
+def first_need(problem: RecomputeProblem, recomputed: Collection[int]) -> dict[int, int]:
+    """Per node of ``recomputed``: the first backward node that reads it or a node it feeds within the set.
+
+    With exactly these forward nodes recomputed, a node's copy comes right before
+    that backward node; with more, no later; with fewer, no earlier.
+    """
+    bs, n = problem.backward_start, len(problem.inputs)
+    users: tuple[tuple[int, ...], ...] = problem.users  # type: ignore[attr-defined]
+    need: dict[int, int] = {}
+    for node in sorted(recomputed, reverse=True):
+        need[node] = min((u if u >= bs else need.get(u, n) for u in users[node]), default=n)
+    return need
 
 
 def lower_bound(problem: RecomputeProblem, budget_bytes: int, *, allowed: Collection[int] | None = None) -> float:
@@ -353,56 +441,496 @@ def solve_blocks(
     *,
     time_limit_s: float = 5.0,
 ) -> RecomputeSolution:
-    """The cheapest plan found with peak <= ``budget_bytes``, choosing one option per block.
+    """The cheapest plan found with peak <= ``budget_bytes``, from the candidates the blocks' options name.
 
     ``options[j]`` lists block j's options as candidate index sets, each recomputing
     at least what the one before it does; option 0 is usually "keep everything".
+    The plan may take any candidates the options name, not only whole options;
+    ``levels`` reports, per block, the least option that holds what the plan
+    recomputes there. The lower bound and "optimal" are over the same candidates.
     """
     started = time.perf_counter()
+    pool = sorted({i for block in options for option in block for i in option})
+    # the bound first: it is quick, and a plan that meets it ends the search
+    bound = lower_bound(problem, budget_bytes, allowed=pool)
+    search = _Search(problem, budget_bytes, pool, started + time_limit_s * _SEARCH_SHARE, bound)
+    # the chain: every block one level up, in forward order, then the next level; the sets grow along it,
+    # so the first point that fits is the cheapest; points the bound rules out are not simulated
     levels = [0] * len(options)
-    evaluated = 0
-
-    def run(levels: Sequence[int]) -> tuple[Simulation, tuple[int, ...]]:
-        nonlocal evaluated
-        evaluated += 1
-        chosen = tuple(sorted({i for j, level in enumerate(levels) for i in options[j][level]}))
-        return simulate(problem, chosen), chosen
-
-    # the chain: every block one level up, in forward order, then the next level
     chain = [tuple(levels)]
-    depth = max((len(o) for o in options), default=1)
-    for level in range(1, depth):
+    for level in range(1, max((len(o) for o in options), default=1)):
         for j, block in enumerate(options):
             if level < len(block):
                 levels[j] = level
                 chain.append(tuple(levels))
-    sims = [run(point) for point in chain]
-    fitting = [i for i, (sim, _) in enumerate(sims) if sim.peak_bytes <= budget_bytes]
-    bound = lower_bound(problem, budget_bytes)
-    if not fitting:
-        i = min(range(len(sims)), key=lambda k: sims[k][0].peak_bytes)
-        sim, chosen = sims[i]
-        return RecomputeSolution("infeasible", chosen, chain[i], sim.peak_bytes, sim.cost_s, bound,
-                                 time.perf_counter() - started, evaluated)
-    best_index = min(fitting, key=lambda k: (sims[k][0].cost_s, k))
-    best_levels = list(chain[best_index])
-    best_sim, best_chosen = sims[best_index]
-    # repair: undo upgrades that the budget does not need, the costliest first
-    undo = sorted(
-        (j for j, level in enumerate(best_levels) if level > 0),
-        key=lambda j: -_option_cost(problem, options[j][best_levels[j]]),
-    )
-    for j in undo:
-        while best_levels[j] > 0 and time.perf_counter() - started < time_limit_s:
-            trial = list(best_levels)
-            trial[j] -= 1
-            sim, chosen = run(trial)
-            if sim.peak_bytes > budget_bytes or sim.cost_s >= best_sim.cost_s:
+    points = [frozenset(i for j, level in enumerate(point) for i in options[j][level]) for point in chain]
+    fit_levels = None
+    for point, chosen in zip(chain, points):
+        if search.may_fit(chosen) and search.evaluate(chosen).peak_bytes <= budget_bytes:
+            fit_levels = list(point)
+            break
+    if fit_levels is not None:
+        # repair: undo upgrades that the budget does not need, the costliest first, until a quarter of the time
+        repair_until = started + time_limit_s / 4
+        undo = sorted((j for j, level in enumerate(fit_levels) if level > 0),
+                      key=lambda j: -_option_cost(problem, options[j][fit_levels[j]]))
+        for j in undo:
+            while fit_levels[j] > 0 and time.perf_counter() < repair_until:
+                trial = list(fit_levels)
+                trial[j] -= 1
+                chosen = frozenset(i for k, level in enumerate(trial) for i in options[k][level])
+                if search.evaluate(chosen).peak_bytes > budget_bytes:
+                    break
+                fit_levels = trial
+    # candidate by candidate: drop what the best plan does not need; build a plan by covering the
+    # excess with the cheapest bytes; then local moves (one out and the excess re-covered, one in and
+    # what it makes unneeded dropped) while they pay
+    if search.best is not None:
+        search.descend(search.best[1])
+    search.descend(search.cover(frozenset(), frozenset()))
+    if search.best is not None:
+        search.local_moves()
+        if search.exact_feedback:
+            search.perturb(_PATIENCE)
+    seconds = time.perf_counter() - started
+    if search.best is None:
+        if search.least is None:
+            search.evaluate(points[-1])
+        sim, chosen = search.least  # type: ignore[misc]
+        return RecomputeSolution("infeasible", tuple(sorted(chosen)), _levels(options, chosen), sim.peak_bytes,
+                                 sim.cost_s, bound, seconds, search.simulations)
+    sim, chosen = search.best
+    status = "optimal" if sim.cost_s <= bound * (1 + 1e-9) else "feasible"
+    return RecomputeSolution(status, tuple(sorted(chosen)), _levels(options, chosen), sim.peak_bytes, sim.cost_s,
+                             min(bound, sim.cost_s), seconds, search.simulations)
+
+
+def _levels(options: Sequence[Sequence[Collection[int]]], chosen: Collection[int]) -> tuple[int, ...]:
+    """Per block, the least option that holds all the plan recomputes there (the last if none does)."""
+    chosen = set(chosen)
+    levels = []
+    for block in options:
+        inside = chosen & set().union(*block)
+        levels.append(next((level for level, option in enumerate(block) if inside <= set(option)), len(block) - 1))
+    return tuple(max(level, 0) for level in levels)
+
+
+_EXACT_FEEDBACK_NODES = 2000  # below this many nodes, every addition and removal is simulated on its own
+_SENTINEL = -(1 << 62)  # a slot with no event
+_LIKELY = 4  # additions simulated per step of a cover, the model's best
+_PAIRS_FROM = 6  # two out at once: pairs of the costliest this many
+_PATIENCE = 20  # random restarts in a row without a gain before the search stops
+_LARGE_PASS = 32  # on large problems, a pass of local moves takes out each of the costliest this many
+_STALL_MIN, _STALL_FACTOR = 1500, 4  # the search stops after max(these) x simulations without a gain
+_SEARCH_SHARE = 0.95  # of the time limit; the rest covers one simulation past the deadline
+
+
+class _Search:
+    """Plans priced by simulation, and a model that predicts what one candidate more or less changes.
+
+    The model works in slots: slot 2x holds the copies made right before node x
+    (their largest total), slot 2x+1 node x. Recomputing candidate c frees its
+    bytes from after its last forward reader to before its first backward reader,
+    and after its last backward reader to its kept end; its copy's inputs that
+    stay kept live on until the copy.
+    """
+
+    def __init__(self, problem: RecomputeProblem, budget: int, pool: Sequence[int], deadline: float,
+                 bound: float = 0.0) -> None:
+        import numpy as np  # (kept out of module import: solvers load fast)
+
+        self.np = np
+        self.problem, self.budget, self.deadline = problem, budget, deadline
+        self.bound = bound  # a plan that costs no more is optimal: the search stops
+        self.pool = list(pool)
+        self.index = {i: k for k, i in enumerate(self.pool)}
+        sp = self.spans = spans(problem)
+        n = self.n = len(problem.inputs)
+        self.exact_feedback = n <= _EXACT_FEEDBACK_NODES
+        self.simulations = 0
+        self.found_at = 0  # simulations when the best plan was found
+        self.best: tuple[Simulation, frozenset[int]] | None = None
+        self.least: tuple[Simulation, frozenset[int]] | None = None
+        self.seen: dict[frozenset[int], Simulation] = {}
+        self.profiles: dict[frozenset[int], tuple[Simulation, object]] = {}
+        m = len(self.pool)
+        size = np.array([problem.sizes[problem.candidates[i].storage] for i in self.pool], dtype=np.int64)
+        fe = np.array([sp.forward_end[i] for i in self.pool], dtype=np.int64)
+        cs = np.array([sp.copy_start[i] for i in self.pool], dtype=np.int64)
+        ce = np.array([sp.copy_end[i] for i in self.pool], dtype=np.int64)
+        ke = np.minimum(np.array([sp.kept_end[i] for i in self.pool], dtype=np.int64), n - 1)
+        copy = cs <= ce
+        self.size = size
+        self.w1 = (2 * (fe + 1), np.where(copy, 2 * np.minimum(cs, ke + 1) - 1, 2 * ke + 1))
+        self.w2 = (np.where(copy & (ce < ke), 2 * (ce + 1), 2 * n + 2), np.where(copy, 2 * ke + 1, -1))
+        self.copy_start = cs
+        self.own_cost = np.array([sum(problem.node_costs[v] for v in sp.copied[i]) for i in self.pool])
+        # per candidate: the candidates whose nodes its copies read
+        holders = sp.holders
+        self.reads_from: dict[int, frozenset[int]] = {
+            i: frozenset(d for v in sp.copied[i] for a in problem.inputs[v] for d in holders.get(a, ()) if d != i)
+            for i in self.pool
+        }
+        self.copiers: dict[int, list[int]] = {}  # node -> pool positions whose copies certainly run it
+        for k, i in enumerate(self.pool):
+            for v in sp.copied[i]:
+                self.copiers.setdefault(v, []).append(k)
+        # node-position lower bound on the peak (no copies, no kept inputs): kept profile minus savings
+        self.kept = np.array(sp.kept_profile, dtype=np.int64)
+        self.saving_delta = []
+        for k in range(m):
+            first, last = int(fe[k]) + 1, int(ke[k])
+            parts = [(first, min(last, int(cs[k]) - 1)), (max(first, int(ce[k]) + 1), last)] if copy[k] \
+                else [(first, last)]
+            self.saving_delta.append([(a, b) for a, b in parts if a <= b])
+        self.m = m
+
+    # pricing
+    def evaluate(self, chosen: frozenset[int]) -> Simulation:
+        sim = self.seen.get(chosen)
+        if sim is None:
+            sim = self.seen[chosen] = self._replay(chosen)[0]
+        return sim
+
+    def _replay(self, chosen: frozenset[int]) -> tuple[Simulation, _Replay]:
+        self.simulations += 1
+        replay = _replay(self.problem, chosen)
+        sim = Simulation(replay.peak_bytes, replay.peak_time, replay.cost_s)
+        self.seen[chosen] = sim
+        if sim.peak_bytes <= self.budget:
+            if self.best is None or sim.cost_s < self.best[0].cost_s:
+                self.best = (sim, chosen)
+                self.found_at = self.simulations
+        elif self.least is None or sim.peak_bytes < self.least[0].peak_bytes:
+            self.least = (sim, chosen)
+        return sim, replay
+
+    def fits(self, chosen: frozenset[int]) -> bool:
+        return self.evaluate(chosen).peak_bytes <= self.budget
+
+    def may_fit(self, chosen: frozenset[int]) -> bool:
+        """False when the node-position lower bound already exceeds the budget."""
+        np = self.np
+        delta = np.zeros(self.n + 1, dtype=np.int64)
+        for i in chosen:
+            k = self.index.get(i)
+            if k is None:
+                continue
+            for a, b in self.saving_delta[k]:
+                delta[a] += self.size[k]
+                delta[b + 1] -= self.size[k]
+        return bool((self.kept - np.cumsum(delta[:-1])).max(initial=0) <= self.budget)
+
+    def out_of_time(self) -> bool:
+        """Time is up, the best plan meets the lower bound, or the search has stalled: many simulations
+        (more than it took to find the best plan, several times over) without a better plan."""
+        if self.best is not None and self.best[0].cost_s <= self.bound * (1 + 1e-9):
+            return True
+        if self.simulations - self.found_at > max(_STALL_MIN, _STALL_FACTOR * self.found_at):
+            return True
+        return time.perf_counter() > self.deadline
+
+    def cost(self, chosen: Collection[int]) -> float:
+        """Seconds of the copies the set certainly runs (what simulate charges, bar copies of copies' inputs)."""
+        nodes = {v for i in chosen for v in self.spans.copied[i]}
+        return sum(self.problem.node_costs[v] for v in nodes)
+
+    # the model
+    def slots(self, replay: _Replay) -> object:
+        np = self.np
+        profile = replay.profile
+        out = np.full(2 * self.n + 2, _SENTINEL, dtype=np.int64)
+        out[1:2 * self.n:2] = profile[np.array(replay.time_of, dtype=np.int64)]
+        bs = self.problem.backward_start
+        for node in range(bs, self.n):  # copies made right before node: between its time and the one before
+            first = replay.time_of[node - 1] + 1 if node > 0 else 0
+            if first < replay.time_of[node]:
+                out[2 * node] = profile[first:replay.time_of[node]].max()
+        return out
+
+    def _free(self, slots, k: int, sign: int) -> None:
+        """Apply (sign -1) or undo (sign +1) candidate k's saving in the predicted slots."""
+        for a, b in (self.w1, self.w2):
+            if a[k] <= b[k]:
+                slots[a[k]:b[k] + 1] += sign * self.size[k]
+
+    def _extend(self, slots, k: int, chosen: Collection[int], extended: dict[int, int]) -> None:
+        """The inputs of k's copies that nothing recomputes live until its copy."""
+        until = 2 * int(self.copy_start[k])
+        for storage, first, _node, needs in self.spans.extensions[self.pool[k]]:
+            if any(d in chosen for d in needs):
+                continue
+            start = max(2 * first, extended.get(storage, -1) + 1)
+            if start <= until:
+                slots[start:until + 1] += self.problem.sizes[storage]
+                extended[storage] = until
+
+    def _extended(self, chosen: Collection[int]) -> dict[int, int]:
+        extended: dict[int, int] = {}
+        for i in chosen:
+            k = self.index.get(i)
+            if k is None:
+                continue
+            until = 2 * int(self.copy_start[k])
+            for storage, _first, _node, needs in self.spans.extensions[i]:
+                if not any(d in chosen for d in needs):
+                    extended[storage] = max(extended.get(storage, -1), until)
+        return extended
+
+    # moves
+    def profile(self, chosen: frozenset[int]) -> tuple[Simulation, object]:
+        """The simulation and its slots (kept for small problems)."""
+        cached = self.profiles.get(chosen)
+        if cached is None:
+            sim, replay = self._replay(chosen)
+            cached = (sim, self.slots(replay))
+            if self.exact_feedback:
+                self.profiles[chosen] = cached
+        return cached
+
+    def cover(self, chosen: frozenset[int], banned: frozenset[int]) -> frozenset[int] | None:
+        """Add candidates until the plan fits; None when stuck or out of time."""
+        if self.exact_feedback:
+            return self._cover_simulated(chosen, banned)
+        return self._cover_predicted(chosen, banned)
+
+    def _cover_simulated(self, chosen: frozenset[int], banned: frozenset[int]) -> frozenset[int] | None:
+        """Take the move that lowers the bytes over budget (summed over slots) the most per second it adds,
+        every move simulated: adding one of the candidates the model ranks best; failing that, adding any,
+        or taking one out (a recomputation that keeps its inputs alive or makes other copies early can be
+        what holds the bytes). What comes out stays out."""
+        banned = set(banned)
+        while not self.out_of_time():
+            sim, slots = self.profile(chosen)
+            if sim.peak_bytes <= self.budget:
+                return chosen
+            likely = self._likely(chosen, banned, slots)
+            outs = [chosen - {i} for i in sorted(chosen)] + self._groups_out(chosen)
+            best = self._best_move(chosen, sim, slots, [chosen | {i} for i in likely] + outs)
+            if best is None:
+                others = [chosen | {i} for i in self.pool if i not in chosen and i not in banned and i not in likely]
+                best = self._best_move(chosen, sim, slots, others)
+            if best is None:
+                return None
+            banned.update(chosen - best)
+            chosen = best
+        return None
+
+    def _groups_out(self, chosen: frozenset[int]) -> list[frozenset[int]]:
+        """Plans without a group of recomputations that together hold bytes no single one does: those
+        whose copies read another chosen candidate's nodes (that copy then comes early), and those whose
+        copies read the same kept storage (it lives until the last of them)."""
+        groups: dict[tuple[str, int], set[int]] = {}
+        for i in chosen:
+            for d in self.reads_from[i]:
+                if d in chosen:
+                    groups.setdefault(("copy", d), set()).add(i)
+            for storage, _first, _node, needs in self.spans.extensions[i]:
+                if not any(d in chosen for d in needs):
+                    groups.setdefault(("kept", storage), set()).add(i)
+        unique = {frozenset(g) for g in groups.values() if len(g) > 1}
+        return [chosen - g for g in sorted(unique, key=sorted)]
+
+    def _likely(self, chosen: frozenset[int], banned: Collection[int], slots) -> list[int]:
+        """The few candidates the model says free the most bytes over budget per second."""
+        np = self.np
+        excess = np.maximum(slots - self.budget, 0)
+        covered = {v for i in chosen for v in self.spans.copied[i]}
+        ranked = []
+        for k, i in enumerate(self.pool):
+            if i in chosen or i in banned:
+                continue
+            size = int(self.size[k])
+            freed = sum(int(np.minimum(excess[a[k]:b[k] + 1], size).sum())
+                        for a, b in (self.w1, self.w2) if a[k] <= b[k])
+            if freed > 0:
+                cost = sum(self.problem.node_costs[v] for v in self.spans.copied[i] if v not in covered)
+                ranked.append((cost / freed, -freed, i))
+        ranked.sort()
+        return [i for _, _, i in ranked[:_LIKELY]]
+
+    def _over(self, slots) -> int:
+        return int(self.np.maximum(slots - self.budget, 0).sum())
+
+    def _best_move(self, chosen, sim, slots, trials) -> frozenset[int] | None:
+        best = None
+        over = self._over(slots)
+        for trial in trials:
+            if self.out_of_time():
+                return None
+            after, trial_slots = self.profile(trial)
+            freed = over - self._over(trial_slots)
+            if freed <= 0:
+                continue
+            added = after.cost_s - sim.cost_s  # (a move that saves both: the one freeing the most)
+            key = ((0, -freed, added) if added <= 0 else (1, added / freed, -freed)) + (sorted(trial ^ chosen),)
+            if best is None or key < best[0]:
+                best = (key, trial)
+        return None if best is None else best[1]
+
+    def _cover_predicted(self, chosen: frozenset[int], banned: frozenset[int]) -> frozenset[int] | None:
+        """Add, by the model, at the slot most over budget the candidate freeing bytes there at the least
+        cost per byte (bytes counted up to the excess), until the model says the plan fits; simulate; repeat."""
+        np = self.np
+        budget = self.budget
+        while not self.out_of_time():
+            seen = self.seen.get(chosen)
+            if seen is not None and seen.peak_bytes <= budget:
+                return chosen
+            sim, replay = self._replay(chosen)
+            if sim.peak_bytes <= budget:
+                return chosen
+            slots = self.slots(replay)
+            extended = self._extended(chosen)
+            covered = {v for i in chosen for v in self.spans.copied[i]}
+            marginal = self.own_cost.copy()
+            for v in covered:
+                for k in self.copiers.get(v, ()):
+                    marginal[k] -= self.problem.node_costs[v]
+            open_ = np.ones(self.m, dtype=bool)
+            for i in chosen | banned:
+                if i in self.index:
+                    open_[self.index[i]] = False
+            added = set(chosen)
+            picks = 0
+            while True:
+                x = int(slots.argmax())
+                excess = int(slots[x]) - budget
+                if excess <= 0:
+                    break
+                live = open_ & (((self.w1[0] <= x) & (x <= self.w1[1])) | ((self.w2[0] <= x) & (x <= self.w2[1])))
+                if not live.any():
+                    break
+                ratio = np.where(live, np.maximum(marginal, 0.0) / np.minimum(self.size, excess).clip(min=1), np.inf)
+                k = int(ratio.argmin())
+                open_[k] = False
+                added.add(self.pool[k])
+                picks += 1
+                self._free(slots, k, -1)
+                self._extend(slots, k, added, extended)
+                for v in self.spans.copied[self.pool[k]]:
+                    if v not in covered:
+                        covered.add(v)
+                        for d in self.copiers[v]:
+                            marginal[d] -= self.problem.node_costs[v]
+            if picks == 0:
+                return None
+            chosen = frozenset(added)
+        return None
+
+    def drop(self, chosen: frozenset[int], keep: Collection[int] = ()) -> frozenset[int]:
+        """Remove candidates the plan does not need, the costliest first (but those in ``keep``)."""
+        if not self.fits(chosen):
+            return chosen
+        order = sorted((i for i in chosen if i not in keep),
+                       key=lambda i: (-self.own_cost[self.index[i]] if i in self.index else 0.0, i))
+        if self.exact_feedback:  # the costliest first, and the costliest per byte first: the cheaper result
+            per_byte = self.own_cost / self.np.maximum(self.size, 1)
+            by_byte = sorted(order, key=lambda i: (-per_byte[self.index[i]], i))
+            results = []
+            for sequence in (order, by_byte):
+                current = chosen
+                for i in sequence:
+                    if self.out_of_time():
+                        break
+                    trial = current - {i}
+                    if self.fits(trial):
+                        current = trial
+                results.append(current)
+            return min(results, key=lambda plan: (self.evaluate(plan).cost_s, sorted(plan)))
+        # predicted: drop all that the model says fit, then halve the batch until the simulation agrees
+        _, replay = self._replay(chosen)
+        slots = self.slots(replay)
+        batch = []
+        for i in order:
+            k = self.index.get(i)
+            if k is None:
+                continue
+            self._free(slots, k, +1)
+            if slots.max() <= self.budget:
+                batch.append(i)
+            else:
+                self._free(slots, k, -1)
+        while batch and not self.out_of_time():
+            trial = chosen - set(batch)
+            if self.fits(trial):
+                chosen = trial
                 break
-            best_levels, best_sim, best_chosen = trial, sim, chosen
-    status = "optimal" if best_sim.cost_s <= bound * (1 + 1e-9) else "feasible"
-    return RecomputeSolution(status, best_chosen, tuple(best_levels), best_sim.peak_bytes, best_sim.cost_s,
-                             min(bound, best_sim.cost_s), time.perf_counter() - started, evaluated)
+            batch = batch[:len(batch) // 2]
+        return chosen
+
+    def descend(self, chosen: frozenset[int] | None) -> None:
+        """From a plan that fits: drop what is unneeded, then while one candidate in lets costlier ones out,
+        take it (the cheapest first)."""
+        if chosen is None or not self.fits(chosen):
+            return
+        chosen = self.drop(chosen)
+        improved = self.exact_feedback
+        while improved and not self.out_of_time():
+            improved = False
+            cost = self.evaluate(chosen).cost_s
+            for i in sorted((i for i in self.pool if i not in chosen), key=lambda i: (self.own_cost[self.index[i]], i)):
+                if self.out_of_time():
+                    return
+                trial = self.drop(chosen | {i}, keep=(i,))
+                if self.evaluate(trial).cost_s < cost:
+                    chosen, improved = trial, True
+                    break
+
+    def local_moves(self) -> None:
+        """From the best plan: one out (then two of the costliest), the excess re-covered without them, and
+        descent from there; until none pays. On large problems, one pass over the costliest, repeated
+        while a pass gains more than a thousandth."""
+        if not self.exact_feedback:
+            while not self.out_of_time():
+                before = self.best[0].cost_s  # type: ignore[index]
+                ranked = sorted(self.best[1], key=lambda i: (-self.own_cost[self.index[i]], i))  # type: ignore[index]
+                for i in ranked[:_LARGE_PASS]:
+                    if self.out_of_time():
+                        return
+                    _, chosen = self.best  # type: ignore[misc]
+                    if i in chosen:
+                        self.descend(self.cover(chosen - {i}, frozenset((i,))))
+                if self.best[0].cost_s > before * (1 - 1e-3):  # type: ignore[index]
+                    return
+            return
+        improved = True
+        while improved and not self.out_of_time():
+            _, chosen = self.best  # type: ignore[misc]
+            ranked = sorted(chosen, key=lambda i: (-self.own_cost[self.index[i]], i))
+            top = ranked[:_PAIRS_FROM]
+            outs = [frozenset((i,)) for i in ranked]
+            outs += [frozenset((a, b)) for k, a in enumerate(top) for b in top[k + 1:]]
+            improved = False
+            for out in outs:
+                if self.out_of_time():
+                    return
+                self.descend(self.cover(chosen - out, out))
+                if self.best[1] != chosen:  # type: ignore[index]
+                    improved = True
+                    break
+
+    def perturb(self, patience: int) -> None:
+        """Take out a few of the best plan's candidates at random (the costlier, the likelier), keep them out
+        while the excess is re-covered, descend; after a gain, local moves again. Stops after ``patience``
+        tries in a row without a gain."""
+        rng = random.Random(0)
+        stale = 0
+        while stale < patience and not self.out_of_time():
+            _, chosen = self.best  # type: ignore[misc]
+            items = sorted(chosen)
+            if not items:
+                return
+            weights = [float(self.own_cost[self.index[i]]) + 1e-30 for i in items]
+            out: set[int] = set()
+            for _ in range(min(rng.choice((1, 2, 3)), len(items))):
+                out.add(rng.choices(items, weights)[0])
+            self.descend(self.cover(chosen - out, frozenset(out)))
+            if self.best[1] != chosen:  # type: ignore[index]
+                stale = 0
+                self.local_moves()
+            else:
+                stale += 1
 
 
 def _option_cost(problem: RecomputeProblem, option: Collection[int]) -> float:

@@ -1,0 +1,455 @@
+"""Run a planned step's two programs as Inductor-compiled code: the Inductor path.
+
+``InductorStep(runner)`` compiles the forward and the backward of a
+``StepRunner`` separately with ``torch._inductor.compile_fx.compile_fx``. Each
+program becomes a GraphModule whose one placeholder is the list of its inputs;
+AOTAutograd functionalizes it in inference mode (``bernoulli_``, BatchNorm's
+running statistics and ``num_batches_tracked``, an input changed in place: all
+written back once, in the graph) and Inductor fuses it, recomputation included.
+The list is the boxed calling convention: the compiled code clears it and drops
+each input after its last reader, so the backward frees the saved set as it
+goes, as the FX path does.
+
+Three Inductor settings differ from its defaults (``DEFAULT_OPTIONS``):
+``fallback_random`` (dropout draws from aten's generator in eager's order, so
+masks equal eager's), and both reordering passes off, because memopt's order is
+the plan: ``reorder_for_locality`` moves a producer next to its first reader,
+so the saved tensors it reads live longer (the MLP example's step peaked 50%
+over its budget with it), and ``reorder_for_peak_memory`` picks an order by its
+own estimate (Llama's, 10% over at the smallest budget).
+
+What the compiled code allocates is read back from its wrapper code (the
+``call`` function Inductor writes): ``wrapper_memory`` replays its allocations,
+reuses and ``del``s on fake tensors and gives the program's peak above its
+entry, so ``InductorStep.predicted_peak_bytes`` is the step's peak as Inductor
+runs it, not as the plan's FX graph would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+from unittest import mock
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
+
+from memopt.codegen.runner import StepRunner, run_step
+from memopt.errors import MemoptError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "fallback_random": True,  # aten's RNG, in eager's order: dropout masks equal eager's
+    "reorder_for_locality": False,  # memopt's order is the plan (see the module's docstring)
+    "reorder_for_peak_memory": False,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class WrapperMemory:
+    """Bytes a compiled program's wrapper code allocates and frees, relative to what was live at its entry."""
+
+    peak_bytes: int  # highest live bytes above the entry (inputs freed on the way count negative)
+    end_bytes: int  # live bytes above the entry after it returned: its outputs, less the inputs it freed
+    timeline: tuple[int, ...]  # live bytes above the entry after each statement that changed them
+    peak_statement: str  # the statement after which the peak is reached
+    unsized: tuple[str, ...]  # assignments whose result could not be sized (counted as no bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledProgram:
+    """One program as Inductor compiled it."""
+
+    fn: Callable[[list], Sequence[torch.Tensor]]  # boxed: clears the list it is given
+    source: str  # the wrapper code Inductor wrote
+    memory: WrapperMemory
+    options: dict[str, Any]  # the Inductor config it was compiled under
+    seconds: float
+
+
+class InductorStep:
+    """A StepRunner's forward and backward compiled by Inductor, for ``run_inductor_step``.
+
+    ``options`` are Inductor config entries on top of ``DEFAULT_OPTIONS``. A program
+    given (``forward``, ``backward``: compiled before, for the same runner) is used as
+    it is. Compiling takes seconds to a minute per program on CPU; the examples are
+    the nodes' fake values, so nothing runs until the step does.
+    """
+
+    def __init__(self, runner: StepRunner, options: dict[str, Any] | None = None, *,
+                 forward: CompiledProgram | None = None, backward: CompiledProgram | None = None) -> None:
+        self.runner = runner
+        options = dict(options or {})
+        self.forward_inputs = list(runner.placeholders)
+        self.backward_inputs = runner.backward_inputs
+        # the caller keeps the placeholders alive (parameters, buffers, inputs), and so every view of them
+        outside = {_storage_key(node.meta["val"]) for node in runner.placeholders
+                   if isinstance(node.meta.get("val"), torch.Tensor)}
+        saved_forward = set(runner.saved_forward)
+        held = [node not in saved_forward or not isinstance(node.meta.get("val"), torch.Tensor)
+                or _storage_key(node.meta["val"]) in outside for node in self.backward_inputs]
+        self.forward = forward or compile_program(runner.forward.nodes, self.forward_inputs, runner.forward.outputs,
+                                                  held=[True] * len(self.forward_inputs), options=options)
+        self.backward = backward or compile_program(runner.backward.nodes, self.backward_inputs,
+                                                    runner.backward.outputs, held=held, options=options)
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.forward.seconds + self.backward.seconds
+
+    def run_forward(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The loss and the saved set from the placeholders' ``values`` (the list is emptied)."""
+        return list(self.forward.fn(values))
+
+    def run_backward(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The gradients (``runner.grad_nodes`` order) from ``values`` in ``backward_inputs`` order (emptied)."""
+        return list(self.backward.fn(values))
+
+    def peaks(self, entry_bytes: int) -> tuple[int, int]:
+        """The forward's and the backward's peaks, with ``entry_bytes`` live when the forward starts."""
+        forward = entry_bytes + self.forward.memory.peak_bytes
+        # autograd makes the loss's gradient (the seed) before the backward starts
+        seed = self.runner.seed.meta["val"].untyped_storage().nbytes()
+        backward = entry_bytes + self.forward.memory.end_bytes + seed + self.backward.memory.peak_bytes
+        return forward, backward
+
+    def predicted_peak_bytes(self, entry_bytes: int, after_bytes: int = 0) -> int:
+        """The step's peak as the compiled code runs it.
+
+        ``entry_bytes`` is what is live when the forward starts (parameters, buffers,
+        inputs, optimizer state: ``plan.entry_bytes``); ``after_bytes`` the peak after
+        the backward (the optimizer step's, from the plan's timeline).
+        """
+        return max(*self.peaks(entry_bytes), after_bytes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keeping the compiled step under the budget
+
+# Inductor passes that can lengthen what the plan keeps alive, turned off in this order (each rung on
+# top of the one before) when the compiled code would break the budget:
+# - post-grad pattern matching rewrites add(mm(a, b), c) into addmm(c, a, b) at the add: on GPT-2
+#   with tied embeddings that keeps the logits' gradient alive through the whole backward;
+# - a fused kernel allocates all its outputs before it runs, where eager frees one temporary
+#   before making the next: smaller kernels bring Llama's MLP backward back to the plan.
+FALLBACK_OPTIONS: tuple[dict[str, Any], ...] = (
+    {"pattern_matcher": False},
+    {"pattern_matcher": False, "max_fusion_size": 4},
+)
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """A plan as lowering needs it: the programs and the bytes around them."""
+
+    runner: StepRunner
+    entry_bytes: int  # live when the forward starts: parameters, buffers, inputs, optimizer state
+    after_bytes: int  # the peak after the backward (the optimizer step), 0 when none
+    plan: Any = None  # what it was made from (a MemoryPlan), handed back untouched
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One compile tried by ``lower_within_budget``."""
+
+    target_bytes: int  # the budget the plan was made for
+    options: dict[str, Any]  # Inductor options on top of DEFAULT_OPTIONS
+    forward_peak_bytes: int
+    backward_peak_bytes: int
+    predicted_peak_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Lowered:
+    step: InductorStep
+    planned: PlannedStep
+    attempts: tuple[Attempt, ...]
+
+
+class InductorBudgetError(MemoptError):
+    """Inductor's code for the step breaks the budget, whatever memopt turned off or re-planned."""
+
+    def __init__(self, budget: int, predicted: int, attempts: tuple[Attempt, ...]) -> None:
+        self.budget, self.predicted, self.attempts = budget, predicted, attempts
+        super().__init__(
+            f"Inductor's code for this step peaks at {predicted:,} B at best, over the budget of {budget:,} B, "
+            f"after {len(attempts)} compile(s) (passes off: {', '.join(map(str, FALLBACK_OPTIONS))}; plans re-made "
+            f"for budgets down to {min(a.target_bytes for a in attempts):,} B); run the planned FX graphs instead, "
+            f"or raise the budget to {predicted:,} B"
+        )
+
+
+def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int, *,
+                        options: dict[str, Any] | None = None, replans: int = 2,
+                        compile_step: Callable[..., InductorStep] = InductorStep) -> Lowered:
+    """Compile the step planned for ``budget_bytes`` so that the compiled code fits it too.
+
+    The compiled code's peak is read from its wrapper (``predicted_peak_bytes``).
+    Over the budget, the passes in ``FALLBACK_OPTIONS`` are turned off one after the
+    other, recompiling only the program that is over; still over, ``plan_at`` makes
+    a new plan for a budget lower by the excess (more recomputation), up to
+    ``replans`` times. ``plan_at(budget)`` may raise ``BudgetInfeasibleError``, which
+    ends the search. Raises ``InductorBudgetError`` when nothing fits. ``compile_step``
+    is how a step is compiled (``InductorStep``'s signature; tests pass a stand-in).
+    """
+    from memopt.errors import BudgetInfeasibleError
+
+    ladder = [dict(options or {})] + [{**(options or {}), **extra} for extra in FALLBACK_OPTIONS]
+    attempts: list[Attempt] = []
+    target, first_rung = budget_bytes, 0
+    planned = plan_at(target)  # a budget no plan meets is the caller's error, raised as it is
+    for replan in range(replans + 1):
+        if replan:
+            try:
+                planned = plan_at(target)
+            except BudgetInfeasibleError:
+                break
+        forward = backward = None
+        best = None
+        for rung in range(first_rung, len(ladder)):
+            started = time.perf_counter()
+            step = compile_step(planned.runner, ladder[rung], forward=forward, backward=backward)
+            forward_peak, backward_peak = step.peaks(planned.entry_bytes)
+            predicted = max(forward_peak, backward_peak, planned.after_bytes)
+            attempts.append(Attempt(target, ladder[rung], forward_peak, backward_peak, predicted,
+                                    time.perf_counter() - started))
+            log.info("inductor: plan for %d B, options %s: predicted peak %d B (budget %d B)",
+                     target, ladder[rung], predicted, budget_bytes)
+            if predicted <= budget_bytes:
+                return Lowered(step, planned, tuple(attempts))
+            if best is None or predicted < best[0]:
+                best = (predicted, rung)
+            # keep the program that fits; recompile the one that does not
+            forward = step.forward if forward_peak <= budget_bytes else None
+            backward = step.backward if backward_peak <= budget_bytes else None
+        assert best is not None
+        first_rung = best[1]
+        target -= best[0] - budget_bytes
+    raise InductorBudgetError(budget_bytes, min(a.predicted_peak_bytes for a in attempts), tuple(attempts))
+
+
+def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node], *,
+                    held: Sequence[bool], options: dict[str, Any]) -> CompiledProgram:
+    """Compile one program with Inductor and read what its code allocates.
+
+    ``held[i]`` says whether something outside the program keeps input ``i`` alive
+    (a parameter, the forward's inputs); the others die with the program's last reader.
+    """
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.graph import GraphLowering
+
+    module = program_module(nodes, inputs, outputs)
+    examples = [_example(node) for node in inputs]
+    sources: list[str] = []
+    started = time.perf_counter()
+    # the wrapper code, on a cache hit too (Inductor's hook for reading the code it produced)
+    patches = {**DEFAULT_OPTIONS, **options}
+    with torch.no_grad(), mock.patch.object(GraphLowering, "save_output_code", sources.append):
+        compiled = compile_fx(module, [examples], config_patches=patches)
+    seconds = time.perf_counter() - started
+    if len(sources) != 1:
+        raise MemoptError(f"Inductor compiled one program into {len(sources)} graphs; memopt expects one")
+    memory = wrapper_memory(sources[0], examples, held)
+    if memory.unsized:
+        log.warning("could not size %d allocation(s) of the compiled code: %s", len(memory.unsized),
+                    "; ".join(memory.unsized[:3]))
+    return CompiledProgram(compiled, sources[0], memory, patches, seconds)
+
+
+def program_module(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> fx.GraphModule:
+    """A GraphModule of ``nodes`` whose one placeholder is the list of ``inputs``, returning ``outputs``.
+
+    The placeholder is marked ``steal_arg``: Inductor's wrapper clears the caller's
+    list, so the compiled code alone holds the inputs and frees each after its last reader.
+    """
+    graph = fx.Graph()
+    boxed = graph.placeholder("inputs")
+    boxed.meta["steal_arg"] = True
+    env: dict[fx.Node, fx.Node] = {}
+    for i, node in enumerate(inputs):
+        env[node] = graph.call_function(operator.getitem, (boxed, i))
+        env[node].meta = dict(node.meta)
+    for node in nodes:
+        env[node] = graph.node_copy(node, env.__getitem__)
+    graph.output(tuple(env[node] for node in outputs))
+    graph.lint()
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _example(node: fx.Node) -> Any:
+    """The node's fake value, detached: the programs run without autograd (inside an autograd.Function)."""
+    value = node.meta["val"]
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the compiled code allocates, read from its wrapper
+
+
+_COMMENT = re.compile(r"\s+#\s*(reuse|alias)\s*$")
+_ASSIGN = re.compile(r"^([A-Za-z_]\w*)\s*=\s*(.+)$")
+_UNPACK = re.compile(r"^([\w\s,]+)=\s*args$")
+
+
+def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool]) -> WrapperMemory:
+    """Replay the ``call`` function of Inductor's wrapper code on fake tensors and count the bytes it holds.
+
+    Every assignment is evaluated on fake tensors (allocations, reinterpretations,
+    fallback kernels); a result on a storage not seen before is an allocation of the
+    storage's bytes, and a storage is freed when no name holds it, nor the argument
+    list (until ``args.clear()``), nor the caller (``held``), nor the returned tuple.
+    Kernel calls write into buffers already counted, so they are skipped. Bytes are
+    storage nbytes, the units the CPU profiler counts in.
+    """
+    lines = _call_body(source)
+    mode = _fake_mode(inputs)
+    names: dict[str, Any] = {}
+    refs: dict[int, int] = {}  # storage -> how many holders (names, the args list, the caller)
+    size: dict[int, int] = {}
+    keep: list[Any] = []  # every value made, so that no storage key is reused while replaying
+    live = peak = 0
+    peak_statement = ""
+    timeline: list[int] = []
+    unsized: list[str] = []
+
+    def storages(value: Any) -> set[int]:
+        return {_storage_key(t) for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)}
+
+    def hold(value: Any) -> None:
+        nonlocal live, peak
+        keep.append(value)
+        for tensor in pytree.tree_leaves(value):
+            if isinstance(tensor, torch.Tensor) and _storage_key(tensor) not in size:
+                size[_storage_key(tensor)] = tensor.untyped_storage().nbytes()
+                live += size[_storage_key(tensor)]
+        for key in storages(value):
+            refs[key] = refs.get(key, 0) + 1
+        peak = max(peak, live)
+
+    def release(value: Any) -> None:
+        nonlocal live
+        for key in storages(value):
+            refs[key] -= 1
+            if refs[key] == 0:
+                live -= size[key]
+
+    for tensor, is_held in zip(inputs, held):
+        hold(tensor)  # the args list
+        if is_held:
+            hold(tensor)
+    live = peak = 0  # the inputs were live before the call: bytes are counted above the entry
+    namespace = _namespace()
+    with mode:
+        for line in lines:
+            for statement in (s.strip() for s in _COMMENT.sub("", line).split(";")):
+                before = live
+                if statement == "args.clear()":
+                    for tensor in inputs:
+                        release(tensor)
+                elif unpack := _UNPACK.match(statement):
+                    targets = [t.strip() for t in unpack.group(1).split(",") if t.strip()]
+                    if len(targets) != len(inputs):
+                        raise MemoptError(f"the compiled code takes {len(targets)} inputs, the program "
+                                          f"{len(inputs)}; memopt cannot read its memory")
+                    for target, tensor in zip(targets, inputs):
+                        names[target] = tensor
+                        hold(tensor)
+                elif statement.startswith("del "):
+                    for target in (t.strip() for t in statement[4:].split(",")):
+                        if target not in names:
+                            unsized.append(f"del {target}: a name the replay never bound")
+                        release(names.pop(target, None))
+                elif statement.startswith("return "):
+                    result = _evaluate(statement[len("return "):], namespace, names)
+                    hold(result)
+                    for value in list(names.values()):
+                        release(value)
+                    names.clear()
+                elif assign := _ASSIGN.match(statement):
+                    target, expression = assign.groups()
+                    try:
+                        value = _evaluate(expression, namespace, names)
+                    # an op with no fake kernel, a name the replay does not know: say which, count nothing
+                    except (RuntimeError, NotImplementedError, NameError, TypeError) as error:
+                        unsized.append(f"{statement[:120]} ({type(error).__name__})")
+                        value = None
+                    if target in names:
+                        release(names.pop(target))
+                    names[target] = value
+                    hold(value)
+                if live != before:
+                    timeline.append(live)
+                    if live == peak and live > before:
+                        peak_statement = statement
+    return WrapperMemory(peak, live, tuple(timeline), peak_statement, tuple(unsized))
+
+
+def _call_body(source: str) -> list[str]:
+    """The statements of ``def call(self, args)`` (or ``def call(args)``), one per line."""
+    lines = source.splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^\s*def call\((self, )?args\):", line):
+            indent = len(line) - len(line.lstrip()) + 4
+            body = []
+            for text in lines[i + 1:]:
+                if text.strip() and len(text) - len(text.lstrip()) < indent:
+                    break
+                stripped = text.strip()
+                if stripped and not stripped.startswith("#"):
+                    body.append(stripped)
+            return body
+    raise MemoptError("no `def call(args)` in the compiled code; memopt cannot read its memory")
+
+
+def _namespace() -> dict[str, Any]:
+    from torch._inductor.select_algorithm import extern_kernels
+
+    def empty_strided(size: Sequence[int], stride: Sequence[int], dtype: torch.dtype, device: str = "cpu"):
+        return torch.empty_strided(tuple(size), tuple(stride), dtype=dtype, device=device)
+
+    def reinterpret_tensor(base: torch.Tensor, size: Sequence[int], stride: Sequence[int], offset: int = 0):
+        try:
+            return base.as_strided(tuple(size), tuple(stride), base.storage_offset() + offset)
+        except RuntimeError:  # out of the fake storage's bounds: the storage is what counts
+            return base
+
+    return {
+        "torch": torch, "aten": torch.ops.aten, "math": math, "inf": math.inf, "nan": math.nan,
+        "device": torch.device, "extern_kernels": extern_kernels, "reinterpret_tensor": reinterpret_tensor,
+        "empty_strided_cpu": empty_strided, "empty_strided": empty_strided,
+        "empty_strided_cuda": partial(empty_strided, device="cuda"),
+    }
+
+
+def _evaluate(expression: str, namespace: dict[str, Any], names: dict[str, Any]) -> Any:
+    return eval(expression, namespace, names)  # code Inductor just wrote, run on fake tensors
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+def _fake_mode(inputs: Sequence[Any]) -> FakeTensorMode:
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode(list(inputs)) or FakeTensorMode(allow_non_fake_inputs=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training step, autograd-driven
+
+
+def run_inductor_step(step: InductorStep, values: list[torch.Tensor]) -> torch.Tensor:
+    """The loss of the compiled step on ``values`` (parameters, buffers, inputs, in placeholder order)."""
+    return run_step(step.runner, values, executor=step)

@@ -1,0 +1,270 @@
+"""The Inductor path: the planned step compiled by Inductor runs like eager, fits its budget when measured,
+and peaks where its wrapper code says it does."""
+
+import copy
+
+import pytest
+import torch
+from conftest import Scale, measured_step_peak, steady_step
+from test_compile import Awkward, budgets, call, loss_of
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
+
+import memopt
+from memopt import examples
+from memopt.codegen.inductor import (
+    FALLBACK_OPTIONS,
+    InductorBudgetError,
+    InductorStep,
+    PlannedStep,
+    lower_within_budget,
+    program_module,
+    run_inductor_step,
+    wrapper_memory,
+)
+from memopt.codegen.runner import StepRunner
+
+# --- the wrapper's memory, by hand: exact bytes ---------------------------------------------------
+
+WRAPPER = """
+class Runner:
+    def call(self, args):
+        arg0_1, arg1_1, arg2_1 = args
+        args.clear()
+        assert_size_stride(arg0_1, (16, 16), (16, 1), 'input')
+        buf0 = empty_strided_cpu((16, 16), (16, 1), torch.float32)
+        cpp_fused_0(arg0_1, buf0)
+        del arg0_1
+        buf1 = empty_strided_cpu((16, 32), (32, 1), torch.float32)
+        # Topologically Sorted Source Nodes: [], Original ATen: []
+        extern_kernels.mm(buf0, arg1_1, out=buf1)
+        buf2 = reinterpret_tensor(buf1, (32, 16), (16, 1), 0)  # alias
+        buf3 = buf0; del buf0  # reuse
+        buf4 = torch.ops.aten.mm.default(buf3, arg2_1)
+        del buf3
+        return (buf2, buf4, )
+"""
+
+
+def test_wrapper_memory_counts_allocations_reuse_aliases_fallbacks_and_freed_inputs_to_the_byte():
+    with FakeTensorMode():
+        saved = torch.empty(16, 16)  # 1 KiB, held by the argument list only: freed by `del arg0_1`
+        weight = torch.empty(16, 32)  # held by the caller
+        other = torch.empty(16, 8)
+    memory = wrapper_memory(WRAPPER, [saved, weight, other], held=[False, True, True])
+    # buf0 (+1024), arg0 freed (-1024), buf1 (+2048), alias and reuse (0), buf4 from aten.mm (+512),
+    # buf0's storage freed at `del buf3` (-1024)
+    assert memory.timeline == (1024, 0, 2048, 2560, 1536)
+    assert memory.peak_bytes == 2560 and memory.peak_statement == "buf4 = torch.ops.aten.mm.default(buf3, arg2_1)"
+    assert memory.end_bytes == 1536  # what it returns (buf1 through its alias, buf4), less the input it freed
+    assert memory.unsized == ()
+    held = wrapper_memory(WRAPPER, [saved, weight, other], held=[True, True, True])
+    assert held.timeline == (1024, 3072, 3584, 2560) and held.end_bytes == 2560
+
+
+def test_wrapper_memory_frees_a_storage_only_when_its_last_alias_goes():
+    source = WRAPPER.replace("del arg0_1", "buf9 = reinterpret_tensor(arg0_1, (256,), (1,), 0)  # alias\n"
+                                           "        del arg0_1")
+    with FakeTensorMode():
+        inputs = [torch.empty(16, 16), torch.empty(16, 32), torch.empty(16, 8)]
+    memory = wrapper_memory(source, inputs, held=[False, True, True])
+    assert memory.timeline == (1024, 3072, 3584, 2560, 1536)  # arg0's storage lives until the function returns
+
+
+def test_program_module_takes_one_list_that_inductor_may_steal_and_runs_like_the_program():
+    torch.manual_seed(0)
+    model, x = Scale(64), torch.randn(8, 64)
+    plan = memopt.plan(model, (x,), budget="1GB")
+    runner = StepRunner(plan.program)
+    module = program_module(runner.forward.nodes, runner.forward.inputs, runner.forward.outputs)
+    (placeholder,) = [n for n in module.graph.nodes if n.op == "placeholder"]
+    assert placeholder.meta["steal_arg"]
+    values = [*model.parameters(), x]
+    with torch.no_grad():
+        got = module([v.detach() for v in values])
+        expected = runner.run_forward([v.detach() for v in values])
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+# --- keeping the compiled step under the budget: the search, with a stand-in compiler ----------------
+
+
+class _StandIn:
+    """Compiles nothing: peaks come from a table keyed by (plan target, options)."""
+
+    def __init__(self, table, log):
+        self.table, self.log = table, log
+
+    def __call__(self, runner, options, *, forward=None, backward=None):
+        self.log.append((runner, dict(options), forward is not None, backward is not None))
+        step = _StandInStep()
+        step.forward = forward or ("forward", runner, tuple(options.items()))
+        step.backward = backward or ("backward", runner, tuple(options.items()))
+        step.peak_pair = self.table[(runner, tuple(options.items()))]
+        return step
+
+
+class _StandInStep:
+    def peaks(self, entry_bytes):
+        return tuple(entry_bytes + p for p in self.peak_pair)
+
+
+def _planned(target):
+    return PlannedStep(runner=target, entry_bytes=100, after_bytes=0)
+
+
+def _key(target, rung):
+    return (target, tuple(([{}] + list(FALLBACK_OPTIONS))[rung].items()))
+
+
+def test_over_the_budget_the_offending_passes_go_off_and_only_the_program_over_is_recompiled():
+    table = {_key(1000, 0): (500, 1100), _key(1000, 1): (500, 850)}
+    log = []
+    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, log))
+    assert [a.predicted_peak_bytes for a in lowered.attempts] == [1200, 950]
+    assert lowered.attempts[1].options == FALLBACK_OPTIONS[0]
+    kept = [(forward_kept, backward_kept) for _, _, forward_kept, backward_kept in log]
+    assert kept == [(False, False), (True, False)]
+
+
+def test_when_no_pass_helps_memopt_replans_for_the_excess_then_gives_up_with_a_typed_error():
+    table = {_key(1000, r): (500, p) for r, p in enumerate((1100, 1000, 990))}  # best: 1090, over by 90
+    table[_key(910, 2)] = (500, 850)  # the plan for 1000 - 90 fits, with the best rung straight away
+    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []))
+    assert [(a.target_bytes, a.predicted_peak_bytes) for a in lowered.attempts] == [
+        (1000, 1200), (1000, 1100), (1000, 1090), (910, 950)]
+
+    def infeasible_below_1000(target):
+        if target < 1000:
+            raise memopt.BudgetInfeasibleError(target, 1000, "somewhere")
+        return _planned(target)
+
+    with pytest.raises(InductorBudgetError) as info:
+        lower_within_budget(infeasible_below_1000, 1000, compile_step=_StandIn(table, []))
+    assert info.value.predicted == 1090 and "raise the budget to 1,090 B" in str(info.value)
+    with pytest.raises(memopt.BudgetInfeasibleError):  # the user's budget itself: raised as it is
+        lower_within_budget(infeasible_below_1000, 999, compile_step=_StandIn(table, []))
+
+
+# --- end to end on real models (each compiles with Inductor: slow) ------------------------------------
+
+WORKLOADS = {
+    "mlp": lambda: examples.mlp(width=128, depth=8, batch=256),
+    "gpt2": lambda: examples.gpt2(layers=3, width=64, heads=2, seq=64, batch=4, vocab=512, dropout=0.1),
+    "llama": lambda: examples.llama(layers=3, width=64, heads=2, seq=64, batch=4, vocab=512),
+}
+
+
+def _values(model, inputs):
+    """Parameters, buffers and inputs in the order of the step's placeholders."""
+    split = ((), dict(inputs)) if isinstance(inputs, dict) else (tuple(inputs), {})
+    return [*model.parameters(), *model.buffers(), *pytree.tree_leaves(split)]
+
+
+def _plan_at(model, inputs, loss_fn, optimizer):
+    def plan_at(budget):
+        plan = memopt.plan(model, inputs, loss_fn=loss_fn, optimizer=optimizer, budget=budget)
+        after = max((t for t, p in zip(plan.timeline.totals, plan.timeline.phases) if p == "optimizer"), default=0)
+        return PlannedStep(StepRunner(plan.program), plan.entry_bytes, after, plan)
+
+    return plan_at
+
+
+class _Compiled(torch.nn.Module):
+    """The compiled step as a module (what memopt.compile's Inductor backend would return)."""
+
+    def __init__(self, model, step):
+        super().__init__()
+        self.model, self.step = model, step
+
+    def forward(self, *args, **kwargs):
+        return run_inductor_step(self.step, _values(self.model, kwargs or args))
+
+
+def _assert_close_to_eager(workload, model, twin, compiled, inputs, seeds=(1, 2)):
+    """Loss and gradients as eager's within float tolerance; dropout masks equal (aten's RNG, same order)."""
+    for seed in seeds:
+        torch.manual_seed(seed)
+        expected = loss_of(workload, call(twin, inputs))
+        expected.backward()
+        torch.manual_seed(seed)
+        loss = call(compiled, inputs)
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(twin.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        twin.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_compiled_step_equals_eager_fits_the_smallest_budget_and_peaks_where_its_code_says(name):
+    workload = WORKLOADS[name]()
+    torch.manual_seed(0)
+    model = workload.build()
+    twin = copy.deepcopy(model)
+    inputs = workload.inputs()
+    optimizer = workload.optimizer(model)
+    budget = budgets(model, inputs, workload.loss_fn, optimizer)[0]  # the smallest memopt can meet
+    lowered = lower_within_budget(_plan_at(model, inputs, workload.loss_fn, optimizer), budget)
+    plan = lowered.planned.plan
+    assert any(d.action == "recompute" for d in plan.decisions)
+    compiled = _Compiled(model, lowered.step)
+    _assert_close_to_eager(workload, model, twin, compiled, inputs)
+
+    step = steady_step(compiled, inputs, optimizer, workload.loss_fn)
+    peak = measured_step_peak(plan, memopt.measure_peak(step))
+    predicted = lowered.step.predicted_peak_bytes(lowered.planned.entry_bytes, lowered.planned.after_bytes)
+    assert peak <= budget, f"{name}: measured {peak:,} B over the budget {budget:,} B"
+    # the wrapper code's replay is the step's peak, to the byte up to what the allocator adds
+    assert abs(peak - predicted) <= max(4096, 0.005 * peak), f"{name}: predicted {predicted:,}, measured {peak:,}"
+
+
+@pytest.mark.slow
+def test_inductors_own_order_breaks_the_budget_and_the_prediction_sees_it():
+    """With reorder_for_locality on (Inductor's default), producers move next to their first reader and the
+    saved tensors they read live longer: the replay of the code says so, the measurement agrees, and
+    memopt's default (the pass off) fits."""
+    workload = WORKLOADS["mlp"]()
+    torch.manual_seed(0)
+    model, inputs = workload.build(), workload.inputs()
+    optimizer = workload.optimizer(model)
+    budget = budgets(model, inputs, workload.loss_fn, optimizer)[1]
+    planned = _plan_at(model, inputs, workload.loss_fn, optimizer)(budget)
+    assert InductorStep(planned.runner).predicted_peak_bytes(planned.entry_bytes, planned.after_bytes) <= budget
+    reordered = InductorStep(planned.runner, {"reorder_for_locality": True})
+    predicted = reordered.predicted_peak_bytes(planned.entry_bytes, planned.after_bytes)
+    assert predicted > budget
+    step = steady_step(_Compiled(model, reordered), inputs, optimizer, workload.loss_fn)
+    peak = measured_step_peak(planned.plan, memopt.measure_peak(step))
+    assert abs(peak - predicted) <= max(4096, 0.005 * peak), f"predicted {predicted:,}, measured {peak:,}"
+
+
+@pytest.mark.slow
+def test_dropout_batchnorm_custom_function_and_inplace_input_run_once_under_inductor():
+    torch.manual_seed(0)
+    model = Awkward()
+    twin = copy.deepcopy(model)
+    x = torch.randn(128, 64)
+    lo, hi = budgets(model, (x.clone(),), None, None, count=2)
+    budget = round(lo + 0.5 * (hi - lo))
+    lowered = lower_within_budget(_plan_at(model, (x.clone(),), None, None), budget)
+    assert any(d.action == "recompute" for d in lowered.planned.plan.decisions)
+    compiled = _Compiled(model, lowered.step)
+    for seed in (3, 4):
+        x_eager, x_compiled = x.clone(), x.clone()
+        torch.manual_seed(seed)
+        expected = twin(x_eager)
+        expected.backward()
+        torch.manual_seed(seed)
+        loss = compiled(x_compiled)
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x_compiled, x_eager)  # changed in place once, as eager changes it
+        for (name, p), q in zip(twin.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        for (name, a), b in zip(twin.named_buffers(), model.buffers()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)  # running statistics: once
+        twin.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
