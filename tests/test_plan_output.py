@@ -74,8 +74,8 @@ def test_plot_with_a_measured_timeline(tmp_path):
 
 def test_history_records_every_pass(gpt2_plan):
     names = [record.name for record in gpt2_plan.history]
-    assert names == ["capture", "storages", "liveness", "optimizer-memory", "scratch", "timeline", "lower-bound", "remat",
-                     "order"]
+    assert names == ["capture", "storages", "liveness", "optimizer-memory", "scratch", "timeline", "lower-bound",
+                     "remat", "order"]
     assert all(record.seconds >= 0 for record in gpt2_plan.history)
 
 
