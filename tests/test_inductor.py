@@ -268,3 +268,28 @@ def test_dropout_batchnorm_custom_function_and_inplace_input_run_once_under_indu
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)  # running statistics: once
         twin.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.slow
+def test_memopt_compile_with_the_inductor_backend_fits_and_matches_eager():
+    torch.manual_seed(0)
+    workload = examples.mlp(width=128, depth=6, batch=256)
+    model = workload.build()
+    twin = copy.deepcopy(model)
+    inputs = workload.inputs()
+    eager = memopt.plan(model, inputs, loss_fn=workload.loss_fn).peak_bytes
+    with pytest.raises(memopt.BudgetInfeasibleError) as info:
+        memopt.plan(model, inputs, loss_fn=workload.loss_fn, budget=1)
+    budget = (info.value.minimum + eager) // 2
+    compiled = memopt.compile(model, budget=budget, loss_fn=workload.loss_fn, backend="inductor")
+    loss = compiled(*inputs)
+    loss.backward()
+    expected = workload.loss_fn(twin(*inputs))
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach())
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    model.zero_grad(set_to_none=True)
+    peak = measured_step_peak(compiled.plan, memopt.measure_peak(steady_step(compiled, inputs, None)))
+    assert peak <= budget
+    assert any(d.action == "recompute" for d in compiled.plan.decisions)
