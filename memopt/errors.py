@@ -54,7 +54,7 @@ class BudgetInfeasibleError(MemoptError):
     """No plan fits the budget; names the smallest budget memopt can prove is needed and where."""
 
     def __init__(self, budget: int, minimum: int, where: str, why: str = "", *, proven: int | None = None) -> None:
-        # minimum: the smallest budget memopt can meet; proven: no plan of any kind needs less (<= minimum)
+        # minimum: the smallest budget memopt can meet; proven: no keep/recompute plan of these ops needs less
         self.budget, self.minimum, self.where = budget, minimum, where
         self.proven_minimum = minimum if proven is None else proven
         from memopt.budget import format_bytes
