@@ -13,6 +13,7 @@ Baselines by name: ``none``, ``blocks`` (every block checkpointed) and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -141,9 +142,18 @@ def plan_recompute(
     )
     # the layers first (the solver upgrades in this order), then what comes before and after them
     segments = tuple(sorted(find_segments(step, table), key=lambda s: not s.name.endswith("]")))
-    options, names = _options(problem, nodes, segments, solver)
+    segments, options, names = _options(problem, nodes, segments, solver)
     if solver == "memopt":
         solution = remat_fast.solve_blocks(problem, options, budget_bytes, time_limit_s=time_limit_s)
+        # never worse than a baseline: one that fits for less, or reaches lower when nothing fits, wins
+        for baseline in ("blocks", "sqrt"):
+            other = _options(problem, nodes, segments, baseline)
+            fixed = _fixed(problem, other[1], budget_bytes)
+            if (fixed.status != "infeasible" and (solution.status == "infeasible" or fixed.cost_s < solution.cost_s)) \
+                    or (fixed.status == solution.status == "infeasible" and fixed.peak_bytes < solution.peak_bytes):
+                solution = dataclasses.replace(fixed, lower_bound_s=min(solution.lower_bound_s, fixed.cost_s),
+                                               seconds=solution.seconds)
+                segments, options, names = other
     else:  # a baseline: its one option per segment, whatever the budget
         solution = _fixed(problem, options, budget_bytes)
     chosen = tuple(candidates[i] for i in solution.chosen)
@@ -153,7 +163,8 @@ def plan_recompute(
 
 def _options(
     problem: RecomputeProblem, nodes: list[fx.Node], segments: tuple[Segment, ...], solver: str
-) -> tuple[list[list[frozenset[int]]], tuple[tuple[str, ...], ...]]:
+) -> tuple[tuple[Segment, ...], list[list[frozenset[int]]], tuple[tuple[str, ...], ...]]:
+    """The segments as the solver sees them, each one's options (candidate sets) and their names."""
     bs = problem.backward_start
     per_segment: list[list[frozenset[int]]] = []
     names: list[tuple[str, ...]] = []
@@ -184,7 +195,7 @@ def _options(
                     level_names.append(name)
             per_segment.append(levels)
             names.append(tuple(level_names))
-    return per_segment, tuple(names)
+    return segments, per_segment, tuple(names)
 
 
 def _fixed(problem: RecomputeProblem, options: list[list[frozenset[int]]], budget_bytes: int) -> RecomputeSolution:
