@@ -4,22 +4,28 @@ The yardstick for ``remat_fast.solve_blocks`` on small problems: the same
 decision space (a subset of the candidates), the same simulation. Plain data
 in, a ``RecomputeSolution`` out; no torch.
 
-The search decides candidates one at a time, the largest first, and prunes a
-branch with two valid bounds on every plan below it, both from
-``remat_fast.spans``: (1) memory at each forward and backward node is at least
-what the decided candidates hold there (kept: the original; recomputed: the
-forward life and the copy's life from its first to its last backward reader;
-inputs of a copy that nothing recomputes live until the copy, which comes no
-earlier than the first backward node reading a forward descendant of the
-copied node), plus the least each undecided candidate holds; (2) the cost is at
-least that of the nodes the recomputed candidates certainly copy, plus a
-fractional covering knapsack of what the undecided ones must still free at
-the node most over budget. Recomputing more never costs less, so once the
-recomputed set alone fits (simulated), nothing below it is cheaper.
+The search decides candidates one at a time, the largest first, keep before
+recompute, and prunes a branch with two valid bounds on every plan below it,
+from ``remat_fast.spans``: (1) memory at each forward and backward node is at
+least what the decided candidates hold there (kept: the original; recomputed:
+the forward life, and the copy's life from its first to its last backward
+reader, or from earlier when a chain of recomputed copies needs it; inputs of
+a copy that nothing recomputes live until the copy, which comes no earlier
+than the first backward node reading the copied node or what it feeds through
+nodes that may be recomputed), plus the least each undecided candidate holds;
+(2) the cost is at least what the recomputed ones' copies run (recomputing
+more never runs fewer), plus a fractional covering knapsack of what the
+undecided ones must still free at the nodes most over budget. Once the
+recomputed set alone fits (simulated), nothing below it is cheaper. A
+candidate the backward never reads (an input of other copies, such as a
+matmul under an activation) recomputed while all that read it are kept is the
+same plan as keeping it, and is not searched twice.
 
 Peak bytes are not monotone in the set (a recomputation keeps its inputs
 longer, and its copies add events), so there is no pruning by peak beyond (1):
-every plan is priced by ``remat_fast.simulate``.
+every plan is priced by ``remat_fast.simulate``. It proves optima in well under
+a second on most graphs of a few hundred nodes and up to ~80 candidates; with
+a hundred candidates and long chains (a two-layer llama) it may run out of time.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ from memopt.solvers.remat_fast import (
     RecomputeProblem,
     RecomputeSolution,
     lower_bound,
-    first_need,
     simulate,
     spans,
 )
@@ -245,3 +250,17 @@ def _chain_only(problem: RecomputeProblem, i: int) -> bool:
     bs = problem.backward_start
     users: tuple[tuple[int, ...], ...] = problem.users  # type: ignore[attr-defined]
     return all(r < bs for r in problem.readers[c.storage]) and all(u < bs for v in c.nodes for u in users[v])
+
+
+def first_need(problem: RecomputeProblem, recomputed: Collection[int]) -> dict[int, int]:
+    """Per node of ``recomputed``: the first backward node that reads it or a node it feeds within the set.
+
+    With exactly these forward nodes recomputed, a node's copy comes right before
+    that backward node; with more, no later; with fewer, no earlier.
+    """
+    bs, n = problem.backward_start, len(problem.inputs)
+    users: tuple[tuple[int, ...], ...] = problem.users  # type: ignore[attr-defined]
+    need: dict[int, int] = {}
+    for node in sorted(recomputed, reverse=True):
+        need[node] = min((u if u >= bs else need.get(u, n) for u in users[node]), default=n)
+    return need

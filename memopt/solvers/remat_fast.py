@@ -1,4 +1,4 @@
-"""Keep or recompute, fast: choose per block which forward results the backward recomputes, under a byte peak.
+"""Keep or recompute, fast: choose which forward results the backward recomputes, under a byte peak.
 
 Plain data in, a ``RecomputeSolution`` out; no torch. The problem is the joint
 forward/backward graph as it runs: nodes in order, the storages they make and
@@ -8,13 +8,21 @@ makes a copy right before the first backward node that needs it (directly, or
 through another copy); what a copy reads and is not recomputed is kept until
 then. ``simulate`` prices a choice in one pass over the graph.
 
-The solver works on blocks (repeated layers): each block offers options that
-recompute more and cost more. A chain of plans upgrades one block at a time,
-in forward order, one level at a time; every plan on the chain is simulated
-and the cheapest that fits is taken, then upgrades that are not needed are
-undone one by one (repair). The lower bound is a covering knapsack at every
-time the keep-everything plan is over budget: the bytes above budget must be
-recomputed away, by candidates live then, each at least at its own cost.
+``solve_blocks`` starts from blocks (repeated layers), each offering options
+that recompute more and cost more: a chain of plans upgrades one block at a
+time, the first that fits is taken and upgrades it does not need are undone.
+Then it works candidate by candidate, every plan simulated: drop what the plan
+does not need; cover the bytes over budget from scratch, the most bytes per
+second first; re-choose all as one covering problem on a linear model (CP-SAT),
+corrected by simulation; local moves (one or two out and the excess re-covered,
+one in and what it makes unneeded dropped) and random restarts while they pay.
+Large graphs (thousands of nodes, a simulation each ~10 ms) take candidates in
+batches the model predicts, each batch simulated once.
+
+``lower_bound`` is a covering knapsack at every node the keep-everything plan
+is over budget: the bytes above budget must be freed there, by candidates whose
+storage is gone then (after its last forward reader, outside its copy's life),
+each at least at the cost of the nodes its copy certainly runs.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 INFINITY = float("inf")
 
@@ -136,8 +146,6 @@ class _Prepared:
 def _prepared(problem: RecomputeProblem) -> _Prepared:
     cached = problem.__dict__.get("_prepared")
     if cached is None:
-        import numpy as np
-
         bs = problem.backward_start
         readers = problem.readers
         in_candidates = {node for c in problem.candidates for node in c.nodes}
@@ -165,8 +173,6 @@ def _prepared(problem: RecomputeProblem) -> _Prepared:
 
 
 def _replay(problem: RecomputeProblem, chosen: Collection[int]) -> _Replay:
-    import numpy as np
-
     pre = _prepared(problem)
     bs = problem.backward_start
     cands = [problem.candidates[i] for i in chosen]
@@ -266,7 +272,8 @@ class Spans:
     those copies that outlive their own end when nothing recomputes them:
     (storage, first position past its end, the copied node that reads it,
     candidates that must all be kept for that); the storage then lives until
-    the copy, which comes no earlier than ``first_need`` of the copied node.
+    the copy, which comes no earlier than the first backward node reading the copied node or a node
+    it feeds through recomputed nodes.
     """
 
     kept_end: tuple[int, ...]  # last position the storage lives when kept (n: to the end of the graph)
@@ -293,7 +300,7 @@ def spans(problem: RecomputeProblem) -> Spans:
     for i, c in enumerate(problem.candidates):
         for node in c.nodes:
             holders.setdefault(node, []).append(i)
-    storages = _candidate_storages(problem)
+    storages = {c.storage for c in problem.candidates}
     forward_end, copy_start, copy_end, copied, extensions = [], [], [], [], []
     for c in problem.candidates:
         s, own = c.storage, set(c.nodes)
@@ -331,30 +338,12 @@ def spans(problem: RecomputeProblem) -> Spans:
     return result
 
 
-def first_need(problem: RecomputeProblem, recomputed: Collection[int]) -> dict[int, int]:
-    """Per node of ``recomputed``: the first backward node that reads it or a node it feeds within the set.
-
-    With exactly these forward nodes recomputed, a node's copy comes right before
-    that backward node; with more, no later; with fewer, no earlier.
-    """
-    bs, n = problem.backward_start, len(problem.inputs)
-    users: tuple[tuple[int, ...], ...] = problem.users  # type: ignore[attr-defined]
-    need: dict[int, int] = {}
-    for node in sorted(recomputed, reverse=True):
-        need[node] = min((u if u >= bs else need.get(u, n) for u in users[node]), default=n)
-    return need
-
-
 def lower_bound(problem: RecomputeProblem, budget_bytes: int, *, allowed: Collection[int] | None = None) -> float:
-    """Seconds of recomputation every plan with peak <= ``budget_bytes`` needs (covering knapsack).
+    """Seconds of recomputation every plan of ``allowed`` candidates (all by default) with peak <= budget needs.
 
-    At every node over budget with nothing recomputed, the excess must be freed
-    by candidates that free bytes there: recomputed, a storage is gone from
-    after its last forward reader to its kept end, except while its copy lives
-    (at least from its first to its last backward reader). Each candidate costs
-    at least its certainly copied nodes, a node shared by several candidates
-    split among them; the cheapest bytes per second are taken first, fractionally.
-    Only ``allowed`` candidates (all by default) may be recomputed.
+    A covering knapsack at every node (see the module's doc): a node shared by
+    several candidates' copies is split among them; the cheapest bytes per
+    second are taken first, fractionally.
     """
     if problem.floor_bytes > budget_bytes:
         return INFINITY
@@ -482,12 +471,14 @@ def solve_blocks(
                 if search.evaluate(chosen).peak_bytes > budget_bytes:
                     break
                 fit_levels = trial
-    # candidate by candidate: drop what the best plan does not need; build a plan by covering the
-    # excess with the cheapest bytes; then local moves (one out and the excess re-covered, one in and
-    # what it makes unneeded dropped) while they pay
+    # candidate by candidate: drop what the chain's plan does not need; cover the excess from scratch, the
+    # cheapest bytes first; re-choose all as one covering problem (small graphs); then local moves and
+    # random restarts while they pay
     if search.best is not None:
         search.descend(search.best[1])
     search.descend(search.cover(frozenset(), frozenset()))
+    if search.best is not None and search.exact_feedback:
+        search.repack(search.best[1])
     if search.best is not None:
         search.local_moves()
         if search.exact_feedback:
@@ -518,6 +509,8 @@ def _levels(options: Sequence[Sequence[Collection[int]]], chosen: Collection[int
 _EXACT_FEEDBACK_NODES = 2000  # below this many nodes, every addition and removal is simulated on its own
 _SENTINEL = -(1 << 62)  # a slot with no event
 _LIKELY = 4  # additions simulated per step of a cover, the model's best
+_REPACK_ROUNDS, _REPACK_SECONDS = 4, 0.5  # covering problems per repack, and each one's deterministic time
+_COST_RESOLUTION = 1_000_000  # cost units per largest node cost, in the covering problem
 _PAIRS_FROM = 6  # two out at once: pairs of the costliest this many
 _PATIENCE = 20  # random restarts in a row without a gain before the search stops
 _LARGE_PASS = 32  # on large problems, a pass of local moves takes out each of the costliest this many
@@ -537,9 +530,6 @@ class _Search:
 
     def __init__(self, problem: RecomputeProblem, budget: int, pool: Sequence[int], deadline: float,
                  bound: float = 0.0) -> None:
-        import numpy as np  # (kept out of module import: solvers load fast)
-
-        self.np = np
         self.problem, self.budget, self.deadline = problem, budget, deadline
         self.bound = bound  # a plan that costs no more is optimal: the search stops
         self.pool = list(pool)
@@ -549,41 +539,32 @@ class _Search:
         self.exact_feedback = n <= _EXACT_FEEDBACK_NODES
         self.simulations = 0
         self.found_at = 0  # simulations when the best plan was found
+        self.stalling = False  # whether a long run of simulations without a gain ends the search
         self.best: tuple[Simulation, frozenset[int]] | None = None
         self.least: tuple[Simulation, frozenset[int]] | None = None
         self.seen: dict[frozenset[int], Simulation] = {}
         self.profiles: dict[frozenset[int], tuple[Simulation, object]] = {}
-        m = len(self.pool)
-        size = np.array([problem.sizes[problem.candidates[i].storage] for i in self.pool], dtype=np.int64)
+        self.m = len(self.pool)
+        self.size = np.array([problem.sizes[problem.candidates[i].storage] for i in self.pool], dtype=np.int64)
         fe = np.array([sp.forward_end[i] for i in self.pool], dtype=np.int64)
         cs = np.array([sp.copy_start[i] for i in self.pool], dtype=np.int64)
         ce = np.array([sp.copy_end[i] for i in self.pool], dtype=np.int64)
         ke = np.minimum(np.array([sp.kept_end[i] for i in self.pool], dtype=np.int64), n - 1)
         copy = cs <= ce
-        self.size = size
         self.w1 = (2 * (fe + 1), np.where(copy, 2 * np.minimum(cs, ke + 1) - 1, 2 * ke + 1))
         self.w2 = (np.where(copy & (ce < ke), 2 * (ce + 1), 2 * n + 2), np.where(copy, 2 * ke + 1, -1))
         self.copy_start = cs
         self.own_cost = np.array([sum(problem.node_costs[v] for v in sp.copied[i]) for i in self.pool])
-        # per candidate: the candidates whose nodes its copies read
-        holders = sp.holders
-        self.reads_from: dict[int, frozenset[int]] = {
-            i: frozenset(d for v in sp.copied[i] for a in problem.inputs[v] for d in holders.get(a, ()) if d != i)
-            for i in self.pool
-        }
+        self.reads_from = {  # per candidate: the candidates whose nodes its copies read
+            i: frozenset(d for v in sp.copied[i] for a in problem.inputs[v] for d in sp.holders.get(a, ()) if d != i)
+            for i in self.pool}
         self.copiers: dict[int, list[int]] = {}  # node -> pool positions whose copies certainly run it
         for k, i in enumerate(self.pool):
             for v in sp.copied[i]:
                 self.copiers.setdefault(v, []).append(k)
-        # node-position lower bound on the peak (no copies, no kept inputs): kept profile minus savings
-        self.kept = np.array(sp.kept_profile, dtype=np.int64)
-        self.saving_delta = []
-        for k in range(m):
-            first, last = int(fe[k]) + 1, int(ke[k])
-            parts = [(first, min(last, int(cs[k]) - 1)), (max(first, int(ce[k]) + 1), last)] if copy[k] \
-                else [(first, last)]
-            self.saving_delta.append([(a, b) for a, b in parts if a <= b])
-        self.m = m
+        # the peak's lower bound with nothing recomputed, per slot (a slot of copies has none)
+        self.kept = np.full(2 * n + 2, _SENTINEL, dtype=np.int64)
+        self.kept[1:2 * n:2] = sp.kept_profile
 
     # pricing
     def evaluate(self, chosen: frozenset[int]) -> Simulation:
@@ -609,35 +590,23 @@ class _Search:
         return self.evaluate(chosen).peak_bytes <= self.budget
 
     def may_fit(self, chosen: frozenset[int]) -> bool:
-        """False when the node-position lower bound already exceeds the budget."""
-        np = self.np
-        delta = np.zeros(self.n + 1, dtype=np.int64)
+        """False when the lower bound on the peak (savings only; no copies, no kept inputs) is over budget."""
+        slots = self.kept.copy()
         for i in chosen:
-            k = self.index.get(i)
-            if k is None:
-                continue
-            for a, b in self.saving_delta[k]:
-                delta[a] += self.size[k]
-                delta[b + 1] -= self.size[k]
-        return bool((self.kept - np.cumsum(delta[:-1])).max(initial=0) <= self.budget)
+            self._free(slots, self.index[i], -1)
+        return bool(slots.max() <= self.budget)
 
     def out_of_time(self) -> bool:
         """Time is up, the best plan meets the lower bound, or the search has stalled: many simulations
         (more than it took to find the best plan, several times over) without a better plan."""
         if self.best is not None and self.best[0].cost_s <= self.bound * (1 + 1e-9):
             return True
-        if self.simulations - self.found_at > max(_STALL_MIN, _STALL_FACTOR * self.found_at):
+        if self.stalling and self.simulations - self.found_at > max(_STALL_MIN, _STALL_FACTOR * self.found_at):
             return True
         return time.perf_counter() > self.deadline
 
-    def cost(self, chosen: Collection[int]) -> float:
-        """Seconds of the copies the set certainly runs (what simulate charges, bar copies of copies' inputs)."""
-        nodes = {v for i in chosen for v in self.spans.copied[i]}
-        return sum(self.problem.node_costs[v] for v in nodes)
-
     # the model
     def slots(self, replay: _Replay) -> object:
-        np = self.np
         profile = replay.profile
         out = np.full(2 * self.n + 2, _SENTINEL, dtype=np.int64)
         out[1:2 * self.n:2] = profile[np.array(replay.time_of, dtype=np.int64)]
@@ -664,18 +633,6 @@ class _Search:
             if start <= until:
                 slots[start:until + 1] += self.problem.sizes[storage]
                 extended[storage] = until
-
-    def _extended(self, chosen: Collection[int]) -> dict[int, int]:
-        extended: dict[int, int] = {}
-        for i in chosen:
-            k = self.index.get(i)
-            if k is None:
-                continue
-            until = 2 * int(self.copy_start[k])
-            for storage, _first, _node, needs in self.spans.extensions[i]:
-                if not any(d in chosen for d in needs):
-                    extended[storage] = max(extended.get(storage, -1), until)
-        return extended
 
     # moves
     def profile(self, chosen: frozenset[int]) -> tuple[Simulation, object]:
@@ -705,16 +662,88 @@ class _Search:
             if sim.peak_bytes <= self.budget:
                 return chosen
             likely = self._likely(chosen, banned, slots)
-            outs = [chosen - {i} for i in sorted(chosen)] + self._groups_out(chosen)
+            over = np.concatenate([[0], np.cumsum(slots > self.budget)])  # prefix counts
+            outs = [chosen - {i} for i in sorted(chosen) if not self._frees_in(i, over)] + self._groups_out(chosen)
             best = self._best_move(chosen, sim, slots, [chosen | {i} for i in likely] + outs)
             if best is None:
                 others = [chosen | {i} for i in self.pool if i not in chosen and i not in banned and i not in likely]
                 best = self._best_move(chosen, sim, slots, others)
+            if best is None:  # one in and one out at once
+                swaps = [(chosen | {i}) - {j} for i in likely for j in sorted(chosen)]
+                best = self._best_move(chosen, sim, slots, swaps)
             if best is None:
                 return None
             banned.update(chosen - best)
             chosen = best
         return None
+
+    def repack(self, chosen: frozenset[int]) -> None:
+        """Re-choose the candidates as one covering problem, solved exactly (CP-SAT) on the model linearized
+        at ``chosen``: at every slot over budget without any recomputation, the bytes freed there must cover
+        the excess; bytes the model does not see (inputs kept for copies, early copies, copies' own
+        events) are taken as they are in ``chosen``. What the solver picks is simulated; where it does not
+        fit, the model learns the error and is solved again; what fits is descended from."""
+        from ortools.sat.python import cp_model
+
+        sim, slots = self.profile(chosen)
+        member = np.zeros(self.m, dtype=bool)
+        member[[self.index[i] for i in chosen]] = True
+        saving = np.zeros((self.m, len(slots)), dtype=np.int64)
+        for k in range(self.m):
+            for a, b in (self.w1, self.w2):
+                if a[k] <= b[k]:
+                    saving[k, a[k]:b[k] + 1] = self.size[k]
+        base = slots + saving[member].sum(axis=0)  # the bytes with nothing recomputed, as the model sees them
+        node_cost = self.problem.node_costs
+        top = max((node_cost[v] for k in range(self.m) for v in self.spans.copied[self.pool[k]]), default=0.0)
+        unit = top / _COST_RESOLUTION if top > 0 else 1.0
+        for _ in range(_REPACK_ROUNDS):
+            if self.out_of_time():
+                return
+            need = base - self.budget
+            rows = np.flatnonzero(need > 0)
+            # one constraint per distinct set of savers, the largest need
+            by_savers: dict[bytes, int] = {}
+            for x in rows:
+                key = (saving[:, x] > 0).tobytes()
+                if need[x] > by_savers.get(key, 0):
+                    by_savers[key] = int(need[x])
+            model = cp_model.CpModel()
+            pick = [model.NewBoolVar(f"x{k}") for k in range(self.m)]
+            for key, excess in by_savers.items():
+                savers = np.flatnonzero(np.frombuffer(key, dtype=bool))
+                if int(self.size[savers].sum()) < excess:
+                    return  # the model says nothing fits
+                model.Add(sum(int(self.size[k]) * pick[k] for k in savers) >= excess)
+            runs: dict[int, object] = {}
+            for k in range(self.m):
+                for v in self.spans.copied[self.pool[k]]:
+                    if v not in runs:
+                        runs[v] = model.NewBoolVar(f"v{v}")
+                    model.AddImplication(pick[k], runs[v])
+                model.AddHint(pick[k], bool(member[k]))
+            model.Minimize(sum(int(round(node_cost[v] / unit)) * var for v, var in runs.items()))
+            solver = cp_model.CpSolver()
+            solver.parameters.max_deterministic_time = _REPACK_SECONDS  # (the same answer on any machine)
+            solver.parameters.max_time_in_seconds = max(0.01, self.deadline - time.perf_counter())
+            solver.parameters.num_workers = 1
+            solver.parameters.random_seed = 0
+            if solver.Solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                return
+            plan = frozenset(self.pool[k] for k in range(self.m) if solver.Value(pick[k]))
+            after, plan_slots = self.profile(plan)
+            if after.peak_bytes <= self.budget:
+                self.descend(plan)
+                return
+            model_slots = base - saving[[self.index[i] for i in plan]].sum(axis=0)
+            missed = plan_slots - model_slots
+            over = plan_slots > self.budget
+            base = base + np.where(over & (missed > 0), missed, 0)
+
+    def _frees_in(self, i: int, prefix) -> bool:
+        """Whether the model says candidate i frees bytes at a slot counted in ``prefix`` (prefix counts)."""
+        k, last = self.index[i], len(prefix) - 2
+        return any(a[k] <= b[k] and prefix[min(int(b[k]), last) + 1] > prefix[int(a[k])] for a, b in (self.w1, self.w2))
 
     def _groups_out(self, chosen: frozenset[int]) -> list[frozenset[int]]:
         """Plans without a group of recomputations that together hold bytes no single one does: those
@@ -732,11 +761,12 @@ class _Search:
         return [chosen - g for g in sorted(unique, key=sorted)]
 
     def _likely(self, chosen: frozenset[int], banned: Collection[int], slots) -> list[int]:
-        """The few candidates the model says free the most bytes over budget per second."""
-        np = self.np
+        """The few candidates the model says free the most bytes over budget per second, and the cheapest
+        two it says free them all (a covering knapsack's greedy needs both)."""
         excess = np.maximum(slots - self.budget, 0)
+        total = int(excess.sum())
         covered = {v for i in chosen for v in self.spans.copied[i]}
-        ranked = []
+        ranked, completing = [], []
         for k, i in enumerate(self.pool):
             if i in chosen or i in banned:
                 continue
@@ -746,11 +776,15 @@ class _Search:
             if freed > 0:
                 cost = sum(self.problem.node_costs[v] for v in self.spans.copied[i] if v not in covered)
                 ranked.append((cost / freed, -freed, i))
+                if freed >= total:
+                    completing.append((cost, i))
         ranked.sort()
-        return [i for _, _, i in ranked[:_LIKELY]]
+        completing.sort()
+        likely = [i for _, _, i in ranked[:_LIKELY]]
+        return likely + [i for _, i in completing[:2] if i not in likely]
 
     def _over(self, slots) -> int:
-        return int(self.np.maximum(slots - self.budget, 0).sum())
+        return int(np.maximum(slots - self.budget, 0).sum())
 
     def _best_move(self, chosen, sim, slots, trials) -> frozenset[int] | None:
         best = None
@@ -771,7 +805,6 @@ class _Search:
     def _cover_predicted(self, chosen: frozenset[int], banned: frozenset[int]) -> frozenset[int] | None:
         """Add, by the model, at the slot most over budget the candidate freeing bytes there at the least
         cost per byte (bytes counted up to the excess), until the model says the plan fits; simulate; repeat."""
-        np = self.np
         budget = self.budget
         while not self.out_of_time():
             seen = self.seen.get(chosen)
@@ -781,16 +814,16 @@ class _Search:
             if sim.peak_bytes <= budget:
                 return chosen
             slots = self.slots(replay)
-            extended = self._extended(chosen)
+            extended: dict[int, int] = {}  # kept storages the plan's copies read: the last slot they live
+            for i in chosen:
+                self._extend(np.zeros_like(slots), self.index[i], chosen, extended)
             covered = {v for i in chosen for v in self.spans.copied[i]}
             marginal = self.own_cost.copy()
             for v in covered:
                 for k in self.copiers.get(v, ()):
                     marginal[k] -= self.problem.node_costs[v]
             open_ = np.ones(self.m, dtype=bool)
-            for i in chosen | banned:
-                if i in self.index:
-                    open_[self.index[i]] = False
+            open_[[self.index[i] for i in chosen | banned if i in self.index]] = False
             added = set(chosen)
             picks = 0
             while True:
@@ -822,10 +855,9 @@ class _Search:
         """Remove candidates the plan does not need, the costliest first (but those in ``keep``)."""
         if not self.fits(chosen):
             return chosen
-        order = sorted((i for i in chosen if i not in keep),
-                       key=lambda i: (-self.own_cost[self.index[i]] if i in self.index else 0.0, i))
+        order = sorted((i for i in chosen if i not in keep), key=lambda i: (-self.own_cost[self.index[i]], i))
         if self.exact_feedback:  # the costliest first, and the costliest per byte first: the cheaper result
-            per_byte = self.own_cost / self.np.maximum(self.size, 1)
+            per_byte = self.own_cost / np.maximum(self.size, 1)
             by_byte = sorted(order, key=lambda i: (-per_byte[self.index[i]], i))
             results = []
             for sequence in (order, by_byte):
@@ -839,13 +871,10 @@ class _Search:
                 results.append(current)
             return min(results, key=lambda plan: (self.evaluate(plan).cost_s, sorted(plan)))
         # predicted: drop all that the model says fit, then halve the batch until the simulation agrees
-        _, replay = self._replay(chosen)
-        slots = self.slots(replay)
+        _, slots = self.profile(chosen)
         batch = []
         for i in order:
-            k = self.index.get(i)
-            if k is None:
-                continue
+            k = self.index[i]
             self._free(slots, k, +1)
             if slots.max() <= self.budget:
                 batch.append(i)
@@ -869,13 +898,22 @@ class _Search:
         while improved and not self.out_of_time():
             improved = False
             cost = self.evaluate(chosen).cost_s
-            for i in sorted((i for i in self.pool if i not in chosen), key=lambda i: (self.own_cost[self.index[i]], i)):
+            for i in self._helpful(chosen):
                 if self.out_of_time():
                     return
                 trial = self.drop(chosen | {i}, keep=(i,))
                 if self.evaluate(trial).cost_s < cost:
                     chosen, improved = trial, True
                     break
+
+    def _helpful(self, chosen: frozenset[int]) -> list[int]:
+        """Candidates outside the plan that free bytes where it is tight (within the largest chosen storage
+        of the budget): only those can let a chosen one out. The cheapest first."""
+        _, slots = self.profile(chosen)
+        largest = max((int(self.size[self.index[i]]) for i in chosen), default=0)
+        tight = np.concatenate([[0], np.cumsum(slots >= self.budget - largest)])
+        return sorted((i for i in self.pool if i not in chosen and self._frees_in(i, tight)),
+                      key=lambda i: (self.own_cost[self.index[i]], i))
 
     def local_moves(self) -> None:
         """From the best plan: one out (then two of the costliest), the excess re-covered without them, and
@@ -916,6 +954,7 @@ class _Search:
         tries in a row without a gain."""
         rng = random.Random(0)
         stale = 0
+        self.stalling = True
         while stale < patience and not self.out_of_time():
             _, chosen = self.best  # type: ignore[misc]
             items = sorted(chosen)
@@ -949,14 +988,6 @@ def _outputs(problem: RecomputeProblem) -> list[bool]:
     """Storages live to the end of the graph: outputs, and graph inputs."""
     last = len(problem.inputs) - 1
     return [s < 0 or e >= last for s, e in zip(problem.start, problem.end)]
-
-
-def _candidate_storages(problem: RecomputeProblem) -> frozenset[int]:
-    cached = problem.__dict__.get("_candidate_storage_set")
-    if cached is None:
-        cached = frozenset(c.storage for c in problem.candidates)
-        object.__setattr__(problem, "_candidate_storage_set", cached)
-    return cached
 
 
 def _makes(start: Sequence[int], n: int) -> dict[int, tuple[int, ...]]:
