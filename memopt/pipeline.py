@@ -134,8 +134,8 @@ def _infeasible(budget: int, headroom: float, best: int, minimum: LowerBound, so
         return BudgetInfeasibleError(budget, minimum.bytes, minimum.where, minimum.why, proven=minimum.bytes)
     why = (f"the '{solver}' remat plans peak at {format_bytes(best)} at best, and memopt keeps {headroom:.0%} of the "
            f"budget as headroom for what the prediction does not see. No keep/recompute plan of these ops can "
-           f"go below {format_bytes(minimum.bytes)} (at {minimum.where}: {minimum.why}). What else lowers the peak: a smaller "
-           f"batch or sequence, offloading, or a cheaper optimizer")
+           f"go below {format_bytes(minimum.bytes)} (at {minimum.where}: {minimum.why}). What else lowers the "
+           f"peak: a smaller batch or sequence, offloading, or a cheaper optimizer")
     return BudgetInfeasibleError(budget, needed, "the step with every layer recomputed", why, proven=minimum.bytes)
 
 
