@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 
 from memopt.errors import CaptureError, LossNotScalarError, ModelForwardError
 
-InputRole = Literal["parameter", "buffer", "input"]
+InputRole = Literal["parameter", "buffer", "input", "tangent"]  # tangent: a gradient fed to the backward
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +51,8 @@ class CapturedStep:
     device: torch.device
     fake: bool  # planned from shapes alone (meta-device model or fake=True)
     seconds: float
+    outputs: tuple[str, ...] = ()  # other nodes the step returns (live to its end), besides loss and gradients
+    mutated_inputs: tuple[str, ...] = ()  # placeholders written after the forward (AOTAutograd's input mutations)
 
 
 

@@ -10,6 +10,7 @@ else the originals, which the backward then keeps (saves).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from torch import fx
@@ -29,18 +30,21 @@ class Candidate:
     nbytes: int
 
 
-def recompute_candidates(graph: fx.GraphModule, table: StorageTable) -> list[Candidate]:
+def recompute_candidates(graph: fx.GraphModule, table: StorageTable,
+                         mutated_inputs: Collection[str] = ()) -> list[Candidate]:
     """Forward results whose recomputation replays exactly what eager computed.
 
     Left out: results of random ops (the generator has moved on), storages an op
     writes in place, and results of ops that read a storage written in place
-    somewhere in the step (its value at recompute time may differ). An op with
-    several results is recomputed whole.
+    somewhere in the step (its value at recompute time may differ), including the
+    placeholders in ``mutated_inputs`` (written outside the graph, after the forward).
+    An op with several results is recomputed whole.
     """
     nodes = list(graph.graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
     # storages written in place anywhere in the step (running statistics, an input changed in place, ...)
     mutated = {key for node in nodes for arg in written_inputs(node) for key in table.values[position[arg]]}
+    mutated |= {key for node in nodes if node.name in mutated_inputs for key in table.values[position[node]]}
     # ops that cannot replay: random ones, ones that write in place (running statistics would update
     # twice), and readers of a storage written in place (a recompute could read another value). Their
     # consumers can: a recompute reads a kept input, not a recomputed one.

@@ -123,7 +123,7 @@ def plan_recompute(
     bs = table.backward_start
     # every forward result that can replay, the backward's activations and the forward's temporaries alike:
     # recomputing an activation may need a temporary it was made from (a matmul before its ReLU)
-    candidates = recompute.recompute_candidates(graph, table)
+    candidates = recompute.recompute_candidates(graph, table, step.mutated_inputs)
     problem = RecomputeProblem(
         backward_start=bs,
         inputs=tuple(tuple(position[a] for a in node.all_input_nodes) for node in nodes),

@@ -81,7 +81,7 @@ def storage_table(step: CapturedStep) -> StorageTable:
     backward_start = next(i for i, n in enumerate(nodes) if n.name == step.backward_start)
     roles = {p.node: p.role for p in step.placeholders}
     input_names = {p.node: p.name for p in step.placeholders}  # "transformer.h.0.attn.c_attn.weight", ...
-    output_names = {step.loss_node, *step.gradients.values()}
+    output_names = {step.loss_node, *step.gradients.values(), *step.outputs}
     gradient_names = set(step.gradients.values())
 
     key_of: dict[StorageWeakRef, int] = {}
@@ -109,8 +109,11 @@ def storage_table(step: CapturedStep) -> StorageTable:
                 key = key_of[ref] = len(nbytes)
                 nbytes.append(tensor.untyped_storage().nbytes())
                 placeholder = node.op == "placeholder"
-                defined.append(-1 if placeholder else i)
-                last.append(i)
+                # graph inputs exist before the step; a tangent (the gradient of an output) arrives
+                # when the backward starts
+                tangent = placeholder and roles[node.name] == "tangent"
+                defined.append(backward_start if tangent else -1 if placeholder else i)
+                last.append(max(i, defined[-1]))
                 maker.append(input_names.get(node.name, node.name) if placeholder else node.name)
                 category.append(_PLACEHOLDER_CATEGORY[roles[node.name]] if placeholder else TEMPORARIES)
                 is_output.append(False)
@@ -122,7 +125,8 @@ def storage_table(step: CapturedStep) -> StorageTable:
         for key in reads:
             last[key] = max(last[key], i)
             readers[key].append(i)
-        touched.append(tuple(k for k in sorted(reads.union(keys)) if defined[k] >= 0))
+        made = keys if node.op != "placeholder" else []
+        touched.append(tuple(k for k in sorted(reads.union(made)) if defined[k] >= 0))
         if node.name in output_names:
             for key in keys:
                 is_output[key] = True
@@ -144,4 +148,4 @@ def storage_table(step: CapturedStep) -> StorageTable:
     )
 
 
-_PLACEHOLDER_CATEGORY = {"parameter": PARAMETERS, "buffer": BUFFERS, "input": INPUTS}
+_PLACEHOLDER_CATEGORY = {"parameter": PARAMETERS, "buffer": BUFFERS, "input": INPUTS, "tangent": INPUTS}

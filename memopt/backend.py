@@ -1,0 +1,388 @@
+"""The torch.compile door: ``torch.compile(model, backend="memopt", options={"budget": "24GB"})``.
+
+Dynamo hands the backend each graph of the user's code; AOTAutograd traces its
+joint forward/backward graph and calls memopt's partition function, which plans
+the graph (ledger, remat under the budget), rewrites it (recomputations placed
+before their first backward reader) and cuts it into the forward and backward
+that AOTAutograd runs. Those run as generated Python (``compiler="eager"``: eager's
+kernels) or through Inductor (``compiler="inductor"``).
+
+``memopt_backend`` is registered through the ``torch_dynamo_backends`` entry point,
+so ``backend="memopt"`` works in a fresh process. The plans of one
+``torch.compile`` call (one ``options`` object) form a session
+(``memopt.backend.plans(options)``): with graph breaks each graph plans for what the
+budget leaves after the graphs compiled before it hold, and the user is told;
+a recompile for new shapes re-plans that graph. Graphs with dynamic shapes are
+specialized: each distinct shape is traced and planned on its first call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.graph import _BoxedCodeGen
+
+from memopt.aot import GraphInput, graph_inputs, joint_step, partition
+from memopt.budget import format_bytes, parse_budget
+from memopt.config import PlanConfig
+from memopt.device import DeviceSpec, get_device
+from memopt.errors import BudgetInfeasibleError, MemoptError
+from memopt.passes.optimizer_memory import ParamInfo, optimizer_memory
+from memopt.passes.remat_plan import SOLVERS
+from memopt.passes.storage import BUFFERS, GRADIENTS, OPTIMIZER_STATE, PARAMETERS
+from memopt.pipeline import run_pipeline
+from memopt.plan import MemoryPlan
+
+KNOWN_OPTIONS: dict[str, str] = {
+    "budget": "the step's byte budget: an int or a string such as '24GB' or '512MiB' (required)",
+    "optimizer": "the optimizer that steps these parameters: an instance, a class or (class, kwargs); "
+                 "sizes optimizer state (default: none)",
+    "device": "a DeviceSpec or preset name for the cost model (default: the graph's device)",
+    "solver": f"the remat solver: one of {', '.join(SOLVERS)} (default: memopt)",
+    "compiler": "how the planned forward and backward run: 'eager' (generated Python, eager's kernels; "
+                "default) or 'inductor'",
+    "inductor_options": "Inductor config entries, with compiler='inductor'",
+    "config": "a memopt.config.PlanConfig with every other knob (time limits, headroom)",
+}
+
+
+class MemoptWarning(UserWarning):
+    """Something the user should know about how memopt planned a compiled model."""
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    budget_bytes: int
+    optimizer: Any = None
+    device: str | DeviceSpec | None = None
+    compiler: str = "eager"
+    inductor_options: dict[str, Any] = field(default_factory=dict)
+    config: PlanConfig = PlanConfig()
+
+    @classmethod
+    def parse(cls, options: dict[str, Any] | None) -> BackendOptions:
+        """Checked options; unknown keys and bad values raise MemoptError naming what is accepted."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(KNOWN_OPTIONS))
+        if unknown:
+            known = "\n".join(f"  {name}: {what}" for name, what in KNOWN_OPTIONS.items())
+            raise MemoptError(f"unknown memopt backend option(s) {', '.join(map(repr, unknown))}; known:\n{known}")
+        if options.get("budget") is None:
+            raise MemoptError("the memopt backend needs a budget: torch.compile(model, backend='memopt', "
+                              "options={'budget': '24GB'})")
+        compiler = options.get("compiler", "eager")
+        if compiler not in ("eager", "inductor"):
+            raise MemoptError(f"unknown compiler {compiler!r}; choose 'eager' or 'inductor'")
+        config = options.get("config") or PlanConfig()
+        solver = options.get("solver")
+        if solver is not None:
+            if solver not in SOLVERS:
+                raise MemoptError(f"unknown remat solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
+            config = dataclasses.replace(config, solver=solver)
+        return cls(parse_budget(options["budget"]), options.get("optimizer"), options.get("device"), compiler,
+                   dict(options.get("inductor_options") or {}), config)
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """One graph the backend planned."""
+
+    frame: tuple  # Dynamo's frame id and the graph's parameters: graphs with one key replace each other
+    budget_bytes: int  # the part of the budget this graph planned for
+    carried_bytes: int  # what it leaves on the device for later graphs: activations, inputs, outputs
+    plan: MemoryPlan
+    shapes: tuple[tuple[int, ...], ...]  # of its tensor inputs other than parameters and buffers
+
+
+class Session:
+    """The graphs one ``torch.compile`` call planned, and the budget they share."""
+
+    def __init__(self, options: BackendOptions) -> None:
+        self.options = options
+        self.graphs: list[GraphPlan] = []
+
+    def carried_before(self, frame: tuple) -> int:
+        """What the graphs that run before a graph of ``frame`` leave on the device while it runs.
+
+        Graphs run in the order they were first compiled; each earlier one holds its
+        saved activations, inputs and outputs until its backward (which runs after).
+        """
+        order = list(dict.fromkeys(g.frame for g in self.graphs))
+        before = order[: order.index(frame)] if frame in order else order
+        return sum(max(g.carried_bytes for g in self.graphs if g.frame == f) for f in before)
+
+    def add(self, graph: GraphPlan) -> None:
+        frames = list(dict.fromkeys(g.frame for g in self.graphs))
+        same_frame = [g for g in self.graphs if g.frame == graph.frame]
+        self.graphs.append(graph)
+        total = self.options.budget_bytes
+        if same_frame:
+            warnings.warn(f"memopt: re-planned a graph for new input shapes {list(graph.shapes)} (planned before "
+                          f"for {list(same_frame[-1].shapes)}); predicted peak {format_bytes(graph.plan.peak_bytes)}"
+                          f" within its {format_bytes(graph.budget_bytes)}", MemoptWarning, stacklevel=2)
+        elif frames:
+            warnings.warn(f"memopt: the model compiled into {len(frames) + 1} graphs (graph breaks); graph "
+                          f"{len(frames) + 1} planned for {format_bytes(graph.budget_bytes)} of the "
+                          f"{format_bytes(total)} budget: the rest of the model (parameters, gradients, optimizer "
+                          f"state) and what the graphs before it keep hold {format_bytes(total - graph.budget_bytes)} "
+                          "while it runs. "
+                          "torch.compile(..., fullgraph=True) plans the whole step as one graph", MemoptWarning,
+                          stacklevel=2)
+
+    @property
+    def plans(self) -> list[MemoryPlan]:
+        return [graph.plan for graph in self.graphs]
+
+
+# One session per options object a torch.compile call was given (it passes the same dict to every graph);
+# the dict is kept so that its id is not reused while the session lives.
+_SESSIONS: dict[int, tuple[Any, Session]] = {}
+
+
+def session(options: dict[str, Any] | None) -> Session:
+    """The session of the ``torch.compile`` call that was given ``options``."""
+    key = id(options)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = (options, Session(BackendOptions.parse(options)))
+    return _SESSIONS[key][1]
+
+
+def plans(options: dict[str, Any]) -> list[MemoryPlan]:
+    """The plans memopt made for the ``torch.compile`` call given ``options``, in compile order."""
+    return session(options).plans
+
+
+def memopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any] | None = None
+                   ) -> Callable[..., Any]:
+    """The torch.compile backend (``backend="memopt"``); ``options`` as ``KNOWN_OPTIONS`` lists them."""
+    state = session(options)
+    # a recompile of one frame for other shapes replaces its graph; another graph (a graph break, or the
+    # same code run on other parameters) adds one
+    frame = (_frame_id(gm), tuple(id(v) for v in example_inputs if isinstance(v, torch.nn.Parameter)))
+    # the parts of the model this graph does not hold stay on the device while it runs
+    rest = _rest_of_model_bytes(gm, example_inputs, state.options)
+    inputs = graph_inputs(gm, example_inputs)  # now: Dynamo drops the sources it names them from after this call
+    if any(_is_symbolic(value) for value in example_inputs) or _has_symbolic_shapes(gm):
+        return _PerShape(gm, inputs, state, frame, rest)
+    return _compile_graph(gm, inputs, list(example_inputs), state, frame, rest)
+
+
+def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs: list[Any], state: Session,
+                   frame: tuple, rest: int) -> Callable[..., Any]:
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch import config as functorch_config
+
+    compiler = partial(_compile_program, options=state.options)
+    partition_fn = partial(_plan_and_partition, inputs=inputs, example_inputs=example_inputs, state=state,
+                           frame=frame, rest=rest)
+    # AOTAutograd's own cache keys on the joint graph, not on memopt's budget: off, so that a cached
+    # compile never reuses a partition planned for another budget
+    decompositions = {}
+    if state.options.compiler == "inductor":  # Inductor lowers the graph its own decompositions make
+        from torch._inductor.decomposition import select_decomp_table
+
+        from memopt.codegen.inductor import DEFAULT_OPTIONS
+
+        with torch._inductor.config.patch({**DEFAULT_OPTIONS, **state.options.inductor_options}):
+            decompositions = select_decomp_table()  # without the random ops' with fallback_random
+    reentry = _Reentry()
+    with functorch_config.patch(enable_autograd_cache=False):
+        return aot_autograd(fw_compiler=lambda g, e: reentry.forward(compiler(g, e)),
+                            bw_compiler=lambda g, e: reentry.backward(compiler(g, e)),
+                            inference_compiler=compiler, partition_fn=partition_fn,
+                            decompositions=decompositions)(gm, example_inputs)
+
+
+class _Reentry:
+    """Counts a graph's forwards whose backward has not run yet.
+
+    More than one means the graph runs several times in one step (Dynamo compiles a
+    layer once when a graph break sits in the loop over layers), while memopt planned
+    it, and the budget around it, as running once: the user is told.
+    """
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.told = False
+
+    def forward(self, program: Callable[[list], Any]) -> Callable[[list], Any]:
+        def run(args: list) -> Any:
+            self.live += 1
+            if self.live > 1 and not self.told:
+                self.told = True
+                warnings.warn("memopt: a compiled graph ran again before its backward (a graph break inside a loop "
+                              "over layers makes Dynamo compile one layer and run it for each); memopt planned "
+                              "each graph as running once per step, so this step may exceed the budget. Remove the "
+                              "graph break (torch.compile(..., fullgraph=True) shows where it is) or use "
+                              "memopt.compile", MemoptWarning, stacklevel=2)
+            return program(args)
+
+        run._boxed_call = True  # type: ignore[attr-defined]
+        return run
+
+    def backward(self, program: Callable[[list], Any]) -> Callable[[list], Any]:
+        def run(args: list) -> Any:
+            self.live = max(0, self.live - 1)
+            return program(args)
+
+        run._boxed_call = True  # type: ignore[attr-defined]
+        return run
+
+
+def _plan_and_partition(joint: fx.GraphModule, _joint_inputs: Any, *, num_fwd_outputs: int,
+                        inputs: list[GraphInput], example_inputs: list[Any], state: Session, frame: tuple,
+                        rest: int, **_: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
+    options = state.options
+    step = joint_step(joint, num_fwd_outputs, inputs)
+    trained = {i.name: value for i, value in zip(inputs, [*_lifted(joint, inputs, example_inputs)])
+               if i.role == "parameter" and i.requires_grad}
+    params = [ParamInfo(name, tuple(trained[name].shape), trained[name].element_size()) for name in step.gradients
+              if name in trained]
+    groups_of = None
+    if isinstance(options.optimizer, torch.optim.Optimizer):
+        index_of = {id(p): g for g, group in enumerate(options.optimizer.param_groups) for p in group["params"]}
+        groups_of = {name: index_of[id(p)] for name, p in trained.items() if id(p) in index_of}
+    spec = get_device(options.device, default="h100" if step.device.type == "cuda" else "cpu")
+    held = rest + state.carried_before(frame)
+    budget = options.budget_bytes - held
+    if budget <= 0:
+        raise MemoptError(f"the rest of the model and the graphs compiled before this one hold {format_bytes(held)}, "
+                          f"all of the {format_bytes(options.budget_bytes)} budget; compile with fullgraph=True so "
+                          "that memopt plans the whole step, or raise the budget")
+    try:
+        plan = run_pipeline(step, params=params, optimizer=options.optimizer, groups_of=groups_of, device=spec,
+                            budget_bytes=budget, config=options.config)
+    except BudgetInfeasibleError as error:
+        if not held:
+            raise
+        # name the budget the whole step needs: this graph's smallest, plus what it shares the device with
+        raise BudgetInfeasibleError(
+            options.budget_bytes, error.minimum + held, f"a graph of the compiled model ({error.where})",
+            f"this graph needs {format_bytes(error.minimum)} by itself, and the rest of the model and the graphs "
+            f"before it hold {format_bytes(held)} while it runs. With graph breaks memopt plans each graph as it "
+            "is compiled; torch.compile(..., fullgraph=True) plans the whole step at once and may need less",
+            proven=error.proven_minimum + held) from error
+    program = plan.program
+    assert program is not None
+    forward, backward = partition(program.graph, program.backward_start, num_fwd_outputs)
+    lifted = len(inputs) - len(example_inputs)
+    shapes = tuple(tuple(v.shape) for info, v in zip(inputs[lifted:], example_inputs)
+                   if info.role == "input" and isinstance(v, torch.Tensor))
+    state.add(GraphPlan(frame, budget, _carried_bytes(plan), plan, shapes))
+    return forward, backward
+
+
+def _lifted(joint: fx.GraphModule, inputs: list[GraphInput], example_inputs: list[Any]) -> list[Any]:
+    """The values of the primals: lifted parameters and buffers of the Dynamo graph, then its inputs."""
+    lifted = len(inputs) - len(example_inputs)
+    primals = joint.graph.find_nodes(op="placeholder")[:lifted]
+    return [node.meta.get("val") for node in primals] + list(example_inputs)
+
+
+def _carried_bytes(plan: MemoryPlan) -> int:
+    """What a graph leaves for later graphs: all it holds when its forward ends, but the model's own state."""
+    timeline = plan.timeline
+    last_forward = max((i for i, phase in enumerate(timeline.phases) if phase == "forward"), default=0)
+    state = sum(timeline.by_category[c][last_forward] for c in (PARAMETERS, BUFFERS, OPTIMIZER_STATE, GRADIENTS))
+    return timeline.totals[last_forward] - state
+
+
+def _rest_of_model_bytes(gm: fx.GraphModule, example_inputs: Sequence[Any], options: BackendOptions) -> int:
+    """Parameters, buffers, gradients and optimizer state of the model that this graph does not hold.
+
+    The model is the module whose attributes the graph's inputs come from (Dynamo's
+    frame local, ``self`` of the compiled forward); 0 when there is none to see.
+    """
+    mine = {id(v) for v in example_inputs if isinstance(v, torch.Tensor)}
+    mine |= {id(t) for t in [*gm.parameters(), *gm.buffers()]}
+    others: dict[int, torch.Tensor] = {}
+    for root in _root_modules(gm):
+        for name, tensor in [*root.named_parameters(), *root.named_buffers()]:
+            if id(tensor) not in mine:
+                others.setdefault(id(tensor), tensor)
+    total = 0
+    trained = []
+    for tensor in others.values():
+        total += tensor.untyped_storage().nbytes()
+        if isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad:
+            total += tensor.nbytes  # its gradient
+            trained.append(ParamInfo(str(len(trained)), tuple(tensor.shape), tensor.element_size()))
+    if trained and options.optimizer is not None:
+        groups = {p.name: 0 for p in trained} if isinstance(options.optimizer, torch.optim.Optimizer) else None
+        total += optimizer_memory(options.optimizer, trained, device_is_cuda=False, groups_of=groups).state_bytes
+    return total
+
+
+def _root_modules(gm: fx.GraphModule) -> list[torch.nn.Module]:
+    """The modules, among the compiled frame's locals, that the graph's inputs are attributes of."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    if tx is None:
+        return []
+    f_locals = tx.output.root_tx.f_locals
+    roots: dict[int, torch.nn.Module] = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        while getattr(source, "base", None) is not None:
+            source = source.base
+        value = f_locals.get(getattr(source, "local_name", None))
+        if isinstance(value, torch.nn.Module):
+            roots[id(value)] = value
+    return list(roots.values())
+
+
+def _compile_program(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: BackendOptions) -> Any:
+    """A planned forward or backward as the boxed callable AOTAutograd runs (it clears its input list)."""
+    if options.compiler == "inductor":
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        from memopt.codegen.inductor import DEFAULT_OPTIONS
+
+        with torch._inductor.config.patch({**DEFAULT_OPTIONS, **options.inductor_options}):
+            return compile_fx_inner(gm, example_inputs)
+    gm.graph.set_codegen(_BoxedCodeGen())  # the generated code drops each input after its last reader
+    gm.recompile()
+    return gm
+
+
+def _frame_id(gm: fx.GraphModule) -> str:
+    compile_id = gm.meta.get("dynamo_compile_id")
+    return str(getattr(compile_id, "frame_id", compile_id))
+
+
+def _is_symbolic(value: Any) -> bool:
+    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def _has_symbolic_shapes(gm: fx.GraphModule) -> bool:
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value")
+        if isinstance(value, (torch.SymInt, torch.SymFloat)):
+            return True
+        if isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in value.shape):
+            return True
+    return False
+
+
+class _PerShape:
+    """A graph with dynamic shapes, planned anew for each distinct shape on its first call."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: list[GraphInput], state: Session, frame: tuple, rest: int
+                 ) -> None:
+        self.gm, self.inputs, self.state, self.frame, self.rest = gm, inputs, state, frame, rest
+        self.compiled: dict[tuple, Callable[..., Any]] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        key = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+        if key not in self.compiled:
+            self.compiled[key] = _compile_graph(self.gm, self.inputs, list(args), self.state, self.frame,
+                                                self.rest)
+        return self.compiled[key](*args)

@@ -1,0 +1,225 @@
+"""The torch.compile door: torch.compile(model, backend="memopt", options={"budget": ...})."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import memopt
+from memopt.aot import _qualified
+from memopt.backend import BackendOptions, MemoptWarning, memopt_backend, plans
+from memopt.errors import BudgetInfeasibleError, MemoptError
+
+
+class Block(nn.Module):
+    def __init__(self, d: int = 128) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(d)
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.down(torch.relu(self.up(self.norm(x)))))
+
+
+class Net(nn.Module):
+    def __init__(self, layers: int = 4, graph_break_after: int | None = None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Block() for _ in range(layers)])
+        self.graph_break_after = graph_break_after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        split = len(self.layers) if self.graph_break_after is None else self.graph_break_after + 1
+        x = x * 1.0
+        for layer in self.layers[:split]:
+            x = layer(x)
+        if self.graph_break_after is not None:
+            torch._dynamo.graph_break()
+        for layer in self.layers[split:]:
+            x = layer(x)
+        return x.pow(2).mean()
+
+
+class BreakInLoop(Net):
+    """A graph break inside the loop over layers: Dynamo compiles one layer and runs it for each."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+            torch._dynamo.graph_break()
+        return x.pow(2).mean()
+
+
+def _snapshot(model: nn.Module) -> bytes:
+    """The model's state as bytes: no tensor of it stays alive to count in a measurement."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def _eager(state: bytes, model: nn.Module, x: torch.Tensor, seed: int, steps: int) -> nn.Module:
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(torch.load(io.BytesIO(state)))
+    for _ in range(steps):
+        reference.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        reference(x).backward()
+    return reference
+
+
+def _eager_peak(model: nn.Module, x: torch.Tensor) -> int:
+    return memopt.plan(model, (x,)).peak_bytes
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_options_are_checked_and_unknown_ones_listed():
+    with pytest.raises(MemoptError, match="(?s)unknown memopt backend option.*'bugdet'.*budget:.*compiler:"):
+        BackendOptions.parse({"bugdet": "1GB"})
+    with pytest.raises(MemoptError, match="needs a budget"):
+        BackendOptions.parse({})
+    with pytest.raises(MemoptError, match="unknown compiler"):
+        BackendOptions.parse({"budget": "1GB", "compiler": "tvm"})
+    assert BackendOptions.parse({"budget": "1KiB", "solver": "blocks"}).config.solver == "blocks"
+
+
+def test_source_names_become_qualified_names():
+    name = "L['self']._modules['layers']._modules['0']._modules['up']._parameters['weight']"
+    assert _qualified(name) == "layers.0.up.weight"
+
+
+def test_trains_under_the_budget_bitwise_equal_to_eager():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(256, 128)
+    eager_peak = _eager_peak(model, x)
+    state = _snapshot(model)
+    budget = int(eager_peak * 0.9)
+    options = {"budget": budget}
+    compiled = torch.compile(model, backend=memopt_backend, options=options)
+    for _ in range(2):  # the first step compiles; the second is measured
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        measured = memopt.measure_peak(lambda: compiled(x).backward())
+    (plan,) = plans(options)
+    assert measured.peak_bytes <= budget
+    assert abs(measured.peak_bytes - plan.peak_bytes) <= 0.01 * plan.peak_bytes
+    assert any(d.action == "recompute" for d in plan.decisions)
+    reference = _eager(state, model, x, seed=1, steps=2)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, b), c in zip(model.named_buffers(), reference.buffers()):
+        assert torch.equal(b, c), name  # BatchNorm statistics updated once per step
+
+
+def test_a_budget_below_the_minimum_fails_before_running_and_leaves_the_model():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(256, 128)
+    state = _snapshot(model)
+    compiled = torch.compile(model, backend="memopt", options={"budget": "1MB"})
+    with pytest.raises(Exception) as raised:
+        compiled(x)
+    causes, error = [], raised.value
+    while error is not None:
+        causes.append(error)
+        error = error.__cause__ or error.__context__
+    infeasible = next(e for e in causes if isinstance(e, BudgetInfeasibleError))
+    assert infeasible.minimum > 1_000_000
+    after = torch.load(io.BytesIO(_snapshot(model)))
+    assert all(torch.equal(v, after[k]) for k, v in torch.load(io.BytesIO(state)).items())
+
+
+def test_graph_breaks_and_a_second_batch_size_stay_under_the_budget_and_are_told():
+    torch.manual_seed(0)
+    model = Net(graph_break_after=1)
+    budget = int(_eager_peak(model, torch.randn(256, 128)) * 1.15)
+    options = {"budget": budget}
+    compiled = torch.compile(model, backend="memopt", options=options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MemoptWarning)
+        for batch in (256, 192):
+            x = torch.randn(batch, 128)
+            compiled(x).backward()  # compiles (Dynamo's compile stops a profiler session around it)
+            model.zero_grad(set_to_none=True)
+            measured = memopt.measure_peak(lambda: compiled(x).backward())
+            assert measured.peak_bytes <= budget, batch
+            del x
+    told = [str(w.message) for w in caught if issubclass(w.category, MemoptWarning)]
+    assert any("compiled into 2 graphs" in m and "fullgraph=True" in m for m in told), told
+    assert any("re-planned a graph for new input shapes [(192, 128)]" in m for m in told), told
+    graphs = plans(options)
+    assert len(graphs) == 4  # two graphs, each planned for two batch sizes
+    assert all(p.peak_bytes <= p.budget_bytes for p in graphs)
+
+
+def test_backend_by_name_in_a_fresh_process():
+    """The entry point makes backend="memopt" known to a process that never imported memopt."""
+    code = """
+import copy, json, torch, memopt
+from torch import nn
+torch.manual_seed(0)
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(*[nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64)) for _ in range(3)])
+    def forward(self, x):
+        return self.net(x).pow(2).mean()
+model, x = Model(), torch.randn(2048, 64)
+eager_loss = copy.deepcopy(model)(x).item()
+budget = int(memopt.plan(model, (x,)).peak_bytes * 0.9)
+compiled = torch.compile(model, backend="memopt", options={"budget": budget})
+losses = []
+def step():
+    loss = compiled(x)
+    loss.backward()
+    losses.append(loss.item())
+step()
+model.zero_grad(set_to_none=True)
+peak = memopt.measure_peak(step).peak_bytes
+print(json.dumps({"peak": peak, "budget": budget, "equal": losses == [eager_loss, eager_loss]}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd="/")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["peak"] <= result["budget"]
+    assert result["equal"]
+
+
+@pytest.mark.slow
+def test_inductor_compiler_under_the_budget_within_float_tolerance():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(256, 128)
+    state = _snapshot(model)
+    budget = int(_eager_peak(model, x) * 0.9)
+    options = {"budget": budget, "compiler": "inductor"}
+    compiled = torch.compile(model, backend="memopt", options=options)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        measured = memopt.measure_peak(lambda: compiled(x).backward())
+    assert measured.peak_bytes <= budget
+    reference = _eager(state, model, x, seed=1, steps=2)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_graph_run_once_per_layer_is_told():
+    model = BreakInLoop()
+    compiled = torch.compile(model, backend="memopt", options={"budget": "1GB"})
+    with pytest.warns(MemoptWarning, match="ran again before its backward"):
+        compiled(torch.randn(64, 128)).backward()
