@@ -65,7 +65,8 @@ def markdown(rows: list[dict]) -> str:
         "as usual and reported: loss, gradients, ops without out=).",
         "",
         "| workload | nodes | tensors | graph peak traced (MiB) | after order (MiB) | order method | order (s) "
-        "| arena (MiB) | lower bound (MiB) | fragmentation | planned tensors / ops outside | layout method | layout (s) |",
+        "| arena (MiB) | lower bound (MiB) | fragmentation | planned tensors / ops outside | layout method "
+        "| layout (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mib = 2**20

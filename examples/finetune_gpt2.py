@@ -1,6 +1,7 @@
 """Fine-tune a GPT-2-style model under a memory budget on CPU, and print the measured peak of each step.
 
     python examples/finetune_gpt2.py [--budget 60MiB] [--steps 4] [--layers 4]
+    memopt plan examples/finetune_gpt2.py:workload --arg layers=4 --budget 60MiB --png plan.png
 
 The model is built from a config (random weights: nothing is downloaded) and
 trained on random tokens. Without --budget, the budget is set halfway between
@@ -9,11 +10,18 @@ recompute; the eager step is measured too, for comparison.
 """
 
 import argparse
+import dataclasses
 
 import torch
 
 import memopt
 from memopt import examples
+
+
+def workload(layers: int = 4) -> examples.Workload:
+    """The model this script fine-tunes (with dropout), its batch and its optimizer: the CLI's FACTORY."""
+    made = examples.gpt2(layers=layers, width=128, heads=4, seq=128, batch=4, vocab=2048, dropout=0.1)
+    return dataclasses.replace(made, optimizer_kwargs={"lr": 1e-3})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args(argv)
 
-    workload = examples.gpt2(layers=args.layers, width=128, heads=4, seq=128, batch=4, vocab=2048, dropout=0.1)
-    model, batch = workload.build(), workload.inputs()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    made = workload(args.layers)
+    model, batch = made.build(), made.inputs()
+    optimizer = made.optimizer(model)
     eager = memopt.plan(model, batch, optimizer=optimizer)
     if args.budget is None:
         try:
@@ -34,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             budget = (error.minimum + eager.peak_bytes) // 2
     else:
         budget = memopt.parse_budget(args.budget)
-    print(f"{workload.description}; AdamW; eager step predicted at {memopt.format_bytes(eager.peak_bytes)}, "
+    print(f"{made.description}; AdamW; eager step predicted at {memopt.format_bytes(eager.peak_bytes)}, "
           f"budget {memopt.format_bytes(budget)}")
 
     trained = memopt.compile(model, budget=budget, optimizer=optimizer)

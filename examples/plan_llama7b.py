@@ -1,6 +1,7 @@
 """Plan a Llama-7B-shaped training step from shapes alone (no weights, no GPU needed).
 
     python examples/plan_llama7b.py [--budget 80GB] [--device h100] [--seq 4096]
+    memopt plan examples/plan_llama7b.py:workload --arg seq=4096 --device h100 --png plan.png
 
 The model is built on the meta device, so planning allocates nothing; the
 printout is the ledger of an eager step with AdamW, and whether it fits.
@@ -16,6 +17,11 @@ import memopt
 from memopt import examples
 
 
+def workload(seq: int = 4096, batch: int = 1) -> examples.Workload:
+    """Llama-7B's shape on the meta device with AdamW: the CLI's FACTORY."""
+    return examples.llama7b(seq=seq, batch=batch)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", default=None, help="e.g. 80GB; none: describe the eager step")
@@ -23,11 +29,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     args = parser.parse_args()
 
-    workload = examples.llama7b(seq=args.seq)
-    model = workload.build()
+    made = workload(args.seq)
+    model = made.build()
     started = time.perf_counter()
     try:
-        plan = memopt.plan(model, workload.inputs(), optimizer=torch.optim.AdamW, budget=args.budget,
+        plan = memopt.plan(model, made.inputs(), optimizer=torch.optim.AdamW, budget=args.budget,
                            device=args.device)
     except memopt.BudgetInfeasibleError as error:
         print(f"does not fit: {error}")

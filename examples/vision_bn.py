@@ -1,6 +1,7 @@
 """Train a small ResNet-style CNN with BatchNorm under a memory budget on CPU; check it against eager.
 
-    python examples/vision_bn.py [--budget 40MiB] [--blocks 6]
+    python examples/vision_bn.py [--budget 90MiB] [--blocks 6]
+    memopt plan examples/vision_bn.py:workload --arg blocks=6 --budget 90MiB --png plan.png
 
 BatchNorm updates its running statistics in place: memopt never replays those
 ops, so the statistics update once per step as in eager. The script trains an
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 import memopt
+from memopt.examples import Workload
 
 
 class Residual(nn.Module):
@@ -43,6 +45,23 @@ class SmallResNet(nn.Module):
         return nn.functional.cross_entropy(self.head(x.mean((2, 3))), labels)
 
 
+def workload(blocks: int = 6, batch: int = 32) -> Workload:
+    """The model this script trains, its batch (32x32 images, 10 classes) and its optimizer: the CLI's FACTORY."""
+
+    def build() -> nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return SmallResNet(blocks)
+
+    def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(1)
+        return torch.randn(batch, 3, 32, 32, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
+
+    return Workload("vision_bn", build, inputs, optimizer_cls=torch.optim.SGD,
+                    optimizer_kwargs={"lr": 0.1, "momentum": 0.9},
+                    description=f"SmallResNet, {blocks} blocks, batch {batch} at 32x32")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", default=None, help="default: halfway from memopt's minimum to the eager peak")
@@ -50,12 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
 
-    torch.manual_seed(0)
-    model = SmallResNet(args.blocks)
+    made = workload(args.blocks)
+    model = made.build()
     twin = copy.deepcopy(model)  # trained eagerly, for the comparison
-    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    images, labels = made.inputs()
+    optimizer, twin_optimizer = made.optimizer(model), made.optimizer(twin)
     eager = memopt.plan(model, (images, labels), optimizer=optimizer)
     if args.budget is None:
         try:
@@ -64,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             budget = (error.minimum + eager.peak_bytes) // 2
     else:
         budget = memopt.parse_budget(args.budget)
-    print(f"SmallResNet, {args.blocks} blocks, batch 32 at 32x32; SGD with momentum; eager step predicted at "
+    print(f"{made.description}; SGD with momentum; eager step predicted at "
           f"{memopt.format_bytes(eager.peak_bytes)}, budget {memopt.format_bytes(budget)}")
     trained = memopt.compile(model, budget=budget, optimizer=optimizer)
 

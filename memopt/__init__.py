@@ -3,9 +3,11 @@
     plan = memopt.plan(model, example_inputs, optimizer=opt, budget="24GB")
     print(plan); plan.explain(); plan.plot("plan.png"); plan.to_json()
     model = memopt.compile(model, budget="24GB", optimizer=opt)  # trains with the plan: model(x).backward()
+    torch.compile(model, backend="memopt", options={"budget": "24GB"})  # memopt.backend.plans(options)
     memopt.measure_peak(step_fn)  # the real peak of one call
 """
 
+from memopt import backend
 from memopt.api import CompiledModule, compile, plan
 from memopt.budget import format_bytes, parse_budget
 from memopt.device import PRESETS as DEVICES
@@ -20,13 +22,15 @@ from memopt.errors import (
     UnsupportedOptimizerError,
 )
 from memopt.measure import MeasuredPeak, measure_peak
+from memopt.pareto import ParetoCurve, ParetoPoint, pareto
 from memopt.plan import MemoryPlan
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEVICES", "BudgetInfeasibleError", "BudgetParseError", "CaptureError", "CompiledModule", "DeviceSpec",
+    "DEVICES", "backend", "BudgetInfeasibleError", "BudgetParseError", "CaptureError", "CompiledModule", "DeviceSpec",
     "LossNotScalarError", "compile",
     "MeasuredPeak", "MemoptError", "MemoryPlan", "ModelForwardError", "UnsupportedOptimizerError",
     "format_bytes", "get_device", "measure_peak", "parse_budget", "plan",
+    "ParetoCurve", "ParetoPoint", "pareto",
 ]

@@ -73,8 +73,14 @@ def _qualified(source_name: str) -> str:
     return ".".join(parts) or source_name
 
 
-def joint_step(joint: fx.GraphModule, num_fwd_outputs: int, inputs: Sequence[GraphInput]) -> CapturedStep:
-    """The joint graph as a CapturedStep: roles of its placeholders, its gradients, where the backward starts."""
+def joint_step(joint: fx.GraphModule, num_fwd_outputs: int, inputs: Sequence[GraphInput], *,
+               hold_outputs: bool = True) -> CapturedStep:
+    """The joint graph as a CapturedStep: roles of its placeholders, its gradients, where the backward starts.
+
+    ``hold_outputs``: the caller keeps the graph's outputs (the logits next to a loss)
+    alive through the backward, as ``out = model(x); out.loss.backward()`` does; else
+    an output other than a scalar (the loss) is dropped once the forward no longer reads it.
+    """
     placeholders = joint.graph.find_nodes(op="placeholder")
     primals = [n for n in placeholders if n.name.startswith("primals")]
     tangents = [n for n in placeholders if n.name.startswith("tangents")]
@@ -90,11 +96,13 @@ def joint_step(joint: fx.GraphModule, num_fwd_outputs: int, inputs: Sequence[Gra
     # after the forward, so the backward (and a recomputation) would read the new value
     descs = pytree.arg_tree_leaves(output_node.meta.get("desc", [None] * len(outputs)))
     mutated = {getattr(getattr(d, "mutated_input", None), "idx", None) for d in descs[:num_fwd_outputs]}
+    mutation_outputs = {i for i, d in enumerate(descs[:num_fwd_outputs]) if hasattr(d, "mutated_input")}
     mutated_inputs = tuple(n.name for i, n in enumerate(primals) if i in mutated)
     forward_outputs = [o for o in outputs[:num_fwd_outputs] if isinstance(o, fx.Node)]
     backward_outputs = outputs[num_fwd_outputs:]
     gradients: dict[str, str] = {}
-    other: list[str] = [o.name for o in forward_outputs]
+    other: list[str] = [o.name for i, o in enumerate(outputs[:num_fwd_outputs]) if isinstance(o, fx.Node)
+                        and (hold_outputs or i in mutation_outputs or _numel(o) == 1)]
     for info, grad in zip(inputs, backward_outputs):
         if not isinstance(grad, fx.Node):
             continue
@@ -108,7 +116,8 @@ def joint_step(joint: fx.GraphModule, num_fwd_outputs: int, inputs: Sequence[Gra
     if start is None:
         raise CaptureError("the joint graph has no backward node; nothing to plan")
     position = {node: i for i, node in enumerate(nodes)}
-    forward_tensors = [o for o in forward_outputs if position[o] < position[start] and o.op != "placeholder"]
+    forward_tensors = [o for o in forward_outputs if position[o] < position[start] and o.op != "placeholder"
+                       and o.name in other]
     loss = max(forward_tensors, key=position.__getitem__, default=nodes[position[start] - 1])
     device = next((v.device for n in placeholders if isinstance(v := n.meta.get("val"), torch.Tensor)),
                   torch.device("cpu"))
@@ -124,6 +133,11 @@ def joint_step(joint: fx.GraphModule, num_fwd_outputs: int, inputs: Sequence[Gra
         outputs=tuple(name for name in other if name != loss.name),
         mutated_inputs=mutated_inputs,
     )
+
+
+def _numel(node: fx.Node) -> int:
+    value = node.meta.get("val")
+    return value.numel() if isinstance(value, torch.Tensor) else 1
 
 
 def partition(program: fx.GraphModule, backward_start: str, num_fwd_outputs: int

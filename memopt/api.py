@@ -56,8 +56,7 @@ def plan(
     config = _config(config, layout=layout, solver=solver)
     budget_bytes = parse_budget(budget)
     spec = get_device(device, default=_device_of(model))
-    if offload:
-        raise MemoptError("offload planning is not available in this version of memopt; use offload=None")
+    config = _with_offload(config, offload, spec)
     step = capture(model, example_inputs, loss_fn=loss_fn, fake=fake)
     named = dict(model.named_parameters())
     params = [ParamInfo(name, tuple(named[name].shape), named[name].element_size()) for name in step.gradients]
@@ -73,6 +72,17 @@ def _device_of(model: nn.Module) -> str:
     for tensor in model.parameters():
         return "h100" if tensor.device.type == "cuda" else "cpu"
     return "cpu"
+
+
+def _with_offload(config: PlanConfig, offload: bool | None, spec: DeviceSpec) -> PlanConfig:
+    """``offload=None``: what ``config`` says, else on where the device has a host link worth using (CUDA)."""
+    if offload is None:
+        offload = config.offload or spec.is_cuda
+    if not isinstance(offload, bool):
+        raise MemoptError(f"offload must be True, False or None, got {offload!r}")
+    if config.offload_host_bytes is not None and config.offload_host_bytes < 0:
+        raise MemoptError(f"offload_host_bytes must be >= 0 bytes (or None: no cap), got {config.offload_host_bytes}")
+    return dataclasses.replace(config, offload=offload)
 
 
 def _config(config: PlanConfig | None, *, layout: bool, solver: str | None) -> PlanConfig:
@@ -118,13 +128,19 @@ def compile(
     """
     if backend not in ("fx", "inductor"):
         raise MemoptError(f"unknown backend {backend!r}; choose 'fx' (plain FX graphs) or 'inductor'")
-    if offload:
-        raise MemoptError("offload planning is not available in this version of memopt; use offload=None")
+    if offload is not None and not isinstance(offload, bool):
+        raise MemoptError(f"offload must be True, False or None, got {offload!r}")
+    if backend == "inductor":
+        if offload:
+            raise MemoptError("offload=True runs on backend='fx' only in this version: memopt checks Inductor's code "
+                              "against the budget by replaying its allocations, and that replay does not yet tell "
+                              "the host pool from device memory; use backend='fx' with offload, or offload=False")
+        offload = False
     if budget is None:
         raise MemoptError("memopt.compile needs a budget, e.g. budget='24GB'")
     return CompiledModule(model, budget=parse_budget(budget), loss_fn=loss_fn, optimizer=optimizer,
                           device=device, config=_config(config, layout=False, solver=solver), backend=backend,
-                          inductor_options=inductor_options)
+                          inductor_options=inductor_options, offload=offload)
 
 
 class CompiledModule(nn.Module):
@@ -132,8 +148,9 @@ class CompiledModule(nn.Module):
 
     def __init__(self, model: nn.Module, *, budget: int, loss_fn: Callable[[Any], torch.Tensor] | None,
                  optimizer: Any, device: str | DeviceSpec | None, config: PlanConfig, backend: str = "fx",
-                 inductor_options: dict[str, Any] | None = None) -> None:
+                 inductor_options: dict[str, Any] | None = None, offload: bool | None = None) -> None:
         super().__init__()
+        self._offload = offload
         self.model = model
         self.budget_bytes = budget
         self.backend = backend
@@ -165,7 +182,7 @@ class CompiledModule(nn.Module):
 
     def _planned(self, inputs: tuple | dict, budget: int) -> MemoryPlan:
         return plan(self.model, inputs, loss_fn=self._loss_fn, optimizer=self._optimizer, budget=budget,
-                    device=self._device, config=self._config)
+                    device=self._device, config=self._config, offload=self._offload)
 
     def _lower(self, inputs: tuple | dict) -> tuple[MemoryPlan, StepRunner, Executor]:
         if self.backend == "fx":

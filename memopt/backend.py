@@ -19,11 +19,14 @@ specialized: each distinct shape is traced and planned on its first call.
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import fx
@@ -31,6 +34,7 @@ from torch.fx.graph import _BoxedCodeGen
 
 from memopt.aot import GraphInput, graph_inputs, joint_step, partition
 from memopt.budget import format_bytes, parse_budget
+from memopt.codegen.inductor import WrapperMemory
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import BudgetInfeasibleError, MemoptError
@@ -49,6 +53,11 @@ KNOWN_OPTIONS: dict[str, str] = {
     "compiler": "how the planned forward and backward run: 'eager' (generated Python, eager's kernels; "
                 "default) or 'inductor'",
     "inductor_options": "Inductor config entries, with compiler='inductor'",
+    "hold_outputs": "True (default): the training loop keeps the model's outputs (logits next to the loss) "
+                    "alive through the backward, as `out = model(x); out.loss.backward()` does; False: only the "
+                    "loss is kept (`loss = model(x).loss`), which lets memopt plan for less",
+    "cache": "True (default): keep remat plans on disk and reuse them for the same graph, shapes, budget and "
+             "options (under torch's Inductor cache folder); False: plan every compile; or a folder",
     "config": "a memopt.config.PlanConfig with every other knob (time limits, headroom)",
 }
 
@@ -65,6 +74,7 @@ class BackendOptions:
     compiler: str = "eager"
     inductor_options: dict[str, Any] = field(default_factory=dict)
     config: PlanConfig = PlanConfig()
+    hold_outputs: bool = True
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> BackendOptions:
@@ -81,13 +91,19 @@ class BackendOptions:
         if compiler not in ("eager", "inductor"):
             raise MemoptError(f"unknown compiler {compiler!r}; choose 'eager' or 'inductor'")
         config = options.get("config") or PlanConfig()
+        cache = options.get("cache", True)
+        if cache is True:
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+            cache = os.path.join(cache_dir(), "memopt")
+        config = dataclasses.replace(config, cache_dir=cache or None)
         solver = options.get("solver")
         if solver is not None:
             if solver not in SOLVERS:
                 raise MemoptError(f"unknown remat solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
             config = dataclasses.replace(config, solver=solver)
         return cls(parse_budget(options["budget"]), options.get("optimizer"), options.get("device"), compiler,
-                   dict(options.get("inductor_options") or {}), config)
+                   dict(options.get("inductor_options") or {}), config, bool(options.get("hold_outputs", True)))
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,7 @@ class GraphPlan:
     carried_bytes: int  # what it leaves on the device for later graphs: activations, inputs, outputs
     plan: MemoryPlan
     shapes: tuple[tuple[int, ...], ...]  # of its tensor inputs other than parameters and buffers
+    compiled_peak_bytes: int | None = None  # the peak of Inductor's code for it (compiler="inductor")
 
 
 class Session:
@@ -176,28 +193,97 @@ def memopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: d
 
 def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs: list[Any], state: Session,
                    frame: tuple, rest: int) -> Callable[..., Any]:
+    """Plan, partition and compile one graph; with Inductor, until its code fits the graph's budget."""
+    options = state.options
+    if options.compiler == "eager":
+        compiled, graph, _ = _lower(gm, inputs, example_inputs, state, frame, rest, {}, 0)
+        state.add(graph)
+        return compiled
+    from memopt.codegen.inductor import FALLBACK_OPTIONS, Attempt, InductorBudgetError
+
+    attempts: list[Attempt] = []
+    extra: dict[str, Any] = {}
+    lower_by = 0
+    for rung in range(len(FALLBACK_OPTIONS) + 3):
+        started = time.perf_counter()
+        try:
+            compiled, graph, memories = _lower(gm, inputs, example_inputs, state, frame, rest, extra, lower_by)
+        except BudgetInfeasibleError:
+            if not lower_by:
+                raise
+            break  # no plan fits under what Inductor's code needs on top
+        forward, backward = memories.peaks(graph.plan)
+        after = max((t for t, phase in zip(graph.plan.timeline.totals, graph.plan.timeline.phases)
+                     if phase == "optimizer"), default=0)
+        # the plan's own peak too: the replay does not see what the runtime around the code allocates (a
+        # gradient autograd copies into its parameter's layout)
+        predicted = max(forward, backward, after, graph.plan.peak_bytes)
+        attempts.append(Attempt(graph.budget_bytes - lower_by, extra, forward, backward, predicted,
+                                time.perf_counter() - started))
+        if predicted <= graph.budget_bytes:
+            state.add(dataclasses.replace(graph, compiled_peak_bytes=predicted))
+            return compiled
+        # Inductor's code is over: turn off the passes that lengthen lifetimes, then plan for less
+        if rung < len(FALLBACK_OPTIONS):
+            extra = FALLBACK_OPTIONS[rung]
+        else:
+            lower_by += predicted - graph.budget_bytes
+    raise InductorBudgetError(options.budget_bytes, min(a.predicted_peak_bytes for a in attempts), tuple(attempts))
+
+
+def _lower(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs: list[Any], state: Session, frame: tuple,
+           rest: int, extra: dict[str, Any], lower_by: int) -> tuple[Callable[..., Any], GraphPlan, _Memories]:
+    """One planned and compiled graph: AOTAutograd with memopt's partition and compilers."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch import config as functorch_config
 
-    compiler = partial(_compile_program, options=state.options)
+    options = state.options
+    inductor = {**options.inductor_options, **extra}
+    memories = _Memories()
+    planned: list[GraphPlan] = []
     partition_fn = partial(_plan_and_partition, inputs=inputs, example_inputs=example_inputs, state=state,
-                           frame=frame, rest=rest)
-    # AOTAutograd's own cache keys on the joint graph, not on memopt's budget: off, so that a cached
-    # compile never reuses a partition planned for another budget
+                           frame=frame, rest=rest, lower_by=lower_by, planned=planned)
     decompositions = {}
-    if state.options.compiler == "inductor":  # Inductor lowers the graph its own decompositions make
+    if options.compiler == "inductor":  # Inductor lowers the graph its own decompositions make
         from torch._inductor.decomposition import select_decomp_table
 
         from memopt.codegen.inductor import DEFAULT_OPTIONS
 
-        with torch._inductor.config.patch({**DEFAULT_OPTIONS, **state.options.inductor_options}):
+        with torch._inductor.config.patch({**DEFAULT_OPTIONS, **inductor}):
             decompositions = select_decomp_table()  # without the random ops' with fallback_random
     reentry = _Reentry()
-    with functorch_config.patch(enable_autograd_cache=False):
-        return aot_autograd(fw_compiler=lambda g, e: reentry.forward(compiler(g, e)),
-                            bw_compiler=lambda g, e: reentry.backward(compiler(g, e)),
-                            inference_compiler=compiler, partition_fn=partition_fn,
-                            decompositions=decompositions)(gm, example_inputs)
+    forward = partial(_compile_program, compiler=options.compiler, inductor=inductor, memories=memories,
+                      part="forward")
+    backward = partial(_compile_program, compiler=options.compiler, inductor=inductor, memories=memories,
+                       part="backward")
+    # AOTAutograd's own cache keys on the joint graph, not on memopt's budget: off, so that a cached
+    # compile never reuses a partition planned for another budget. The backward compiles now, not at its
+    # first call, so that its code is checked against the budget before anything runs.
+    with functorch_config.patch(enable_autograd_cache=False, force_non_lazy_backward_lowering=True):
+        compiled = aot_autograd(fw_compiler=lambda g, e: reentry.forward(forward(g, e)),
+                                bw_compiler=lambda g, e: reentry.backward(backward(g, e)),
+                                inference_compiler=partial(forward, part="inference"), partition_fn=partition_fn,
+                                decompositions=decompositions)(gm, example_inputs)
+    if not planned:  # no backward (no grad): nothing was planned
+        raise MemoptError("the memopt backend plans training steps; this graph has no backward")
+    return compiled, planned[0], memories
+
+
+@dataclass
+class _Memories:
+    """What the compiled forward and backward allocate, read from Inductor's wrapper code."""
+
+    forward: WrapperMemory | None = None
+    backward: WrapperMemory | None = None
+    tangent_bytes: int = 0
+
+    def peaks(self, plan: MemoryPlan) -> tuple[int, int]:
+        """The forward's and the backward's peaks with the plan's entry bytes live as the step starts."""
+        assert self.forward is not None and self.backward is not None
+        entry = plan.entry_bytes
+        forward = entry + self.forward.peak_bytes
+        backward = entry + self.forward.end_bytes + self.tangent_bytes + self.backward.peak_bytes
+        return forward, backward
 
 
 class _Reentry:
@@ -238,9 +324,10 @@ class _Reentry:
 
 def _plan_and_partition(joint: fx.GraphModule, _joint_inputs: Any, *, num_fwd_outputs: int,
                         inputs: list[GraphInput], example_inputs: list[Any], state: Session, frame: tuple,
-                        rest: int, **_: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
+                        rest: int, lower_by: int, planned: list[GraphPlan], **_: Any
+                        ) -> tuple[fx.GraphModule, fx.GraphModule]:
     options = state.options
-    step = joint_step(joint, num_fwd_outputs, inputs)
+    step = joint_step(joint, num_fwd_outputs, inputs, hold_outputs=options.hold_outputs)
     trained = {i.name: value for i, value in zip(inputs, [*_lifted(joint, inputs, example_inputs)])
                if i.role == "parameter" and i.requires_grad}
     params = [ParamInfo(name, tuple(trained[name].shape), trained[name].element_size()) for name in step.gradients
@@ -251,7 +338,7 @@ def _plan_and_partition(joint: fx.GraphModule, _joint_inputs: Any, *, num_fwd_ou
         groups_of = {name: index_of[id(p)] for name, p in trained.items() if id(p) in index_of}
     spec = get_device(options.device, default="h100" if step.device.type == "cuda" else "cpu")
     held = rest + state.carried_before(frame)
-    budget = options.budget_bytes - held
+    budget = options.budget_bytes - held - lower_by  # lower_by: what Inductor's code needed over the last plan
     if budget <= 0:
         raise MemoptError(f"the rest of the model and the graphs compiled before this one hold {format_bytes(held)}, "
                           f"all of the {format_bytes(options.budget_bytes)} budget; compile with fullgraph=True so "
@@ -275,7 +362,7 @@ def _plan_and_partition(joint: fx.GraphModule, _joint_inputs: Any, *, num_fwd_ou
     lifted = len(inputs) - len(example_inputs)
     shapes = tuple(tuple(v.shape) for info, v in zip(inputs[lifted:], example_inputs)
                    if info.role == "input" and isinstance(v, torch.Tensor))
-    state.add(GraphPlan(frame, budget, _carried_bytes(plan), plan, shapes))
+    planned.append(GraphPlan(frame, budget + lower_by, _carried_bytes(plan), plan, shapes))
     return forward, backward
 
 
@@ -339,15 +426,32 @@ def _root_modules(gm: fx.GraphModule) -> list[torch.nn.Module]:
     return list(roots.values())
 
 
-def _compile_program(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: BackendOptions) -> Any:
+def _compile_program(gm: fx.GraphModule, example_inputs: Sequence[Any], *, compiler: str,
+                     inductor: dict[str, Any], memories: _Memories, part: str) -> Any:
     """A planned forward or backward as the boxed callable AOTAutograd runs (it clears its input list)."""
-    if options.compiler == "inductor":
+    if compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx_inner
+        from torch._inductor.graph import GraphLowering
 
-        from memopt.codegen.inductor import DEFAULT_OPTIONS
+        from memopt.codegen.inductor import DEFAULT_OPTIONS, wrapper_memory
 
-        with torch._inductor.config.patch({**DEFAULT_OPTIONS, **options.inductor_options}):
-            return compile_fx_inner(gm, example_inputs)
+        sources: list[str] = []
+        # the wrapper code Inductor writes (its hook for reading the code it produced, on a cache hit too)
+        with torch._inductor.config.patch({**DEFAULT_OPTIONS, **inductor}), \
+                mock.patch.object(GraphLowering, "save_output_code", sources.append):
+            compiled = compile_fx_inner(gm, example_inputs)
+        if part != "inference" and len(sources) == 1:
+            # the caller holds the forward's inputs and the backward's primals; the rest die in the program
+            placeholders = gm.graph.find_nodes(op="placeholder")
+            held = [part == "forward" or node.name.startswith("primals") for node in placeholders]
+            setattr(memories, part, wrapper_memory(sources[0], list(example_inputs), held))
+            if part == "backward":
+                memories.tangent_bytes = sum(v.untyped_storage().nbytes() for node, v in zip(placeholders,
+                                             example_inputs) if node.name.startswith("tangents")
+                                             and isinstance(v, torch.Tensor))
+        elif part != "inference":
+            raise MemoptError(f"Inductor compiled one program into {len(sources)} graphs; memopt expects one")
+        return compiled
     gm.graph.set_codegen(_BoxedCodeGen())  # the generated code drops each input after its last reader
     gm.recompile()
     return gm

@@ -1,32 +1,53 @@
-"""The shell door: `memopt plan MODULE:FACTORY ...` and `memopt explain MODULE:FACTORY ...`.
+"""The shell door: `memopt plan|explain|pareto MODULE:FACTORY ...`.
 
 FACTORY is a callable in MODULE that returns a memopt.examples.Workload, or a
-tuple (model, example_inputs) or (model, example_inputs, loss_fn). Keyword
-arguments reach it as --arg NAME=VALUE (VALUE read as a Python literal).
+tuple (model, example_inputs) or (model, example_inputs, loss_fn). MODULE is a
+module name (the current directory is searched first, as `python -m` does) or
+a path to a .py file, e.g. examples/vision_bn.py:workload. Keyword arguments
+reach FACTORY as --arg NAME=VALUE (VALUE read as a Python literal). Passes
+that run longer than a second say so on stderr (--quiet: not at all).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib
+import importlib.util
+import inspect
+import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import memopt
+from memopt.config import PlanConfig
 from memopt.errors import MemoptError
 from memopt.examples import Workload
+from memopt.pareto import BASELINES, pareto
+from memopt.progress import show_progress, timed
+
+_log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    progress = contextlib.nullcontext() if args.quiet else show_progress(sys.stderr)
     try:
-        model, inputs, loss_fn, optimizer = _load(args.target, dict(_literal(kv) for kv in args.arg))
-        plan = memopt.plan(model, inputs, loss_fn=loss_fn, optimizer=optimizer, budget=args.budget,
-                           device=args.device, layout=args.layout)
+        with progress:
+            return _pareto(args) if args.command == "pareto" else _plan(args)
     except MemoptError as error:
         print(f"memopt: {error}", file=sys.stderr)
         return 2
+
+
+def _plan(args: argparse.Namespace) -> int:
+    model, inputs, loss_fn, optimizer = _load(args.target, dict(_literal(kv) for kv in args.arg))
+    with timed("plan", _log):  # the trace and every pass
+        plan = memopt.plan(model, inputs, loss_fn=loss_fn, optimizer=optimizer, budget=args.budget,
+                           device=args.device, layout=args.layout, solver=args.solver, config=_config(args))
     if args.json:
         print(plan.to_json())
     else:
@@ -38,18 +59,50 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _pareto(args: argparse.Namespace) -> int:
+    model, inputs, loss_fn, optimizer = _load(args.target, dict(_literal(kv) for kv in args.arg))
+    budgets = [b.strip() for b in args.budgets.split(",")] if args.budgets else None
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    curve = pareto(model, inputs, loss_fn=loss_fn, optimizer=optimizer, device=args.device, budgets=budgets,
+                   points=args.points, baselines=baselines, config=_config(args))
+    print(curve.to_json() if args.json else curve)
+    if args.png:
+        path = curve.plot(args.png)
+        if not args.json:
+            print(f"\ncurve: {path}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> PlanConfig | None:
+    return None if args.time_limit is None else PlanConfig(remat_time_limit_s=args.time_limit)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memopt", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("plan", "print the ledger at the peak"), ("explain", "print the tensors behind the peak")):
+    for name, text in (("plan", "print the ledger at the peak"), ("explain", "print the tensors behind the peak"),
+                       ("pareto", "plan at a range of budgets: predicted recompute overhead against budget")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("target", help="MODULE:FACTORY, e.g. memopt.examples:gpt2")
-        command.add_argument("--budget", help='bytes or a size such as "24GB" or "8GiB"')
+        command.add_argument("target", help="MODULE:FACTORY, e.g. memopt.examples:gpt2 or "
+                             "examples/vision_bn.py:workload")
         command.add_argument("--device", help="h100, a100-80gb, a100-40gb, rtx4090 or cpu")
         command.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
                              help="a keyword argument for FACTORY, e.g. --arg batch=4")
+        command.add_argument("--json", action="store_true", help="print the result as JSON (progress stays on stderr)")
+        command.add_argument("--time-limit", type=float, metavar="SECONDS",
+                             help="the remat solver's time limit per plan (default 5)")
+        command.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+        if name == "pareto":
+            command.add_argument("--png", help="write the curve here")
+            command.add_argument("--points", type=int, default=8,
+                                 help="budgets from memopt's smallest to the eager peak (default 8)")
+            command.add_argument("--budgets", metavar="B1,B2,...", help='these budgets instead, e.g. "40MiB,60MiB"')
+            command.add_argument("--baselines", default=",".join(BASELINES),
+                                 help=f"remat baselines to mark as points (default {','.join(BASELINES)})")
+            continue
+        command.add_argument("--budget", help='bytes or a size such as "24GB" or "8GiB"')
+        command.add_argument("--solver", help="remat solver: memopt (default), or a baseline: blocks, sqrt, none")
         command.add_argument("--layout", action="store_true", help="also plan one arena for the intermediates")
-        command.add_argument("--json", action="store_true", help="print the plan as JSON")
         command.add_argument("--png", help="write the timeline plot here")
     return parser
 
@@ -63,13 +116,23 @@ def _literal(pair: str) -> tuple[str, Any]:
 
 
 def _load(target: str, kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
-    module_name, _, factory_name = target.partition(":")
-    if not factory_name:
+    module_name, _, factory_name = target.rpartition(":")
+    if not module_name or not factory_name:
         raise MemoptError(f"{target!r} is not MODULE:FACTORY; e.g. memopt.examples:gpt2")
     try:
-        factory = getattr(importlib.import_module(module_name), factory_name)
-    except (ImportError, AttributeError) as error:
+        factory = getattr(_import(module_name), factory_name)
+    except (ImportError, AttributeError, OSError) as error:
         raise MemoptError(f"cannot load {target!r}: {error}") from error
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no signature to read (a builtin): let the call say what is wrong
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**kwargs)
+        except TypeError as error:
+            raise MemoptError(f"{target} does not take {sorted(kwargs)}: {error}; its signature is "
+                              f"{factory_name}{signature}") from error
     made = factory(**kwargs)
     if isinstance(made, Workload):
         model = made.build()
@@ -80,6 +143,24 @@ def _load(target: str, kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
         f"{target} returned {type(made).__name__}; return a memopt.examples.Workload or "
         "(model, example_inputs[, loss_fn])"
     )
+
+
+def _import(module_name: str) -> Any:
+    """A module by name (the current directory searched first) or by the path of its .py file."""
+    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+        path = Path(module_name)
+        if not path.is_file():
+            raise ImportError(f"no file {module_name}")
+        name = f"memopt_cli_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses and pickling look the module up here
+        spec.loader.exec_module(module)
+        return module
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return importlib.import_module(module_name)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,14 @@ class PlanConfig:
     layout_time_limit_s: float = 5.0
     solver: str = "memopt"  # remat: "memopt" (fast block solver), or a baseline: "none", "blocks", "sqrt"
     remat_time_limit_s: float = 5.0
+    # a folder where remat plans are kept and reused for the same graph, shapes, budget and options; None: off
+    cache_dir: str | None = None
     # run each distinct op once on the real device to measure the workspace it allocates (real models only)
     measure_scratch: bool = True
     # part of the budget left for what the prediction does not see (kernel scratch, allocator rounding)
     headroom: float = 0.02
+    # offload activations to host memory (memopt.plan's offload= sets it; None there: on for CUDA devices)
+    offload: bool = False
+    offload_host_bytes: int | None = None  # host (pinned) memory the offload pool may take; None: no cap
+    offload_time_limit_s: float = 5.0
+    offload_max_items: int = 64  # the largest activations the offload solver considers

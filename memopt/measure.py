@@ -10,6 +10,10 @@ Bytes on CPU are "sum of storage nbytes" (what was requested); bytes on CUDA
 are the caching allocator's block sizes (rounded up to 512 bytes), so the two
 are not in the same units to the byte.
 
+Host memory that a plan offloads to (``mark_host_memory``: memopt's host pools) is
+not device memory: on CPU, where both live in the same allocator, its blocks are
+left out of the peak, the baseline and the scans, and reported as `host_bytes`.
+
 What the CPU events cannot tell, the scans of live tensors before and after
 the call check: a free of a block allocated outside any profiler session emits
 no event (it shows as `unaccounted_bytes`), or one sized from a stale entry of
@@ -22,6 +26,7 @@ import gc
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +55,7 @@ class MeasuredPeak:
     device: str  # "cpu" or "cuda"
     result: Any = field(default=None, repr=False, compare=False)  # what step_fn returned
     duration_ns: int = 0  # the call's length on the timeline's clock (CPU: to the end of the last op profiled)
+    host_bytes: int = 0  # bytes of host pools (mark_host_memory) live after the call: counted apart, not in the peak
 
     @property
     def timeline_fractions(self) -> tuple[tuple[float, int], ...]:
@@ -94,6 +100,27 @@ def measure_peak(
     return _measure_cpu(step_fn, args, kwargs)
 
 
+_HOST_BLOCKS: dict[int, int] = {}  # data_ptr -> nbytes of host memory (offload pools), counted apart
+
+
+def mark_host_memory(tensor: torch.Tensor) -> None:
+    """Count ``tensor``'s storage as host memory (an offload pool): left out of CPU device peaks.
+
+    The mark lasts as long as the tensor does.
+    """
+    storage = tensor.untyped_storage()
+    ptr = storage.data_ptr()
+    if ptr == 0:
+        return
+    _HOST_BLOCKS[ptr] = storage.nbytes()
+    weakref.finalize(tensor, _HOST_BLOCKS.pop, ptr, None)
+
+
+def host_memory_bytes() -> int:
+    """Bytes of the host memory marked by ``mark_host_memory`` that is still alive."""
+    return sum(_HOST_BLOCKS.values())
+
+
 def live_tensor_bytes(device: str | torch.device = "cpu") -> int:
     """Bytes of the distinct live tensor storages on `device`, found by scanning Python's objects.
 
@@ -119,6 +146,8 @@ def _live_storage_sizes(want: torch.device) -> dict[int, int]:
                 ptr = storage.data_ptr()
                 nbytes_by_ptr[ptr] = max(nbytes_by_ptr.get(ptr, 0), storage.nbytes())
     nbytes_by_ptr.pop(0, None)  # empty storages
+    for ptr in _HOST_BLOCKS:
+        nbytes_by_ptr.pop(ptr, None)
     return nbytes_by_ptr
 
 
@@ -145,6 +174,8 @@ def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Meas
     timeline = [(0, baseline)]
     allocated_here: set[int] = set()
     for at_ns, ptr, nbytes in _cpu_allocation_events(roots):
+        if ptr in _HOST_BLOCKS:  # an offload pool: host memory, not the device's
+            continue
         if nbytes > 0:
             allocated_here.add(ptr)
         elif ptr in allocated_here:
@@ -162,7 +193,8 @@ def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Meas
         "cpu: %d memory events, baseline %d, peak %d, end %d, unaccounted %d",
         len(timeline) - 1, baseline, highest, end, unaccounted,
     )
-    return MeasuredPeak(highest, baseline, end, tuple(timeline), unaccounted, "cpu", result, max(end_ns - start_ns, 0))
+    return MeasuredPeak(highest, baseline, end, tuple(timeline), unaccounted, "cpu", result, max(end_ns - start_ns, 0),
+                        host_memory_bytes())
 
 
 def _cpu_allocation_events(roots: list[Any]) -> list[tuple[int, int, int]]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from typing import Any, Callable, TypeVar
+
+import torch
 
 from memopt.capture import CapturedStep
 from memopt.config import PlanConfig
@@ -14,16 +17,20 @@ from memopt.errors import BudgetInfeasibleError
 from memopt.passes.arena_plan import plan_arena
 from memopt.budget import format_bytes
 from memopt.passes.bounds import LowerBound, minimum_budget
-from memopt.passes.liveness import liveness, memory_timeline
+from memopt.passes.liveness import MemoryTimeline, liveness, memory_timeline
+from memopt.passes.offload import apply_offload
+from memopt.passes.offload_plan import OffloadPlan, plan_offload
 from memopt.passes.optimizer_memory import ParamInfo, optimizer_memory
 from memopt.passes.order_plan import plan_order
 from memopt.passes.recompute import apply_recompute
 from memopt.passes.remat_plan import plan_recompute
 from memopt.passes.scratch import measure_scratch
-from memopt.passes.storage import storage_table
-from memopt.plan import Decision, MemoryPlan, PassRecord, SolverReport
+from memopt.passes.storage import StorageTable, storage_table
+from memopt.plan import Decision, MemoryPlan, OffloadSummary, PassRecord, SolverReport
 
 T = TypeVar("T")
+_OFFLOAD, _RELOAD = torch.ops.memopt.offload.default, torch.ops.memopt.reload.default
+_log = logging.getLogger(__name__)
 
 
 class _History:
@@ -33,9 +40,15 @@ class _History:
         self.records: list[PassRecord] = []
 
     def run(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        # progress for whoever listens (the CLI's memopt.progress): a record as a pass starts, and one as it
+        # ends, at INFO when it took a second or more
+        _log.debug("pass %s started", name, extra={"memopt_pass": name, "memopt_seconds": None})
         started = time.perf_counter()
         result = fn(*args, **kwargs)
-        self.records.append(PassRecord(name, time.perf_counter() - started, False, None, None))
+        seconds = time.perf_counter() - started
+        _log.log(logging.INFO if seconds >= 1.0 else logging.DEBUG, "pass %s took %.1f s", name, seconds,
+                 extra={"memopt_pass": name, "memopt_seconds": seconds})
+        self.records.append(PassRecord(name, seconds, False, None, None))
         return result
 
 
@@ -70,29 +83,49 @@ def run_pipeline(
     eager_peak = timeline.peak_bytes
     decisions: tuple[Decision, ...] = ()
     solver = SolverReport("none", "not-run", None, None, None, 0.0)
+    offload: OffloadSummary | None = None
     if budget_bytes is not None:
         # which activations the backward recomputes, so that the peak stays under the budget (less headroom)
         target = _target(budget_bytes, config.headroom)
         floor = max((t for t, phase in zip(timeline.totals, timeline.phases) if phase == "optimizer"), default=0)
         remat = history.run("remat", plan_recompute, step, table, device, target, constant_bytes=opt.state_bytes,
                             floor_bytes=floor, scratch=scratch, solver=config.solver,
-                            time_limit_s=config.remat_time_limit_s)
+                            time_limit_s=config.remat_time_limit_s, cache_dir=config.cache_dir)
         solution = remat.solution
-        if budget_bytes < minimum.bytes or solution.status == "infeasible":
-            raise _infeasible(budget_bytes, config.headroom, solution.peak_bytes, minimum, remat.solver)
-        solver = SolverReport(remat.solver, solution.status, solution.cost_s, solution.lower_bound_s, solution.gap,
-                              solution.seconds)
-        decisions = tuple(Decision(d.node, d.nbytes, d.action, d.cost_s, d.reason) for d in remat.decisions)
-        if remat.chosen:
-            # the step as it will run: chosen activations dropped after the forward, recomputed in the backward
-            graph = history.run("rewrite", apply_recompute, step.graph, step.backward_start, list(remat.chosen))
-            step = dataclasses.replace(step, graph=graph)
-            table = history.run("storages", storage_table, step)
-            live = history.run("liveness", liveness, table)
+        # which activations go to host memory instead, after their last forward use and back before the backward's
+        offloaded = None
+        if config.offload:
+            offloaded = _offload(history, step, table, live, opt, scratch_model, remat, device, target, config)
+        if offloaded is not None:
+            plan, step, table, live, timeline = offloaded
             scratch = scratch_model.per_node(step.graph) if scratch_model else ()
-            timeline = history.run("timeline", memory_timeline, table, live, opt, scratch)
-            if timeline.peak_bytes > target:  # the solver's simulation replays the rewrite: never expected
-                raise AssertionError(f"rewritten step peaks at {timeline.peak_bytes} B, planned {solution.peak_bytes}")
+            found = plan.solution
+            solver = SolverReport(f"{remat.solver}+offload", found.status, found.objective, found.lower_bound,
+                                  _gap(found.objective, found.lower_bound), solution.seconds + found.seconds)
+            decisions = tuple(Decision(d.node, d.nbytes, d.action, d.cost_s, d.reason) for d in plan.decisions)
+            offload = OffloadSummary(len(plan.specs), plan.bytes_to_host, plan.bytes_to_device, plan.host_peak_bytes,
+                                     plan.predicted_stall_s, found.recompute_s,
+                                     _host_timeline(timeline, plan, step), found.status)
+        else:
+            if budget_bytes < minimum.bytes or solution.status == "infeasible":
+                raise _infeasible(budget_bytes, config.headroom, solution.peak_bytes, minimum, remat.solver)
+            solver = SolverReport(remat.solver + (" (cached)" if remat.cached else ""), solution.status,
+                                  solution.cost_s, solution.lower_bound_s, solution.gap, solution.seconds)
+            decisions = tuple(Decision(d.node, d.nbytes, d.action, d.cost_s, d.reason) for d in remat.decisions)
+            if remat.chosen:
+                # the step as it will run: chosen activations dropped after the forward, recomputed in the backward
+                graph = history.run("rewrite", apply_recompute, step.graph, step.backward_start, list(remat.chosen))
+                step = dataclasses.replace(step, graph=graph)
+                table = history.run("storages", storage_table, step)
+                live = history.run("liveness", liveness, table)
+                scratch = scratch_model.per_node(step.graph) if scratch_model else ()
+                timeline = history.run("timeline", memory_timeline, table, live, opt, scratch)
+                if timeline.peak_bytes > target:  # the solver's simulation replays the rewrite: never expected
+                    raise AssertionError(f"rewritten step peaks at {timeline.peak_bytes} B, "
+                                         f"planned {solution.peak_bytes}")
+            if config.offload:
+                offload = OffloadSummary(0, 0, 0, 0, 0.0, solution.cost_s, (0,) * len(timeline.totals),
+                                         "not needed" if solution.status != "infeasible" else "infeasible")
     # a topological order with a lower peak (recorded; the eager timeline above keeps the traced order)
     order = None
     if config.order:
@@ -120,8 +153,68 @@ def run_pipeline(
         arena=arena,
         eager_peak_bytes=eager_peak,
         scratch=tuple(scratch),
+        offload=offload,
         program=step,
     )
+
+
+def _offload(history: _History, step: CapturedStep, table: Any, live: Any, opt: Any, scratch_model: Any,
+             remat: Any, device: DeviceSpec, target: int, config: PlanConfig) -> tuple | None:
+    """Offload (with what is still recomputed) rewritten into the step; None when no offload plan fits.
+
+    The rewritten step's own timeline is the judge: a plan over ``target`` there (the solver's
+    model of a transfer's window is one event coarser than the graph) is planned again under a
+    target lowered by the overshoot, twice at most.
+    """
+    goal = target
+    for _ in range(3):
+        plan = history.run("offload", plan_offload, step.graph, table, remat, device, goal,
+                           host_capacity_bytes=config.offload_host_bytes, time_limit_s=config.offload_time_limit_s,
+                           max_items=config.offload_max_items)
+        if plan.solution.status == "infeasible" or not plan.specs:
+            return None  # nothing to offload: the keep/recompute plan stands (or fails) as it is
+        graph = step.graph
+        if plan.recomputed:
+            graph = history.run("rewrite", apply_recompute, graph, step.backward_start, list(plan.recomputed))
+        rewrite = history.run("rewrite-offload", apply_offload, graph, step.backward_start, list(plan.specs),
+                              step.device)
+        new_step = dataclasses.replace(step, graph=rewrite.graph)
+        new_table = _host_apart(history.run("storages", storage_table, new_step), rewrite.offload_nodes)
+        new_live = history.run("liveness", liveness, new_table)
+        scratch = scratch_model.per_node(new_step.graph) if scratch_model else ()
+        timeline = history.run("timeline", memory_timeline, new_table, new_live, opt, scratch)
+        if timeline.peak_bytes <= target:
+            return plan, new_step, new_table, new_live, timeline
+        goal -= timeline.peak_bytes - target
+    return None
+
+
+def _host_apart(table: StorageTable, offload_nodes: tuple[str, ...]) -> StorageTable:
+    """The table with the host copies (the offload ops' results, in the host pool) at no device bytes."""
+    host = set(offload_nodes)
+    storages = tuple(dataclasses.replace(s, nbytes=0) if s.node in host else s for s in table.storages)
+    return dataclasses.replace(table, storages=storages)
+
+
+def _host_timeline(timeline: MemoryTimeline, plan: OffloadPlan, step: CapturedStep) -> tuple[int, ...]:
+    """Host bytes in use at each step of the timeline: a slot from its offload to its reload."""
+    index = {label: i for i, label in enumerate(timeline.labels)}
+    offloads = [n for n in step.graph.graph.nodes if n.target is _OFFLOAD]
+    delta = [0] * (len(timeline.totals) + 1)
+    for node in offloads:
+        reload = next(u for u in node.users if u.target is _RELOAD)
+        nbytes = next(s.nbytes for s in plan.specs if s.offset == node.args[2])
+        delta[index[node.name]] += nbytes
+        delta[index[reload.name] + 1] -= nbytes
+    running, values = 0, []
+    for change in delta[:-1]:
+        running += change
+        values.append(running)
+    return tuple(values)
+
+
+def _gap(objective: float, bound: float) -> float:
+    return 0.0 if objective <= 0 else max(0.0, (objective - bound) / objective)
 
 
 def _infeasible(budget: int, headroom: float, best: int, minimum: LowerBound, solver: str) -> BudgetInfeasibleError:

@@ -63,6 +63,20 @@ class PassRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class OffloadSummary:
+    """What goes to host memory and back in one step, and what it is predicted to cost."""
+
+    tensors: int
+    bytes_to_host: int
+    bytes_to_device: int
+    host_peak_bytes: int  # the host pool, preallocated: one slot per offloaded tensor
+    predicted_stall_s: float  # transfer time the compute cannot hide, on the plan's device
+    recompute_s: float  # recomputation the plan still runs
+    host_timeline: tuple[int, ...] = ()  # per timeline step: host bytes in use (slots between offload and reload)
+    status: str = "feasible"
+
+
+@dataclass(frozen=True, slots=True)
 class Measured:
     peak_bytes: int
     error: float  # (predicted - measured) / measured
@@ -100,6 +114,7 @@ class MemoryPlan:
     measured: Measured | None = None
     eager_peak_bytes: int | None = None  # the step's peak before recomputation (None: not planned)
     scratch: tuple[int, ...] = ()  # per graph node: workspace its kernel allocates and frees inside (measured)
+    offload: OffloadSummary | None = None  # host offload (offload=True and a budget)
     program: CapturedStep | None = dataclasses.field(default=None, compare=False, repr=False)  # what runs
 
     # -- the numbers --------------------------------------------------------
@@ -118,9 +133,15 @@ class MemoryPlan:
 
     @property
     def ledger(self) -> dict[str, int]:
-        """Bytes per category at the peak; the categories sum to the peak."""
+        """Bytes per category at the peak; the device categories sum to the peak.
+
+        ``offloaded`` is host memory in use at the peak (not device bytes, not part of the peak).
+        """
         at_peak = self.timeline.ledger_at(self.timeline.peak_index)
-        return {key: at_peak.get(key, 0) for key in LEDGER_KEYS}
+        ledger = {key: at_peak.get(key, 0) for key in LEDGER_KEYS}
+        if self.offload is not None and self.offload.host_timeline:
+            ledger[OFFLOADED] = self.offload.host_timeline[self.timeline.peak_index]
+        return ledger
 
     @property
     def static_ledger(self) -> dict[str, int]:
@@ -175,7 +196,22 @@ class MemoryPlan:
             data["layout"] = self._layout_dict()
         if self.measured is not None:
             data["measured"] = dataclasses.asdict(self.measured)
+        if self.offload is not None:
+            data["offload"] = self._offload_dict()
         return data
+
+    def _offload_dict(self) -> dict[str, Any]:
+        offload = self.offload
+        assert offload is not None
+        return {
+            "tensors": offload.tensors,
+            "bytes_to_host": offload.bytes_to_host,
+            "bytes_to_device": offload.bytes_to_device,
+            "host_peak_bytes": offload.host_peak_bytes,
+            "predicted_stall_s": offload.predicted_stall_s,
+            "recompute_s": offload.recompute_s,
+            "status": offload.status,
+        }
 
     def _order_dict(self) -> dict[str, Any]:
         order = self.order
@@ -226,7 +262,8 @@ class MemoryPlan:
         for key, value in self.ledger.items():
             share = value / self.peak_bytes if self.peak_bytes else 0.0
             lines.append(f"{key:<18}{value:>16,}{value / 2**30:>10.3f}{share:>8.1%}")
-        lines.append(f"{'total':<18}{self.peak_bytes:>16,}{self.peak_bytes / 2**30:>10.3f}")
+        lines.append(f"{'total':<18}{self.peak_bytes:>16,}{self.peak_bytes / 2**30:>10.3f}"
+                     f"{'  (offloaded: host side, not in the total)' if self.ledger[OFFLOADED] else ''}")
         lines.append("")
         lines.append(f"optimizer: {self.optimizer.name} ({self.optimizer.implementation}), state "
                      f"{format_bytes(self.optimizer.state_bytes)}, step temporaries up to "
@@ -242,6 +279,12 @@ class MemoryPlan:
             lines.append(f"arena: {format_bytes(layout['arena_bytes'])} for {layout['planned']} tensors, lower bound "
                          f"{format_bytes(layout['lower_bound_bytes'])}, fragmentation {layout['fragmentation']:.2%}; "
                          f"{len(layout['unplanned'])} ops allocate outside it (no out= overload)")
+        if self.offload is not None:
+            o = self.offload
+            lines.append(f"offload: {o.tensors} tensors, {format_bytes(o.bytes_to_host)} to host and "
+                         f"{format_bytes(o.bytes_to_device)} back per step, "
+                         f"host pool {format_bytes(o.host_peak_bytes)}, "
+                         f"predicted stall {o.predicted_stall_s:.3g} s on {self.device.name}")
         lines.append(self._verdict())
         return "\n".join(lines)
 
@@ -250,6 +293,12 @@ class MemoryPlan:
             return "no budget: this describes the eager step"
         spare = format_bytes(self.budget_bytes - self.peak_bytes)
         recomputed = [d for d in self.decisions if d.action == "recompute"]
+        offloaded = [d for d in self.decisions if d.action == "offload"]
+        if offloaded:
+            return (f"offload {len(offloaded)} and recompute {len(recomputed)} of {len(self.decisions)} activations "
+                    f"(about {self.solver.objective or 0.0:.3g} s of recompute and stall on {self.device.name}): "
+                    f"eager peak {format_bytes(self.eager_peak_bytes or 0)} -> {format_bytes(self.peak_bytes)}, "
+                    f"{spare} to spare ({self.solver.name}: {self.solver.status})")
         if not recomputed:
             return f"the eager step fits the budget with {spare} to spare"
         solver = self.solver

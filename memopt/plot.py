@@ -1,4 +1,5 @@
-"""Pictures of a plan (matplotlib, the `plot` extra): the timeline with categories stacked."""
+"""Pictures of a plan (matplotlib, the `plot` extra): the timeline with categories stacked, and the
+budget-to-overhead curve."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from memopt.pareto import ParetoCurve
     from memopt.plan import MemoryPlan
 
 _COLORS = {
@@ -13,6 +15,7 @@ _COLORS = {
     "optimizer_state": "#c44e52", "activations": "#55a868", "temporaries": "#ccb974",
 }
 _GIB = 2**30
+_BASELINE_MARKERS = {"blocks": ("s", "#dd8452"), "sqrt": ("D", "#c44e52"), "none": ("o", "#777777")}
 
 
 def plot_plan(
@@ -55,6 +58,47 @@ def plot_plan(
         ax.set_title(f"memopt plan: predicted peak at {timeline.peak_label} ({plan.device.name})")
         ax.set_xlim(0, max(len(timeline.totals), 1))
         ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_pareto(curve: ParetoCurve, path: str) -> str:
+    """Write a PNG of ``curve`` to ``path``: predicted recompute overhead against budget, memopt's plans as
+    a line, each baseline as a point at the smallest budget it fits; return the path."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    unit, scale = ("GiB", _GIB) if curve.eager_peak_bytes >= _GIB else ("MiB", 2**20)
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    try:
+        fitted = [p for p in curve.points if p.overhead_s is not None]
+        ax.plot([p.budget_bytes / scale for p in fitted], [p.overhead_s for p in fitted], "o-", color="#4c72b0",
+                label="memopt")
+        for number, point in enumerate(p for p in curve.baselines if p.overhead_s is not None):
+            marker, color = _BASELINE_MARKERS.get(point.solver, ("x", "#555555"))
+            ax.plot([point.budget_bytes / scale], [point.overhead_s], marker, color=color, markersize=9,
+                    linestyle="none", label=f"{point.solver} (baseline)")
+            # baselines often coincide: stagger their names
+            ax.annotate(point.solver, (point.budget_bytes / scale, point.overhead_s), xytext=(10, 6 - 14 * number),
+                        textcoords="offset points", fontsize=8, color=color)
+        ax.axvline(curve.eager_peak_bytes / scale, color="#55a868", linestyle="--", label="eager peak")
+        ax.axvline(curve.proven_minimum_bytes / scale, color="black", linestyle=":", label="proven minimum")
+        if curve.step_seconds > 0:
+            step = curve.step_seconds
+            right = ax.secondary_yaxis("right", functions=(lambda s: s / step * 100, lambda f: f * step / 100))
+            right.set_ylabel("% of the eager forward+backward")
+        ax.set_xlabel(f"budget ({unit})")
+        ax.set_ylabel("predicted recompute overhead per step (s)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"memopt budget-to-overhead ({curve.device}): eager peak "
+                     f"{curve.eager_peak_bytes / scale:.1f} {unit}, step {curve.step_seconds:.3g} s")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
         fig.tight_layout()
         fig.savefig(path)
     finally:

@@ -22,7 +22,7 @@ from torch import fx
 
 from memopt.capture import CapturedStep
 from memopt.device import DeviceSpec
-from memopt.passes import recompute
+from memopt.passes import plan_cache, recompute
 from memopt.passes.costs import node_flops, node_seconds
 from memopt.passes.op_kinds import is_random, written_inputs
 from memopt.passes.storage import ACTIVATIONS, StorageTable
@@ -63,6 +63,7 @@ class RecomputePlan:
     decisions: tuple[ActivationDecision, ...]
     problem: RecomputeProblem  # what the solver saw: candidate i of the problem is candidates[i]
     candidates: tuple[recompute.Candidate, ...]
+    cached: bool = False  # reused from the plan cache, not solved now
 
 
 def find_segments(step: CapturedStep, table: StorageTable) -> tuple[Segment, ...]:
@@ -112,8 +113,12 @@ def plan_recompute(
     scratch: Sequence[int] = (),
     solver: str = "memopt",
     time_limit_s: float = 5.0,
+    cache_dir: str | None = None,
 ) -> RecomputePlan:
-    """Choose the activations to recompute so that the step's peak is at most ``budget_bytes``."""
+    """Choose the activations to recompute so that the step's peak is at most ``budget_bytes``.
+
+    With ``cache_dir``, a plan made before for the same problem, budget and solver is reused.
+    """
     if solver not in SOLVERS:
         raise ValueError(f"unknown remat solver {solver!r}; known: {', '.join(SOLVERS)}")
     graph = step.graph
@@ -142,6 +147,11 @@ def plan_recompute(
     )
     # the layers first (the solver upgrades in this order), then what comes before and after them
     segments = tuple(sorted(find_segments(step, table), key=lambda s: not s.name.endswith("]")))
+    key = plan_cache.cache_key("remat", problem, budget_bytes, solver, time_limit_s, segments,
+                               [c.nodes for c in candidates], [(n.name, str(n.target)) for n in nodes])
+    cached = plan_cache.load(cache_dir, key)
+    if isinstance(cached, RecomputePlan):
+        return dataclasses.replace(cached, cached=True)
     segments, options, names = _options(problem, nodes, segments, solver)
     if solver == "memopt":
         solution = remat_fast.solve_blocks(problem, options, budget_bytes, time_limit_s=time_limit_s)
@@ -158,7 +168,9 @@ def plan_recompute(
         solution = _fixed(problem, options, budget_bytes)
     chosen = tuple(candidates[i] for i in solution.chosen)
     decisions = _decisions(table, nodes, device, candidates, solution, segments, options, names)
-    return RecomputePlan(solver, solution, chosen, segments, names, decisions, problem, tuple(candidates))
+    remat = RecomputePlan(solver, solution, chosen, segments, names, decisions, problem, tuple(candidates))
+    plan_cache.store(cache_dir, key, remat)
+    return remat
 
 
 def _options(

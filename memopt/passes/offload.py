@@ -1,0 +1,115 @@
+"""Offload rewrite: chosen storages go to a host pool after their last forward use and come back before the backward's.
+
+Works on the joint graph (after the recompute rewrite). For each offloaded
+storage, ``memopt::offload(base, pool, offset)`` runs right after the last
+forward node reading it (through any alias), so the device copy dies there;
+``memopt::reload`` runs before the prefetch node the plan chose (or before
+the first backward reader, if that comes first), ``memopt::reload_wait`` right
+before the first backward reader; backward readers of the base, and of its
+aliases of the same shape, read the reload, and views of it that the backward
+reads are made again from the reload.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from memopt.codegen import offload_ops
+from memopt.passes.order_plan import copy_graph
+from memopt.passes.recompute import _fake_result
+from memopt.passes.storage import shares_storage
+
+
+@dataclass(frozen=True, slots=True)
+class OffloadSpec:
+    """One storage to offload: the node holding it whole, where its reload starts, its pool slot."""
+
+    base: str
+    prefetch: str  # the reload runs right before this node (or the first backward reader, if earlier)
+    offset: int  # bytes into the host pool
+    nbytes: int  # bytes of its slot
+
+
+@dataclass(frozen=True)
+class OffloadRewrite:
+    graph: fx.GraphModule
+    pool: int  # the host pool's id (``memopt.codegen.offload_ops``)
+    pool_bytes: int
+    offload_nodes: tuple[str, ...]  # per spec: the offload node's name
+    reload_nodes: tuple[str, ...]
+
+
+def apply_offload(graph: fx.GraphModule, backward_start: str, specs: list[OffloadSpec],
+                  device: torch.device) -> OffloadRewrite:
+    """A copy of ``graph`` in which the ``specs`` storages live on the host between forward and backward."""
+    pool_bytes = max((s.offset + s.nbytes for s in specs), default=0)
+    key, _ = offload_ops.new_pool(pool_bytes, device)
+    new = fx.GraphModule(graph, copy_graph(graph.graph))
+    weakref.finalize(new, offload_ops.release_pool, key)
+    by_name = {node.name: node for node in new.graph.nodes}
+    offloads, reloads = [], []
+    for spec in specs:
+        nodes = list(new.graph.nodes)
+        position = {node: i for i, node in enumerate(nodes)}
+        bs = position[by_name[backward_start]]
+        base = by_name[spec.base]
+        value = base.meta["val"]
+        holders = [n for n in nodes[:bs] if shares_storage(n.meta.get("val"), value)]
+        last = max((position[u] for h in holders for u in h.users if position[u] < bs), default=position[base])
+        users = sorted({u for h in holders for u in h.users if position[u] > bs}, key=position.__getitem__)
+        if not users:
+            raise ValueError(f"{spec.base} has no backward reader: nothing to offload")
+        first = users[0]
+        with new.graph.inserting_after(nodes[last]):
+            host = new.graph.call_function(torch.ops.memopt.offload.default, (base, key, spec.offset))
+        host.meta["val"] = _fake_result(host)
+        prefetch = by_name[spec.prefetch]
+        at = prefetch if bs < position[prefetch] < position[first] else first
+        with new.graph.inserting_before(at):
+            reload = new.graph.call_function(torch.ops.memopt.reload.default, (host, key, spec.offset, device))
+        reload.meta["val"] = _fake_result(reload)
+        with new.graph.inserting_before(first):
+            new.graph.call_function(torch.ops.memopt.reload_wait.default, (reload, key, spec.offset))
+        # backward readers of the base or a same-shaped alias read the reload; views are made again from it
+        replacement: dict[fx.Node, fx.Node] = {}
+        for holder in holders:
+            if not any(position.get(u, 0) > bs for u in holder.users):
+                continue
+            if _same_view(holder.meta["val"], value):
+                replacement[holder] = reload
+                continue
+            with new.graph.inserting_before(first):
+                copy = new.graph.node_copy(holder, lambda arg: replacement.get(arg, arg))
+            if any(arg in holders and arg not in replacement for arg in copy.all_input_nodes):
+                raise ValueError(f"cannot remake the view {holder.format_node()} from the reload of {spec.base}")
+            copy.meta["val"] = _fake_result(copy)
+            replacement[holder] = copy
+        inserted = {host, reload, *replacement.values()}
+        old_val: dict[fx.Node, object] = {}  # backward views re-made over the reload: what they held
+        for node in list(new.graph.nodes):
+            if node.op != "call_function" or node in inserted or position.get(node, 0) <= bs:
+                continue
+            changed = []
+            for arg in list(node.all_input_nodes):
+                if arg in replacement:
+                    node.replace_input_with(arg, replacement[arg])
+                    changed.append(arg.meta["val"])
+                elif arg in old_val:
+                    changed.append(old_val[arg])
+            if changed and any(shares_storage(node.meta.get("val"), v) for v in changed):
+                old_val[node] = node.meta["val"]
+                node.meta["val"] = _fake_result(node)
+        offloads.append(host.name)
+        reloads.append(reload.name)
+    new.graph.lint()
+    new.recompile()
+    return OffloadRewrite(new, key, pool_bytes, tuple(offloads), tuple(reloads))
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.shape == b.shape and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()
+            and a.dtype == b.dtype)
