@@ -31,9 +31,12 @@ from unittest import mock
 import torch
 from torch import fx
 from torch.fx.graph import _BoxedCodeGen
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import _pytree as pytree
 
 from memopt.aot import GraphInput, graph_inputs, joint_step, partition
 from memopt.budget import format_bytes, parse_budget
+from memopt.capture import CapturedStep
 from memopt.codegen.inductor import WrapperMemory
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec, get_device
@@ -242,7 +245,7 @@ def _lower(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs: list[An
     memories = _Memories()
     planned: list[GraphPlan] = []
     partition_fn = partial(_plan_and_partition, inputs=inputs, example_inputs=example_inputs, state=state,
-                           frame=frame, rest=rest, lower_by=lower_by, planned=planned)
+                           frame=frame, rest=rest, lower_by=lower_by, planned=planned, memories=memories)
     decompositions = {}
     if options.compiler == "inductor":  # Inductor lowers the graph its own decompositions make
         from torch._inductor.decomposition import select_decomp_table
@@ -276,13 +279,14 @@ class _Memories:
     forward: WrapperMemory | None = None
     backward: WrapperMemory | None = None
     tangent_bytes: int = 0
+    dropped_bytes: int = 0  # outputs the caller drops after the forward (hold_outputs=False), not saved
 
     def peaks(self, plan: MemoryPlan) -> tuple[int, int]:
         """The forward's and the backward's peaks with the plan's entry bytes live as the step starts."""
         assert self.forward is not None and self.backward is not None
         entry = plan.entry_bytes
         forward = entry + self.forward.peak_bytes
-        backward = entry + self.forward.end_bytes + self.tangent_bytes + self.backward.peak_bytes
+        backward = entry + self.forward.end_bytes - self.dropped_bytes + self.tangent_bytes + self.backward.peak_bytes
         return forward, backward
 
 
@@ -324,7 +328,7 @@ class _Reentry:
 
 def _plan_and_partition(joint: fx.GraphModule, _joint_inputs: Any, *, num_fwd_outputs: int,
                         inputs: list[GraphInput], example_inputs: list[Any], state: Session, frame: tuple,
-                        rest: int, lower_by: int, planned: list[GraphPlan], **_: Any
+                        rest: int, lower_by: int, planned: list[GraphPlan], memories: _Memories, **_: Any
                         ) -> tuple[fx.GraphModule, fx.GraphModule]:
     options = state.options
     step = joint_step(joint, num_fwd_outputs, inputs, hold_outputs=options.hold_outputs)
@@ -359,11 +363,24 @@ def _plan_and_partition(joint: fx.GraphModule, _joint_inputs: Any, *, num_fwd_ou
     program = plan.program
     assert program is not None
     forward, backward = partition(program.graph, program.backward_start, num_fwd_outputs)
+    memories.dropped_bytes = _dropped_output_bytes(forward, num_fwd_outputs, program)
     lifted = len(inputs) - len(example_inputs)
     shapes = tuple(tuple(v.shape) for info, v in zip(inputs[lifted:], example_inputs)
                    if info.role == "input" and isinstance(v, torch.Tensor))
     planned.append(GraphPlan(frame, budget + lower_by, _carried_bytes(plan), plan, shapes))
     return forward, backward
+
+
+def _dropped_output_bytes(forward: fx.GraphModule, num_fwd_outputs: int, step: CapturedStep) -> int:
+    """Bytes of the forward's outputs that the caller drops before the backward and the backward does not read."""
+    outputs = pytree.arg_tree_leaves(*forward.graph.output_node().args)
+    kept = {step.loss_node, *step.outputs, *(o.name for o in outputs[num_fwd_outputs:] if isinstance(o, fx.Node))}
+    dropped = {}
+    for node in outputs[:num_fwd_outputs]:
+        value = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if isinstance(value, torch.Tensor) and node.name not in kept:
+            dropped[StorageWeakRef(value.untyped_storage())] = value.untyped_storage().nbytes()
+    return sum(dropped.values())
 
 
 def _lifted(joint: fx.GraphModule, inputs: list[GraphInput], example_inputs: list[Any]) -> list[Any]:

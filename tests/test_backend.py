@@ -241,3 +241,38 @@ def test_plans_are_cached_by_graph_shapes_and_budget(tmp_path):
     assert again.peak_bytes == first.peak_bytes
     assert other_budget.solver.name == "memopt" and other_shape.solver.name == "memopt"
     assert len(list(tmp_path.rglob("*.pickle"))) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_benchmark_gpt2_trains_under_the_budget(compiler):
+    """The benchmark's GPT-2 workload, whole step with AdamW, at 80% of its eager peak."""
+    from memopt.examples import gpt2
+
+    workload = gpt2()
+    model, batch = workload.build(), workload.inputs()
+    optimizer = workload.optimizer(model)
+    torch.manual_seed(0)
+    eager_loss = workload.build()(**batch).loss.item()  # the same seeded weights, the same dropout draws
+    budget = int(memopt.plan(model, batch, optimizer=optimizer).peak_bytes * 0.8)
+    options = {"budget": budget, "optimizer": optimizer, "compiler": compiler, "hold_outputs": False}
+    compiled = torch.compile(model, backend="memopt", options=options)
+    losses = []
+
+    def step():
+        loss = compiled(**batch).loss
+        loss.backward()
+        losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    torch.manual_seed(0)
+    step()
+    measured = memopt.measure_peak(step)
+    assert measured.peak_bytes <= budget
+    (plan,) = plans(options)
+    assert any(d.action == "recompute" for d in plan.decisions)
+    if compiler == "eager":
+        assert losses[0] == eager_loss
+    else:
+        assert abs(losses[0] - eager_loss) <= 1e-4 * abs(eager_loss)
