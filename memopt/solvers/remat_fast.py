@@ -47,16 +47,18 @@ def solve_blocks(
     *,
     time_limit_s: float = 5.0,
 ) -> RecomputeSolution:
-    """The cheapest plan found with peak <= ``budget_bytes``, from the candidates the blocks' options name.
+    """The cheapest plan found with peak <= ``budget_bytes``: the blocks' options first, then any candidate.
 
     ``options[j]`` lists block j's options as candidate index sets, each recomputing
     at least what the one before it does; option 0 is usually "keep everything".
-    The plan may take any candidates the options name, not only whole options;
-    ``levels`` reports, per block, the least option that holds what the plan
-    recomputes there. The lower bound and "optimal" are over the same candidates.
+    The chain of options gives a first plan; the search after it may take any of
+    the problem's candidates, not only those the options name (a block's output
+    that is cheap to recompute, say); ``levels`` reports, per block, the least
+    option that holds what the plan recomputes there. The lower bound and
+    "optimal" are over all the candidates.
     """
     started = time.perf_counter()
-    pool = sorted({i for block in options for option in block for i in option})
+    pool = list(range(len(problem.candidates)))
     # the bound first: it is quick, and a plan that meets it ends the search
     bound = lower_bound(problem, budget_bytes, allowed=pool)
     search = _Search(problem, budget_bytes, pool, started + time_limit_s * _SEARCH_SHARE, bound)
@@ -100,6 +102,19 @@ def solve_blocks(
         search.local_moves()
         if search.exact_feedback:
             search.perturb(_PATIENCE)
+    # small graphs: the exact branch and bound over every candidate, from the plan found, in the time left
+    if len(problem.inputs) <= _EXACT_FINISH_NODES and (search.best is None
+                                                      or search.best[0].cost_s > bound * (1 + 1e-9)):
+        from memopt.solvers.remat_exact import solve_exact
+
+        left = started + time_limit_s * _SEARCH_SHARE - time.perf_counter()
+        if left > 0:
+            exact = solve_exact(problem, budget_bytes, time_limit_s=left,
+                                incumbent=search.best[1] if search.best is not None else None)
+            if exact.status in ("optimal", "feasible"):
+                search.evaluate(frozenset(exact.chosen))  # becomes the best if it is cheaper
+            if exact.status == "optimal":
+                bound = exact.cost_s
     seconds = time.perf_counter() - started
     if search.best is None:
         if search.least is None:
@@ -133,6 +148,7 @@ _PATIENCE = 20  # random restarts in a row without a gain before the search stop
 _LARGE_PASS = 32  # on large problems, a pass of local moves takes out each of the costliest this many
 _STALL_MIN, _STALL_FACTOR = 1500, 4  # the search stops after max(these) x simulations without a gain
 _SEARCH_SHARE = 0.95  # of the time limit; the rest covers one simulation past the deadline
+_EXACT_FINISH_NODES = 400  # graphs up to this many nodes end with the exact search over every candidate
 
 
 class _Search:
