@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from memopt.budget import parse_budget
+from memopt.budget import format_bytes, parse_budget
 from memopt.capture import capture
 from memopt.codegen.runner import Executor, StepRunner, run_step
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec, get_device
-from memopt.errors import MemoptError
+from memopt.errors import BudgetInfeasibleError, MemoptError
+from memopt.passes.arena_plan import arena_step
 from memopt.passes.optimizer_memory import ParamInfo
 from memopt.passes.remat_plan import SOLVERS
 from memopt.pipeline import run_pipeline
-from memopt.plan import MemoryPlan
+from memopt.plan import MemoryPlan, PassRecord
 
 
 def plan(
@@ -108,6 +110,7 @@ def compile(
     backend: str = "fx",
     inductor_options: dict[str, Any] | None = None,
     config: PlanConfig | None = None,
+    layout: bool = False,
 ) -> CompiledModule:
     """``model`` as a module whose training step runs memopt's plan for ``budget``.
 
@@ -125,7 +128,23 @@ def compile(
     is over the budget turns off the offending Inductor passes or re-plans
     (``InductorBudgetError`` if nothing fits). ``inductor_options`` are Inductor
     config entries on top of memopt's (``memopt.codegen.inductor.DEFAULT_OPTIONS``).
+
+    ``layout=True`` (FX backend) runs the step's intermediates in one arena allocated
+    at the first planned op and freed after the last one: each planned op writes
+    through its ``out=`` overload into a view at its planned offset, in the order the
+    order pass found. ``.plan``'s timeline then counts the arena as one tensor live
+    for that whole span (not the tensors inside it), and its ``layout`` key is the
+    arena that runs. When the arena and what stays outside it exceed the budget,
+    memopt plans more recomputation (up to four times) before giving up.
     """
+    layout = layout or (config is not None and config.layout)
+    if layout and backend == "inductor":
+        raise MemoptError("layout=True runs the arena on backend='fx' only: Inductor plans its own buffers "
+                          "(and reuses them) inside the code it writes; use backend='fx' with layout=True, "
+                          "or layout=False with Inductor")
+    if layout and offload:
+        raise MemoptError("layout=True with offload=True is not supported in this version (host copies would "
+                          "have to stay outside the arena); choose one, or offload=False")
     if backend not in ("fx", "inductor"):
         raise MemoptError(f"unknown backend {backend!r}; choose 'fx' (plain FX graphs) or 'inductor'")
     if offload is not None and not isinstance(offload, bool):
@@ -138,9 +157,13 @@ def compile(
         offload = False
     if budget is None:
         raise MemoptError("memopt.compile needs a budget, e.g. budget='24GB'")
+    if layout:
+        offload = False  # offload=None would turn it on for CUDA devices
+    # the arena is planned in _lower over the order that runs, not by the pipeline's layout pass
+    config = dataclasses.replace(_config(config, layout=False, solver=solver), layout=False)
     return CompiledModule(model, budget=parse_budget(budget), loss_fn=loss_fn, optimizer=optimizer,
-                          device=device, config=_config(config, layout=False, solver=solver), backend=backend,
-                          inductor_options=inductor_options, offload=offload)
+                          device=device, config=config, backend=backend,
+                          inductor_options=inductor_options, offload=offload, layout=layout)
 
 
 class CompiledModule(nn.Module):
@@ -148,9 +171,11 @@ class CompiledModule(nn.Module):
 
     def __init__(self, model: nn.Module, *, budget: int, loss_fn: Callable[[Any], torch.Tensor] | None,
                  optimizer: Any, device: str | DeviceSpec | None, config: PlanConfig, backend: str = "fx",
-                 inductor_options: dict[str, Any] | None = None, offload: bool | None = None) -> None:
+                 inductor_options: dict[str, Any] | None = None, offload: bool | None = None,
+                 layout: bool = False) -> None:
         super().__init__()
         self._offload = offload
+        self.layout = layout
         self.model = model
         self.budget_bytes = budget
         self.backend = backend
@@ -185,6 +210,11 @@ class CompiledModule(nn.Module):
                     device=self._device, config=self._config, offload=self._offload)
 
     def _lower(self, inputs: tuple | dict) -> tuple[MemoryPlan, StepRunner, Executor]:
+        if self.backend == "fx" and self.layout:
+            planned = self._planned_in_arena(inputs)
+            assert planned.program is not None
+            runner = StepRunner(planned.program)
+            return planned, runner, runner
         if self.backend == "fx":
             planned = self._planned(inputs, self.budget_bytes)
             assert planned.program is not None
@@ -201,6 +231,41 @@ class CompiledModule(nn.Module):
 
         lowered = lower_within_budget(plan_at, self.budget_bytes, options=self._inductor_options)
         return lowered.planned.plan, lowered.planned.runner, lowered.step
+
+    def _planned_in_arena(self, inputs: tuple | dict) -> MemoryPlan:
+        """The plan for the budget with its step run in one arena; more recomputation while it does not fit."""
+        target = self.budget_bytes - math.ceil(self.budget_bytes * self._config.headroom)
+        budget, tried = self.budget_bytes, []
+        for _ in range(5):
+            try:
+                planned = self._in_arena(self._planned(inputs, budget))
+            except BudgetInfeasibleError:
+                if not tried:
+                    raise
+                break
+            tried.append((budget, planned.peak_bytes, planned.arena.arena_bytes if planned.arena else 0))
+            if planned.peak_bytes <= target:
+                return dataclasses.replace(planned, budget_bytes=self.budget_bytes)
+            budget -= planned.peak_bytes - target
+        attempts = "; ".join(f"planned for {format_bytes(b)}: peak {format_bytes(p)} (arena {format_bytes(a)})"
+                             for b, p, a in tried)
+        raise MemoptError(f"with layout=True the step does not fit under {format_bytes(self.budget_bytes)} less "
+                          f"{self._config.headroom:.0%} headroom ({format_bytes(target)}): the arena is allocated "
+                          f"for the whole span of the tensors planned in it, so tensors outside it (gradients, "
+                          f"ops with no out= kernel) add to its full size. Tried: {attempts}. Use a larger "
+                          f"budget, or layout=False")
+
+    def _in_arena(self, planned: MemoryPlan) -> MemoryPlan:
+        """``planned`` with its step run in one arena, and its ledger, timeline and ``layout`` of that step."""
+        assert planned.program is not None
+        ran = arena_step(planned.program, planned.storages, planned.live, planned.timeline,
+                         planned.order.order if planned.order is not None and planned.order.changed else None,
+                         planned.optimizer, dict(zip(planned.storages.node_names, planned.scratch)),
+                         time_limit_s=self._config.layout_time_limit_s)
+        history = (*planned.history, *(PassRecord(*record) for record in ran.records))
+        return dataclasses.replace(planned, timeline=ran.timeline, storages=ran.table, live=ran.live,
+                                   graph_nodes=len(ran.table.node_names), arena=ran.arena,
+                                   scratch=ran.scratch if planned.scratch else (), program=ran.step, history=history)
 
 
 def _split(inputs: tuple | dict) -> tuple[tuple, dict]:

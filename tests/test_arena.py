@@ -7,6 +7,7 @@ from conftest import assert_runs_like_eager, square_mean
 import memopt
 from memopt import examples
 from memopt.capture import capture
+from memopt.config import PlanConfig
 from memopt.codegen.arena import out_variant, run_in_arena
 from memopt.passes.arena_plan import plan_arena
 from memopt.passes.liveness import liveness
@@ -126,3 +127,121 @@ def test_plan_reports_layout_and_order():
     assert "arena:" in str(plan) and "order:" in str(plan)
     assert "allocations outside the arena" in plan.explain()
     assert "layout" not in memopt.plan(model, workload.inputs(), loss_fn=workload.loss_fn).to_dict()
+
+
+# -- memopt.compile(layout=True): the planned step runs in the arena -----------------------------------------
+
+COMPILED = {
+    "gpt2-dropout": lambda: examples.gpt2(layers=2, width=64, heads=2, seq=64, batch=4, vocab=512, dropout=0.1),
+    "mlp": lambda: examples.mlp(width=128, depth=8, batch=256),
+}
+
+
+def _eager_step(model, inputs, loss_fn):
+    output = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    loss = loss_fn(output) if loss_fn else (output if isinstance(output, torch.Tensor) else output.loss)
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("name,fraction", [("gpt2-dropout", 0.8), ("mlp", 1.0)])
+def test_compiled_arena_step_is_bitwise_eager_and_measures_as_planned(name, fraction):
+    import copy
+
+    from conftest import measured_step_peak, steady_step
+
+    from memopt.passes.arena_plan import ARENA_NODE
+
+    workload = COMPILED[name]()
+    torch.manual_seed(0)
+    model, inputs = workload.build(), workload.inputs()
+    twin = copy.deepcopy(model)
+    eager_plan = memopt.plan(model, inputs, loss_fn=workload.loss_fn, fake=True)  # sizes the budget only
+    budget = int(eager_plan.peak_bytes * fraction / 0.98)
+    config = PlanConfig(remat_time_limit_s=1.0)
+    compiled = memopt.compile(twin, budget=budget, loss_fn=workload.loss_fn, layout=True, config=config)
+    for seed in (1, 2):  # dropout on: the same masks as eager; the second step reuses the plan and its arena
+        torch.manual_seed(seed)
+        expected = _eager_step(model, inputs, workload.loss_fn)
+        torch.manual_seed(seed)
+        loss = compiled(**inputs) if isinstance(inputs, dict) else compiled(*inputs)
+        loss.backward()
+        assert torch.equal(loss.detach(), expected)
+        for (pname, p), q in zip(model.named_parameters(), twin.parameters()):
+            assert torch.equal(p.grad, q.grad), pname
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+
+    plan = compiled.plan
+    layout = plan.to_dict()["layout"]
+    assert plan.budget_bytes == budget and plan.peak_bytes <= budget
+    # what ran is what the layout key says: one arena of arena_bytes, and every planned op writing into it
+    graph = plan.program.graph.graph
+    arena_node = next(n for n in graph.nodes if n.name == ARENA_NODE)
+    assert arena_node.args == ([layout["arena_bytes"]],)
+    out_ops = [n for n in graph.nodes if any(getattr(v, "op", None) == "call_function" and
+                                             v.target is torch.ops.aten.as_strided.default for v in n.kwargs.values())]
+    assert len(out_ops) == len(plan.arena.placements) and layout["planned"] == len(plan.arena.planned_storages)
+    assert layout["lower_bound_bytes"] <= layout["arena_bytes"] <= 1.02 * layout["lower_bound_bytes"]
+    # the timeline counts the arena as one tensor for its whole span, not the tensors inside it
+    arena_storage = next(s for s in plan.storages.storages if s.node == ARENA_NODE)
+    assert arena_storage.nbytes == layout["arena_bytes"]
+    assert "arena:" in str(plan) and "rewrite-arena" in plan.explain()
+
+    # measured: the plan's peak (arena + what is outside it + kernel scratch), to what the allocator adds
+    optimizer = torch.optim.SGD(twin.parameters(), lr=0.0)  # no state: the step's peak is the graph's
+    step = steady_step(compiled, inputs, optimizer)
+    peak = measured_step_peak(plan, memopt.measure_peak(step))
+    assert plan.peak_bytes <= peak <= plan.peak_bytes + 64, (peak, plan.peak_bytes)
+
+
+def test_compiled_layout_refuses_what_it_cannot_run():
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(memopt.MemoptError, match="backend='fx' only"):
+        memopt.compile(model, budget="1GB", loss_fn=square_mean, backend="inductor", layout=True)
+    with pytest.raises(memopt.MemoptError, match="offload"):
+        memopt.compile(model, budget="1GB", loss_fn=square_mean, offload=True, layout=True)
+
+
+def test_compiled_arena_step_keeps_dropout_order_when_reordered():
+    """The order pass may move ops; the arena step keeps forward ops in the forward and random ops in order."""
+    import copy
+
+    torch.manual_seed(0)
+    model, x = DropoutNet(), torch.randn(128, 64)
+    twin = copy.deepcopy(model)
+    budget = memopt.plan(model, (x,), loss_fn=square_mean).peak_bytes * 2
+    compiled = memopt.compile(twin, budget=budget, loss_fn=square_mean, layout=True)
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        expected = _eager_step(model, (x,), square_mean)
+        torch.manual_seed(seed)
+        loss = compiled(x)
+        loss.backward()
+        assert torch.equal(loss.detach(), expected)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p.grad, q.grad)
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+    assert compiled.plan.arena is not None and compiled.plan.arena.placements
+
+
+def test_forward_and_backward_programs_planned_on_their_own():
+    """The issue's per-program view: each program's arena within 2% of its bound, and only what it makes."""
+    from memopt.passes.arena_plan import run_order
+
+    workload = WORKLOADS["gpt2"]()
+    step = capture(workload.build(), workload.inputs(), loss_fn=workload.loss_fn)
+    table = storage_table(step)
+    order = tuple(range(len(table.node_names)))
+    live = liveness(table, run_order(step, order))
+    cut = table.node_names.index(step.backward_start)
+    forward = plan_arena(step.graph, table, live, window=(0, cut - 1))
+    backward = plan_arena(step.graph, table, live, window=(cut + 1, len(order) - 1))
+    joint = plan_arena(step.graph, table, live)
+    for arena in (forward, backward):
+        assert arena.solution.lower_bound_bytes <= arena.arena_bytes <= 1.02 * arena.solution.lower_bound_bytes
+        assert arena.planned_storages and arena.arena_bytes <= joint.arena_bytes
+    assert all(table.storages[k].defined_at < cut for k in forward.planned_storages)
+    assert all(table.storages[k].defined_at > cut for k in backward.planned_storages)
+    assert sorted(forward.planned_storages + backward.planned_storages) == sorted(joint.planned_storages)
