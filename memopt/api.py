@@ -16,11 +16,10 @@ from memopt.codegen.runner import Executor, StepRunner, run_step
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import BudgetInfeasibleError, MemoptError
-from memopt.passes.arena_plan import arena_step
 from memopt.passes.optimizer_memory import ParamInfo
 from memopt.passes.remat_plan import SOLVERS
 from memopt.pipeline import run_pipeline
-from memopt.plan import MemoryPlan, PassRecord
+from memopt.plan import MemoryPlan
 
 
 def plan(
@@ -159,8 +158,7 @@ def compile(
         raise MemoptError("memopt.compile needs a budget, e.g. budget='24GB'")
     if layout:
         offload = False  # offload=None would turn it on for CUDA devices
-    # the arena is planned in _lower over the order that runs, not by the pipeline's layout pass
-    config = dataclasses.replace(_config(config, layout=False, solver=solver), layout=False)
+    config = _config(config, layout=layout, solver=solver)
     return CompiledModule(model, budget=parse_budget(budget), loss_fn=loss_fn, optimizer=optimizer,
                           device=device, config=config, backend=backend,
                           inductor_options=inductor_options, offload=offload, layout=layout)
@@ -238,7 +236,7 @@ class CompiledModule(nn.Module):
         budget, tried = self.budget_bytes, []
         for _ in range(5):
             try:
-                planned = self._in_arena(self._planned(inputs, budget))
+                planned = self._planned(inputs, budget)  # config.layout: the step as it runs in the arena
             except BudgetInfeasibleError:
                 if not tried:
                     raise
@@ -254,18 +252,6 @@ class CompiledModule(nn.Module):
                           f"for the whole span of the tensors planned in it, so tensors outside it (gradients, "
                           f"ops with no out= kernel) add to its full size. Tried: {attempts}. Use a larger "
                           f"budget, or layout=False")
-
-    def _in_arena(self, planned: MemoryPlan) -> MemoryPlan:
-        """``planned`` with its step run in one arena, and its ledger, timeline and ``layout`` of that step."""
-        assert planned.program is not None
-        ran = arena_step(planned.program, planned.storages, planned.live, planned.timeline,
-                         planned.order.order if planned.order is not None and planned.order.changed else None,
-                         planned.optimizer, dict(zip(planned.storages.node_names, planned.scratch)),
-                         time_limit_s=self._config.layout_time_limit_s)
-        history = (*planned.history, *(PassRecord(*record) for record in ran.records))
-        return dataclasses.replace(planned, timeline=ran.timeline, storages=ran.table, live=ran.live,
-                                   graph_nodes=len(ran.table.node_names), arena=ran.arena,
-                                   scratch=ran.scratch if planned.scratch else (), program=ran.step, history=history)
 
 
 def _split(inputs: tuple | dict) -> tuple[tuple, dict]:

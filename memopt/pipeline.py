@@ -14,7 +14,7 @@ from memopt.capture import CapturedStep
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec
 from memopt.errors import BudgetInfeasibleError
-from memopt.passes.arena_plan import plan_arena
+from memopt.passes.arena_plan import arena_step
 from memopt.budget import format_bytes
 from memopt.passes.bounds import LowerBound, minimum_budget
 from memopt.passes.liveness import MemoryTimeline, liveness, memory_timeline
@@ -95,7 +95,8 @@ def run_pipeline(
         # which activations go to host memory instead, after their last forward use and back before the backward's
         offloaded = None
         if config.offload:
-            offloaded = _offload(history, step, table, live, opt, scratch_model, remat, device, target, config)
+            offloaded = _offload(history, step, table, live, opt, scratch_model, remat, device, target, config,
+                                 budget_bytes, minimum)
         if offloaded is not None:
             plan, step, table, live, timeline = offloaded
             scratch = scratch_model.per_node(step.graph) if scratch_model else ()
@@ -130,12 +131,15 @@ def run_pipeline(
     order = None
     if config.order:
         order = history.run("order", plan_order, step.graph, table, time_limit_s=config.order_time_limit_s)
-    # offsets in one arena for the intermediates, over the chosen order's liveness
+    # the step as it runs in one arena: the order (where it peaks no higher), offsets for the intermediates,
+    # the graph rewritten into out= ops on views of the arena, and the ledger of that graph
     arena = None
     if config.layout:
-        arena_live = live if order is None else liveness(table, order.order)
-        arena = history.run("layout", plan_arena, step.graph, table, arena_live,
-                            time_limit_s=config.layout_time_limit_s)
+        ran = arena_step(step, table, live, timeline, order.order if order is not None and order.changed else None,
+                         opt, dict(zip(table.node_names, scratch)), time_limit_s=config.layout_time_limit_s)
+        history.records.extend(PassRecord(*record) for record in ran.records)
+        step, table, live, timeline, arena = ran.step, ran.table, ran.live, ran.timeline, ran.arena
+        scratch = ran.scratch if scratch else ()
     return MemoryPlan(
         device=device,
         budget_bytes=budget_bytes,
@@ -159,34 +163,71 @@ def run_pipeline(
 
 
 def _offload(history: _History, step: CapturedStep, table: Any, live: Any, opt: Any, scratch_model: Any,
-             remat: Any, device: DeviceSpec, target: int, config: PlanConfig) -> tuple | None:
-    """Offload (with what is still recomputed) rewritten into the step; None when no offload plan fits.
+             remat: Any, device: DeviceSpec, target: int, config: PlanConfig, budget: int,
+             minimum: LowerBound) -> tuple | None:
+    """Offload (with what is still recomputed) rewritten into the step; None when the keep/recompute plan stands.
 
     The rewritten step's own timeline is the judge: a plan over ``target`` there (the solver's
     model of a transfer's window is one event coarser than the graph) is planned again under a
-    target lowered by the overshoot, twice at most.
+    target lowered by the overshoot, twice at most. Raises ``BudgetInfeasibleError`` when the
+    keep/recompute plan does not fit and no offload plan does either, naming the lowest peak the
+    search reached, where, and what is live there.
     """
     goal = target
     for _ in range(3):
         plan = history.run("offload", plan_offload, step.graph, table, remat, device, goal,
                            host_capacity_bytes=config.offload_host_bytes, time_limit_s=config.offload_time_limit_s,
                            max_items=config.offload_max_items)
-        if plan.solution.status == "infeasible" or not plan.specs:
-            return None  # nothing to offload: the keep/recompute plan stands (or fails) as it is
-        graph = step.graph
-        if plan.recomputed:
-            graph = history.run("rewrite", apply_recompute, graph, step.backward_start, list(plan.recomputed))
-        rewrite = history.run("rewrite-offload", apply_offload, graph, step.backward_start, list(plan.specs),
-                              step.device)
-        new_step = dataclasses.replace(step, graph=rewrite.graph)
-        new_table = _host_apart(history.run("storages", storage_table, new_step), rewrite.offload_nodes)
-        new_live = history.run("liveness", liveness, new_table)
-        scratch = scratch_model.per_node(new_step.graph) if scratch_model else ()
-        timeline = history.run("timeline", memory_timeline, new_table, new_live, opt, scratch)
+        infeasible = plan.solution.status == "infeasible"
+        if not plan.specs and not infeasible and remat.solution.status != "infeasible":
+            return None  # nothing to offload: the keep/recompute plan fits as it is
+        new_step, new_table, new_live, timeline = _rewritten(history, step, plan, opt, scratch_model)
+        if infeasible:
+            raise _offload_infeasible(budget, config.headroom, plan, timeline, minimum)
         if timeline.peak_bytes <= target:
             return plan, new_step, new_table, new_live, timeline
         goal -= timeline.peak_bytes - target
     return None
+
+
+def _rewritten(history: _History, step: CapturedStep, plan: OffloadPlan, opt: Any,
+               scratch_model: Any) -> tuple[CapturedStep, StorageTable, Any, MemoryTimeline]:
+    """The step with the plan's recomputes and offloads, its storages (host copies apart), liveness and timeline."""
+    graph = step.graph
+    if plan.recomputed:
+        graph = history.run("rewrite", apply_recompute, graph, step.backward_start, list(plan.recomputed))
+    rewrite = history.run("rewrite-offload", apply_offload, graph, step.backward_start, list(plan.specs),
+                          step.device)
+    new_step = dataclasses.replace(step, graph=rewrite.graph)
+    new_table = _host_apart(history.run("storages", storage_table, new_step), rewrite.offload_nodes)
+    new_live = history.run("liveness", liveness, new_table)
+    scratch = scratch_model.per_node(new_step.graph) if scratch_model else ()
+    return new_step, new_table, new_live, history.run("timeline", memory_timeline, new_table, new_live, opt, scratch)
+
+
+def _offload_infeasible(budget: int, headroom: float, plan: OffloadPlan, timeline: MemoryTimeline,
+                        minimum: LowerBound) -> BudgetInfeasibleError:
+    """No keep/recompute/offload plan found under the budget: the lowest peak reached, where, and what is live."""
+    best = timeline.peak_bytes
+    needed = math.ceil(best / (1 - headroom))
+    while _target(needed, headroom) < best:
+        needed += 1
+    needed = max(needed, minimum.bytes)
+    index = timeline.peak_index
+    ledger = {c: b for c, b in timeline.ledger_at(index).items() if b}
+    live = ", ".join(f"{c.replace('_', ' ')} {format_bytes(b)}"
+                     for c, b in sorted(ledger.items(), key=lambda kv: -kv[1]))
+    found = plan.solution
+    why = (f"with offload, the lowest peak memopt finds is {format_bytes(best)}, at {timeline.labels[index]} "
+           f"({timeline.phases[index]}), with {len(plan.specs)} activations offloaded and {len(plan.recomputed)} "
+           f"recomputed (their copies count as temporaries); live there: {live}; no activation left to offload "
+           f"is live across that point, and "
+           f"memopt keeps {headroom:.0%} of the budget as headroom. No plan that keeps parameters, gradients and "
+           f"optimizer state on the device can go below {format_bytes(minimum.bytes)} (at {minimum.where}: "
+           f"{minimum.why}). What else lowers the peak: a smaller batch or sequence, or a cheaper optimizer")
+    _log.debug("offload search: %s, %d rounds, %.1f s", found.status, found.rounds, found.seconds)
+    return BudgetInfeasibleError(budget, needed, f"{timeline.labels[index]} with offload", why,
+                                 proven=minimum.bytes)
 
 
 def _host_apart(table: StorageTable, offload_nodes: tuple[str, ...]) -> StorageTable:

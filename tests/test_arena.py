@@ -123,10 +123,15 @@ def test_plan_reports_layout_and_order():
     assert layout["fragmentation"] == pytest.approx(1 - layout["lower_bound_bytes"] / layout["arena_bytes"])
     assert layout["planned"] > 0 and isinstance(layout["unplanned"], dict)
     assert order["peak_after_bytes"] <= order["peak_before_bytes"]
-    assert order["peak_before_bytes"] == max(plan.timeline.totals[: plan.graph_nodes])
     assert "arena:" in str(plan) and "order:" in str(plan)
     assert "allocations outside the arena" in plan.explain()
-    assert "layout" not in memopt.plan(model, workload.inputs(), loss_fn=workload.loss_fn).to_dict()
+    plain = memopt.plan(model, workload.inputs(), loss_fn=workload.loss_fn, optimizer=workload.optimizer(model))
+    assert "layout" not in plain.to_dict()
+    assert order["peak_before_bytes"] == max(plain.timeline.totals[: plain.graph_nodes])
+    # the plan's ledger is the step as it runs in the arena: the arena one storage, as big as planned
+    arena = [s for s in plan.storages.storages if s.node == "memopt_arena"]
+    assert len(arena) == 1 and arena[0].nbytes == layout["arena_bytes"]
+    assert plan.peak_bytes >= layout["arena_bytes"]
 
 
 # -- memopt.compile(layout=True): the planned step runs in the arena -----------------------------------------
