@@ -340,3 +340,28 @@ def test_cut_short_still_returns_a_valid_plan_or_none():
     assert s.status in ("optimal", "feasible", "unknown")
     if s.status != "unknown":
         check(p, s)
+
+
+@pytest.mark.parametrize("seed", [1, 3, 5])
+def test_checkmate_never_dearer_than_memopts_plan_on_joint_graphs(seed):
+    """memopt's plans are Checkmate schedules (recompute once, right before the first backward reader), so
+    the MILP's optimum costs no more; with both models counting bytes alike, it is never dearer. The
+    gap the other way (Checkmate's wider space) is measured in benchmarks/CHECKMATE_GAP.md."""
+    import random
+
+    from benchmarks.checkmate_gap import checkmate_problem, memopt_problem, random_graph
+    from memopt.solvers.remat_fast import simulate, solve_blocks
+
+    rng = random.Random(seed)
+    graph, backward_start, ranges = random_graph(seed, rng.randint(2, 4), rng.randint(4, 8))
+    problem, options = memopt_problem(graph, backward_start, ranges)
+    keep = simulate(problem, ()).peak_bytes
+    low = simulate(problem, range(len(problem.candidates))).peak_bytes
+    for fraction in (0.1, 0.9):
+        budget = int(low + fraction * (keep - low))
+        fast = solve_blocks(problem, options, budget, time_limit_s=2.0)
+        assert fast.status in ("optimal", "feasible") and fast.peak_bytes <= budget
+        checkmate = checkmate_problem(graph, backward_start, budget)
+        milp = solve_remat_milp(checkmate, time_limit_s=20)
+        assert milp.status in ("optimal", "feasible") and milp.peak_bytes <= budget
+        assert milp.objective - sum(checkmate.costs) <= fast.cost_s * (1 + 1e-6) + 1e-15
