@@ -11,8 +11,9 @@ kernels) or through Inductor (``compiler="inductor"``).
 so ``backend="memopt"`` works in a fresh process. The plans of one
 ``torch.compile`` call (one ``options`` object) form a session
 (``memopt.backend.plans(options)``): with graph breaks each graph plans for what the
-budget leaves after the graphs compiled before it hold, and the user is told;
-a recompile for new shapes re-plans that graph. Graphs with dynamic shapes are
+budget leaves after the rest of the model (its parameters, gradients, optimizer
+state) and what the graphs compiled before it keep, and the user is told; a
+recompile for new shapes re-plans that graph. Graphs with dynamic shapes are
 specialized: each distinct shape is traced and planned on its first call.
 """
 
@@ -94,6 +95,9 @@ class BackendOptions:
         if compiler not in ("eager", "inductor"):
             raise MemoptError(f"unknown compiler {compiler!r}; choose 'eager' or 'inductor'")
         config = options.get("config") or PlanConfig()
+        if config.offload or config.layout:
+            raise MemoptError("the memopt backend plans recomputation only: offload and the arena layout run "
+                              "through memopt.compile(..., offload=True / layout=True); pass a config without them")
         cache = options.get("cache", True)
         if cache is True:
             from torch._inductor.runtime.cache_dir_utils import cache_dir

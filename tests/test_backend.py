@@ -95,6 +95,8 @@ def test_options_are_checked_and_unknown_ones_listed():
     with pytest.raises(MemoptError, match="unknown compiler"):
         BackendOptions.parse({"budget": "1GB", "compiler": "tvm"})
     assert BackendOptions.parse({"budget": "1KiB", "solver": "blocks"}).config.solver == "blocks"
+    with pytest.raises(MemoptError, match="recomputation only"):
+        BackendOptions.parse({"budget": "1GB", "config": memopt.config.PlanConfig(offload=True)})
 
 
 def test_source_names_become_qualified_names():
