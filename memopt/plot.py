@@ -15,6 +15,7 @@ _COLORS = {
     "optimizer_state": "#c44e52", "activations": "#55a868", "temporaries": "#ccb974",
 }
 _GIB = 2**30
+_HOST_COLOR = "#17becf"  # the offload band: host memory, apart from the device's stack
 _BASELINE_MARKERS = {"blocks": ("s", "#dd8452"), "sqrt": ("D", "#c44e52"), "none": ("o", "#777777")}
 
 
@@ -45,6 +46,12 @@ def plot_plan(
             positions = [i for i, p in enumerate(timeline.phases) if p == phase]
             if positions:
                 ax.axvspan(positions[0], positions[-1] + 1, color=shade, zorder=0, label=f"{phase} phase")
+        host = plan.offload.host_timeline if plan.offload is not None else ()
+        if any(host):  # host bytes over time: drawn downwards from zero, so it never reads as device memory
+            ax.fill_between(steps, [-b / _GIB for b in host], 0, color=_HOST_COLOR, alpha=0.6, step="post",
+                            hatch="//", edgecolor="#0e7c88", linewidth=0.5,
+                            label=f"offloaded to host (below 0; pool {plan.offload.host_peak_bytes / _GIB:.3f} GiB)")
+            ax.axhline(0, color="black", linewidth=0.6)
         peak = timeline.peak_index
         ax.plot([peak], [timeline.peak_bytes / _GIB], "k^", label=f"peak {timeline.peak_bytes / _GIB:.3f} GiB")
         if plan.budget_bytes is not None:
@@ -54,7 +61,7 @@ def plot_plan(
             ax.plot([f * n for f, _ in measured_timeline], [b / _GIB for _, b in measured_timeline],
                     color="black", linewidth=0.8, label="measured")
         ax.set_xlabel("step of the training step (graph nodes, then optimizer)")
-        ax.set_ylabel("live device memory (GiB)")
+        ax.set_ylabel("live device memory (GiB)" + ("; host below 0" if any(host) else ""))
         ax.set_title(f"memopt plan: predicted peak at {timeline.peak_label} ({plan.device.name})")
         ax.set_xlim(0, max(len(timeline.totals), 1))
         ax.legend(loc="upper left", fontsize=8)

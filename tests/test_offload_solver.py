@@ -115,3 +115,32 @@ def test_bad_problems_are_rejected():
         OffloadProblem(remat, (), (), 1, 1, 0.0)
     with pytest.raises(ValueError, match="forward node"):
         OffloadProblem(remat, (), (OffloadItem(0, 8, BIG, BIG),), 1, 1, 1e9)
+
+
+def test_below_what_any_offload_reaches_the_lowest_peak_and_where_are_returned():
+    # the backward's BIG temporary alone is over this budget: offloading BIG lowers the peak, never enough
+    remat = chain(big_cost=1e-3, forward_cost=1e-3, backward_cost=1e-3, recomputable=False)
+    problem = offload_problem(remat, budget=BIG // 2)
+    kept = evaluate(problem, (), ())
+    solution = solve_offload(problem, time_limit_s=5)
+    assert solution.status == "infeasible"
+    assert [t.item for t in solution.transfers] == [0]  # the closest choice: BIG is away over the spike
+    assert solution.peak_bytes == evaluate(problem, (), (0,)).peak_bytes < kept.peak_bytes
+    assert remat.backward_start < solution.peak_node  # in the backward, where BIG or the BIG temporary is held
+
+
+def test_the_exact_phase_is_exact_on_memory():
+    # with the recompute set held, the greedy's profile is the one evaluate replays
+    from memopt.solvers.offload import _greedy, _Model
+
+    remat = chain(big_cost=1e-3, forward_cost=1e-3, backward_cost=0.3e-3, recomputable=False, two=True)
+    items = (OffloadItem(0, 0, BIG, BIG), OffloadItem(1, 1, BIG, BIG))
+    for budget in (3 * BIG, 2 * BIG + 3 * SMALL, BIG + 3 * SMALL, BIG):
+        problem = OffloadProblem(remat, (), items, budget, 10**12, BANDWIDTH)
+        model = _Model(problem, fixed=())
+        chosen, fits, peak = _greedy(model, budget, {})
+        judged = evaluate(problem, (), model.prefetches(chosen))
+        assert judged.peak_bytes == peak and fits == (peak <= budget) == (judged.status == "feasible")
+        solution = solve_offload(problem, time_limit_s=5)
+        assert solution.status == "infeasible" or solution.peak_bytes <= budget
+        assert (solution.status == "infeasible") == (not fits)

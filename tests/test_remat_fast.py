@@ -334,8 +334,9 @@ def test_fast_plan_is_within_one_percent_on_real_models(name):
     low, high = budget_range(problem, options)
     assert low < high  # activations matter at this size
     for fraction in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9):
-        # on the 1-layer llama the search over every candidate does not always finish in 10 s
-        check_against_exact(problem, options, int(low + fraction * (high - low)), exact_s=10.0, must_finish=False)
+        # on the 1-layer llama the search over every candidate does not always finish in a few seconds
+        check_against_exact(problem, options, int(low + fraction * (high - low)), time_limit_s=2.0, exact_s=3.0,
+                            must_finish=False)
 
 
 def test_fast_plan_on_a_two_layer_llama_is_within_one_percent_of_the_best_known():

@@ -76,9 +76,7 @@ def apply_offload(graph: fx.GraphModule, backward_start: str, specs: list[Offloa
             new.graph.call_function(torch.ops.memopt.reload_wait.default, (reload, key, spec.offset))
         # backward readers of the base or a same-shaped alias read the reload; views are made again from it
         replacement: dict[fx.Node, fx.Node] = {}
-        for holder in holders:
-            if not any(position.get(u, 0) > bs for u in holder.users):
-                continue
+        for holder in _needed(holders, bs, position):
             if _same_view(holder.meta["val"], value):
                 replacement[holder] = reload
                 continue
@@ -108,6 +106,19 @@ def apply_offload(graph: fx.GraphModule, backward_start: str, specs: list[Offloa
     new.graph.lint()
     new.recompile()
     return OffloadRewrite(new, key, pool_bytes, tuple(offloads), tuple(reloads))
+
+
+def _needed(holders: list[fx.Node], bs: int, position: dict[fx.Node, int]) -> list[fx.Node]:
+    """Holders the backward reads, and the holders they are views of (made again first), in graph order."""
+    inside = set(holders)
+    needed = {h for h in holders if any(position.get(u, 0) > bs for u in h.users)}
+    stack = list(needed)
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg in inside and arg not in needed:
+                needed.add(arg)
+                stack.append(arg)
+    return [h for h in holders if h in needed]
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -73,9 +73,16 @@ def _remakeable(nodes: list[fx.Node], holders: list[int], base: int, bs: int, po
     """Every holder the backward reads is the base, an alias of its shape, or a view made from holders."""
     value = nodes[base].meta["val"]
     inside = {nodes[i] for i in holders}
+    needed = {nodes[i] for i in holders if any(position[u] > bs for u in nodes[i].users)}
+    stack = list(needed)
+    while stack:  # and the holders those are views of: made again from the reload first
+        for arg in stack.pop().all_input_nodes:
+            if arg in inside and arg not in needed:
+                needed.add(arg)
+                stack.append(arg)
     for i in holders:
         node = nodes[i]
-        if not any(position[u] > bs for u in node.users) or i == base:
+        if node not in needed or i == base:
             continue
         other = node.meta.get("val")
         if not isinstance(other, torch.Tensor):

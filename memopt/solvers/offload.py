@@ -10,13 +10,20 @@ transfer (bytes / host bandwidth). The copy engine is one resource per
 direction (transfers queue); host memory has a cap (one slot per offloaded
 item, no reuse: the pool is what the step holds on the host).
 
-A CP-SAT model over linearised effects chooses (memory at every segment
-between window boundaries, recompute seconds saved, exposed stall with the
-copy engine's windows); ``evaluate`` then replays the choice exactly (the
-remat simulation, the offload windows cut out of its profile, the two copy
-queues run against the compute clock). A choice over budget tightens the
-model and solves again; with none in time the best plan that fits is
-returned, never one over budget. No torch.
+Two searches. The joint one: a CP-SAT model over linearised effects chooses
+offloads and recomputes together (memory at every node, recompute seconds
+saved, exposed stall with the copy engine's windows); ``evaluate`` then replays
+the choice exactly (the remat simulation, the offload windows cut out of its
+profile, the two copy queues run against the compute clock). Recomputations
+do not add up exactly (two may share inputs), so a joint choice can land over
+budget. The exact one: with the recompute set held (the joint choice's, then
+the keep/recompute plan's), memory is linear in the offloads, event by event:
+a greedy pass adds the offload that covers the peak at the least exposed stall
+per byte until the profile fits (then drops what is no longer needed), and
+CP-SAT, warm-started from it, lowers the stall. The best plan that fits is
+returned, never one over budget; with none, the lowest peak found (the greedy
+stops only where no offload covers the peak: a floor for that recompute set).
+No torch.
 """
 
 from __future__ import annotations
@@ -94,6 +101,7 @@ class OffloadSolution:
     lower_bound: float  # CP-SAT's bound on its (linearised) model
     seconds: float
     rounds: int
+    peak_node: int = -1  # node position at the peak (a remat copy's: the node it is made before)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +133,8 @@ def evaluate(problem: OffloadProblem, recomputed: Collection[int],
     for i, w in windows.items():
         profile[w.cut_from:w.cut_to] -= problem.items[i].nbytes
     peak = max(int(profile.max()), problem.remat.floor_bytes)
+    at = int(np.argmax(profile)) if len(profile) else 0
+    peak_node = next((n for n, when in enumerate(replay.time_of) if when >= at), len(replay.time_of) - 1)
     stalls = _stalls(problem, windows, replay, clock)
     transfers = tuple(
         Transfer(i, w.after, w.prefetch, _node_at(problem, replay, w.first_use), w.transfer_s, w.hidden_s, stalls[i])
@@ -134,49 +144,103 @@ def evaluate(problem: OffloadProblem, recomputed: Collection[int],
     status = "feasible" if peak <= problem.budget_bytes else "infeasible"
     host = sum(problem.items[i].slot_bytes for i in offloaded)
     return OffloadSolution(status, tuple(sorted(recomputed)), transfers, (), peak, replay.cost_s, stall, host,
-                           replay.cost_s + stall, 0.0, 0.0, 0)
+                           replay.cost_s + stall, 0.0, 0.0, 0, peak_node)
 
 
-def solve_offload(problem: OffloadProblem, *, time_limit_s: float = 5.0, seed: int = 0,
-                  max_rounds: int = 4) -> OffloadSolution:
+def solve_offload(problem: OffloadProblem, *, time_limit_s: float = 5.0, seed: int = 0) -> OffloadSolution:
     """Choose offloads (and recomputes) under the budget at every step; never returns a plan over it.
 
     Returns the keep/recompute plan itself when it fits and nothing beats it, and status
-    "infeasible" with the lowest peak seen when no choice fits.
+    "infeasible" with the lowest peak seen (``peak_node``: where) when no choice fits.
     """
     started = time.perf_counter()
+
+    def left() -> float:
+        return time_limit_s - (time.perf_counter() - started)
+
     base = evaluate(problem, problem.recomputed, ())
-    best = base if base.status == "feasible" else None
-    closest, rounds, bound, tighten = base, 0, 0.0, 0
-    model = _Model(problem)
-    while rounds < max_rounds:
+    found = _Found(problem, base)
+    rounds, bound, joint_best = 0, 0.0, None
+    starts: list[tuple[list[int], dict[int, int]]] = []  # (recompute set, offloads to start from)
+    joint = _Model(problem)
+    choice = joint.solve(problem.budget_bytes, left() * 0.4, seed) if left() > 0.05 else None
+    if choice is not None:
         rounds += 1
-        left = time_limit_s - (time.perf_counter() - started)
-        if left <= 0.05:
+        offloaded, again, model_bound = choice  # offloaded: item -> prefetch node
+        recomputed = sorted({*joint.others, *(problem.items[i].candidate for i in again)})
+        if found.add(evaluate(problem, recomputed, offloaded)):
+            bound, joint_best = model_bound, found.best
+        starts.append((recomputed, offloaded))
+    starts.append((sorted(problem.recomputed), {}))
+    peak, recomputed, offloaded = base.peak_bytes, sorted(problem.recomputed), {}
+    for recomputed, offloaded in starts:
+        if found.best is not None:
+            break  # the keep/recompute plan or the joint choice fits
+        peak, recomputed, offloaded = _exact(problem, recomputed, offloaded, found)
+    # still over: an item the held set recomputes is offloaded instead when that lowers the peak the greedy
+    # reaches (a layer recomputed at once in the backward can be the peak no offload covers)
+    while found.best is None and left() > 0.2:
+        swapped = None
+        for i, item in enumerate(problem.items):
+            if item.candidate not in recomputed or left() <= 0.2:
+                continue
+            fewer = [c for c in recomputed if c != item.candidate]
+            exact = _Model(problem, fixed=fewer)
+            reached = _greedy(exact, problem.budget_bytes, exact.start_from(offloaded))[2]
+            if reached < peak and (swapped is None or reached < swapped[0]):
+                swapped = (reached, fewer)
+        if swapped is None:
             break
-        choice = model.solve(problem.budget_bytes - tighten, left, seed)
-        if choice is None:
-            break
-        offloaded, recomputed_items, model_bound = choice  # offloaded: item -> prefetch node
-        recomputed = sorted({*model.others, *(problem.items[i].candidate for i in recomputed_items)})
-        tried = evaluate(problem, recomputed, offloaded)
-        was = {problem.items[i].candidate for i in range(len(problem.items))} & set(problem.recomputed)
-        kept = tuple(i for i, item in enumerate(problem.items)
-                     if item.candidate in was and item.candidate not in recomputed and i not in offloaded)
-        tried = _with(tried, kept_instead=kept)
-        if tried.peak_bytes < closest.peak_bytes:
-            closest = tried
-        if tried.status == "feasible":
-            bound = model_bound if tighten == 0 else 0.0  # a tightened model bounds nothing
-            if best is None or tried.objective < best.objective - 1e-15:
-                best = tried
-            break
-        tighten += tried.peak_bytes - problem.budget_bytes
+        peak, recomputed, offloaded = _exact(problem, swapped[1], offloaded, found)
+    if found.best not in (None, base, joint_best) and left() > 0.1:  # lower the stall of the fit
+        recomputed = list(found.best.recomputed)
+        exact = _Model(problem, fixed=recomputed)
+        hint = exact.start_from({t.item: t.prefetch for t in found.best.transfers})
+        choice = exact.solve(problem.budget_bytes, left() * 0.8, seed, hint=hint)
+        if choice is not None:
+            rounds += 1
+            found.add(evaluate(problem, recomputed, choice[0]))
     seconds = time.perf_counter() - started
-    if best is None:
-        return _with(closest, status="infeasible", seconds=seconds, rounds=rounds)
+    if found.best is None:
+        return _with(found.closest, status="infeasible", seconds=seconds, rounds=rounds)
+    best = found.best
+    if best is not joint_best:
+        bound = 0.0  # the joint model's bound is on its own choice's objective
     status = "optimal" if bound >= best.objective - 1e-12 else "feasible"
     return _with(best, status=status, lower_bound=min(bound, best.objective), seconds=seconds, rounds=rounds)
+
+
+def _exact(problem: OffloadProblem, recomputed: list[int], offloaded: Mapping[int, int],
+           found: _Found) -> tuple[int, list[int], dict[int, int]]:
+    """The greedy's offloads with ``recomputed`` held, judged into ``found``: the peak reached, the set, offloads."""
+    exact = _Model(problem, fixed=recomputed)
+    chosen, _, peak = _greedy(exact, problem.budget_bytes, exact.start_from(offloaded))
+    prefetches = exact.prefetches(chosen)
+    found.add(evaluate(problem, recomputed, prefetches))
+    return peak, recomputed, prefetches
+
+
+class _Found:
+    """The best choice that fits, and the one with the lowest peak, over every choice judged."""
+
+    def __init__(self, problem: OffloadProblem, base: OffloadSolution) -> None:
+        self.problem = problem
+        self.best = base if base.status == "feasible" else None
+        self.closest = base
+
+    def add(self, tried: OffloadSolution) -> bool:
+        """Keep ``tried`` if it beats what is held; True when it is the new best that fits."""
+        items, was = self.problem.items, set(self.problem.recomputed)
+        offloaded = {t.item for t in tried.transfers}
+        kept = tuple(i for i, item in enumerate(items) if item.candidate in was
+                     and item.candidate not in tried.recomputed and i not in offloaded)
+        tried = _with(tried, kept_instead=kept)
+        if tried.peak_bytes < self.closest.peak_bytes:
+            self.closest = tried
+        if tried.status == "feasible" and (self.best is None or tried.objective < self.best.objective - 1e-15):
+            self.best = tried
+            return True
+        return False
 
 
 def _with(solution: OffloadSolution, **changes: object) -> OffloadSolution:
@@ -186,52 +250,88 @@ def _with(solution: OffloadSolution, **changes: object) -> OffloadSolution:
 
 
 class _Model:
-    """The linearised problem: each item's effect on memory per node, measured one item at a time.
+    """The problem as CP-SAT sees it: each item's effect on memory, measured one item at a time.
 
-    The base is the keep/recompute plan with every item kept (``others``: its recomputed
-    candidates that are no item). Recomputing item i changes the memory at node n by what the
-    simulation with i recomputed on top of the base says; offloading it removes its bytes from
-    after its last forward reader to its prefetch node. Effects add up only approximately (two
-    recomputations may share inputs): ``evaluate`` is the judge.
+    Joint (``fixed`` None): the base is the keep/recompute plan with every item kept (``others``:
+    its recomputed candidates that are no item); recomputing item i changes the memory at node n
+    by what the simulation with i recomputed on top of the base says; offloading it removes its
+    bytes from after its last forward reader to its prefetch node. Effects add up only
+    approximately (two recomputations may share inputs): ``evaluate`` is the judge.
+
+    Exact (``fixed``: the recompute set, held): only offloads are chosen, items recomputed there
+    are not offered, and memory is the replay's profile less each offload's window, event by
+    event, which is what ``evaluate`` computes.
     """
 
-    def __init__(self, problem: OffloadProblem) -> None:
+    def __init__(self, problem: OffloadProblem, fixed: Collection[int] | None = None) -> None:
         remat = problem.remat
         self.problem = problem
+        self.exact = fixed is not None
         item_candidates = {item.candidate for item in problem.items if item.candidate >= 0}
-        self.others = tuple(c for c in problem.recomputed if c not in item_candidates)
+        if fixed is None:
+            self.others = tuple(c for c in problem.recomputed if c not in item_candidates)
+        else:
+            self.others = tuple(sorted(fixed))
         self.replay = replay = _replay(remat, self.others)
         self.clock = _clock(remat, replay)
-        self.base = _per_node(replay)
+        self.base = replay.profile.astype(np.int64) if self.exact else _per_node(replay)
         self.base_cost = replay.cost_s
         self.recompute: dict[int, tuple[np.ndarray, float]] = {}  # item -> (memory change per node, seconds)
-        for i, item in enumerate(problem.items):
-            if item.candidate >= 0:
-                other = _replay(remat, sorted({*self.others, item.candidate}))
-                self.recompute[i] = (_per_node(other) - self.base, other.cost_s - replay.cost_s)
-        self.windows = {i: _windows(problem, i, replay, self.clock) for i in range(len(problem.items))}
+        if not self.exact:
+            for i, item in enumerate(problem.items):
+                if item.candidate >= 0:
+                    other = _replay(remat, sorted({*self.others, item.candidate}))
+                    self.recompute[i] = (_per_node(other) - self.base, other.cost_s - replay.cost_s)
+        held = set(self.others) if self.exact else set()
+        self.windows = {i: _windows(problem, i, replay, self.clock) for i, item in enumerate(problem.items)
+                        if item.candidate not in held or item.candidate < 0}
         # per item, prefetch options: the one that hides the transfer, then later ones that hold less memory
         self.options: dict[int, list[_Windows]] = {}
         for i, w in self.windows.items():
+            if problem.items[i].slot_bytes > problem.host_capacity_bytes:
+                continue
             last = _node_at(problem, replay, w.first_use)
             nodes = sorted({w.prefetch, (w.prefetch + last) // 2, last})
-            self.options[i] = [w] + [_windows(problem, i, replay, self.clock, p) for p in nodes if p > w.prefetch]
+            options = [w] + [_windows(problem, i, replay, self.clock, p) for p in nodes if p > w.prefetch]
+            options = [o for o in options if self.span(o)[1] > self.span(o)[0]]
+            if options:
+                self.options[i] = options
 
-    def solve(self, budget: int, time_limit_s: float,
-              seed: int) -> tuple[dict[int, int], list[int], float] | None:
-        """Offloaded items (item -> prefetch node), items recomputed, and a bound on the model's objective."""
+    def span(self, w: _Windows) -> tuple[int, int]:
+        """The positions (events when exact, else nodes) an offload with windows ``w`` frees."""
+        return (w.cut_from, w.cut_to) if self.exact else (w.after + 1, w.prefetch)
+
+    def prefetches(self, chosen: Mapping[int, int]) -> dict[int, int]:
+        """Item -> option index, as item -> prefetch node."""
+        return {i: self.options[i][k].prefetch for i, k in chosen.items()}
+
+    def start_from(self, offloaded: Mapping[int, int]) -> dict[int, int]:
+        """Item -> prefetch node (another recompute set's choice), as this model's options."""
+        chosen = {}
+        for i, prefetch in offloaded.items():
+            if i in self.options:
+                options = self.options[i]
+                chosen[i] = next((k for k, o in enumerate(options) if o.prefetch >= prefetch), len(options) - 1)
+        return chosen
+
+    def solve(self, budget: int, time_limit_s: float, seed: int,
+              hint: Mapping[int, int] | None = None) -> tuple[dict[int, int], list[int], float] | None:
+        """Offloaded items (item -> prefetch node), items recomputed, and a bound on the model's objective.
+
+        ``hint``: item -> option index, a choice to start from.
+        """
         problem, base = self.problem, self.base
         n = len(base)
         model = cp_model.CpModel()
         offload, recompute, option = {}, {}, {}
         for i, item in enumerate(problem.items):
-            if item.slot_bytes <= problem.host_capacity_bytes:
-                for k, w in enumerate(self.options[i]):
-                    if w.cut_to > w.cut_from:
-                        option[i, k] = model.new_bool_var(f"offload{i}_{k}")
-                if any(key[0] == i for key in option):
-                    offload[i] = sum(v for key, v in option.items() if key[0] == i)
-                    model.add(offload[i] <= 1)
+            for k, w in enumerate(self.options.get(i, ())):
+                option[i, k] = model.new_bool_var(f"offload{i}_{k}")
+                if hint is not None:
+                    model.add_hint(option[i, k], hint.get(i) == k)
+            if i in self.options:
+                offload[i] = sum(v for key, v in option.items() if key[0] == i)
+                model.add(offload[i] <= 1)
             if i in self.recompute:
                 recompute[i] = model.new_bool_var(f"recompute{i}")
                 if i in offload:
@@ -245,9 +345,9 @@ class _Model:
         for i, var in recompute.items():
             columns.append((self.recompute[i][0].astype(np.int64), var))
         for (i, k), var in option.items():
-            w = self.options[i][k]
+            lo, hi = self.span(self.options[i][k])
             change = np.zeros(n, dtype=np.int64)
-            change[w.after + 1:w.prefetch] = -problem.items[i].nbytes
+            change[lo:hi] = -problem.items[i].nbytes
             columns.append((change, var))
         matrix = np.stack([c for c, _ in columns]) if columns else np.zeros((0, n), dtype=np.int64)
         start = 0
@@ -305,6 +405,73 @@ class _Model:
             room = int(round(max(0.0, first_reload - float(clock[windows[x].cut_from])) * PICOSECONDS))
             model.add(d2h >= sum(ps[k] * offload[k] for k in later) - room)
         return sum(stall.values()) + d2h
+
+
+def _greedy(model: _Model, budget: int, start: Mapping[int, int]) -> tuple[dict[int, int], bool, int]:
+    """Offloads (item -> option index) that bring an exact model's profile under ``budget``, whether they do,
+    and the peak they reach.
+
+    From ``start``, while the profile is over budget: at its peak, the option covering it with the
+    least added exposed stall per byte (the largest first among those that hide their transfer)
+    is taken, a new offload or a later prefetch of one taken; then offloads no longer needed are
+    dropped, the most exposed first. Stops, not fitting, when at some peak no option is left that
+    covers it: that peak is a floor for this recompute set.
+    """
+    problem, items = model.problem, model.problem.items
+    if not model.exact:
+        return {}, False, max(int(model.base.max(initial=0)), problem.remat.floor_bytes)
+    floor, wanted = problem.remat.floor_bytes, budget  # the floor: the optimizer step, which no offload lowers
+    budget = max(budget, floor)
+    level = model.base.copy()
+    chosen: dict[int, int] = {}
+    host = 0
+
+    def exposed(i: int, k: int) -> float:
+        o = model.options[i][k]
+        return max(0.0, o.transfer_s - o.hidden_s)
+
+    def take(i: int, k: int, sign: int) -> None:
+        lo, hi = model.span(model.options[i][k])
+        level[lo:hi] -= sign * items[i].nbytes
+
+    for i, k in start.items():
+        if host + items[i].slot_bytes <= problem.host_capacity_bytes:
+            chosen[i], host = k, host + items[i].slot_bytes
+            take(i, k, 1)
+    while len(level):
+        t = int(np.argmax(level))
+        if level[t] <= budget:
+            break
+        best: tuple[tuple[float, int], int, int] | None = None
+        for i, options in model.options.items():
+            was = chosen.get(i)
+            if was is None and host + items[i].slot_bytes > problem.host_capacity_bytes:
+                continue
+            if was is not None and model.span(options[was])[0] <= t < model.span(options[was])[1]:
+                continue
+            for k in range(0 if was is None else was + 1, len(options)):
+                lo, hi = model.span(options[k])
+                if lo <= t < hi:  # the earliest prefetch that covers t: the least exposed of this item's
+                    added = exposed(i, k) - (exposed(i, was) if was is not None else -1e-3 * options[k].transfer_s)
+                    key = (added / items[i].nbytes, -items[i].nbytes)
+                    if best is None or key < best[0]:
+                        best = (key, i, k)
+                    break
+        if best is None:
+            return chosen, False, max(int(level[t]), floor)
+        _, i, k = best
+        if i in chosen:
+            take(i, chosen[i], -1)
+        else:
+            host += items[i].slot_bytes
+        chosen[i] = k
+        take(i, k, 1)
+    for i in sorted(chosen, key=lambda i: (-exposed(i, chosen[i]), items[i].nbytes)):  # drop what is not needed
+        lo, hi = model.span(model.options[i][chosen[i]])
+        if hi > lo and int(level[lo:hi].max()) + items[i].nbytes <= budget:
+            take(i, chosen.pop(i), -1)
+    peak = max(int(level.max(initial=0)), floor)
+    return chosen, peak <= wanted, peak
 
 
 def _per_node(replay: _Replay) -> np.ndarray:
