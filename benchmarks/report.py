@@ -24,8 +24,10 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def predicted_peak(row: dict[str, Any]) -> int | None:
-    """memopt's prediction: of the eager step (eager row), or of the plan a memopt row ran."""
-    return row.get("plan", {}).get("peak_bytes") or row.get("memopt", {}).get("predicted_peak_bytes")
+    """memopt's prediction: of the eager step (eager row), of the plan a memopt row ran, or, for a memopt-inductor
+    row, of the code Inductor wrote for that plan (memopt reads its allocations back from the wrapper)."""
+    compiled = row.get("memopt", {}).get("inductor", {}).get("predicted_peak_bytes")
+    return compiled or row.get("plan", {}).get("peak_bytes") or row.get("memopt", {}).get("predicted_peak_bytes")
 
 
 def error_percent(predicted: float | None, measured: float | None) -> str:
@@ -39,7 +41,10 @@ def compile_or_plan_time(row: dict[str, Any]) -> str:
         seconds = row["plan"].get("seconds")
         return DASH if seconds is None else f"plan {seconds:.1f}"
     if "memopt" in row:  # memopt.plan at the row's budget, timed apart from the module's own first call
-        return f"plan {row['settings']['plan_seconds']:.1f}"
+        text = f"plan {row['settings']['plan_seconds']:.1f}"
+        if "inductor" in row["memopt"]:  # the first step plans and compiles: what it took beyond a steady step
+            text += f", compile {row['first_step_s'] - row['step_median_s']:.1f}"
+        return text
     if "dynamo" in row:  # the first step compiles; what it took beyond a steady step is the compile
         return f"compile {row['first_step_s'] - row['step_median_s']:.1f}"
     return DASH
@@ -149,6 +154,18 @@ def is_memopt(row: dict[str, Any]) -> bool:
     return row["strategy"].startswith("memopt")
 
 
+# the budgeted memopt rows, by how the planned programs run: strategy-name prefix and label
+FAMILIES = (("memopt@", "memopt@k (FX, eager kernels)"), ("memopt-inductor@", "memopt-inductor@k (Inductor)"))
+
+
+def family_rows(rows: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    return [r for r in rows if r["strategy"].startswith(prefix)]
+
+
+def present_families(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(prefix, label) for prefix, label in FAMILIES if family_rows(rows, prefix)]
+
+
 def ran(row: dict[str, Any]) -> bool:
     return "error" not in row and "measured" in row
 
@@ -174,13 +191,26 @@ def memopt_row(row: dict[str, Any], eager: dict[str, Any] | None) -> list[str]:
     eager_ok = eager is not None and ran(eager)
     gap = DASH if solver["gap"] is None else f"{solver['gap']:.2f}"
     objective = DASH if solver["objective_s"] is None else f"{solver['objective_s'] * 1e3:.1f}"
+    predicted = mib(planned["predicted_peak_bytes"])
+    compiled = planned.get("inductor")
+    if compiled:  # the compiled code's peak, then the plan's, and what memopt turned off to fit
+        predicted = (f"{mib(compiled.get('predicted_peak_bytes'))} (plan {predicted})"
+                     + inductor_passes_off(compiled))
     return [
-        row["strategy"], mib(planned["budget_bytes"]), budget_position(row), mib(planned["predicted_peak_bytes"]),
+        row["strategy"], mib(planned["budget_bytes"]), budget_position(row), predicted,
         mib(row["measured"]["peak_bytes"]), "yes" if planned["fits"] else "**NO**",
         f"{planned['recomputed']} / {planned['decisions']} ({mib(planned['recomputed_bytes'])})", objective,
         f"{solver['name']} {solver['status']} ({gap})", f"{row['settings']['plan_seconds']:.1f}", ms(row),
         time_ratio(row, eager) if eager_ok else DASH, same_loss(row, eager),
     ]
+
+
+def inductor_passes_off(compiled: dict[str, Any]) -> str:
+    """The Inductor options memopt.compile set beyond its defaults to bring the compiled code under the budget."""
+    if "error" in compiled:
+        return f"; {compiled['error']}"
+    off = {**compiled.get("forward_options", {}), **compiled.get("backward_options", {})}
+    return "; " + ", ".join(f"{k}={v}" for k, v in off.items()) if off else ""
 
 
 def monotone_breaks(budgeted: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -190,19 +220,20 @@ def monotone_breaks(budgeted: list[dict[str, Any]]) -> list[tuple[dict[str, Any]
             if low["measured"]["peak_bytes"] > high["measured"]["peak_bytes"]]
 
 
-def monotone_lines(budgeted: list[dict[str, Any]]) -> list[str]:
+def monotone_lines(budgeted: list[dict[str, Any]], label: str = "") -> list[str]:
     """Lower budget never gives a higher measured peak: checked over every pair of rows that ran."""
     done = sorted((r for r in budgeted if ran(r)), key=lambda r: r["memopt"]["budget_bytes"])
+    name = f"monotone, {label}" if label else "monotone"
     if len(done) < 2:
-        return [f"- monotone: not checked ({len(done)} budgeted row(s) ran)"]
+        return [f"- {name}: not checked ({len(done)} budgeted row(s) ran)"]
     broken = monotone_breaks(budgeted)
     peaks = " ≤ ".join(mib(r["measured"]["peak_bytes"]) for r in done)
     missing = f" (only the {len(done)} of {len(budgeted)} rows that ran)" if len(done) < len(budgeted) else ""
     if not broken:
-        return [f"- monotone{missing}: **yes**, measured peaks in budget order: {peaks} MiB"]
+        return [f"- {name}{missing}: **yes**, measured peaks in budget order: {peaks} MiB"]
     pairs = "; ".join(f"{low['strategy']} {mib(low['measured']['peak_bytes'])} MiB > {high['strategy']} "
                       f"{mib(high['measured']['peak_bytes'])} MiB" for low, high in broken)
-    return [f"- monotone{missing}: **no**: {pairs}"]
+    return [f"- {name}{missing}: **no**: {pairs}"]
 
 
 def budget_range_lines(budgeted: list[dict[str, Any]]) -> list[str]:
@@ -230,10 +261,12 @@ def faster(mine: dict[str, Any], other: dict[str, Any]) -> str:
     return "no" if min(mine[key]) > max(other[key]) else "overlap"
 
 
-def same_peak_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
-    """Each torch.compile budget and per-block checkpointing row that ran, with the memopt@k row whose measured
-    peak is the highest at or below its own (None: every memopt@k row peaks higher)."""
-    budgeted = [r for r in rows if ran(r) and r["strategy"].startswith("memopt@")]
+def same_peak_pairs(rows: list[dict[str, Any]], prefix: str = "memopt@"
+                    ) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """Each torch.compile budget and per-block checkpointing row that ran, with the row of the memopt family
+    `prefix` ("memopt@" or "memopt-inductor@") whose measured peak is the highest at or below its own (None:
+    every row of that family peaks higher)."""
+    budgeted = [r for r in family_rows(rows, prefix) if ran(r)]
     others = [r for r in rows if ran(r) and (r["strategy"].startswith("compile-amb") or "checkpoint" in r["strategy"])]
     if not budgeted:
         return []
@@ -244,50 +277,79 @@ def same_peak_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], di
     return pairs
 
 
+def same_peak_cells(other: dict[str, Any], best: dict[str, Any] | None, lowest: dict[str, Any]) -> list[str]:
+    """One memopt family's five cells beside a torch row: its row, peak, step, ratio and verdict."""
+    if best is None:
+        return [f"none: the lowest, {lowest['strategy']}, peaks at {mib(lowest['measured']['peak_bytes'])}",
+                DASH, DASH, DASH, DASH]
+    return [best["strategy"], mib(best["measured"]["peak_bytes"]), ms(best), time_ratio(best, other),
+            faster(best, other)]
+
+
 def same_peak_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """The same-peak pairs, step times side by side."""
-    pairs = same_peak_pairs(rows)
-    if not pairs:
+    """The same-peak pairs, step times side by side: the torch row, then each memopt family that ran."""
+    families = [(prefix, label) for prefix, label in present_families(rows)
+                if any(ran(r) for r in family_rows(rows, prefix))]
+    if not families or not same_peak_pairs(rows, families[0][0]):
         return []
-    lowest = min((r for r in rows if ran(r) and r["strategy"].startswith("memopt@")),
-                 key=lambda r: r["measured"]["peak_bytes"])
-    out = []
-    for other, best in pairs:
-        peak = other["measured"]["peak_bytes"]
-        if best is None:
-            out.append([other["strategy"], mib(peak), ms(other),
-                        f"none: the lowest, {lowest['strategy']}, peaks at {mib(lowest['measured']['peak_bytes'])}",
-                        DASH, DASH, DASH, DASH])
-        else:
-            out.append([other["strategy"], mib(peak), ms(other), best["strategy"],
-                        mib(best["measured"]["peak_bytes"]), ms(best), time_ratio(best, other), faster(best, other)])
-    header = ["torch strategy", "its measured peak (MiB)", f"its {STEP_HEADER}", "memopt row at or below",
-              "memopt measured peak (MiB)", f"memopt {STEP_HEADER}", "memopt ÷ torch, wall median (CPU min)",
-              "memopt faster (CPU ranges)"]
-    lines = [("Same measured peak: for each torch.compile `activation_memory_budget` row and each per-block "
-              "checkpointing row, the memopt@k row with the highest measured peak at or below its measured peak "
-              "(so memopt uses no more memory), step times side by side. memopt faster: \"yes\" when each of "
+    torch_rows = [other for other, _ in same_peak_pairs(rows, families[0][0])]
+    cells: dict[str, list[str]] = {other["strategy"]: [other["strategy"], mib(other["measured"]["peak_bytes"]),
+                                                       ms(other)] for other in torch_rows}
+    header = ["torch strategy", "its measured peak (MiB)", f"its {STEP_HEADER}"]
+    for prefix, _ in families:
+        lowest = min((r for r in family_rows(rows, prefix) if ran(r)), key=lambda r: r["measured"]["peak_bytes"])
+        for other, best in same_peak_pairs(rows, prefix):
+            cells[other["strategy"]] += same_peak_cells(other, best, lowest)
+        name = prefix.rstrip("@")
+        header += [f"{name} row at or below", f"{name} measured peak (MiB)", f"{name} {STEP_HEADER}",
+                   f"{name} ÷ torch, wall median (CPU min)", f"{name} faster (CPU ranges)"]
+    names = " and ".join(f"{label} row" for _, label in families)
+    lines = [(f"Same measured peak: for each torch.compile `activation_memory_budget` row and each per-block "
+              f"checkpointing row, the {names} with the highest measured peak at or below its measured peak "
+              "(so memopt uses no more memory), step times side by side. faster: \"yes\" when each of "
               "memopt's timed steps took less CPU time than each of the torch row's, \"no\" for the reverse, "
               "\"overlap\" when their ranges overlap (then the ratio of minima is all there is, and it is "
               "within this run's noise)."), ""]
-    return lines + table(header, out) + [""]
+    return lines + table(header, list(cells.values())) + [""]
+
+
+def inductor_against_fx_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """memopt-inductor@k against memopt@k at the same budget: the same plan's programs, fused or not."""
+    fx = {r["strategy"].split("@")[1]: r for r in family_rows(rows, "memopt@") if ran(r)}
+    pairs = [(fx[r["strategy"].split("@")[1]], r) for r in family_rows(rows, "memopt-inductor@")
+             if ran(r) and r["strategy"].split("@")[1] in fx]
+    if not pairs:
+        return []
+    text = "; ".join(f"@{i['strategy'].split('@')[1]}: peak {mib(i['measured']['peak_bytes'])} vs "
+                     f"{mib(f['measured']['peak_bytes'])} MiB, step {time_ratio(i, f)}" for f, i in pairs)
+    return [f"- memopt-inductor@k against memopt@k (same budget; step ratio Inductor ÷ FX, wall median (CPU min)): "
+            f"{text}"]
 
 
 def memopt_section(rows: list[dict[str, Any]], eager: dict[str, Any] | None) -> list[str]:
-    """memopt.compile under five budgets between its minimum and eager's peak, and memopt's per-block baseline."""
+    """memopt.compile under five budgets between its minimum and eager's peak (FX and Inductor programs), and
+    memopt's per-block baseline."""
     mine = [r for r in rows if is_memopt(r)]
     if not mine:
         return []
-    budgeted = [r for r in mine if r["strategy"].startswith("memopt@")]
+    budgeted = [r for prefix, _ in FAMILIES for r in family_rows(mine, prefix)]
     header = ["strategy", "budget (MiB)", "k/5", "predicted peak (MiB)", "measured peak (MiB)", "measured ≤ budget",
               "recomputed / candidates (MiB)", "predicted recompute (ms)", "solver status (gap)", "plan (s)",
               STEP_HEADER, "× eager, wall median (CPU min)", "loss = eager (bitwise)"]
     fits = [r for r in mine if ran(r) and r["memopt"]["fits"]]
     lines = ["### memopt under a budget", ""] + budget_range_lines(budgeted)
+    if family_rows(mine, "memopt-inductor@"):
+        lines += [("memopt-inductor@k: the same budgets, `memopt.compile(..., backend=\"inductor\")`: the planned "
+                   "forward and backward compiled by Inductor on the first step (compile time in the workload's "
+                   "table). Its predicted peak is the compiled code's, read from Inductor's wrapper, with the plan's "
+                   "in brackets and any Inductor pass memopt turned off to fit. Its loss equals eager's within "
+                   "Inductor's float reordering, not bitwise."), ""]
     lines += table(header, [memopt_row(r, eager) for r in mine]) + [""]
     lines += [f"- measured ≤ budget: {len(fits)} of {len(mine)} memopt rows"
               + ("" if len(fits) == len(mine) else " (**not all**: see the rows marked NO or error)")]
-    lines += monotone_lines(budgeted)
+    for prefix, _ in present_families(mine):
+        lines += monotone_lines(family_rows(mine, prefix), prefix.rstrip("@") + "@k")
+    lines += inductor_against_fx_lines(mine)
     blocks = next((r for r in mine if r["strategy"] == "memopt-blocks" and ran(r)), None)
     checkpointed = next((r for r in rows if r["strategy"] == "checkpoint" and ran(r)), None)
     if blocks and checkpointed:
@@ -321,25 +383,33 @@ def plan_only_section(row: dict[str, Any]) -> list[str]:
 
 
 def summary_lines(by_workload: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """One line per workload: memopt rows within budget, monotone or not, and how the same-peak pairs came out."""
+    """One line per workload: memopt rows within budget and, per memopt family (FX, Inductor), monotone or not and
+    how the same-peak pairs came out."""
+    families = [f for f in FAMILIES if any(family_rows(rows, f[0]) for rows in by_workload.values())]
     out = []
     for name, rows in by_workload.items():
         mine = [r for r in rows if is_memopt(r)]
         if not mine:
             continue
-        budgeted = [r for r in mine if r["strategy"].startswith("memopt@")]
         fits = sum(1 for r in mine if ran(r) and r["memopt"]["fits"])
-        checked = sum(1 for r in budgeted if ran(r)) >= 2
-        monotone = DASH if not checked else "no" if monotone_breaks(budgeted) else "yes"
-        outcomes = [DASH if best is None else faster(best, other) for other, best in same_peak_pairs(rows)]
-        labels = (("yes", "memopt faster"), ("overlap", "overlap"), ("no", "memopt slower"),
-                  (DASH, "no memopt row peaks that low"))
-        counts = ", ".join(f"{outcomes.count(o)} {label}" for o, label in labels if outcomes.count(o))
-        out.append([name, f"{fits} of {len(mine)}", monotone, counts or DASH])
+        line = [name, f"{fits} of {len(mine)}"]
+        for prefix, _ in families:
+            budgeted = family_rows(mine, prefix)
+            checked = sum(1 for r in budgeted if ran(r)) >= 2
+            monotone = DASH if not checked else "no" if monotone_breaks(budgeted) else "yes"
+            outcomes = [DASH if best is None else faster(best, other) for other, best in same_peak_pairs(rows, prefix)]
+            labels = (("yes", "memopt faster"), ("overlap", "overlap"), ("no", "memopt slower"),
+                      (DASH, "no memopt row peaks that low"))
+            counts = ", ".join(f"{outcomes.count(o)} {label}" for o, label in labels if outcomes.count(o))
+            line += [monotone, counts or DASH]
+        out.append(line)
     if not out:
         return []
-    header = ["workload", "memopt rows with measured ≤ budget", "monotone",
-              "same measured peak, against each torch row (CPU-time ranges)"]
+    header = ["workload", "memopt rows with measured ≤ budget"]
+    for prefix, _ in families:
+        name = prefix.rstrip("@") + "@k"
+        header += [f"monotone, {name}" if len(families) > 1 else "monotone",
+                   f"same measured peak, {name} against each torch row (CPU-time ranges)"]
     return ["## memopt under a budget: summary", ""] + table(header, out) + [
         "", "Budgets, plans and the pairs: the section \"memopt under a budget\" of each workload.", ""]
 
@@ -391,6 +461,9 @@ def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] |
         "memopt rows train with `memopt.compile(model, budget=..., optimizer=...)` (the module returns the loss; "
         "its backward recomputes what the plan chose); their predicted peak is the plan they ran, and plan time "
         "is one `memopt.plan` at that budget timed on its own (the module plans again on its first step). "
+        "memopt@k and memopt-blocks run the planned programs as FX graphs (eager's kernels, one by one); "
+        "memopt-inductor@k compiles the same plans with Inductor (`backend=\"inductor\"`), as the "
+        "torch.compile rows are compiled, and its predicted peak is that of the code Inductor wrote. "
         "× eager divides this row's median wall step by the eager row's (the CPU-time minima in brackets), "
         "each measured in its own process at its own moment of the run, so the load differed between them.",
         "",

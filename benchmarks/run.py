@@ -9,7 +9,8 @@ with an empty Inductor cache, so one configuration cannot disturb another's memo
 and every compile time is a cold one. In that subprocess: two warm-up steps (the first creates the
 optimizer state and compiles), one steady-state step measured with `memopt.measure_peak`, then
 `--repeats` timed steps (never while profiling). For `eager`, `memopt.plan` predicts the peak
-before training. The memopt strategies (`memopt@0` .. `memopt@4`, `memopt-blocks`) train with
+before training. The memopt strategies (`memopt@0` .. `memopt@4`, `memopt-blocks`, and
+`memopt-inductor@0` .. `memopt-inductor@4`, the same budgets compiled by Inductor) train with
 `memopt.compile` at a budget the subprocess derives from memopt's own plans of the step (the smallest
 budget memopt can meet, eager's predicted peak), and record the plan the module ran and whether the
 measured peak stayed within the budget. `llama7b` is planned only (fake mode, meta device): plan time,

@@ -20,6 +20,7 @@ import memopt
 from memopt.examples import Workload
 
 MEMOPT_BUDGETS = 5  # memopt@0 (the smallest budget memopt can meet) .. memopt@4 (4/5 of the way to eager's peak)
+# memopt@k runs the planned programs as FX graphs (eager kernels), memopt-inductor@k compiles them with Inductor
 
 
 @dataclass(frozen=True)
@@ -121,14 +122,17 @@ def budget_range(model: nn.Module, training: Training) -> dict[str, Any]:
             "range_seconds": time.perf_counter() - start}
 
 
-def memopt_budget(index: int, count: int = MEMOPT_BUDGETS) -> Callable[[nn.Module, Training], Setup]:
-    """memopt.compile at budget minimum + index/count × (eager peak − minimum), all predicted by memopt."""
+def memopt_budget(index: int, count: int = MEMOPT_BUDGETS, *,
+                  backend: str = "fx") -> Callable[[nn.Module, Training], Setup]:
+    """memopt.compile at budget minimum + index/count × (eager peak − minimum), all predicted by memopt,
+    its planned programs run as FX graphs (eager kernels) or compiled by Inductor (`backend`)."""
 
     def prepare(model: nn.Module, training: Training) -> Setup:
         found = budget_range(model, training)
         low, high = found["minimum_bytes"], found["eager_predicted_bytes"]
         budget = low + (high - low) * index // count
-        return memopt_setup(model, training, budget, solver=None, budget_index=index, budget_count=count, **found)
+        return memopt_setup(model, training, budget, solver=None, backend=backend, budget_index=index,
+                            budget_count=count, **found)
 
     return prepare
 
@@ -139,17 +143,18 @@ def memopt_blocks(model: nn.Module, training: Training) -> Setup:
     return memopt_setup(model, training, 2 * found["eager_predicted_bytes"], solver="blocks", **found)
 
 
-def memopt_setup(model: nn.Module, training: Training, budget: int, *, solver: str | None,
+def memopt_setup(model: nn.Module, training: Training, budget: int, *, solver: str | None, backend: str = "fx",
                  **settings: Any) -> Setup:
     """memopt.compile(model) at `budget`, with the time memopt.plan takes for that budget measured apart
-    (the compiled module plans again on its first call: the first step's extra time says so too)."""
+    (the compiled module plans again on its first call, and with backend="inductor" compiles there too:
+    the first step's extra time says so)."""
     start = time.perf_counter()
     planned = plan_step(model, training, budget=budget, solver=solver)
     plan_seconds = time.perf_counter() - start
     compiled = memopt.compile(model, budget=budget, loss_fn=training.workload.loss_fn,
-                              optimizer=training.optimizer, device="cpu", solver=solver)
+                              optimizer=training.optimizer, device="cpu", solver=solver, backend=backend)
     return Setup(compiled, returns_loss=True, settings={
-        "budget_bytes": budget, "solver": solver or "memopt", "plan_seconds": plan_seconds,
+        "budget_bytes": budget, "solver": solver or "memopt", "backend": backend, "plan_seconds": plan_seconds,
         "planned_apart_peak_bytes": planned.peak_bytes, **settings})
 
 
@@ -160,6 +165,7 @@ STRATEGIES: dict[str, Callable[[nn.Module, Training], Setup]] = {
     "compile-checkpoint": compile_checkpointed,
     **{f"memopt@{index}": memopt_budget(index) for index in range(MEMOPT_BUDGETS)},
     "memopt-blocks": memopt_blocks,
+    **{f"memopt-inductor@{index}": memopt_budget(index, backend="inductor") for index in range(MEMOPT_BUDGETS)},
 }
 
 
@@ -168,7 +174,7 @@ def memopt_summary(compiled: memopt.CompiledModule) -> dict[str, Any]:
     plan = compiled.plan
     recomputed = [d for d in plan.decisions if d.action == "recompute"]
     solver = plan.solver
-    return {
+    summary = {
         "predicted_peak_bytes": plan.peak_bytes,
         "eager_peak_bytes": plan.eager_peak_bytes,
         "decisions": len(plan.decisions),
@@ -177,6 +183,33 @@ def memopt_summary(compiled: memopt.CompiledModule) -> dict[str, Any]:
         "solver": {"name": solver.name, "status": solver.status, "objective_s": solver.objective,
                    "lower_bound_s": solver.lower_bound, "gap": solver.gap, "seconds": solver.seconds},
     }
+    if compiled.backend == "inductor":
+        summary["inductor"] = inductor_summary(compiled)
+    return summary
+
+
+def inductor_summary(compiled: memopt.CompiledModule) -> dict[str, Any]:
+    """What Inductor compiled for the last step: its peak as memopt reads it from the wrapper code (the budget
+    check memopt.compile made), the Inductor options each program was compiled under and the compile time.
+    CompiledModule keeps the compiled step only in its private per-signature cache, read here."""
+    from memopt.codegen.inductor import DEFAULT_OPTIONS, InductorStep
+
+    plan = compiled.plan
+    step = next((executor for planned, _, executor in compiled._steps.values() if planned is plan), None)
+    if not isinstance(step, InductorStep):
+        return {"error": f"no InductorStep for the last plan (found {type(step).__name__})"}
+    # the optimizer step's peak, as memopt.compile counts it (api.CompiledModule._lower)
+    after = max((total for total, phase in zip(plan.timeline.totals, plan.timeline.phases) if phase == "optimizer"),
+                default=0)
+    forward_peak, backward_peak = step.peaks(plan.entry_bytes)
+
+    def extra(options: dict[str, Any]) -> dict[str, Any]:  # what memopt turned off on top of its defaults
+        return {k: v for k, v in options.items() if k not in DEFAULT_OPTIONS or DEFAULT_OPTIONS[k] != v}
+
+    return {"predicted_peak_bytes": step.predicted_peak_bytes(plan.entry_bytes, after),
+            "forward_peak_bytes": forward_peak, "backward_peak_bytes": backward_peak, "optimizer_peak_bytes": after,
+            "forward_options": extra(step.forward.options), "backward_options": extra(step.backward.options),
+            "compile_seconds": step.compile_seconds}
 
 
 @contextlib.contextmanager

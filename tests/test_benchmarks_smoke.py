@@ -2,7 +2,7 @@
 
 No torch.compile here: one cold compile takes half a minute on a CPU. `python benchmarks/run.py
 --quick` exercises those strategies end to end. memopt.compile at the tightest budget (memopt@0)
-runs here.
+runs here; its Inductor twin (memopt-inductor@0) only in the slow tier.
 """
 
 from __future__ import annotations
@@ -42,6 +42,22 @@ def test_eager_checkpoint_and_memopt_rows_measure_plan_and_agree_on_the_loss():
     assert "measured ≤ budget: 1 of 1 memopt rows" in text
 
 
+@pytest.mark.slow
+def test_the_memopt_inductor_row_compiles_fits_and_records_the_compiled_peak():
+    eager, compiled = (run.run_one("mlp", strategy, repeats=1, quick=True)
+                       for strategy in ("eager", "memopt-inductor@0"))
+    assert "error" not in compiled, compiled.get("traceback")
+    settings, summary = compiled["settings"], compiled["memopt"]
+    assert settings["backend"] == "inductor" and settings["budget_bytes"] == settings["minimum_bytes"]
+    inductor = summary["inductor"]
+    assert "error" not in inductor and inductor["compile_seconds"] > 0
+    assert inductor["predicted_peak_bytes"] <= settings["budget_bytes"]  # memopt.compile's own check
+    assert summary["fits"] and compiled["measured"]["peak_bytes"] <= settings["budget_bytes"]
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5)  # Inductor reorders float sums
+    text = "\n".join(report.memopt_section([eager, compiled], eager))
+    assert "| memopt-inductor@0 |" in text and "monotone, memopt-inductor@k: not checked" in text
+
+
 def fake_row(strategy: str, peak_mib: float, step_s: float, budget_mib: float | None = None) -> dict:
     """A measured row as run.measure_config writes it, with only what the memopt report reads."""
     row = {"workload": "mlp", "strategy": strategy, "loss": 1.0, "step_median_s": step_s, "step_min_s": step_s,
@@ -63,13 +79,32 @@ def test_the_memopt_section_flags_a_peak_over_budget_and_a_broken_monotone_order
             fake_row("memopt@2", 330, 0.9, budget_mib=340)]
     text = "\n".join(report.memopt_section(rows, rows[0]))
     assert "measured ≤ budget: 2 of 3 memopt rows (**not all**" in text and "| **NO** |" in text
-    assert "monotone: **no**: memopt@1 340.0 MiB > memopt@2 330.0 MiB" in text
+    assert "monotone, memopt@k: **no**: memopt@1 340.0 MiB > memopt@2 330.0 MiB" in text
     # amb-0.5 peaks at 350: memopt@1 (340) is the closest at or below it; nothing memopt ran fits under 250
     assert ("| compile-amb-0.5 | 350.0 | 1200 (1200) / 1200 (1200) | memopt@1 | 340.0 | 1000 (1000) / 1000 (1000) "
             "| 0.83 (0.83) | yes |") in text
     assert "| checkpoint | 250.0 | 1500 (1500) / 1500 (1500) | none: the lowest, memopt@0, peaks at 300.0 |" in text
     summary = "\n".join(report.summary_lines({"mlp": rows}))
     assert "| mlp | 2 of 3 | no | 1 memopt faster, 1 no memopt row peaks that low |" in summary
+
+
+def test_the_inductor_rows_sit_beside_the_fx_rows_at_the_same_peak():
+    rows = [fake_row("eager", 400, 1.0), fake_row("compile-amb-0.5", 350, 1.2), fake_row("checkpoint", 250, 1.5),
+            fake_row("memopt@0", 300, 1.1, budget_mib=300), fake_row("memopt@1", 340, 1.0, budget_mib=340),
+            fake_row("memopt-inductor@0", 240, 1.4, budget_mib=300),
+            fake_row("memopt-inductor@1", 345, 1.3, budget_mib=340)]
+    text = "\n".join(report.memopt_section(rows, rows[0]))
+    assert "measured ≤ budget: 3 of 4 memopt rows (**not all**" in text  # inductor@1: 345 over 340
+    assert "monotone, memopt@k: **yes**" in text and "monotone, memopt-inductor@k: **yes**" in text
+    # each torch row, then the FX row and the Inductor row at or below its peak
+    assert ("| compile-amb-0.5 | 350.0 | 1200 (1200) / 1200 (1200) | memopt@1 | 340.0 | 1000 (1000) / 1000 (1000) "
+            "| 0.83 (0.83) | yes | memopt-inductor@1 | 345.0 | 1300 (1300) / 1300 (1300) | 1.08 (1.08) | no |") in text
+    assert ("| checkpoint | 250.0 | 1500 (1500) / 1500 (1500) | none: the lowest, memopt@0, peaks at 300.0 "
+            "| — | — | — | — | memopt-inductor@0 | 240.0 | 1400 (1400) / 1400 (1400) | 0.93 (0.93) | yes |") in text
+    assert "@0: peak 240.0 vs 300.0 MiB, step 1.27 (1.27)" in text
+    summary = "\n".join(report.summary_lines({"mlp": rows}))
+    assert ("| mlp | 3 of 4 | yes | 1 memopt faster, 1 no memopt row peaks that low | yes | 1 memopt faster, "
+            "1 memopt slower |") in summary
 
 
 def test_checkpoint_blocks_wraps_every_block_and_keeps_the_parameters():
