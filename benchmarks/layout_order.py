@@ -21,7 +21,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import torch  # noqa: E402
 
 from memopt import examples  # noqa: E402
 from memopt.capture import capture  # noqa: E402
@@ -33,25 +32,7 @@ from memopt.passes.storage import storage_table  # noqa: E402
 
 def llama_deep(layers: int = 96, seq: int = 1024) -> examples.Workload:
     """The Llama-7B shape with ``layers`` layers on the meta device: ~108 tensors a layer."""
-
-    def build() -> torch.nn.Module:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        config = LlamaConfig(
-            num_hidden_layers=layers, hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
-            intermediate_size=11008, vocab_size=32000, max_position_embeddings=seq, use_cache=False,
-        )
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-        model.loss_type = "ForCausalLM"
-        return model
-
-    def inputs() -> dict:
-        ids = torch.zeros((1, seq), dtype=torch.long, device="meta")
-        return {"input_ids": ids, "labels": ids}
-
-    return examples.Workload(name=f"llama7b-{layers}L", build=build, inputs=inputs,
-                             description=f"Llama-7B shape with {layers} layers on the meta device, seq {seq}")
+    return examples.llama7b(seq=seq, layers=layers)
 
 
 WORKLOADS = {**examples.BENCHMARK_WORKLOADS, "llama7b": examples.llama7b, "llama7b-96L": llama_deep}

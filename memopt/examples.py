@@ -117,15 +117,15 @@ def llama(layers: int = 4, width: int = 256, heads: int = 8, seq: int = 256, bat
     )
 
 
-def llama7b(seq: int = 4096, batch: int = 1) -> Workload:
+def llama7b(seq: int = 4096, batch: int = 1, layers: int = 32) -> Workload:
     """Llama-7B shape (32 layers, hidden 4096, 11008 MLP, vocab 32000), built on the meta device:
-    it plans in fake mode and can never run here."""
+    it plans in fake mode and can never run here. ``layers`` deepens (or thins) the stack."""
 
     def build() -> nn.Module:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         config = LlamaConfig(
-            num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
+            num_hidden_layers=layers, hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
             intermediate_size=11008, vocab_size=32000, max_position_embeddings=seq, use_cache=False,
         )
         with torch.device("meta"):
@@ -137,8 +137,9 @@ def llama7b(seq: int = 4096, batch: int = 1) -> Workload:
         ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
         return {"input_ids": ids, "labels": ids}
 
-    return Workload(name="llama7b", build=build, inputs=inputs,
-                    description=f"Llama-7B shape on the meta device, seq {seq}, batch {batch}")
+    return Workload(name="llama7b" if layers == 32 else f"llama7b-{layers}L", build=build, inputs=inputs,
+                    description=f"Llama-7B shape{'' if layers == 32 else f' with {layers} layers'} on the meta "
+                                f"device, seq {seq}, batch {batch}")
 
 
 def mlp(width: int = 512, depth: int = 32, batch: int = 1024) -> Workload:

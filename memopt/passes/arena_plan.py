@@ -29,6 +29,7 @@ from memopt.codegen.arena import Placement, out_arguments, out_variant
 from memopt.passes.liveness import Liveness, MemoryTimeline, liveness, memory_timeline
 from memopt.passes.optimizer_memory import OptimizerMemory
 from memopt.passes.order_plan import copy_graph, reorder
+from memopt.passes.recompute import fake_result
 from memopt.passes.storage import Storage, StorageTable, storage_table
 from memopt.solvers.layout import LayoutProblem, LayoutSolution, solve_layout
 
@@ -194,7 +195,7 @@ def apply_arena(step: CapturedStep, arena: ArenaPlan) -> CapturedStep:
             StorageWeakRef(t.untyped_storage()) in replaced
             for t in pytree.tree_leaves(node.meta.get("val")) if isinstance(t, torch.Tensor)
         ):
-            node.meta["val"] = _fake_result(node)  # a view or in-place result of a placed tensor: in the arena
+            node.meta["val"] = fake_result(node)  # a view or in-place result of a placed tensor: in the arena
     graph.graph.lint()
     graph.recompile()
     return dataclasses.replace(step, graph=graph)
@@ -203,15 +204,6 @@ def apply_arena(step: CapturedStep, arena: ArenaPlan) -> CapturedStep:
 def _values(node: fx.Node) -> list[torch.Tensor]:
     values = node.meta["val"]
     return list(values) if isinstance(values, (tuple, list)) else [values]
-
-
-def _fake_result(node: fx.Node) -> object:
-    """Run ``node``'s op on its inputs' fake values, in their fake mode."""
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: arg.meta["val"])
-    leaves = pytree.tree_leaves((args, kwargs))
-    mode = next((leaf.fake_mode for leaf in leaves if hasattr(leaf, "fake_mode")), contextlib.nullcontext())
-    with mode:
-        return node.target(*args, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from torch import fx
 
 from memopt.codegen import offload_ops
 from memopt.passes.order_plan import copy_graph
-from memopt.passes.recompute import _fake_result
+from memopt.passes.recompute import fake_result
 from memopt.passes.storage import shares_storage
 
 
@@ -66,12 +66,12 @@ def apply_offload(graph: fx.GraphModule, backward_start: str, specs: list[Offloa
         first = users[0]
         with new.graph.inserting_after(nodes[last]):
             host = new.graph.call_function(torch.ops.memopt.offload.default, (base, key, spec.offset))
-        host.meta["val"] = _fake_result(host)
+        host.meta["val"] = fake_result(host)
         prefetch = by_name[spec.prefetch]
         at = prefetch if bs < position[prefetch] < position[first] else first
         with new.graph.inserting_before(at):
             reload = new.graph.call_function(torch.ops.memopt.reload.default, (host, key, spec.offset, device))
-        reload.meta["val"] = _fake_result(reload)
+        reload.meta["val"] = fake_result(reload)
         with new.graph.inserting_before(first):
             new.graph.call_function(torch.ops.memopt.reload_wait.default, (reload, key, spec.offset))
         # backward readers of the base or a same-shaped alias read the reload; views are made again from it
@@ -84,7 +84,7 @@ def apply_offload(graph: fx.GraphModule, backward_start: str, specs: list[Offloa
                 copy = new.graph.node_copy(holder, lambda arg: replacement.get(arg, arg))
             if any(arg in holders and arg not in replacement for arg in copy.all_input_nodes):
                 raise ValueError(f"cannot remake the view {holder.format_node()} from the reload of {spec.base}")
-            copy.meta["val"] = _fake_result(copy)
+            copy.meta["val"] = fake_result(copy)
             replacement[holder] = copy
         inserted = {host, reload, *replacement.values()}
         old_val: dict[fx.Node, object] = {}  # backward views re-made over the reload: what they held
@@ -100,7 +100,7 @@ def apply_offload(graph: fx.GraphModule, backward_start: str, specs: list[Offloa
                     changed.append(old_val[arg])
             if changed and any(shares_storage(node.meta.get("val"), v) for v in changed):
                 old_val[node] = node.meta["val"]
-                node.meta["val"] = _fake_result(node)
+                node.meta["val"] = fake_result(node)
         offloads.append(host.name)
         reloads.append(reload.name)
     new.graph.lint()

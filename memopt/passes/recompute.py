@@ -86,7 +86,7 @@ def apply_recompute(graph: fx.GraphModule, backward_start: str, chosen: list[Can
             with new.graph.inserting_before(before):
                 copy = new.graph.node_copy(node, lambda arg: copy_of(arg, before) if arg.name in recompute else arg)
             original_val[copy] = copy.meta["val"]
-            copy.meta["val"] = _fake_result(copy)  # a new storage, not the original's
+            copy.meta["val"] = fake_result(copy)  # a new storage, not the original's
             copies[node.name] = copy
         return copies[node.name]
 
@@ -103,13 +103,13 @@ def apply_recompute(graph: fx.GraphModule, backward_start: str, chosen: list[Can
             shares_storage(node.meta.get("val"), original_val[arg]) for arg in changed
         ):
             original_val[node] = node.meta["val"]
-            node.meta["val"] = _fake_result(node)  # a view of a recomputed value aliases the copy
+            node.meta["val"] = fake_result(node)  # a view of a recomputed value aliases the copy
     new.graph.lint()
     new.recompile()
     return new
 
 
-def _fake_result(node: fx.Node) -> object:
+def fake_result(node: fx.Node) -> object:
     """Run ``node``'s op on its inputs' fake values, in their fake mode."""
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: arg.meta["val"])
     leaves = pytree.tree_leaves((args, kwargs))
