@@ -202,10 +202,11 @@ def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs:
                    frame: tuple, rest: int) -> Callable[..., Any]:
     """Plan, partition and compile one graph; with Inductor, until its code fits the graph's budget."""
     options = state.options
-    if options.compiler == "eager":
+    if options.compiler == "eager" or not torch.is_grad_enabled():
         compiled, graph, _ = _lower(gm, inputs, example_inputs, state, frame, rest, {}, 0)
-        state.add(graph)
-        return compiled
+        if graph is not None:
+            state.add(graph)
+        return compiled  # without a backward (no_grad, eval), nothing was planned: it runs as traced
     from memopt.codegen.inductor import FALLBACK_OPTIONS, Attempt, InductorBudgetError
 
     attempts: list[Attempt] = []
@@ -219,6 +220,8 @@ def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs:
             if not lower_by:
                 raise
             break  # no plan fits under what Inductor's code needs on top
+        if graph is None:  # no backward after all: nothing to plan or check
+            return compiled
         forward, backward = memories.peaks(graph.plan)
         after = max((t for t, phase in zip(graph.plan.timeline.totals, graph.plan.timeline.phases)
                      if phase == "optimizer"), default=0)
@@ -239,8 +242,9 @@ def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs:
 
 
 def _lower(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs: list[Any], state: Session, frame: tuple,
-           rest: int, extra: dict[str, Any], lower_by: int) -> tuple[Callable[..., Any], GraphPlan, _Memories]:
-    """One planned and compiled graph: AOTAutograd with memopt's partition and compilers."""
+           rest: int, extra: dict[str, Any], lower_by: int
+           ) -> tuple[Callable[..., Any], GraphPlan | None, _Memories]:
+    """One planned and compiled graph: AOTAutograd with memopt's partition and compilers (no plan: no backward)."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch import config as functorch_config
 
@@ -271,9 +275,7 @@ def _lower(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs: list[An
                                 bw_compiler=lambda g, e: reentry.backward(backward(g, e)),
                                 inference_compiler=partial(forward, part="inference"), partition_fn=partition_fn,
                                 decompositions=decompositions)(gm, example_inputs)
-    if not planned:  # no backward (no grad): nothing was planned
-        raise MemoptError("the memopt backend plans training steps; this graph has no backward")
-    return compiled, planned[0], memories
+    return compiled, planned[0] if planned else None, memories
 
 
 @dataclass

@@ -278,3 +278,14 @@ def test_benchmark_gpt2_trains_under_the_budget(compiler):
         assert losses[0] == eager_loss
     else:
         assert abs(losses[0] - eager_loss) <= 1e-4 * abs(eager_loss)
+
+
+def test_without_grad_the_graph_runs_as_traced():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(64, 128)
+    options = {"budget": "1GB"}
+    compiled = torch.compile(model, backend="memopt", options=options)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))
+    assert plans(options) == []  # nothing to plan without a backward
