@@ -227,8 +227,13 @@ class CompiledModule(nn.Module):
                          if phase == "optimizer"), default=0)
             return PlannedStep(StepRunner(planned.program), planned.entry_bytes, after, planned)
 
-        lowered = lower_within_budget(plan_at, self.budget_bytes, options=self._inductor_options)
-        return lowered.planned.plan, lowered.planned.runner, lowered.step
+        lowered = lower_within_budget(plan_at, self.budget_bytes, options=self._inductor_options,
+                                      reclaim_headroom=self._config.headroom)
+        # the plan that runs may have been made for more than the budget (what Inductor's code left unused):
+        # the budget is the user's, and the peak that holds it is the compiled code's
+        planned = dataclasses.replace(lowered.planned.plan, budget_bytes=self.budget_bytes,
+                                      compiled_peak_bytes=lowered.peak_bytes)
+        return planned, lowered.planned.runner, lowered.step
 
     def _planned_in_arena(self, inputs: tuple | dict) -> MemoryPlan:
         """The plan for the budget with its step run in one arena; more recomputation while it does not fit."""

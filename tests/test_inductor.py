@@ -146,6 +146,22 @@ def test_when_no_pass_helps_memopt_replans_for_the_excess_then_gives_up_with_a_t
         lower_within_budget(infeasible_below_1000, 999, compile_step=_StandIn(table, []))
 
 
+def test_budget_left_unused_by_the_code_is_planned_for_once_more():
+    # the code peaks at 700 of 1000 (limit 980 with 2% headroom): 280 spare, so plan for 1280
+    table = {_key(1000, 0): (500, 600), _key(1280, 0): (500, 880)}
+    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
+    assert lowered.planned.runner == 1280 and lowered.peak_bytes == 980
+    assert [(a.target_bytes, a.predicted_peak_bytes) for a in lowered.attempts] == [(1000, 700), (1280, 980)]
+    # its code over the limit: the first step stays
+    table[_key(1280, 0)] = (500, 881)
+    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
+    assert lowered.planned.runner == 1000 and lowered.peak_bytes == 700 and len(lowered.attempts) == 2
+    # little to spare (under 5% of the budget): no second plan
+    table = {_key(1000, 0): (500, 840)}  # 940 with the 100 B entry: 40 spare
+    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
+    assert lowered.planned.runner == 1000 and len(lowered.attempts) == 1
+
+
 # --- end to end on real models (each compiles with Inductor: slow) ------------------------------------
 
 WORKLOADS = {

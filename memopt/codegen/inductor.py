@@ -27,6 +27,7 @@ runs it, not as the plan's FX graph would.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import operator
@@ -175,6 +176,7 @@ class Lowered:
     step: InductorStep
     planned: PlannedStep
     attempts: tuple[Attempt, ...]
+    peak_bytes: int = 0  # the compiled step's predicted peak (its code's, read from the wrapper)
 
 
 class InductorBudgetError(MemoptError):
@@ -192,7 +194,8 @@ class InductorBudgetError(MemoptError):
 
 def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int, *,
                         options: dict[str, Any] | None = None, replans: int = 2,
-                        compile_step: Callable[..., InductorStep] = InductorStep) -> Lowered:
+                        compile_step: Callable[..., InductorStep] = InductorStep,
+                        reclaim_headroom: float | None = None) -> Lowered:
     """Compile the step planned for ``budget_bytes`` so that the compiled code fits it too.
 
     The compiled code's peak is read from its wrapper (``predicted_peak_bytes``).
@@ -202,6 +205,12 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
     ``replans`` times. ``plan_at(budget)`` may raise ``BudgetInfeasibleError``, which
     ends the search. Raises ``InductorBudgetError`` when nothing fits. ``compile_step``
     is how a step is compiled (``InductorStep``'s signature; tests pass a stand-in).
+
+    ``reclaim_headroom``: Inductor's fused kernels skip intermediates the plan counts,
+    so its code often peaks well under the plan it compiles. When it leaves more than
+    ``RECLAIM_FRACTION`` of the budget unused, plan once more for the budget plus what
+    it left (less recomputation) and keep that step if its code peaks under the budget
+    less this headroom fraction; else the first.
     """
     from memopt.errors import BudgetInfeasibleError
 
@@ -227,7 +236,11 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
             log.info("inductor: plan for %d B, options %s: predicted peak %d B (budget %d B)",
                      target, ladder[rung], predicted, budget_bytes)
             if predicted <= budget_bytes:
-                return Lowered(step, planned, tuple(attempts))
+                lowered = Lowered(step, planned, tuple(attempts), predicted)
+                if reclaim_headroom is None or replan:
+                    return lowered
+                return _reclaimed(lowered, plan_at, budget_bytes, target, ladder[rung], compile_step,
+                                  reclaim_headroom)
             if best is None or predicted < best[0]:
                 best = (predicted, rung)
             # keep the program that fits; recompile the one that does not
@@ -237,6 +250,34 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
         first_rung = best[1]
         target -= best[0] - budget_bytes
     raise InductorBudgetError(budget_bytes, min(a.predicted_peak_bytes for a in attempts), tuple(attempts))
+
+
+RECLAIM_FRACTION = 0.05  # of the budget left unused by Inductor's code, worth one more plan and compile
+
+
+def _reclaimed(lowered: Lowered, plan_at: Callable[[int], PlannedStep], budget_bytes: int, target: int,
+               options: dict[str, Any], compile_step: Callable[..., InductorStep], headroom: float) -> Lowered:
+    """``lowered``, or the step planned for the budget its code left unused, when that one's code fits too."""
+    from memopt.errors import BudgetInfeasibleError
+
+    limit = budget_bytes - math.ceil(budget_bytes * headroom)
+    spare = limit - lowered.peak_bytes
+    if spare <= RECLAIM_FRACTION * budget_bytes:
+        return lowered
+    started = time.perf_counter()
+    try:
+        planned = plan_at(target + spare)
+    except BudgetInfeasibleError:
+        return lowered
+    step = compile_step(planned.runner, options)
+    forward_peak, backward_peak = step.peaks(planned.entry_bytes)
+    predicted = max(forward_peak, backward_peak, planned.after_bytes)
+    attempts = (*lowered.attempts, Attempt(target + spare, options, forward_peak, backward_peak, predicted,
+                                           time.perf_counter() - started))
+    log.info("inductor: reclaimed plan for %d B: predicted peak %d B (limit %d B)", target + spare, predicted, limit)
+    if predicted <= limit:
+        return Lowered(step, planned, attempts, predicted)
+    return dataclasses.replace(lowered, attempts=attempts)
 
 
 def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node], *,
