@@ -429,7 +429,8 @@ def spread_lines(rows: list[dict[str, Any]]) -> list[str]:
     return [line + "; step-time differences smaller than that are noise."]
 
 
-def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] | None = None) -> str:
+def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] | None = None,
+                    offload_rows: list[dict[str, Any]] | None = None) -> str:
     machine, versions = results["machine"], results["versions"]
     loads = [row["load_average"] for row in results["rows"] if "load_average" in row]
     lines = [
@@ -480,14 +481,22 @@ def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] |
         from benchmarks.layout_order import markdown
 
         text += "\n" + markdown(layout_rows)
+    if offload_rows:  # benchmarks/offload.py's table: the predicted h100 stall beside remat alone
+        from benchmarks.offload import NOTES, table
+
+        text += ("\n## Offload beside remat alone (h100 spec, predicted)\n\n"
+                 "From `benchmarks/offload.json` (`python -m benchmarks.offload`; details in OFFLOAD.md): plans on "
+                 "fake tensors for the h100 spec, so recompute and stall seconds are predictions, not "
+                 "measurements.\n\n" + table(offload_rows) + "\n\n" + NOTES)
     return text
 
 
 def write_results_md(directory: Path) -> Path:
-    """RESULTS.md from results.json (benchmarks/run.py) and, when present, layout_order.json."""
+    """RESULTS.md from results.json (benchmarks/run.py) and, when present, layout_order.json and offload.json."""
     results = json.loads((directory / "results.json").read_text())
-    layout = directory / "layout_order.json"
+    layout, offload = directory / "layout_order.json", directory / "offload.json"
     layout_rows = json.loads(layout.read_text()) if layout.exists() else None
+    offload_rows = json.loads(offload.read_text()) if offload.exists() else None
     path = directory / "RESULTS.md"
-    path.write_text(render_markdown(results, layout_rows))
+    path.write_text(render_markdown(results, layout_rows, offload_rows))
     return path
