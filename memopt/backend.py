@@ -426,7 +426,8 @@ def _rest_of_model_bytes(gm: fx.GraphModule, example_inputs: Sequence[Any], opti
             trained.append(ParamInfo(str(len(trained)), tuple(tensor.shape), tensor.element_size()))
     if trained and options.optimizer is not None:
         groups = {p.name: 0 for p in trained} if isinstance(options.optimizer, torch.optim.Optimizer) else None
-        total += optimizer_memory(options.optimizer, trained, device_is_cuda=False, groups_of=groups).state_bytes
+        on_cuda = any(t.device.type == "cuda" for t in others.values())  # the implementation that will run
+        total += optimizer_memory(options.optimizer, trained, device_is_cuda=on_cuda, groups_of=groups).state_bytes
     return total
 
 

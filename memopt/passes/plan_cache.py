@@ -31,10 +31,8 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def load(directory: str | None, key: str) -> Any | None:
+def load(directory: str, key: str) -> Any | None:
     """The value stored under ``key``, or None."""
-    if directory is None:
-        return None
     path = os.path.join(directory, key[:2], key + ".pickle")
     try:
         with open(path, "rb") as file:
@@ -46,10 +44,8 @@ def load(directory: str | None, key: str) -> Any | None:
         return None
 
 
-def store(directory: str | None, key: str, value: Any) -> None:
+def store(directory: str, key: str, value: Any) -> None:
     """Store ``value`` under ``key`` (atomically: a reader sees the old entry or the new one)."""
-    if directory is None:
-        return
     folder = os.path.join(directory, key[:2])
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")

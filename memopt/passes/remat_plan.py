@@ -147,11 +147,13 @@ def plan_recompute(
     )
     # the layers first (the solver upgrades in this order), then what comes before and after them
     segments = tuple(sorted(find_segments(step, table), key=lambda s: not s.name.endswith("]")))
-    key = plan_cache.cache_key("remat", problem, budget_bytes, solver, time_limit_s, segments,
-                               [c.nodes for c in candidates], [(n.name, str(n.target)) for n in nodes])
-    cached = plan_cache.load(cache_dir, key)
-    if isinstance(cached, RecomputePlan):
-        return dataclasses.replace(cached, cached=True)
+    key = None
+    if cache_dir is not None:  # hashing the whole problem costs time on large graphs: only with a cache
+        key = plan_cache.cache_key("remat", problem, budget_bytes, solver, time_limit_s, segments,
+                                   [c.nodes for c in candidates], [(n.name, str(n.target)) for n in nodes])
+        cached = plan_cache.load(cache_dir, key)
+        if isinstance(cached, RecomputePlan):
+            return dataclasses.replace(cached, cached=True)
     segments, options, names = _options(problem, nodes, segments, solver)
     if solver == "memopt":
         solution = remat_fast.solve_blocks(problem, options, budget_bytes, time_limit_s=time_limit_s)
@@ -169,7 +171,8 @@ def plan_recompute(
     chosen = tuple(candidates[i] for i in solution.chosen)
     decisions = _decisions(table, nodes, device, candidates, solution, segments, options, names)
     remat = RecomputePlan(solver, solution, chosen, segments, names, decisions, problem, tuple(candidates))
-    plan_cache.store(cache_dir, key, remat)
+    if key is not None:
+        plan_cache.store(cache_dir, key, remat)
     return remat
 
 
