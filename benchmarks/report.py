@@ -155,7 +155,13 @@ def is_memopt(row: dict[str, Any]) -> bool:
 
 
 # the budgeted memopt rows, by how the planned programs run: strategy-name prefix and label
-FAMILIES = (("memopt@", "memopt@k (FX, eager kernels)"), ("memopt-inductor@", "memopt-inductor@k (Inductor)"))
+FAMILIES = (("memopt@", "memopt@k (FX, eager kernels)"), ("memopt-inductor@", "memopt-inductor@k (Inductor)"),
+            ("memopt-inductor=", "memopt-inductor=<torch row> (Inductor, at that row's measured peak)"))
+
+
+def family_name(prefix: str) -> str:
+    """memopt@k, memopt-inductor@k, memopt-inductor=row: how the tables name a family."""
+    return prefix + ("row" if prefix.endswith("=") else "k")
 
 
 def family_rows(rows: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
@@ -180,6 +186,8 @@ def budget_position(row: dict[str, Any]) -> str:
     settings = row.get("settings", {})
     if "budget_index" in settings:
         return f"{settings['budget_index']}/{settings['budget_count']}"
+    if "peak_of" in settings:
+        return f"peak of {settings['peak_of']} ({mib(settings['peak_of_bytes'])})"
     return "2 × eager (not binding)"
 
 
@@ -267,7 +275,8 @@ def same_peak_pairs(rows: list[dict[str, Any]], prefix: str = "memopt@"
     `prefix` ("memopt@" or "memopt-inductor@") whose measured peak is the highest at or below its own (None:
     every row of that family peaks higher)."""
     budgeted = [r for r in family_rows(rows, prefix) if ran(r)]
-    others = [r for r in rows if ran(r) and (r["strategy"].startswith("compile-amb") or "checkpoint" in r["strategy"])]
+    others = [r for r in rows if ran(r) and not is_memopt(r)
+              and (r["strategy"].startswith("compile-amb") or "checkpoint" in r["strategy"])]
     if not budgeted:
         return []
     pairs = []
@@ -300,7 +309,7 @@ def same_peak_lines(rows: list[dict[str, Any]]) -> list[str]:
         lowest = min((r for r in family_rows(rows, prefix) if ran(r)), key=lambda r: r["measured"]["peak_bytes"])
         for other, best in same_peak_pairs(rows, prefix):
             cells[other["strategy"]] += same_peak_cells(other, best, lowest)
-        name = prefix.rstrip("@")
+        name = family_name(prefix)
         header += [f"{name} row at or below", f"{name} measured peak (MiB)", f"{name} {STEP_HEADER}",
                    f"{name} ÷ torch, wall median (CPU min)", f"{name} faster (CPU ranges)"]
     names = " and ".join(f"{label} row" for _, label in families)
@@ -333,7 +342,8 @@ def memopt_section(rows: list[dict[str, Any]], eager: dict[str, Any] | None) -> 
     if not mine:
         return []
     budgeted = [r for prefix, _ in FAMILIES for r in family_rows(mine, prefix)]
-    header = ["strategy", "budget (MiB)", "k/5", "predicted peak (MiB)", "measured peak (MiB)", "measured ≤ budget",
+    header = ["strategy", "budget (MiB)", "k/5, or the peak it matches", "predicted peak (MiB)", "measured peak (MiB)",
+              "measured ≤ budget",
               "recomputed / candidates (MiB)", "predicted recompute (ms)", "solver status (gap)", "plan (s)",
               STEP_HEADER, "× eager, wall median (CPU min)", "loss = eager (bitwise)"]
     fits = [r for r in mine if ran(r) and r["memopt"]["fits"]]
@@ -344,11 +354,15 @@ def memopt_section(rows: list[dict[str, Any]], eager: dict[str, Any] | None) -> 
                    "table). Its predicted peak is the compiled code's, read from Inductor's wrapper, with the plan's "
                    "in brackets and any Inductor pass memopt turned off to fit. Its loss equals eager's within "
                    "Inductor's float reordering, not bitwise."), ""]
+    if family_rows(mine, "memopt-inductor="):
+        lines += [("memopt-inductor=<torch row>: Inductor as above, asked to peak no higher than that torch row "
+                   "measured earlier in this run: the budget is the smallest whose planned part (the budget less "
+                   "memopt's 2% headroom) is that peak. An error row means memopt cannot plan that low."), ""]
     lines += table(header, [memopt_row(r, eager) for r in mine]) + [""]
     lines += [f"- measured ≤ budget: {len(fits)} of {len(mine)} memopt rows"
               + ("" if len(fits) == len(mine) else " (**not all**: see the rows marked NO or error)")]
     for prefix, _ in present_families(mine):
-        lines += monotone_lines(family_rows(mine, prefix), prefix.rstrip("@") + "@k")
+        lines += monotone_lines(family_rows(mine, prefix), family_name(prefix))
     lines += inductor_against_fx_lines(mine)
     blocks = next((r for r in mine if r["strategy"] == "memopt-blocks" and ran(r)), None)
     checkpointed = next((r for r in rows if r["strategy"] == "checkpoint" and ran(r)), None)
@@ -407,7 +421,7 @@ def summary_lines(by_workload: dict[str, list[dict[str, Any]]]) -> list[str]:
         return []
     header = ["workload", "memopt rows with measured ≤ budget"]
     for prefix, _ in families:
-        name = prefix.rstrip("@") + "@k"
+        name = family_name(prefix)
         header += [f"monotone, {name}" if len(families) > 1 else "monotone",
                    f"same measured peak, {name} against each torch row (CPU-time ranges)"]
     return ["## memopt under a budget: summary", ""] + table(header, out) + [

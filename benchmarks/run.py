@@ -13,8 +13,10 @@ before training. The memopt strategies (`memopt@0` .. `memopt@4`, `memopt-blocks
 `memopt-inductor@0` .. `memopt-inductor@4`, the same budgets compiled by Inductor) train with
 `memopt.compile` at a budget the subprocess derives from memopt's own plans of the step (the smallest
 budget memopt can meet, eager's predicted peak), and record the plan the module ran and whether the
-measured peak stayed within the budget. `llama7b` is planned only (fake mode, meta device): plan time,
-peak RSS, ledger.
+measured peak stayed within the budget. `memopt-inductor=<torch row>` (checkpoint, compile-amb-*,
+compile-checkpoint) is asked to peak no higher than that torch row measured earlier in the same run
+(the parent passes the peaks on), so the two are compared at the same peak. `llama7b` is planned only
+(fake mode, meta device): plan time, peak RSS, ledger.
 
 The parent writes `results.json` and `RESULTS.md` (into benchmarks/, or benchmarks/_runs/quick
 with --quick); per-configuration JSON and logs go to benchmarks/_runs/.
@@ -148,7 +150,7 @@ def plan_summary(model, inputs, workload, optimizer, device: str | None) -> dict
 
 
 def measure_config(workload_name: str, strategy_name: str, *, repeats: int, quick: bool,
-                   threads: int) -> dict[str, Any]:
+                   threads: int, peaks: dict[str, int]) -> dict[str, Any]:
     import memopt
     import torch
 
@@ -159,7 +161,7 @@ def measure_config(workload_name: str, strategy_name: str, *, repeats: int, quic
     inputs = workload.inputs()
     row: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}
     optimizer = workload.optimizer(model)  # strategies keep the parameters, so it can come first
-    setup = STRATEGIES[strategy_name](model, Training(workload, inputs, optimizer))
+    setup = STRATEGIES[strategy_name](model, Training(workload, inputs, optimizer, peaks))
     if strategy_name == "eager":
         row["plan"] = plan_summary(model, inputs, workload, optimizer, device="cpu")
     step = training_step(setup.forward, workload, inputs, optimizer, returns_loss=setup.returns_loss)
@@ -222,14 +224,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def run_one(workload: str, strategy: str, *, repeats: int, quick: bool, threads: int = 1) -> dict[str, Any]:
+def run_one(workload: str, strategy: str, *, repeats: int, quick: bool, threads: int = 1,
+            peaks: dict[str, int] | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"workload": workload, "strategy": strategy, "load_average": os.getloadavg()[0]}
     start = time.perf_counter()
     try:
         if workload in PLAN_ONLY_WORKLOADS:
             row.update(plan_only(workload, quick))
         else:
-            row.update(measure_config(workload, strategy, repeats=repeats, quick=quick, threads=threads))
+            row.update(measure_config(workload, strategy, repeats=repeats, quick=quick, threads=threads,
+                                      peaks=peaks or {}))
         row["description"] = make_workload(workload, quick).description
     except Exception as error:  # recorded in the results, next to the configurations that worked
         row["error"] = f"{type(error).__name__}: {error}"
@@ -240,12 +244,15 @@ def run_one(workload: str, strategy: str, *, repeats: int, quick: bool, threads:
 
 # ---------------------------------------------------------------- the whole run (parent)
 
-def run_in_subprocess(workload: str, strategy: str, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+def run_in_subprocess(workload: str, strategy: str, args: argparse.Namespace, run_dir: Path,
+                      peaks: dict[str, int]) -> dict[str, Any]:
+    """One configuration in its own process; `peaks`: the measured peaks of the workload's rows done so far."""
     stem = f"{workload}-{strategy}"
     out, log = run_dir / f"{stem}.json", run_dir / f"{stem}.log"
     out.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--one", workload, strategy,
-               "--json-out", str(out), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+               "--json-out", str(out), "--repeats", str(args.repeats), "--threads", str(args.threads),
+               "--peaks", json.dumps(peaks)]
     command += ["--quick"] if args.quick else []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="memopt-bench-inductor-") as cache, log.open("w") as log_file:
@@ -335,7 +342,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for index, (workload, strategy) in enumerate(todo, 1):
         print(f"[{index}/{len(todo)}] {workload} {strategy} ...", flush=True)
-        rows.append(run_in_subprocess(workload, strategy, args, run_dir))
+        peaks = {r["strategy"]: r["measured"]["peak_bytes"] for r in rows
+                 if r["workload"] == workload and "measured" in r and "error" not in r}
+        rows.append(run_in_subprocess(workload, strategy, args, run_dir, peaks))
         print(f"    {one_line(rows[-1])} ({rows[-1]['subprocess_wall_s']:.0f} s)", flush=True)
     results = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -377,13 +386,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="where results.json and RESULTS.md go")
     parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "STRATEGY"), help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help=argparse.SUPPRESS)
+    parser.add_argument("--peaks", type=json.loads, default={}, help=argparse.SUPPRESS)  # {strategy: bytes}
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one:
-        row = run_one(*args.one, repeats=args.repeats, quick=args.quick, threads=args.threads)
+        row = run_one(*args.one, repeats=args.repeats, quick=args.quick, threads=args.threads, peaks=args.peaks)
         Path(args.json_out).write_text(json.dumps(row, indent=1) + "\n")
         return 1 if "error" in row else 0
     results = run_all(args)

@@ -10,17 +10,20 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import memopt
+from memopt.budget import budget_for_peak
+from memopt.config import PlanConfig
 from memopt.examples import Workload
 
 MEMOPT_BUDGETS = 5  # memopt@0 (the smallest budget memopt can meet) .. memopt@4 (4/5 of the way to eager's peak)
-# memopt@k runs the planned programs as FX graphs (eager kernels), memopt-inductor@k compiles them with Inductor
+# memopt@k runs the planned programs as FX graphs (eager kernels), memopt-inductor@k compiles them with Inductor;
+# memopt-inductor=<torch row> compiles with Inductor at the peak that torch row measured earlier in the run
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class Training:
     workload: Workload
     inputs: tuple | dict
     optimizer: torch.optim.Optimizer
+    # measured peaks of the rows this run already finished for the workload, by strategy (memopt-inductor=<row>)
+    peaks: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,23 @@ def memopt_budget(index: int, count: int = MEMOPT_BUDGETS, *,
     return prepare
 
 
+def memopt_at_peak_of(other: str) -> Callable[[nn.Module, Training], Setup]:
+    """memopt.compile(backend="inductor") asked to peak no higher than the torch row `other` measured in this run:
+    its budget is the smallest whose planned part (the budget less memopt's headroom) is that peak, so both rows
+    are compared at the same peak; the report still pairs them by measured peaks."""
+
+    def prepare(model: nn.Module, training: Training) -> Setup:
+        if other not in training.peaks:
+            raise ValueError(f"no measured peak of {other!r} for this workload in this run: run {other!r} first "
+                             f"(python benchmarks/run.py --strategies {other},memopt-inductor={other})")
+        peak = training.peaks[other]
+        budget = budget_for_peak(peak, PlanConfig().headroom)
+        return memopt_setup(model, training, budget, solver=None, backend="inductor", peak_of=other,
+                            peak_of_bytes=peak)
+
+    return prepare
+
+
 def memopt_blocks(model: nn.Module, training: Training) -> Setup:
     """memopt's own per-block checkpointing (solver "blocks"), under a budget that does not bind."""
     found = budget_range(model, training)
@@ -158,14 +180,19 @@ def memopt_setup(model: nn.Module, training: Training, budget: int, *, solver: s
         "planned_apart_peak_bytes": planned.peak_bytes, **settings})
 
 
-STRATEGIES: dict[str, Callable[[nn.Module, Training], Setup]] = {
+# what a PyTorch user would run: eager, and the torch rows memopt is compared with at the same peak
+TORCH_STRATEGIES: dict[str, Callable[[nn.Module, Training], Setup]] = {
     "eager": eager,
     "checkpoint": per_block_checkpoint,
     **{f"compile-amb-{budget}": compile_with_budget(budget) for budget in (1.0, 0.5, 0.2, 0.0)},
     "compile-checkpoint": compile_checkpointed,
+}
+STRATEGIES: dict[str, Callable[[nn.Module, Training], Setup]] = {
+    **TORCH_STRATEGIES,
     **{f"memopt@{index}": memopt_budget(index) for index in range(MEMOPT_BUDGETS)},
     "memopt-blocks": memopt_blocks,
     **{f"memopt-inductor@{index}": memopt_budget(index, backend="inductor") for index in range(MEMOPT_BUDGETS)},
+    **{f"memopt-inductor={name}": memopt_at_peak_of(name) for name in TORCH_STRATEGIES if name != "eager"},
 }
 
 

@@ -1,7 +1,8 @@
-"""Byte budgets: parsing ("24GB", "512MiB", 10**9) and printing."""
+"""Byte budgets: parsing ("24GB", "512MiB", 10**9), printing, and the part of a budget memopt plans for."""
 
 from __future__ import annotations
 
+import math
 import re
 
 from memopt.errors import BudgetParseError
@@ -54,3 +55,18 @@ def format_bytes(nbytes: int | float) -> str:
             return f"{int(size)} B" if unit == "B" else f"{size:.2f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def planned_part(budget: int, headroom: float) -> int:
+    """The peak memopt plans for under ``budget``: the budget less its headroom."""
+    return budget - math.ceil(budget * headroom)
+
+
+def budget_for_peak(peak: int, headroom: float) -> int:
+    """The smallest budget whose planned part holds ``peak`` (exact in integers, whatever the float rounding)."""
+    budget = math.ceil(peak / (1 - headroom))
+    while planned_part(budget, headroom) < peak:
+        budget += 1
+    while budget > 1 and planned_part(budget - 1, headroom) >= peak:
+        budget -= 1
+    return budget

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from memopt.api import _device_of, plan
-from memopt.budget import format_bytes, parse_budget
+from memopt.budget import budget_for_peak, format_bytes, parse_budget
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import BudgetInfeasibleError, MemoptError
@@ -140,7 +139,7 @@ def pareto(
     except BudgetInfeasibleError as error:
         minimum, proven = error.minimum, error.proven_minimum
     if budgets is None:
-        top = max(_smallest_budget(eager.eager_peak_bytes, planner.headroom), minimum)  # nothing recomputed
+        top = max(budget_for_peak(eager.eager_peak_bytes, planner.headroom), minimum)  # nothing recomputed
         chosen = sorted({round(minimum + (top - minimum) * i / max(points - 1, 1)) for i in range(points)})
     else:
         chosen = sorted({parse_budget(b) for b in budgets})
@@ -155,7 +154,7 @@ def pareto(
         # at the smallest budget that holds its peak
         loose = _point(planner, 2 * eager.eager_peak_bytes + 1, name, step_seconds)
         assert loose.peak_bytes is not None
-        others.append(dataclasses.replace(loose, budget_bytes=_smallest_budget(loose.peak_bytes, planner.headroom)))
+        others.append(dataclasses.replace(loose, budget_bytes=budget_for_peak(loose.peak_bytes, planner.headroom)))
     return ParetoCurve(planner.device.name, eager.eager_peak_bytes, minimum, proven, step_seconds, planner.headroom,
                        tuple(curve), tuple(others))
 
@@ -176,16 +175,6 @@ def _point(planner: _Planner, budget: int, solver: str, step_seconds: float) -> 
     return ParetoPoint(solver, budget, planned.peak_bytes, overhead, overhead / step_seconds if step_seconds else None,
                        len(recomputed), sum(d.bytes for d in recomputed), offloaded, planned.solver.status,
                        planned.solver.gap, time.perf_counter() - started)
-
-
-def _smallest_budget(peak: int, headroom: float) -> int:
-    """The smallest budget whose planned part (the budget less its headroom) holds ``peak``."""
-    budget = math.ceil(peak / (1 - headroom))
-    while budget - math.ceil(budget * headroom) < peak:
-        budget += 1
-    while budget > 1 and (budget - 1) - math.ceil((budget - 1) * headroom) >= peak:
-        budget -= 1
-    return budget
 
 
 class _Planner:

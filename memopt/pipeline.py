@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from typing import Any, Callable, TypeVar
 
@@ -15,7 +14,7 @@ from memopt.config import PlanConfig
 from memopt.device import DeviceSpec
 from memopt.errors import BudgetInfeasibleError
 from memopt.passes.arena_plan import arena_step
-from memopt.budget import format_bytes
+from memopt.budget import budget_for_peak, format_bytes, planned_part
 from memopt.passes.bounds import LowerBound, minimum_budget
 from memopt.passes.liveness import MemoryTimeline, liveness, memory_timeline
 from memopt.passes.offload import apply_offload
@@ -86,7 +85,7 @@ def run_pipeline(
     offload: OffloadSummary | None = None
     if budget_bytes is not None:
         # which activations the backward recomputes, so that the peak stays under the budget (less headroom)
-        target = _target(budget_bytes, config.headroom)
+        target = planned_part(budget_bytes, config.headroom)
         floor = max((t for t, phase in zip(timeline.totals, timeline.phases) if phase == "optimizer"), default=0)
         remat = history.run("remat", plan_recompute, step, table, device, target, constant_bytes=opt.state_bytes,
                             floor_bytes=floor, scratch=scratch, solver=config.solver,
@@ -209,10 +208,7 @@ def _offload_infeasible(budget: int, headroom: float, plan: OffloadPlan, timelin
                         minimum: LowerBound) -> BudgetInfeasibleError:
     """No keep/recompute/offload plan found under the budget: the lowest peak reached, where, and what is live."""
     best = timeline.peak_bytes
-    needed = math.ceil(best / (1 - headroom))
-    while _target(needed, headroom) < best:
-        needed += 1
-    needed = max(needed, minimum.bytes)
+    needed = max(budget_for_peak(best, headroom), minimum.bytes)
     index = timeline.peak_index
     ledger = {c: b for c, b in timeline.ledger_at(index).items() if b}
     live = ", ".join(f"{c.replace('_', ' ')} {format_bytes(b)}"
@@ -260,10 +256,7 @@ def _gap(objective: float, bound: float) -> float:
 
 def _infeasible(budget: int, headroom: float, best: int, minimum: LowerBound, solver: str) -> BudgetInfeasibleError:
     """No plan fits: name the smallest budget memopt can meet, and the proven minimum below it."""
-    needed = math.ceil(best / (1 - headroom))
-    while _target(needed, headroom) < best:  # float rounding: the smallest budget whose target holds `best`
-        needed += 1
-    needed = max(minimum.bytes, needed)
+    needed = max(minimum.bytes, budget_for_peak(best, headroom))
     if needed == minimum.bytes:
         return BudgetInfeasibleError(budget, minimum.bytes, minimum.where, minimum.why, proven=minimum.bytes)
     why = (f"the '{solver}' remat plans peak at {format_bytes(best)} at best, and memopt keeps {headroom:.0%} of the "
@@ -271,8 +264,3 @@ def _infeasible(budget: int, headroom: float, best: int, minimum: LowerBound, so
            f"go below {format_bytes(minimum.bytes)} (at {minimum.where}: {minimum.why}). What else lowers the "
            f"peak: a smaller batch or sequence, offloading, or a cheaper optimizer")
     return BudgetInfeasibleError(budget, needed, "the step with every layer recomputed", why, proven=minimum.bytes)
-
-
-def _target(budget: int, headroom: float) -> int:
-    """The peak memopt plans for under ``budget``: the budget less its headroom."""
-    return budget - math.ceil(budget * headroom)

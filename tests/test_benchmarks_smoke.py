@@ -12,6 +12,8 @@ import torch
 
 from benchmarks import report, run
 from benchmarks.strategies import STRATEGIES, CheckpointedBlock, checkpoint_blocks, compile_with_budget
+from memopt.budget import budget_for_peak
+from memopt.config import PlanConfig
 from memopt.examples import ResidualMLP
 
 
@@ -129,3 +131,25 @@ def test_unknown_names_are_refused_with_the_choices():
     with pytest.raises(SystemExit):
         run.parse_args(["--strategies", "eager,nonsense"])
     assert run.parse_args([]).strategies == list(STRATEGIES)
+
+
+def test_a_same_peak_row_without_its_torch_rows_peak_says_what_to_run_first():
+    row = run.run_one("mlp", "memopt-inductor=checkpoint", repeats=1, quick=True)
+    assert "no measured peak of 'checkpoint'" in row["error"] and "--strategies checkpoint," in row["error"]
+
+
+@pytest.mark.slow
+def test_the_same_peak_row_plans_for_the_torch_rows_measured_peak_and_pairs_with_it():
+    checkpointed = run.run_one("mlp", "checkpoint", repeats=1, quick=True)
+    peak = checkpointed["measured"]["peak_bytes"]
+    matched = run.run_one("mlp", "memopt-inductor=checkpoint", repeats=1, quick=True, peaks={"checkpoint": peak})
+    assert "error" not in matched, matched.get("traceback")
+    settings = matched["settings"]
+    assert settings["peak_of"] == "checkpoint" and settings["peak_of_bytes"] == peak
+    assert settings["budget_bytes"] == budget_for_peak(peak, PlanConfig().headroom)
+    assert matched["memopt"]["inductor"]["predicted_peak_bytes"] <= peak
+    assert matched["measured"]["peak_bytes"] <= peak  # at or below the torch row's own peak
+    pairs = report.same_peak_pairs([checkpointed, matched], "memopt-inductor=")
+    assert pairs == [(checkpointed, matched)]
+    text = "\n".join(report.memopt_section([checkpointed, matched], None))
+    assert "peak of checkpoint" in text and "memopt-inductor=row" in text

@@ -1,7 +1,7 @@
 import pytest
 
 from memopt import BudgetParseError, DeviceSpec, get_device, parse_budget
-from memopt.budget import format_bytes
+from memopt.budget import budget_for_peak, format_bytes, planned_part
 from memopt.errors import UnknownDeviceError
 
 
@@ -44,6 +44,14 @@ def test_format_bytes():
     assert format_bytes(100) == "100 B"
     assert format_bytes(1536) == "1.50 KiB"
     assert format_bytes(3 * 2**30) == "3.00 GiB"
+
+
+@pytest.mark.parametrize("peak", [1, 99, 1000, 375_134_208, 10**12 + 7])
+@pytest.mark.parametrize("headroom", [0.0, 0.02, 0.1])
+def test_budget_for_peak_is_the_smallest_budget_whose_planned_part_holds_the_peak(peak, headroom):
+    budget = budget_for_peak(peak, headroom)
+    assert planned_part(budget, headroom) >= peak
+    assert budget == 1 or planned_part(budget - 1, headroom) < peak
 
 
 def test_device_presets():

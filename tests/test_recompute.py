@@ -41,6 +41,43 @@ def test_recomputing_every_candidate_is_bitwise_eager_and_frees_them_after_the_f
     assert_runs_like_eager(rewritten.graph, model, (x,), square_mean, seed=3)
 
 
+class _Attention(nn.Module):
+    def __init__(self, dropout_p: float):
+        super().__init__()
+        self.qkv, self.dropout_p = nn.Linear(32, 96), dropout_p
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(2, 16, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p, is_causal=True)
+        return out.square().mean()
+
+
+def test_attention_without_dropout_is_recomputed_and_with_dropout_is_not():
+    """Attention ops carry the random tag for their dropout; with dropout_p 0 they draw nothing and replay."""
+    torch.manual_seed(0)
+    model, x = _Attention(0.0), torch.randn(2, 16, 32)
+    step = capture(model, (x,))
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    attention = [n for n in step.graph.graph.nodes if n.target is flash]
+    assert attention and all(torch.Tag.nondeterministic_seeded in n.target.tags for n in attention)
+    candidates = recompute_candidates(step.graph, storage_table(step))
+    assert {n.name for n in attention} <= {c.nodes[0] for c in candidates}
+    # the kernel at dropout_p 0 leaves the generator where it was, so running it again changes nothing
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    state = torch.get_rng_state()
+    for node in attention:
+        node.target(q, k, v, *node.args[3:], **node.kwargs)
+    assert torch.equal(torch.get_rng_state(), state)
+    rewritten = apply_recompute(step.graph, step.backward_start, candidates)
+    assert_runs_like_eager(rewritten, model, (x,), lambda out: out, seed=1)
+
+    dropped = capture(_Attention(0.5), (x,))
+    randoms = {n.name for n in dropped.graph.graph.nodes
+               if torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())}
+    assert randoms
+    assert not randoms & {c.nodes[0] for c in recompute_candidates(dropped.graph, storage_table(dropped))}
+
+
 def test_in_place_writes_are_not_recomputed():
     class InPlace(nn.Module):
         def __init__(self):

@@ -32,8 +32,25 @@ def _running_stats(node: fx.Node) -> list[fx.Node]:
 
 
 def is_random(node: fx.Node) -> bool:
-    """The op draws from a random generator: running it again gives other values."""
-    return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+    """The op draws from a random generator: running it again gives other values.
+
+    Attention ops carry the random tag for their dropout; with ``dropout_p`` 0 their kernels
+    never touch the generator (the CPU flash kernel refuses any other value), so they replay exactly."""
+    if torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
+        return False
+    return _argument(node, "dropout_p", default=None) != 0
+
+
+def _argument(node: fx.Node, name: str, default: object) -> object:
+    """The value ``node`` passes for its schema's argument ``name`` (``default`` if none)."""
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    if name not in names:
+        return default
+    index = names.index(name)
+    if index < len(node.args):
+        return node.args[index]
+    return node.kwargs.get(name, schema.arguments[index].default_value)
 
 
 def written_inputs(node: fx.Node) -> list[fx.Node]:
