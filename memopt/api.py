@@ -127,6 +127,10 @@ def compile(
     is over the budget turns off the offending Inductor passes or re-plans
     (``InductorBudgetError`` if nothing fits). ``inductor_options`` are Inductor
     config entries on top of memopt's (``memopt.codegen.inductor.DEFAULT_OPTIONS``).
+    ``offload=True`` sends activations to a host pool when recomputation alone does not
+    fit (``memopt.plan``); with Inductor, the host copies are counted apart from device
+    memory when its code is checked against the budget. ``offload=None`` is
+    ``config.offload``, and on for CUDA devices with the FX backend (not with Inductor).
 
     ``layout=True`` (FX backend) runs the step's intermediates in one arena allocated
     at the first planned op and freed after the last one: each planned op writes
@@ -148,12 +152,10 @@ def compile(
         raise MemoptError(f"unknown backend {backend!r}; choose 'fx' (plain FX graphs) or 'inductor'")
     if offload is not None and not isinstance(offload, bool):
         raise MemoptError(f"offload must be True, False or None, got {offload!r}")
-    if backend == "inductor":
-        if offload:
-            raise MemoptError("offload=True runs on backend='fx' only in this version: memopt checks Inductor's code "
-                              "against the budget by replaying its allocations, and that replay does not yet tell "
-                              "the host pool from device memory; use backend='fx' with offload, or offload=False")
-        offload = False
+    if backend == "inductor" and offload is None:
+        # Inductor offloads only when asked to (offload=True or config.offload), not by default on CUDA:
+        # that path has not run on a GPU in this project
+        offload = config is not None and config.offload
     if budget is None:
         raise MemoptError("memopt.compile needs a budget, e.g. budget='24GB'")
     if layout:

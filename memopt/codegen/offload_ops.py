@@ -193,3 +193,4 @@ def _reload_wait_fake(y: torch.Tensor, pool: int, offset: int) -> None:
 
 
 OPS = (torch.ops.memopt.offload.default, torch.ops.memopt.reload.default, torch.ops.memopt.reload_wait.default)
+HOST_RESULT_OPS = (torch.ops.memopt.offload.default,)  # ops whose result is in a host pool, not device memory
