@@ -263,4 +263,4 @@ def _infeasible(budget: int, headroom: float, best: int, minimum: LowerBound, so
            f"budget as headroom for what the prediction does not see. No keep/recompute plan of these ops can "
            f"go below {format_bytes(minimum.bytes)} (at {minimum.where}: {minimum.why}). What else lowers the "
            f"peak: a smaller batch or sequence, offloading, or a cheaper optimizer")
-    return BudgetInfeasibleError(budget, needed, "the step with every layer recomputed", why, proven=minimum.bytes)
+    return BudgetInfeasibleError(budget, needed, "the lowest-peak recompute plan found", why, proven=minimum.bytes)

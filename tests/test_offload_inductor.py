@@ -87,9 +87,7 @@ def test_offload_ops_survive_inductor_in_order():
     model = w.build()
     twin = copy.deepcopy(model)
     inputs = w.inputs()
-    with pytest.raises(memopt.BudgetInfeasibleError) as info:
-        memopt.plan(model, inputs, loss_fn=w.loss_fn, budget=1, offload=False)
-    budget = int(info.value.minimum * 0.85)
+    budget = int(remat_smallest(model, inputs, w.loss_fn) * 0.85)
     plan = memopt.plan(twin, inputs, loss_fn=w.loss_fn, budget=budget, offload=True)
     assert plan.offload is not None and plan.offload.tensors > 0
     # the planned programs compiled by Inductor as they are (memopt.compile's budget loop aside)

@@ -166,6 +166,8 @@ def plan_recompute(
                 solution = dataclasses.replace(fixed, lower_bound_s=min(solution.lower_bound_s, fixed.cost_s),
                                                seconds=solution.seconds)
                 segments, options, names = other
+        if solution.status == "infeasible":  # nothing fits: the smallest budget is as low as the search can take it
+            solution = remat_fast.lower_peak(problem, options, solution, time_limit_s=time_limit_s / 2)
     else:  # a baseline: its one option per segment, whatever the budget
         solution = _fixed(problem, options, budget_bytes)
     chosen = tuple(candidates[i] for i in solution.chosen)

@@ -133,6 +133,23 @@ def solve_blocks(
                              min(bound, sim.cost_s), seconds, search.simulations)
 
 
+def lower_peak(problem: RecomputeProblem, options: Sequence[Sequence[Collection[int]]], start: RecomputeSolution,
+               *, time_limit_s: float) -> RecomputeSolution:
+    """No plan fits the budget: from ``start`` (the lowest peak found), take one candidate in or out while that
+    lowers the peak, so the smallest budget memopt reports is as low as its search reaches (a prologue's result
+    every block reads, say, that no block's option recomputes)."""
+    started = time.perf_counter()
+    search = _Search(problem, 0, range(len(problem.candidates)), started + time_limit_s)
+    search.evaluate(frozenset(start.chosen))
+    search.lower_peak()
+    sim, chosen = search.least  # type: ignore[misc]
+    if sim.peak_bytes >= start.peak_bytes:
+        return start
+    return RecomputeSolution("infeasible", tuple(sorted(chosen)), _levels(options, chosen), sim.peak_bytes,
+                             sim.cost_s, start.lower_bound_s, start.seconds + time.perf_counter() - started,
+                             start.simulations + search.simulations)
+
+
 def _levels(options: Sequence[Sequence[Collection[int]]], chosen: Collection[int]) -> tuple[int, ...]:
     """Per block, the least option that holds all the plan recomputes there (the last if none does)."""
     chosen = set(chosen)
@@ -542,6 +559,22 @@ class _Search:
                 trial = self.drop(chosen | {i}, keep=(i,))
                 if self.evaluate(trial).cost_s < cost:
                     chosen, improved = trial, True
+                    break
+
+    def lower_peak(self) -> None:
+        """From the lowest peak found (no plan fits), one candidate in (the largest first) or out, while that
+        lowers it."""
+        improved = True
+        while improved and not self.out_of_time():
+            improved = False
+            sim, chosen = self.least  # type: ignore[misc]
+            flips = sorted((i for i in self.pool if i not in chosen), key=lambda i: (-self.size[self.index[i]], i))
+            flips += sorted(chosen)
+            for i in flips:
+                if self.out_of_time():
+                    return
+                if self.evaluate(chosen ^ {i}).peak_bytes < sim.peak_bytes:
+                    improved = True
                     break
 
     def _helpful(self, chosen: frozenset[int]) -> list[int]:
