@@ -148,7 +148,7 @@ def test_over_the_budget_the_offending_passes_go_off_and_only_the_program_over_i
     assert kept == [(False, False), (True, False)]
 
 
-def test_when_no_pass_helps_memopt_replans_for_the_excess_then_gives_up_with_a_typed_error():
+def test_when_no_pass_helps_memopt_replans_for_the_excess_then_a_little_above_then_gives_up_typed():
     table = {_key(1000, r): (500, p) for r, p in enumerate((1100, 1000, 990))}  # best: 1090, over by 90
     table[_key(910, 2)] = (500, 850)  # the plan for 1000 - 90 fits, with the best rung straight away
     lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []))
@@ -160,9 +160,16 @@ def test_when_no_pass_helps_memopt_replans_for_the_excess_then_gives_up_with_a_t
             raise memopt.BudgetInfeasibleError(target, 1000, "somewhere")
         return _planned(target)
 
+    for target in (1050, 1100, 1200):  # the plans for a little more: their code is over the budget too
+        table[_key(target, 2)] = (500, 950)
     with pytest.raises(InductorBudgetError) as info:
         lower_within_budget(infeasible_below_1000, 1000, compile_step=_StandIn(table, []))
-    assert info.value.predicted == 1090 and "raise the budget to 1,090 B" in str(info.value)
+    assert info.value.predicted == 1050 and "raise the budget to 1,050 B" in str(info.value)
+    assert [a.target_bytes for a in info.value.attempts][-3:] == [1050, 1100, 1200]
+    # the code of the plan for 10% more fits: that step is kept
+    table[_key(1100, 2)] = (500, 880)
+    lowered = lower_within_budget(infeasible_below_1000, 1000, compile_step=_StandIn(table, []))
+    assert lowered.planned.runner == 1100 and lowered.peak_bytes == 980
     with pytest.raises(memopt.BudgetInfeasibleError):  # the user's budget itself: raised as it is
         lower_within_budget(infeasible_below_1000, 999, compile_step=_StandIn(table, []))
 
