@@ -208,16 +208,14 @@ def table(rows: list[dict]) -> str:
 
 NOTES = """Where offload stops (`BudgetInfeasibleError` below these budgets names the lowest peak memopt's offload
 search finds, where, and what is live there):
-- llama: at `_log_softmax_backward_data`, the loss's backward: optimizer state 32 MiB, the logits-sized
-  log-softmax output and its gradient (32 MiB of temporaries), parameters 16 MiB and 24.6 MiB of
-  activations the next ops read; nothing offloadable is live across it. Lowest peak 104.7 MiB (needs
-  106.8 MiB with headroom, 0.84x remat's smallest); no plan that keeps parameters, gradients and
-  optimizer state on the device goes below 96.0 MiB, at that same op (`proven_minimum` in offload.json).
-- gpt2: fits down to 0.6x (16 activations offloaded, 80 MiB each way); the exposed stall grows as the
-  backward's compute runs out of room to hide the reloads (1.56 ms against 0.48 ms of recompute).
-- mlp: lowest peak 129.3 MiB at `threshold_backward` (0.89x), with 64 MiB of backward temporaries
-  there, recomputed copies among them; the proven minimum is 95.2 MiB. The gap is the search's: it swaps
-  a recompute for an offload one at a time, and no single swap lowers that peak.
+- llama: remat alone now reaches 112.8 MiB (127.3 before its search for the smallest budget flipped single
+  candidates), and offload's search does not get under 0.9x of that: its lowest peaks sit in the MLP
+  backward (`silu_backward`), and the budget they need (99.0 to 102.6 MiB) depends on the remat plan the
+  search starts from, so it differs between budgets.
+- gpt2: fits down to 0.6x (19 activations offloaded, 80 MiB each way); the exposed stall grows as the
+  backward's compute runs out of room to hide the reloads (1.57 ms against 0.48 ms of recompute).
+- mlp: fits down to 0.8x (11 activations, 88 MiB each way); below, the lowest peak needs 112.5 MiB, at
+  `sum_14`. The search swaps a recompute for an offload one at a time.
 """
 
 
