@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from memopt.budget import format_bytes, parse_budget
+from memopt.budget import format_bytes, parse_budget, planned_part
 from memopt.capture import capture
 from memopt.codegen.runner import Executor, StepRunner, run_step
 from memopt.config import PlanConfig
@@ -239,7 +238,7 @@ class CompiledModule(nn.Module):
 
     def _planned_in_arena(self, inputs: tuple | dict) -> MemoryPlan:
         """The plan for the budget with its step run in one arena; more recomputation while it does not fit."""
-        target = self.budget_bytes - math.ceil(self.budget_bytes * self._config.headroom)
+        target = planned_part(self.budget_bytes, self._config.headroom)
         budget, tried = self.budget_bytes, []
         for _ in range(5):
             try:

@@ -47,6 +47,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from memopt.budget import planned_part
 from memopt.codegen.offload_ops import HOST_RESULT_OPS
 from memopt.codegen.runner import StepRunner, run_step
 from memopt.errors import MemoptError
@@ -237,12 +238,10 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
         forward = backward = None
         best = None
         for rung in range(first_rung, len(ladder)):
-            started = time.perf_counter()
-            step = compile_step(planned.runner, ladder[rung], forward=forward, backward=backward)
-            forward_peak, backward_peak = step.peaks(planned.entry_bytes)
-            predicted = max(forward_peak, backward_peak, planned.after_bytes)
-            attempts.append(Attempt(target, ladder[rung], forward_peak, backward_peak, predicted,
-                                    time.perf_counter() - started))
+            step, attempt = _attempt(planned, target, ladder[rung], compile_step, forward=forward, backward=backward)
+            attempts.append(attempt)
+            forward_peak, backward_peak, predicted = (attempt.forward_peak_bytes, attempt.backward_peak_bytes,
+                                                      attempt.predicted_peak_bytes)
             log.info("inductor: plan for %d B, options %s: predicted peak %d B (budget %d B)",
                      target, ladder[rung], predicted, budget_bytes)
             if predicted <= budget_bytes:
@@ -261,20 +260,17 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
         target -= best[0] - budget_bytes
     # no plan lower fits: Inductor's code for a plan that recomputes less can still peak lower (its fused
     # kernels skip intermediates the plan counts; the benchmark's llama: the plan for its smallest budget,
-    # 298.1 MB, compiled to code peaking at 335.0 MB, the plan for 311.3 MB to code peaking at 252.6 MB)
+    # 298.1 MB, compiled to code peaking at 335.0 MB, the plan for 313.0 MB to code peaking at 270.0 MB)
     for factor in ABOVE_FACTORS:
+        above = math.ceil(budget_bytes * factor)
         try:
-            planned = plan_at(math.ceil(budget_bytes * factor))
+            planned = plan_at(above)
         except BudgetInfeasibleError:
             continue
-        started = time.perf_counter()
-        step = compile_step(planned.runner, ladder[first_rung])
-        forward_peak, backward_peak = step.peaks(planned.entry_bytes)
-        predicted = max(forward_peak, backward_peak, planned.after_bytes)
-        attempts.append(Attempt(math.ceil(budget_bytes * factor), ladder[first_rung], forward_peak, backward_peak,
-                                predicted, time.perf_counter() - started))
-        if predicted <= budget_bytes:
-            return Lowered(step, planned, tuple(attempts), predicted)
+        step, attempt = _attempt(planned, above, ladder[first_rung], compile_step)
+        attempts.append(attempt)
+        if attempt.predicted_peak_bytes <= budget_bytes:
+            return Lowered(step, planned, tuple(attempts), attempt.predicted_peak_bytes)
     raise InductorBudgetError(budget_bytes, min(a.predicted_peak_bytes for a in attempts), tuple(attempts))
 
 
@@ -287,24 +283,30 @@ def _reclaimed(lowered: Lowered, plan_at: Callable[[int], PlannedStep], budget_b
     """``lowered``, or the step planned for the budget its code left unused, when that one's code fits too."""
     from memopt.errors import BudgetInfeasibleError
 
-    limit = budget_bytes - math.ceil(budget_bytes * headroom)
+    limit = planned_part(budget_bytes, headroom)
     spare = limit - lowered.peak_bytes
     if spare <= RECLAIM_FRACTION * budget_bytes:
         return lowered
-    started = time.perf_counter()
     try:
         planned = plan_at(target + spare)
     except BudgetInfeasibleError:
         return lowered
-    step = compile_step(planned.runner, options)
-    forward_peak, backward_peak = step.peaks(planned.entry_bytes)
-    predicted = max(forward_peak, backward_peak, planned.after_bytes)
-    attempts = (*lowered.attempts, Attempt(target + spare, options, forward_peak, backward_peak, predicted,
-                                           time.perf_counter() - started))
+    step, attempt = _attempt(planned, target + spare, options, compile_step)
+    attempts, predicted = (*lowered.attempts, attempt), attempt.predicted_peak_bytes
     log.info("inductor: reclaimed plan for %d B: predicted peak %d B (limit %d B)", target + spare, predicted, limit)
     if predicted <= limit:
         return Lowered(step, planned, attempts, predicted)
     return dataclasses.replace(lowered, attempts=attempts)
+
+
+def _attempt(planned: PlannedStep, target: int, options: dict[str, Any], compile_step: Callable[..., InductorStep],
+             **programs: Any) -> tuple[InductorStep, Attempt]:
+    """Compile ``planned`` (reusing the ``forward``/``backward`` programs given) and read its code's peaks."""
+    started = time.perf_counter()
+    step = compile_step(planned.runner, options, **programs)
+    forward_peak, backward_peak = step.peaks(planned.entry_bytes)
+    predicted = max(forward_peak, backward_peak, planned.after_bytes)
+    return step, Attempt(target, options, forward_peak, backward_peak, predicted, time.perf_counter() - started)
 
 
 def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node], *,
