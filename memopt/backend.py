@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 from memopt.aot import GraphInput, graph_inputs, joint_step, partition
 from memopt.budget import format_bytes, parse_budget
 from memopt.capture import CapturedStep
+from memopt.codegen.fusion import inductor_patches
 from memopt.codegen.inductor import WrapperMemory
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec, get_device
@@ -260,7 +261,7 @@ def _lower(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs: list[An
 
         from memopt.codegen.inductor import DEFAULT_OPTIONS
 
-        with torch._inductor.config.patch({**DEFAULT_OPTIONS, **inductor}):
+        with inductor_patches({**DEFAULT_OPTIONS, **inductor}) as patches, torch._inductor.config.patch(patches):
             decompositions = select_decomp_table()  # without the random ops' with fallback_random
     reentry = _Reentry()
     forward = partial(_compile_program, compiler=options.compiler, inductor=inductor, memories=memories,
@@ -461,7 +462,7 @@ def _compile_program(gm: fx.GraphModule, example_inputs: Sequence[Any], *, compi
 
         sources: list[str] = []
         # the wrapper code Inductor writes (its hook for reading the code it produced, on a cache hit too)
-        with torch._inductor.config.patch({**DEFAULT_OPTIONS, **inductor}), \
+        with inductor_patches({**DEFAULT_OPTIONS, **inductor}) as patches, torch._inductor.config.patch(patches), \
                 mock.patch.object(GraphLowering, "save_output_code", sources.append):
             compiled = compile_fx_inner(gm, example_inputs)
         if part != "inference" and len(sources) == 1:

@@ -149,11 +149,11 @@ def test_over_the_budget_the_offending_passes_go_off_and_only_the_program_over_i
 
 
 def test_when_no_pass_helps_memopt_replans_for_the_excess_then_a_little_above_then_gives_up_typed():
-    table = {_key(1000, r): (500, p) for r, p in enumerate((1100, 1000, 990))}  # best: 1090, over by 90
-    table[_key(910, 2)] = (500, 850)  # the plan for 1000 - 90 fits, with the best rung straight away
+    table = {_key(1000, r): (500, p) for r, p in enumerate((1100, 1000, 995, 990))}  # best: 1090, over by 90
+    table[_key(910, 3)] = (500, 850)  # the plan for 1000 - 90 fits, with the best rung straight away
     lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []))
     assert [(a.target_bytes, a.predicted_peak_bytes) for a in lowered.attempts] == [
-        (1000, 1200), (1000, 1100), (1000, 1090), (910, 950)]
+        (1000, 1200), (1000, 1100), (1000, 1095), (1000, 1090), (910, 950)]
 
     def infeasible_below_1000(target):
         if target < 1000:
@@ -161,17 +161,36 @@ def test_when_no_pass_helps_memopt_replans_for_the_excess_then_a_little_above_th
         return _planned(target)
 
     for target in (1050, 1100, 1200):  # the plans for a little more: their code is over the budget too
-        table[_key(target, 2)] = (500, 950)
+        table[_key(target, 3)] = (500, 950)
     with pytest.raises(InductorBudgetError) as info:
         lower_within_budget(infeasible_below_1000, 1000, compile_step=_StandIn(table, []))
     assert info.value.predicted == 1050 and "raise the budget to 1,050 B" in str(info.value)
     assert [a.target_bytes for a in info.value.attempts][-3:] == [1050, 1100, 1200]
     # the code of the plan for 10% more fits: that step is kept
-    table[_key(1100, 2)] = (500, 880)
+    table[_key(1100, 3)] = (500, 880)
     lowered = lower_within_budget(infeasible_below_1000, 1000, compile_step=_StandIn(table, []))
     assert lowered.planned.runner == 1100 and lowered.peak_bytes == 980
-    with pytest.raises(memopt.BudgetInfeasibleError):  # the user's budget itself: raised as it is
-        lower_within_budget(infeasible_below_1000, 999, compile_step=_StandIn(table, []))
+
+
+def test_below_the_smallest_plan_the_code_of_the_plans_at_and_above_it_may_still_fit():
+    def infeasible_below_1000(target):
+        if target < 1000:
+            raise memopt.BudgetInfeasibleError(target, 1000, "somewhere")
+        return _planned(target)
+
+    # the smallest plan's code: 1090 at best; the plan for 5% more compiles to code peaking at 960
+    table = {_key(1000, r): (500, p) for r, p in enumerate((1100, 1000, 995, 990))}
+    table.update({_key(1050, 3): (500, 860), _key(1100, 3): (500, 950), _key(1200, 3): (500, 950)})
+    lowered = lower_within_budget(infeasible_below_1000, 970, compile_step=_StandIn(table, []),
+                                  reclaim_headroom=0.02)
+    assert lowered.planned.runner == 1050 and lowered.peak_bytes == 960
+    # the ladder at the smallest plan, no plan below it, then the plans above it
+    assert [a.target_bytes for a in lowered.attempts] == [1000, 1000, 1000, 1000, 1050]
+    # nothing fits: the user's budget was below every plan, and the error says so, with what the code needed
+    with pytest.raises(memopt.BudgetInfeasibleError) as info:
+        lower_within_budget(infeasible_below_1000, 950, compile_step=_StandIn(table, []))
+    assert info.value.budget == 950 and info.value.minimum == 1000
+    assert "peaks at 960 B at best (7 compiles)" in " ".join(info.value.__notes__)
 
 
 def test_budget_left_unused_by_the_code_is_planned_for_once_more():
@@ -252,14 +271,8 @@ def test_compiled_step_equals_eager_fits_the_smallest_budget_and_peaks_where_its
     optimizer = workload.optimizer(model)
     plan_at = _plan_at(model, inputs, workload.loss_fn, optimizer)
     budget = budgets(model, inputs, workload.loss_fn, optimizer)[0]  # the smallest the FX plans can meet
-    try:
-        lowered = lower_within_budget(plan_at, budget)
-    except InductorBudgetError as error:
-        # Inductor's code can need more than the FX plan (the 3-layer llama: 10.8% more, one more logits-sized
-        # buffer in its backward); memopt says how much before anything runs, and that budget then holds
-        assert name == "llama" and error.predicted > budget
-        budget = error.predicted
-        lowered = lower_within_budget(plan_at, budget)
+    # on llama only the fusion window brings the code under the plan (13% over without it)
+    lowered = lower_within_budget(plan_at, budget)
     plan = lowered.planned.plan
     assert any(d.action == "recompute" for d in plan.decisions)
     compiled = _Compiled(model, lowered.step)

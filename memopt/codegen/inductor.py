@@ -48,6 +48,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memopt.budget import planned_part
+from memopt.codegen.fusion import FUSION_WINDOW, inductor_patches
 from memopt.codegen.offload_ops import HOST_RESULT_OPS
 from memopt.codegen.runner import StepRunner, run_step
 from memopt.errors import MemoptError
@@ -151,11 +152,15 @@ class InductorStep:
 # top of the one before) when the compiled code would break the budget:
 # - post-grad pattern matching rewrites add(mm(a, b), c) into addmm(c, a, b) at the add: on GPT-2
 #   with tied embeddings that keeps the logits' gradient alive through the whole backward;
+# - a kernel fusing nodes far apart runs where the first was, and what the others read is made before it:
+#   fusions at most 4 nodes apart keep Llama's LM-head gradient ahead of the recomputed last block
+#   (``memopt.codegen.fusion``);
 # - a fused kernel allocates all its outputs before it runs, where eager frees one temporary
 #   before making the next: smaller kernels bring Llama's MLP backward back to the plan.
 FALLBACK_OPTIONS: tuple[dict[str, Any], ...] = (
     {"pattern_matcher": False},
-    {"pattern_matcher": False, "max_fusion_size": 4},
+    {"pattern_matcher": False, FUSION_WINDOW: 4},
+    {"pattern_matcher": False, FUSION_WINDOW: 4, "max_fusion_size": 4},
 )
 
 
@@ -217,6 +222,13 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
     ends the search. Raises ``InductorBudgetError`` when nothing fits. ``compile_step``
     is how a step is compiled (``InductorStep``'s signature; tests pass a stand-in).
 
+    A budget below the smallest plan's (``plan_at`` raises ``BudgetInfeasibleError``
+    for it): Inductor's code for the smallest plan, or for one a little above it, can
+    still fit, since its fused kernels never hold some intermediates the plans count.
+    Those are compiled as above (from the smallest plan's budget, without re-planning
+    lower); when none fits, the error is raised as it was, with a note of what the
+    code needed.
+
     ``reclaim_headroom``: Inductor's fused kernels skip intermediates the plan counts,
     so its code often peaks well under the plan it compiles. When it leaves more than
     ``RECLAIM_FRACTION`` of the budget unused, plan once more for the budget plus what
@@ -227,8 +239,13 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
 
     ladder = [dict(options or {})] + [{**(options or {}), **extra} for extra in FALLBACK_OPTIONS]
     attempts: list[Attempt] = []
-    target, first_rung = budget_bytes, 0
-    planned = plan_at(target)  # a budget no plan meets is the caller's error, raised as it is
+    target, first_rung, infeasible = budget_bytes, 0, None
+    try:
+        planned = plan_at(target)
+    except BudgetInfeasibleError as error:  # below every plan: the smallest plan's code may still fit
+        target, replans, infeasible = error.minimum, 0, error
+        planned = plan_at(target)
+    base = target
     for replan in range(replans + 1):
         if replan:
             try:
@@ -246,7 +263,7 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
                      target, ladder[rung], predicted, budget_bytes)
             if predicted <= budget_bytes:
                 lowered = Lowered(step, planned, tuple(attempts), predicted)
-                if reclaim_headroom is None or replan:
+                if reclaim_headroom is None or replan or infeasible is not None:
                     return lowered
                 return _reclaimed(lowered, plan_at, budget_bytes, target, ladder[rung], compile_step,
                                   reclaim_headroom)
@@ -262,7 +279,7 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
     # kernels skip intermediates the plan counts; the benchmark's llama: the plan for its smallest budget,
     # 298.1 MB, compiled to code peaking at 335.0 MB, the plan for 313.0 MB to code peaking at 270.0 MB)
     for factor in ABOVE_FACTORS:
-        above = math.ceil(budget_bytes * factor)
+        above = math.ceil(base * factor)
         try:
             planned = plan_at(above)
         except BudgetInfeasibleError:
@@ -271,7 +288,12 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
         attempts.append(attempt)
         if attempt.predicted_peak_bytes <= budget_bytes:
             return Lowered(step, planned, tuple(attempts), attempt.predicted_peak_bytes)
-    raise InductorBudgetError(budget_bytes, min(a.predicted_peak_bytes for a in attempts), tuple(attempts))
+    lowest = min(a.predicted_peak_bytes for a in attempts)
+    if infeasible is not None:
+        infeasible.add_note(f"Inductor's code for the plans at and a little above that budget peaks at "
+                            f"{lowest:,} B at best ({len(attempts)} compiles)")
+        raise infeasible
+    raise InductorBudgetError(budget_bytes, lowest, tuple(attempts))
 
 
 RECLAIM_FRACTION = 0.05  # of the budget left unused by Inductor's code, worth one more plan and compile
@@ -326,8 +348,9 @@ def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs
     sources: list[str] = []
     started = time.perf_counter()
     # the wrapper code, on a cache hit too (Inductor's hook for reading the code it produced)
-    patches = {**DEFAULT_OPTIONS, **options}
-    with torch.no_grad(), mock.patch.object(GraphLowering, "save_output_code", sources.append):
+    chosen = {**DEFAULT_OPTIONS, **options}
+    with (torch.no_grad(), mock.patch.object(GraphLowering, "save_output_code", sources.append),
+          inductor_patches(chosen) as patches):
         compiled = compile_fx(module, [examples], config_patches=patches)
     seconds = time.perf_counter() - started
     if len(sources) != 1:
@@ -336,7 +359,7 @@ def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs
     if memory.unsized:
         log.warning("could not size %d allocation(s) of the compiled code: %s", len(memory.unsized),
                     "; ".join(memory.unsized[:3]))
-    return CompiledProgram(compiled, sources[0], memory, patches, seconds)
+    return CompiledProgram(compiled, sources[0], memory, chosen, seconds)
 
 
 @torch.library.custom_op("memopt::bernoulli_like", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
