@@ -357,7 +357,9 @@ def memopt_section(rows: list[dict[str, Any]], eager: dict[str, Any] | None) -> 
     if family_rows(mine, "memopt-inductor="):
         lines += [("memopt-inductor=<torch row>: Inductor as above, asked to peak no higher than that torch row "
                    "measured earlier in this run: the budget is the smallest whose planned part (the budget less "
-                   "memopt's 2% headroom) is that peak. An error row means memopt cannot plan that low."), ""]
+                   "memopt's 2% headroom) is that peak. Below memopt's smallest plan, memopt compiles that plan "
+                   "and a few just above it and runs one whose code fits (its plan then peaks above the budget); "
+                   "an error row means none did."), ""]
     lines += table(header, [memopt_row(r, eager) for r in mine]) + [""]
     lines += [f"- measured ≤ budget: {len(fits)} of {len(mine)} memopt rows"
               + ("" if len(fits) == len(mine) else " (**not all**: see the rows marked NO or error)")]

@@ -124,7 +124,10 @@ def compile(
     ``backend="inductor"`` compiles them with Inductor (fused, within float
     tolerance of eager), reads the peak of the code Inductor wrote, and when it
     is over the budget turns off the offending Inductor passes or re-plans
-    (``InductorBudgetError`` if nothing fits). ``inductor_options`` are Inductor
+    (``InductorBudgetError`` if nothing fits). Inductor's fused kernels hold less
+    than the plans count, so with Inductor a budget below every plan is tried
+    too: the code of the smallest plan, and of a few just above it, runs if it
+    fits (else ``BudgetInfeasibleError``, noting what the code needed). ``inductor_options`` are Inductor
     config entries on top of memopt's (``memopt.codegen.inductor.DEFAULT_OPTIONS``).
     ``offload=True`` sends activations to a host pool when recomputation alone does not
     fit (``memopt.plan``); with Inductor, the host copies are counted apart from device

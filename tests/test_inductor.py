@@ -160,12 +160,14 @@ def test_when_no_pass_helps_memopt_replans_for_the_excess_then_a_little_above_th
             raise memopt.BudgetInfeasibleError(target, 1000, "somewhere")
         return _planned(target)
 
-    for target in (1050, 1100, 1200):  # the plans for a little more: their code is over the budget too
+    for target in (1050, 1100, 1200):  # the plans for a little more: their code is over the budget too,
+        table[_key(target, 0)] = (500, 960)  # with the caller's options and with the rung that came closest
         table[_key(target, 3)] = (500, 950)
     with pytest.raises(InductorBudgetError) as info:
         lower_within_budget(infeasible_below_1000, 1000, compile_step=_StandIn(table, []))
     assert info.value.predicted == 1050 and "raise the budget to 1,050 B" in str(info.value)
-    assert [a.target_bytes for a in info.value.attempts][-3:] == [1050, 1100, 1200]
+    assert [(a.target_bytes, a.options) for a in info.value.attempts][-6:] == [
+        (t, options) for t in (1050, 1100, 1200) for options in ({}, FALLBACK_OPTIONS[2])]
     # the code of the plan for 10% more fits: that step is kept
     table[_key(1100, 3)] = (500, 880)
     lowered = lower_within_budget(infeasible_below_1000, 1000, compile_step=_StandIn(table, []))
@@ -180,17 +182,22 @@ def test_below_the_smallest_plan_the_code_of_the_plans_at_and_above_it_may_still
 
     # the smallest plan's code: 1090 at best; the plan for 5% more compiles to code peaking at 960
     table = {_key(1000, r): (500, p) for r, p in enumerate((1100, 1000, 995, 990))}
+    table.update({_key(t, 0): (500, 900) for t in (1050, 1100, 1200)})
     table.update({_key(1050, 3): (500, 860), _key(1100, 3): (500, 950), _key(1200, 3): (500, 950)})
     lowered = lower_within_budget(infeasible_below_1000, 970, compile_step=_StandIn(table, []),
                                   reclaim_headroom=0.02)
     assert lowered.planned.runner == 1050 and lowered.peak_bytes == 960
-    # the ladder at the smallest plan, no plan below it, then the plans above it
-    assert [a.target_bytes for a in lowered.attempts] == [1000, 1000, 1000, 1000, 1050]
+    # the ladder at the smallest plan, no plan below it, then the plans above it: the caller's options first
+    assert [(a.target_bytes, a.predicted_peak_bytes) for a in lowered.attempts] == [
+        (1000, 1200), (1000, 1100), (1000, 1095), (1000, 1090), (1050, 1000), (1050, 960)]
+    table[_key(1050, 0)] = (500, 850)  # with the caller's options, the code of the plan for 5% more fits
+    lowered = lower_within_budget(infeasible_below_1000, 970, compile_step=_StandIn(table, []))
+    assert lowered.planned.runner == 1050 and lowered.peak_bytes == 950 and lowered.attempts[-1].options == {}
     # nothing fits: the user's budget was below every plan, and the error says so, with what the code needed
     with pytest.raises(memopt.BudgetInfeasibleError) as info:
-        lower_within_budget(infeasible_below_1000, 950, compile_step=_StandIn(table, []))
-    assert info.value.budget == 950 and info.value.minimum == 1000
-    assert "peaks at 960 B at best (7 compiles)" in " ".join(info.value.__notes__)
+        lower_within_budget(infeasible_below_1000, 900, compile_step=_StandIn(table, []))
+    assert info.value.budget == 900 and info.value.minimum == 1000
+    assert "peaks at 950 B at best (10 compiles)" in " ".join(info.value.__notes__)
 
 
 def test_budget_left_unused_by_the_code_is_planned_for_once_more():
