@@ -2,6 +2,7 @@
 and peaks where its wrapper code says it does."""
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -17,9 +18,11 @@ from memopt.codegen.inductor import (
     InductorBudgetError,
     InductorStep,
     PlannedStep,
+    compile_program,
     lower_within_budget,
     program_module,
     run_inductor_step,
+    unread_inputs,
     wrapper_memory,
 )
 from memopt.codegen.runner import StepRunner
@@ -69,6 +72,39 @@ def test_wrapper_memory_frees_a_storage_only_when_its_last_alias_goes():
         inputs = [torch.empty(16, 16), torch.empty(16, 32), torch.empty(16, 8)]
     memory = wrapper_memory(source, inputs, held=[False, True, True])
     assert memory.timeline == (1024, 3072, 3584, 2560, 1536)  # arg0's storage lives until the function returns
+
+
+def test_an_input_the_code_never_reads_goes_with_the_argument_list_not_at_the_return():
+    # the unpacked name of an unread input would hold it to the end (a logits-sized tensor on llama)
+    source = WRAPPER.replace("arg0_1, arg1_1, arg2_1 = args", "arg0_1, arg1_1, arg2_1, arg3_1 = args")
+    assert unread_inputs(source) == (3,)
+    assert unread_inputs(WRAPPER) == ()
+    assert unread_inputs(WRAPPER.replace("        del arg0_1\n", "")) == ()  # read by cpp_fused_0, not freed
+    with FakeTensorMode():
+        inputs = [torch.empty(16, 16), torch.empty(16, 32), torch.empty(16, 8), torch.empty(64, 64)]
+    kept = wrapper_memory(source, inputs, held=[False, True, True, False])
+    gone = wrapper_memory(source, inputs, held=[False, True, True, False], unread=(3,))
+    # the 16 KiB input lives until the function returns, or goes with the argument list
+    assert kept.timeline == (1024, 0, 2048, 2560, 1536, -14848) and kept.peak_bytes == 2560
+    assert gone.timeline == (-16384, -15360, -16384, -14336, -13824, -14848) and gone.peak_bytes == 0
+
+
+def test_a_compiled_program_lets_go_of_the_inputs_its_code_never_reads():
+    graph = torch.fx.Graph()
+    x, unread = graph.placeholder("x"), graph.placeholder("unread")
+    y = graph.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
+    graph.output((y,))
+    x.meta["val"], unread.meta["val"], y.meta["val"] = torch.randn(8), torch.randn(1024), torch.randn(8)
+    program = compile_program([y], [x, unread], [y], held=[True, False], options={})
+    assert program.unread == (1,)
+    assert program.memory.end_bytes == 32 - 4096  # the output, less the input freed with the list
+    value, big = torch.randn(8), torch.randn(1024)
+    gone = weakref.ref(big)
+    values = [value, big]
+    del big
+    (result,) = program.run(values)
+    assert gone() is None and values == []
+    torch.testing.assert_close(result, value * 2)
 
 
 def test_program_module_takes_one_list_that_inductor_may_steal_and_runs_like_the_program():

@@ -8,7 +8,9 @@ running statistics and ``num_batches_tracked``, an input changed in place: all
 written back once, in the graph) and Inductor fuses it, recomputation included.
 The list is the boxed calling convention: the compiled code clears it and drops
 each input after its last reader, so the backward frees the saved set as it
-goes, as the FX path does.
+goes, as the FX path does. An input the code never reads (Inductor's
+decompositions leave some unread) would stay bound to its name until the code
+returns: it goes in as an empty tensor (``CompiledProgram.run``).
 
 Three Inductor settings differ from its defaults (``DEFAULT_OPTIONS``):
 ``fallback_random`` (dropout draws from aten's generator in eager's order, so
@@ -83,6 +85,15 @@ class CompiledProgram:
     memory: WrapperMemory
     options: dict[str, Any]  # the Inductor config it was compiled under
     seconds: float
+    unread: tuple[int, ...] = ()  # inputs its code never reads (``unread_inputs``)
+
+    def run(self, values: list) -> list[torch.Tensor]:
+        """The program's outputs from ``values`` (emptied). The unread inputs go in as empty tensors: the
+        code's names would hold them to its end, where the list was their last holder."""
+        for index in self.unread:
+            if isinstance(values[index], torch.Tensor):
+                values[index] = values[index].new_empty(0)
+        return list(self.fn(values))
 
 
 class InductorStep:
@@ -121,11 +132,11 @@ class InductorStep:
 
     def run_forward(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
         """The loss and the saved set from the placeholders' ``values`` (the list is emptied)."""
-        return list(self.forward.fn(values))
+        return self.forward.run(values)
 
     def run_backward(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
         """The gradients (``runner.grad_nodes`` order) from ``values`` in ``backward_inputs`` order (emptied)."""
-        return list(self.backward.fn(values))
+        return self.backward.run(values)
 
     def peaks(self, entry_bytes: int) -> tuple[int, int]:
         """The forward's and the backward's peaks, with ``entry_bytes`` live when the forward starts."""
@@ -361,11 +372,12 @@ def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs
     seconds = time.perf_counter() - started
     if len(sources) != 1:
         raise MemoptError(f"Inductor compiled one program into {len(sources)} graphs; memopt expects one")
-    memory = wrapper_memory(sources[0], examples, held, host=host)
+    unread = unread_inputs(sources[0])
+    memory = wrapper_memory(sources[0], examples, held, host=host, unread=unread)
     if memory.unsized:
         log.warning("could not size %d allocation(s) of the compiled code: %s", len(memory.unsized),
                     "; ".join(memory.unsized[:3]))
-    return CompiledProgram(compiled, sources[0], memory, chosen, seconds)
+    return CompiledProgram(compiled, sources[0], memory, chosen, seconds, unread)
 
 
 @torch.library.custom_op("memopt::bernoulli_like", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -440,7 +452,7 @@ _UNPACK = re.compile(r"^([\w\s,]+)=\s*args$")
 
 
 def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool], *,
-                   host: Sequence[bool] | None = None) -> WrapperMemory:
+                   host: Sequence[bool] | None = None, unread: Sequence[int] = ()) -> WrapperMemory:
     """Replay the ``call`` function of Inductor's wrapper code on fake tensors and count the bytes it holds.
 
     Every assignment is evaluated on fake tensors (allocations, reinterpretations,
@@ -453,6 +465,8 @@ def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool], *,
     Host copies are not device memory: the results of ``HOST_RESULT_OPS``
     (``memopt::offload``, a view of the host pool) and the inputs ``host`` marks
     count no bytes; the bytes the program's offloads copy out are ``host_bytes``.
+    The inputs ``unread`` lists are not bound to their names (``CompiledProgram.run``
+    passes empty tensors for them): they go with the argument list.
     """
     lines = _call_body(source)
     mode = _fake_mode(inputs)
@@ -509,9 +523,10 @@ def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool], *,
                     if len(targets) != len(inputs):
                         raise MemoptError(f"the compiled code takes {len(targets)} inputs, the program "
                                           f"{len(inputs)}; memopt cannot read its memory")
-                    for target, tensor in zip(targets, inputs):
-                        names[target] = tensor
-                        hold(tensor)
+                    for index, (target, tensor) in enumerate(zip(targets, inputs)):
+                        if index not in unread:
+                            names[target] = tensor
+                            hold(tensor)
                 elif statement.startswith("del "):
                     for target in (t.strip() for t in statement[4:].split(",")):
                         if target not in names:
@@ -558,6 +573,23 @@ class _HostResults(TorchDispatchMode):
                     self.storages.add(_storage_key(tensor))
                     self.nbytes += tensor.untyped_storage().nbytes()
         return result
+
+
+def unread_inputs(source: str) -> tuple[int, ...]:
+    """The inputs the ``call`` of Inductor's wrapper code unpacks and never names again (but to ``del`` them).
+
+    Inductor's decompositions can leave an input unread (``nll_loss_backward`` reads only the
+    shape of the log-probabilities it is given), and the name it was unpacked to holds it until
+    ``call`` returns: on Llama's backward, a logits-sized tensor through the whole backward.
+    """
+    lines = _call_body(source)
+    for at, line in enumerate(lines):
+        if unpack := _UNPACK.match(line):
+            targets = [t.strip() for t in unpack.group(1).split(",") if t.strip()]
+            read = set(re.findall(r"[A-Za-z_]\w*", " ".join(text for text in lines[at + 1:]
+                                                             if not text.startswith("del "))))
+            return tuple(index for index, target in enumerate(targets) if target not in read)
+    return ()
 
 
 def _call_body(source: str) -> list[str]:
