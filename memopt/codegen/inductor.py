@@ -159,16 +159,17 @@ class InductorStep:
 # ---------------------------------------------------------------------------------------------------
 # Keeping the compiled step under the budget
 
-# Inductor passes that can lengthen what the plan keeps alive, turned off in this order (each rung on
-# top of the one before) when the compiled code would break the budget:
-# - post-grad pattern matching rewrites add(mm(a, b), c) into addmm(c, a, b) at the add: on GPT-2
-#   with tied embeddings that keeps the logits' gradient alive through the whole backward;
+# Inductor passes that can lengthen what the plan keeps alive, turned off in this order when the
+# compiled code would break the budget (each rung a whole set of options, cheapest first):
 # - a kernel fusing nodes far apart runs where the first was, and what the others read is made before it:
 #   fusions at most 4 nodes apart keep Llama's LM-head gradient ahead of the recomputed last block
-#   (``memopt.codegen.fusion``);
+#   (``memopt.codegen.fusion``; it costs few fusions);
+# - post-grad pattern matching rewrites add(mm(a, b), c) into addmm(c, a, b) at the add: on GPT-2
+#   with tied embeddings that kept the logits' gradient alive through the whole backward;
 # - a fused kernel allocates all its outputs before it runs, where eager frees one temporary
 #   before making the next: smaller kernels bring Llama's MLP backward back to the plan.
 FALLBACK_OPTIONS: tuple[dict[str, Any], ...] = (
+    {FUSION_WINDOW: 4},
     {"pattern_matcher": False},
     {"pattern_matcher": False, FUSION_WINDOW: 4},
     {"pattern_matcher": False, FUSION_WINDOW: 4, "max_fusion_size": 4},
@@ -287,10 +288,10 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
         first_rung = best[1]
         target -= best[0] - budget_bytes
     # no plan lower fits: Inductor's code for a plan that recomputes less can still peak lower (its fused
-    # kernels skip intermediates the plan counts; the benchmark's llama: the plan for its smallest budget,
-    # 298.1 MB, compiled to code peaking at 329.4 MB at best, the plan for 313.0 MB (5% more) to code peaking
-    # at 270.0 MB with Inductor's passes on, 302.6 MB without addmm pattern matching): each is compiled with
-    # the caller's options, then with the rung that came closest
+    # kernels skip intermediates the plan counts; the benchmark's llama, before unread inputs were let go:
+    # the plan for its smallest budget, 298.1 MB, compiled to code peaking at 329.4 MB at best, the plan for
+    # 313.0 MB (5% more) to code peaking at 270.0 MB with Inductor's passes on, 302.6 MB without addmm pattern
+    # matching): each is compiled with the caller's options, then with the rung that came closest
     for factor in ABOVE_FACTORS:
         above = math.ceil(base * factor)
         try:
