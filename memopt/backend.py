@@ -23,6 +23,7 @@ import dataclasses
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -74,12 +75,22 @@ class MemoptWarning(UserWarning):
 @dataclass(frozen=True)
 class BackendOptions:
     budget_bytes: int
-    optimizer: Any = None
+    optimizer_given: Any = None  # as given; an optimizer instance through a weak reference (see ``session``)
     device: str | DeviceSpec | None = None
     compiler: str = "eager"
     inductor_options: dict[str, Any] = field(default_factory=dict)
     config: PlanConfig = PlanConfig()
     hold_outputs: bool = True
+
+    @property
+    def optimizer(self) -> Any:
+        """The optimizer: an instance (None once the caller let go of it), a class, or (class, kwargs)."""
+        given = self.optimizer_given
+        return given() if isinstance(given, weakref.ref) else given
+
+    @property
+    def optimizer_gone(self) -> bool:
+        return isinstance(self.optimizer_given, weakref.ref) and self.optimizer_given() is None
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> BackendOptions:
@@ -110,7 +121,10 @@ class BackendOptions:
             if solver not in SOLVERS:
                 raise MemoptError(f"unknown remat solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
             config = dataclasses.replace(config, solver=solver)
-        return cls(parse_budget(options["budget"]), options.get("optimizer"), options.get("device"), compiler,
+        optimizer = options.get("optimizer")
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = weakref.ref(optimizer)
+        return cls(parse_budget(options["budget"]), optimizer, options.get("device"), compiler,
                    dict(options.get("inductor_options") or {}), config, bool(options.get("hold_outputs", True)))
 
 
@@ -166,17 +180,30 @@ class Session:
         return [graph.plan for graph in self.graphs]
 
 
-# One session per options object a torch.compile call was given (it passes the same dict to every graph);
-# the dict is kept so that its id is not reused while the session lives.
-_SESSIONS: dict[int, tuple[Any, Session]] = {}
+@dataclass(frozen=True)
+class _Entry:
+    held: tuple[tuple[str, int], ...]  # what the options dict held, by identity
+    session: Session
+    options: Any = None  # the dict itself when it holds no optimizer instance: its id is not reused
+
+
+# One session per options object a torch.compile call was given (it passes the same dict to every graph),
+# found by the dict's id and what it holds. The registry holds no optimizer instance (it would keep the
+# parameters and optimizer state of every model compiled in the process): only a weak reference, and a
+# session whose optimizer is gone goes too.
+_SESSIONS: dict[int, _Entry] = {}
 
 
 def session(options: dict[str, Any] | None) -> Session:
     """The session of the ``torch.compile`` call that was given ``options``."""
-    key = id(options)
-    if key not in _SESSIONS:
-        _SESSIONS[key] = (options, Session(BackendOptions.parse(options)))
-    return _SESSIONS[key][1]
+    for key in [key for key, entry in _SESSIONS.items() if entry.session.options.optimizer_gone]:
+        del _SESSIONS[key]
+    held = tuple((name, id(value)) for name, value in (options or {}).items())
+    entry = _SESSIONS.get(id(options))
+    if entry is None or entry.held != held:
+        keep = None if isinstance((options or {}).get("optimizer"), torch.optim.Optimizer) else options
+        entry = _SESSIONS[id(options)] = _Entry(held, Session(BackendOptions.parse(options)), keep)
+    return entry.session
 
 
 def plans(options: dict[str, Any]) -> list[MemoryPlan]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import json
 import os
 import subprocess
 import sys
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -125,6 +127,24 @@ def test_trains_under_the_budget_bitwise_equal_to_eager():
         assert torch.equal(p.grad, q.grad), name
     for (name, b), c in zip(model.named_buffers(), reference.buffers()):
         assert torch.equal(b, c), name  # BatchNorm statistics updated once per step
+
+
+def test_the_backend_lets_go_of_the_optimizer_and_model_once_their_graphs_are_gone():
+    # the sessions outlive a compiled model; holding its optimizer kept the parameters and optimizer state of
+    # every model compiled in the process (the next model's measured peak counted them)
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(64, 128)
+    optimizer = torch.optim.AdamW(model.parameters())
+    options = {"budget": "1GB", "optimizer": optimizer, "cache": False}
+    compiled = torch.compile(model, backend=memopt_backend, options=options)
+    compiled(x).backward()
+    optimizer.step()
+    assert len(plans(options)) == 1 and plans(options)[0].optimizer is not None
+    gone = weakref.ref(optimizer), weakref.ref(model)
+    del compiled, optimizer, model, options
+    torch._dynamo.reset()
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
 
 
 def test_a_budget_below_the_minimum_fails_before_running_and_leaves_the_model():
