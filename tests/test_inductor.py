@@ -246,6 +246,12 @@ def test_budget_left_unused_by_the_code_is_planned_for_once_more():
     table[_key(1280, 0)] = (500, 881)
     lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
     assert lowered.planned.runner == 1000 and lowered.peak_bytes == 700 and len(lowered.attempts) == 2
+    # the second plan's code leaves 100 unused (over 5% of the budget): a third plan, for 1280 + 100
+    table.update({_key(1280, 0): (500, 780), _key(1380, 0): (500, 860)})
+    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
+    assert lowered.planned.runner == 1380 and lowered.peak_bytes == 960
+    assert [(a.target_bytes, a.predicted_peak_bytes) for a in lowered.attempts] == [
+        (1000, 700), (1280, 880), (1380, 960)]
     # little to spare (under 5% of the budget): no second plan
     table = {_key(1000, 0): (500, 840)}  # 940 with the 100 B entry: 40 spare
     lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)

@@ -245,7 +245,8 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
     so its code often peaks well under the plan it compiles. When it leaves more than
     ``RECLAIM_FRACTION`` of the budget unused, plan once more for the budget plus what
     it left (less recomputation) and keep that step if its code peaks under the budget
-    less this headroom fraction; else the first.
+    less this headroom fraction, then again from it (``RECLAIM_ROUNDS`` plans at most);
+    else the first.
     """
     from memopt.errors import BudgetInfeasibleError
 
@@ -315,28 +316,34 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
 
 
 RECLAIM_FRACTION = 0.05  # of the budget left unused by Inductor's code, worth one more plan and compile
+RECLAIM_ROUNDS = 3  # plans for what the code left unused, each from the last that fit
 ABOVE_FACTORS = (1.05, 1.1, 1.2)  # plans for budgets this much higher, tried when nothing lower fits
 
 
 def _reclaimed(lowered: Lowered, plan_at: Callable[[int], PlannedStep], budget_bytes: int, target: int,
                options: dict[str, Any], compile_step: Callable[..., InductorStep], headroom: float) -> Lowered:
-    """``lowered``, or the step planned for the budget its code left unused, when that one's code fits too."""
+    """``lowered``, or the step planned for the budget its code left unused, when that one's code fits too;
+    again from that step, up to ``RECLAIM_ROUNDS`` plans, while the code leaves enough unused."""
     from memopt.errors import BudgetInfeasibleError
 
     limit = planned_part(budget_bytes, headroom)
-    spare = limit - lowered.peak_bytes
-    if spare <= RECLAIM_FRACTION * budget_bytes:
-        return lowered
-    try:
-        planned = plan_at(target + spare)
-    except BudgetInfeasibleError:
-        return lowered
-    step, attempt = _attempt(planned, target + spare, options, compile_step)
-    attempts, predicted = (*lowered.attempts, attempt), attempt.predicted_peak_bytes
-    log.info("inductor: reclaimed plan for %d B: predicted peak %d B (limit %d B)", target + spare, predicted, limit)
-    if predicted <= limit:
-        return Lowered(step, planned, attempts, predicted)
-    return dataclasses.replace(lowered, attempts=attempts)
+    best, attempts = lowered, list(lowered.attempts)
+    for _ in range(RECLAIM_ROUNDS):
+        spare = limit - best.peak_bytes
+        if spare <= RECLAIM_FRACTION * budget_bytes:
+            break
+        try:
+            planned = plan_at(target + spare)
+        except BudgetInfeasibleError:
+            break
+        step, attempt = _attempt(planned, target + spare, options, compile_step)
+        attempts.append(attempt)
+        log.info("inductor: reclaimed plan for %d B: predicted peak %d B (limit %d B)", target + spare,
+                 attempt.predicted_peak_bytes, limit)
+        if attempt.predicted_peak_bytes > limit:
+            break
+        best, target = Lowered(step, planned, (), attempt.predicted_peak_bytes), target + spare
+    return dataclasses.replace(best, attempts=tuple(attempts))
 
 
 def _attempt(planned: PlannedStep, target: int, options: dict[str, Any], compile_step: Callable[..., InductorStep],
