@@ -127,8 +127,9 @@ def compile(
     (``InductorBudgetError`` if nothing fits). Inductor's fused kernels hold less
     than the plans count, so with Inductor a budget below every plan is tried
     too: the code of the smallest plan, and of a few just above it, runs if it
-    fits (else ``BudgetInfeasibleError``, noting what the code needed). ``inductor_options`` are Inductor
-    config entries on top of memopt's (``memopt.codegen.inductor.DEFAULT_OPTIONS``).
+    fits (else ``BudgetInfeasibleError``, noting what the code needed).
+    ``inductor_options`` are Inductor config entries on top of memopt's
+    (``memopt.codegen.inductor.DEFAULT_OPTIONS``).
     ``offload=True`` sends activations to a host pool when recomputation alone does not
     fit (``memopt.plan``); with Inductor, the host copies are counted apart from device
     memory when its code is checked against the budget. ``offload=None`` is
