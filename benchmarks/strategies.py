@@ -223,12 +223,12 @@ def memopt_summary(compiled: memopt.CompiledModule) -> dict[str, Any]:
 
 def inductor_summary(compiled: memopt.CompiledModule) -> dict[str, Any]:
     """What Inductor compiled for the last step: its peak as memopt reads it from the wrapper code (the budget
-    check memopt.compile made), the Inductor options each program was compiled under and the compile time.
-    CompiledModule keeps the compiled step only in its private per-signature cache, read here."""
+    check memopt.compile made), the Inductor options each program was compiled under, the compile time, and
+    every compile memopt tried for it (the plan's target, options and code peak)."""
     from memopt.codegen.inductor import DEFAULT_OPTIONS, InductorStep
 
     plan = compiled.plan
-    step = next((executor for planned, _, executor in compiled._steps.values() if planned is plan), None)
+    step = compiled.executor
     if not isinstance(step, InductorStep):
         return {"error": f"no InductorStep for the last plan (found {type(step).__name__})"}
     # the optimizer step's peak, as memopt.compile counts it (api.CompiledModule._lower)
@@ -242,7 +242,9 @@ def inductor_summary(compiled: memopt.CompiledModule) -> dict[str, Any]:
     return {"predicted_peak_bytes": step.predicted_peak_bytes(plan.entry_bytes, after),
             "forward_peak_bytes": forward_peak, "backward_peak_bytes": backward_peak, "optimizer_peak_bytes": after,
             "forward_options": extra(step.forward.options), "backward_options": extra(step.backward.options),
-            "compile_seconds": step.compile_seconds}
+            "compile_seconds": step.compile_seconds,
+            "compiles": [{"target_bytes": c.target_bytes, "options": c.options, "peak_bytes": c.predicted_peak_bytes,
+                          "seconds": round(c.seconds, 1), "chosen": c.chosen} for c in plan.compiles]}
 
 
 @contextlib.contextmanager

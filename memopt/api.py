@@ -185,11 +185,17 @@ class CompiledModule(nn.Module):
         self._loss_fn, self._optimizer, self._device, self._config = loss_fn, optimizer, device, config
         self._inductor_options = inductor_options
         self._steps: dict[tuple, tuple[MemoryPlan, StepRunner, Executor]] = {}
-        self._last: MemoryPlan | None = None
+        self._last: tuple[MemoryPlan, StepRunner, Executor] | None = None
 
     @property
     def plan(self) -> MemoryPlan | None:
-        return self._last
+        return None if self._last is None else self._last[0]
+
+    @property
+    def executor(self) -> Executor | None:
+        """What ran the last step's programs: the plan's FX graphs (a ``StepRunner``) or Inductor's code
+        for them (an ``InductorStep``, whose ``peaks`` and program options show what it compiled)."""
+        return None if self._last is None else self._last[2]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not (self.training and torch.is_grad_enabled()):
@@ -204,7 +210,8 @@ class CompiledModule(nn.Module):
         key = _signature(self.model, inputs)
         if key not in self._steps:
             self._steps[key] = self._lower(inputs)
-        self._last, runner, executor = self._steps[key]
+        self._last = self._steps[key]
+        _, runner, executor = self._last
         values = [*self.model.parameters(), *self.model.buffers(), *leaves]
         return run_step(runner, values, executor)
 
@@ -237,7 +244,7 @@ class CompiledModule(nn.Module):
         # the plan that runs may have been made for more than the budget (what Inductor's code left unused):
         # the budget is the user's, and the peak that holds it is the compiled code's
         planned = dataclasses.replace(lowered.planned.plan, budget_bytes=self.budget_bytes,
-                                      compiled_peak_bytes=lowered.peak_bytes)
+                                      compiled_peak_bytes=lowered.peak_bytes, compiles=lowered.attempts)
         return planned, lowered.planned.runner, lowered.step
 
     def _planned_in_arena(self, inputs: tuple | dict) -> MemoryPlan:

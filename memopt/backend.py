@@ -48,7 +48,7 @@ from memopt.passes.optimizer_memory import ParamInfo, optimizer_memory
 from memopt.passes.remat_plan import SOLVERS
 from memopt.passes.storage import BUFFERS, GRADIENTS, OPTIMIZER_STATE, PARAMETERS
 from memopt.pipeline import run_pipeline
-from memopt.plan import MemoryPlan
+from memopt.plan import CompileAttempt, MemoryPlan
 
 KNOWN_OPTIONS: dict[str, str] = {
     "budget": "the step's byte budget: an int or a string such as '24GB' or '512MiB' (required)",
@@ -235,9 +235,9 @@ def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs:
         if graph is not None:
             state.add(graph)
         return compiled  # without a backward (no_grad, eval), nothing was planned: it runs as traced
-    from memopt.codegen.inductor import FALLBACK_OPTIONS, Attempt, InductorBudgetError
+    from memopt.codegen.inductor import FALLBACK_OPTIONS, InductorBudgetError
 
-    attempts: list[Attempt] = []
+    attempts: list[CompileAttempt] = []
     extra: dict[str, Any] = {}
     lower_by = 0
     for rung in range(len(FALLBACK_OPTIONS) + 3):
@@ -256,7 +256,7 @@ def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs:
         # the plan's own peak too: the replay does not see what the runtime around the code allocates (a
         # gradient autograd copies into its parameter's layout)
         predicted = max(forward, backward, after, graph.plan.peak_bytes)
-        attempts.append(Attempt(graph.budget_bytes - lower_by, extra, forward, backward, predicted,
+        attempts.append(CompileAttempt(graph.budget_bytes - lower_by, extra, forward, backward, predicted,
                                 time.perf_counter() - started))
         if predicted <= graph.budget_bytes:
             state.add(dataclasses.replace(graph, compiled_peak_bytes=predicted))

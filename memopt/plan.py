@@ -77,6 +77,19 @@ class OffloadSummary:
 
 
 @dataclass(frozen=True, slots=True)
+class CompileAttempt:
+    """One Inductor compile of a plan, tried to keep the compiled step under the budget."""
+
+    target_bytes: int  # the budget the plan was made for
+    options: dict[str, Any]  # Inductor options on top of memopt's defaults
+    forward_peak_bytes: int  # the code's peaks, read from its wrapper
+    backward_peak_bytes: int
+    predicted_peak_bytes: int  # the step's: the larger of both and the optimizer step's
+    seconds: float
+    chosen: bool = False  # the step that runs
+
+
+@dataclass(frozen=True, slots=True)
 class Measured:
     peak_bytes: int
     error: float  # (predicted - measured) / measured
@@ -116,6 +129,7 @@ class MemoryPlan:
     scratch: tuple[int, ...] = ()  # per graph node: workspace its kernel allocates and frees inside (measured)
     offload: OffloadSummary | None = None  # host offload (offload=True and a budget)
     compiled_peak_bytes: int | None = None  # Inductor's code for the step, read from its wrapper (what runs)
+    compiles: tuple[CompileAttempt, ...] = ()  # the Inductor compiles tried for it, in order
     program: CapturedStep | None = dataclasses.field(default=None, compare=False, repr=False)  # what runs
 
     # -- the numbers --------------------------------------------------------
@@ -202,6 +216,8 @@ class MemoryPlan:
             data["measured"] = dataclasses.asdict(self.measured)
         if self.offload is not None:
             data["offload"] = self._offload_dict()
+        if self.compiles:
+            data["compiles"] = [dataclasses.asdict(c) for c in self.compiles]
         return data
 
     def _offload_dict(self) -> dict[str, Any]:
@@ -339,6 +355,11 @@ class MemoryPlan:
         if self.decisions:
             lines.append("\ndecisions:")
             lines.extend(f"  {d.action:<10}{d.name:<36}{d.bytes:>14,}  {d.reason}" for d in self.decisions)
+        if self.compiles:
+            lines.append("\nInductor compiles (plan made for, options, the code's peak):")
+            lines.extend(f"  {format_bytes(c.target_bytes):>12}  {str(c.options or 'defaults'):<60}"
+                         f"{format_bytes(c.predicted_peak_bytes):>12}{'  runs' if c.chosen else ''}"
+                         for c in self.compiles)
         lines.append("\npasses:")
         for record in self.history:
             lines.append(f"  {record.name:<20}{record.seconds * 1000:>9.1f} ms"

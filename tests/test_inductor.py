@@ -241,21 +241,35 @@ def test_budget_left_unused_by_the_code_is_planned_for_once_more():
     table = {_key(1000, 0): (500, 600), _key(1280, 0): (500, 880)}
     lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
     assert lowered.planned.runner == 1280 and lowered.peak_bytes == 980
-    assert [(a.target_bytes, a.predicted_peak_bytes) for a in lowered.attempts] == [(1000, 700), (1280, 980)]
-    # its code over the limit: the first step stays
-    table[_key(1280, 0)] = (500, 881)
+    assert [(a.target_bytes, a.predicted_peak_bytes, a.chosen) for a in lowered.attempts] == [
+        (1000, 700, False), (1280, 980, True)]
+    # the second plan's code leaves 100 unused (over 2% of the budget): a third plan, for 1280 + 100
+    table.update({_key(1280, 0): (500, 780), _key(1380, 0): (500, 865)})
     lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
-    assert lowered.planned.runner == 1000 and lowered.peak_bytes == 700 and len(lowered.attempts) == 2
-    # the second plan's code leaves 100 unused (over 5% of the budget): a third plan, for 1280 + 100
-    table.update({_key(1280, 0): (500, 780), _key(1380, 0): (500, 860)})
-    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
-    assert lowered.planned.runner == 1380 and lowered.peak_bytes == 960
+    assert lowered.planned.runner == 1380 and lowered.peak_bytes == 965
     assert [(a.target_bytes, a.predicted_peak_bytes) for a in lowered.attempts] == [
-        (1000, 700), (1280, 880), (1380, 960)]
-    # little to spare (under 5% of the budget): no second plan
-    table = {_key(1000, 0): (500, 840)}  # 940 with the 100 B entry: 40 spare
+        (1000, 700), (1280, 880), (1380, 965)]
+    # little to spare (15, under 2% of the budget): no second plan
+    table = {_key(1000, 0): (500, 865)}
     lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
-    assert lowered.planned.runner == 1000 and len(lowered.attempts) == 1
+    assert lowered.planned.runner == 1000 and len(lowered.attempts) == 1 and lowered.attempts[0].chosen
+
+
+def test_reclaim_bisects_when_a_larger_plan_s_code_is_over():
+    # the code's peak is not monotone in the plan's budget: 1280's is over, 1140's and 1175's fit, 1210's is over
+    table = {_key(1000, 0): (500, 600), _key(1280, 0): (500, 881), _key(1140, 0): (500, 800),
+             _key(1210, 0): (500, 890), _key(1175, 0): (500, 850)}
+    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
+    # from 1140 (80 spare) the next is min(1140 + 80, halfway to 1280); from it, halfway to 1210
+    assert [(a.target_bytes, a.predicted_peak_bytes) for a in lowered.attempts] == [
+        (1000, 700), (1280, 981), (1140, 900), (1210, 990), (1175, 950)]
+    assert lowered.planned.runner == 1175 and lowered.peak_bytes == 950
+    assert [a.chosen for a in lowered.attempts] == [False, False, False, False, True]
+    # every larger plan's code over: the first step stays, after RECLAIM_COMPILES (4) compiles
+    table = {_key(1000, 0): (500, 600), **{_key(t, 0): (500, 900) for t in (1280, 1140, 1070, 1035)}}
+    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
+    assert [a.target_bytes for a in lowered.attempts] == [1000, 1280, 1140, 1070, 1035]
+    assert lowered.planned.runner == 1000 and lowered.peak_bytes == 700 and lowered.attempts[0].chosen
 
 
 # --- end to end on real models (each compiles with Inductor: slow) ------------------------------------
@@ -407,3 +421,8 @@ def test_memopt_compile_with_the_inductor_backend_fits_and_matches_eager():
     peak = measured_step_peak(compiled.plan, memopt.measure_peak(steady_step(compiled, inputs, None)))
     assert peak <= budget
     assert any(d.action == "recompute" for d in compiled.plan.decisions)
+    # the compiles tried are on the plan, the one that runs marked, its peak the plan's compiled peak
+    chosen = [c for c in compiled.plan.compiles if c.chosen]
+    assert len(chosen) == 1 and chosen[0].predicted_peak_bytes == compiled.plan.compiled_peak_bytes
+    assert compiled.executor.peaks(compiled.plan.entry_bytes) == (chosen[0].forward_peak_bytes,
+                                                                   chosen[0].backward_peak_bytes)

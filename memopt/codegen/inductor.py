@@ -54,6 +54,7 @@ from memopt.codegen.fusion import FUSION_WINDOW, inductor_patches
 from memopt.codegen.offload_ops import HOST_RESULT_OPS
 from memopt.codegen.runner import StepRunner, run_step
 from memopt.errors import MemoptError
+from memopt.plan import CompileAttempt
 
 log = logging.getLogger(__name__)
 
@@ -186,30 +187,18 @@ class PlannedStep:
     plan: Any = None  # what it was made from (a MemoryPlan), handed back untouched
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One compile tried by ``lower_within_budget``."""
-
-    target_bytes: int  # the budget the plan was made for
-    options: dict[str, Any]  # Inductor options on top of DEFAULT_OPTIONS
-    forward_peak_bytes: int
-    backward_peak_bytes: int
-    predicted_peak_bytes: int
-    seconds: float
-
-
 @dataclass(frozen=True)
 class Lowered:
     step: InductorStep
     planned: PlannedStep
-    attempts: tuple[Attempt, ...]
+    attempts: tuple[CompileAttempt, ...]
     peak_bytes: int = 0  # the compiled step's predicted peak (its code's, read from the wrapper)
 
 
 class InductorBudgetError(MemoptError):
     """Inductor's code for the step breaks the budget, whatever memopt turned off or re-planned."""
 
-    def __init__(self, budget: int, predicted: int, attempts: tuple[Attempt, ...]) -> None:
+    def __init__(self, budget: int, predicted: int, attempts: tuple[CompileAttempt, ...]) -> None:
         self.budget, self.predicted, self.attempts = budget, predicted, attempts
         super().__init__(
             f"Inductor's code for this step peaks at {predicted:,} B at best, over the budget of {budget:,} B, "
@@ -243,15 +232,16 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
 
     ``reclaim_headroom``: Inductor's fused kernels skip intermediates the plan counts,
     so its code often peaks well under the plan it compiles. When it leaves more than
-    ``RECLAIM_FRACTION`` of the budget unused, plan once more for the budget plus what
-    it left (less recomputation) and keep that step if its code peaks under the budget
-    less this headroom fraction, then again from it (``RECLAIM_ROUNDS`` plans at most);
-    else the first.
+    ``RECLAIM_FRACTION`` of the budget unused, plans for larger budgets (less
+    recomputation) are compiled, and the one for the largest whose code peaks under the
+    budget less this headroom fraction runs (``_reclaimed``).
+
+    The attempts come back in ``Lowered.attempts``, the one that runs marked ``chosen``.
     """
     from memopt.errors import BudgetInfeasibleError
 
     ladder = [dict(options or {})] + [{**(options or {}), **extra} for extra in FALLBACK_OPTIONS]
-    attempts: list[Attempt] = []
+    attempts: list[CompileAttempt] = []
     target, first_rung, infeasible = budget_bytes, 0, None
     try:
         planned = plan_at(target)
@@ -275,11 +265,10 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
             log.info("inductor: plan for %d B, options %s: predicted peak %d B (budget %d B)",
                      target, ladder[rung], predicted, budget_bytes)
             if predicted <= budget_bytes:
-                lowered = Lowered(step, planned, tuple(attempts), predicted)
                 if reclaim_headroom is None or replan or infeasible is not None:
-                    return lowered
-                return _reclaimed(lowered, plan_at, budget_bytes, target, ladder[rung], compile_step,
-                                  reclaim_headroom)
+                    return _lowered(step, planned, attempts)
+                return _reclaimed(step, planned, attempts, plan_at, budget_bytes, target, ladder[rung],
+                                  compile_step, reclaim_headroom)
             if best is None or predicted < best[0]:
                 best = (predicted, rung)
             # keep the program that fits; recompile the one that does not
@@ -304,7 +293,7 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
             step, attempt = _attempt(planned, above, ladder[rung], compile_step, forward=forward, backward=backward)
             attempts.append(attempt)
             if attempt.predicted_peak_bytes <= budget_bytes:
-                return Lowered(step, planned, tuple(attempts), attempt.predicted_peak_bytes)
+                return _lowered(step, planned, attempts)
             forward = step.forward if attempt.forward_peak_bytes <= budget_bytes else None
             backward = step.backward if attempt.backward_peak_bytes <= budget_bytes else None
     lowest = min(a.predicted_peak_bytes for a in attempts)
@@ -315,45 +304,64 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
     raise InductorBudgetError(budget_bytes, lowest, tuple(attempts))
 
 
-RECLAIM_FRACTION = 0.05  # of the budget left unused by Inductor's code, worth one more plan and compile
-RECLAIM_ROUNDS = 3  # plans for what the code left unused, each from the last that fit
+RECLAIM_FRACTION = 0.02  # of the budget: a step between two plan targets worth one more plan and compile
+RECLAIM_COMPILES = 4  # compiles spent looking for the plan that uses what the code left unused
 ABOVE_FACTORS = (1.05, 1.1, 1.2)  # plans for budgets this much higher, tried when nothing lower fits
 
 
-def _reclaimed(lowered: Lowered, plan_at: Callable[[int], PlannedStep], budget_bytes: int, target: int,
-               options: dict[str, Any], compile_step: Callable[..., InductorStep], headroom: float) -> Lowered:
-    """``lowered``, or the step planned for the budget its code left unused, when that one's code fits too;
-    again from that step, up to ``RECLAIM_ROUNDS`` plans, while the code leaves enough unused."""
+def _lowered(step: InductorStep, planned: PlannedStep, attempts: Sequence[CompileAttempt],
+             chosen: int = -1) -> Lowered:
+    """The step that runs, with the attempts made for it (``attempts[chosen]`` its own, marked)."""
+    marked = list(attempts)
+    marked[chosen] = dataclasses.replace(marked[chosen], chosen=True)
+    return Lowered(step, planned, tuple(marked), marked[chosen].predicted_peak_bytes)
+
+
+def _reclaimed(step: InductorStep, planned: PlannedStep, attempts: list[CompileAttempt],
+               plan_at: Callable[[int], PlannedStep], budget_bytes: int, target: int, options: dict[str, Any],
+               compile_step: Callable[..., InductorStep], headroom: float) -> Lowered:
+    """The step planned for the largest budget found whose code still peaks under the budget's planned part.
+
+    Inductor's code for a plan peaks below it, by an amount that varies from plan to plan, so the code's
+    peak is not monotone in the plan's budget. From the largest target whose code fit (``low``), the next
+    is ``low`` plus what that code left unused, but at most halfway to the smallest target whose code did
+    not fit (``high``): a bisection once one plan has been over, ``RECLAIM_COMPILES`` compiles at most,
+    until the step is under ``RECLAIM_FRACTION`` of the budget.
+    """
     from memopt.errors import BudgetInfeasibleError
 
     limit = planned_part(budget_bytes, headroom)
-    best, attempts = lowered, list(lowered.attempts)
-    for _ in range(RECLAIM_ROUNDS):
-        spare = limit - best.peak_bytes
-        if spare <= RECLAIM_FRACTION * budget_bytes:
+    best, chosen, low, high = (step, planned), len(attempts) - 1, target, None
+    for _ in range(RECLAIM_COMPILES):
+        following = low + (limit - attempts[chosen].predicted_peak_bytes)
+        if high is not None:
+            following = min(following, (low + high) // 2)
+        if following - low <= RECLAIM_FRACTION * budget_bytes:
             break
         try:
-            planned = plan_at(target + spare)
+            candidate = plan_at(following)
         except BudgetInfeasibleError:
             break
-        step, attempt = _attempt(planned, target + spare, options, compile_step)
+        compiled, attempt = _attempt(candidate, following, options, compile_step)
         attempts.append(attempt)
-        log.info("inductor: reclaimed plan for %d B: predicted peak %d B (limit %d B)", target + spare,
+        log.info("inductor: reclaimed plan for %d B: predicted peak %d B (limit %d B)", following,
                  attempt.predicted_peak_bytes, limit)
-        if attempt.predicted_peak_bytes > limit:
-            break
-        best, target = Lowered(step, planned, (), attempt.predicted_peak_bytes), target + spare
-    return dataclasses.replace(best, attempts=tuple(attempts))
+        if attempt.predicted_peak_bytes <= limit:
+            best, chosen, low = (compiled, candidate), len(attempts) - 1, following
+        else:
+            high = following
+    return _lowered(*best, attempts, chosen)
 
 
 def _attempt(planned: PlannedStep, target: int, options: dict[str, Any], compile_step: Callable[..., InductorStep],
-             **programs: Any) -> tuple[InductorStep, Attempt]:
+             **programs: Any) -> tuple[InductorStep, CompileAttempt]:
     """Compile ``planned`` (reusing the ``forward``/``backward`` programs given) and read its code's peaks."""
     started = time.perf_counter()
     step = compile_step(planned.runner, options, **programs)
     forward_peak, backward_peak = step.peaks(planned.entry_bytes)
     predicted = max(forward_peak, backward_peak, planned.after_bytes)
-    return step, Attempt(target, options, forward_peak, backward_peak, predicted, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return step, CompileAttempt(target, options, forward_peak, backward_peak, predicted, seconds)
 
 
 def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node], *,
