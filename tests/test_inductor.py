@@ -265,7 +265,7 @@ def test_reclaim_bisects_when_a_larger_plan_s_code_is_over():
         (1000, 700), (1280, 981), (1140, 900), (1210, 990), (1175, 950)]
     assert lowered.planned.runner == 1175 and lowered.peak_bytes == 950
     assert [a.chosen for a in lowered.attempts] == [False, False, False, False, True]
-    # every larger plan's code over: the first step stays, after RECLAIM_COMPILES (4) compiles
+    # every larger plan's code over: the first step stays, after 4 compiles (the next step, 17, is under 2%)
     table = {_key(1000, 0): (500, 600), **{_key(t, 0): (500, 900) for t in (1280, 1140, 1070, 1035)}}
     lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
     assert [a.target_bytes for a in lowered.attempts] == [1000, 1280, 1140, 1070, 1035]

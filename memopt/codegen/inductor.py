@@ -305,7 +305,7 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
 
 
 RECLAIM_FRACTION = 0.02  # of the budget: a step between two plan targets worth one more plan and compile
-RECLAIM_COMPILES = 4  # compiles spent looking for the plan that uses what the code left unused
+RECLAIM_COMPILES = 6  # compiles spent looking for the plan that uses what the code left unused
 ABOVE_FACTORS = (1.05, 1.1, 1.2)  # plans for budgets this much higher, tried when nothing lower fits
 
 
