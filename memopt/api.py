@@ -127,7 +127,9 @@ def compile(
     (``InductorBudgetError`` if nothing fits). Inductor's fused kernels hold less
     than the plans count, so with Inductor a budget below every plan is tried
     too: the code of the smallest plan, and of a few just above it, runs if it
-    fits (else ``BudgetInfeasibleError``, noting what the code needed).
+    fits (else ``BudgetInfeasibleError``, noting what the code needed). When the
+    code leaves budget unused, plans for larger budgets are compiled and the
+    largest whose code fits runs (``plan.compiles`` lists every compile tried).
     ``inductor_options`` are Inductor config entries on top of memopt's
     (``memopt.codegen.inductor.DEFAULT_OPTIONS``).
     ``offload=True`` sends activations to a host pool when recomputation alone does not
@@ -237,7 +239,8 @@ class CompiledModule(nn.Module):
             assert planned.program is not None
             after = max((t for t, phase in zip(planned.timeline.totals, planned.timeline.phases)
                          if phase == "optimizer"), default=0)
-            return PlannedStep(StepRunner(planned.program), planned.entry_bytes, after, planned)
+            choices = tuple((d.name, d.action) for d in planned.decisions if d.action != "keep")
+            return PlannedStep(StepRunner(planned.program), planned.entry_bytes, after, planned, choices)
 
         lowered = lower_within_budget(plan_at, self.budget_bytes, options=self._inductor_options,
                                       reclaim_headroom=self._config.headroom)

@@ -243,33 +243,58 @@ def test_budget_left_unused_by_the_code_is_planned_for_once_more():
     assert lowered.planned.runner == 1280 and lowered.peak_bytes == 980
     assert [(a.target_bytes, a.predicted_peak_bytes, a.chosen) for a in lowered.attempts] == [
         (1000, 700, False), (1280, 980, True)]
-    # the second plan's code leaves 100 unused (over 2% of the budget): a third plan, for 1280 + 100
-    table.update({_key(1280, 0): (500, 780), _key(1380, 0): (500, 865)})
+    # the second plan's code leaves 100 unused (over 1% of the budget): a third plan, for 1280 + 100
+    table.update({_key(1280, 0): (500, 780), _key(1380, 0): (500, 875)})
     lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
-    assert lowered.planned.runner == 1380 and lowered.peak_bytes == 965
+    assert lowered.planned.runner == 1380 and lowered.peak_bytes == 975
     assert [(a.target_bytes, a.predicted_peak_bytes) for a in lowered.attempts] == [
-        (1000, 700), (1280, 880), (1380, 965)]
-    # little to spare (15, under 2% of the budget): no second plan
-    table = {_key(1000, 0): (500, 865)}
+        (1000, 700), (1280, 880), (1380, 975)]
+    # little to spare (5, under 1% of the budget): no second plan
+    table = {_key(1000, 0): (500, 875)}
     lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
     assert lowered.planned.runner == 1000 and len(lowered.attempts) == 1 and lowered.attempts[0].chosen
 
 
-def test_reclaim_bisects_when_a_larger_plan_s_code_is_over():
-    # the code's peak is not monotone in the plan's budget: 1280's is over, 1140's and 1175's fit, 1210's is over
-    table = {_key(1000, 0): (500, 600), _key(1280, 0): (500, 881), _key(1140, 0): (500, 800),
-             _key(1210, 0): (500, 890), _key(1175, 0): (500, 850)}
-    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
-    # from 1140 (80 spare) the next is min(1140 + 80, halfway to 1280); from it, halfway to 1210
+class _Code(dict):
+    """A stand-in's table from a function of the plan's target: the code's peak (entry bytes included)."""
+
+    def __init__(self, peak):
+        super().__init__()
+        self.peak = peak
+
+    def __missing__(self, key):
+        return (0, self.peak(key[0]) - 100)
+
+
+def test_reclaim_searches_between_the_largest_plan_whose_code_fit_and_the_smallest_whose_code_did_not():
+    # the code peaks 300 under plans up to 1200, 250 under larger ones (a plan whose code is worse)
+    code = _Code(lambda target: target - (300 if target <= 1200 else 250))
+    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(code, []), reclaim_headroom=0.02)
+    # 1000 + 280 spare is over; where the line through (1000, 700) and (1280, 1030) meets 980: 1237, over;
+    # two over in a row: halfway, 1118, fits; the line through (1118, 818) and (1237, 987), kept 10 (1% of
+    # the budget) inside: 1227, fits; the next step is under 10
     assert [(a.target_bytes, a.predicted_peak_bytes) for a in lowered.attempts] == [
-        (1000, 700), (1280, 981), (1140, 900), (1210, 990), (1175, 950)]
-    assert lowered.planned.runner == 1175 and lowered.peak_bytes == 950
+        (1000, 700), (1280, 1030), (1237, 987), (1118, 818), (1227, 977)]
+    assert lowered.planned.runner == 1227 and lowered.peak_bytes == 977
     assert [a.chosen for a in lowered.attempts] == [False, False, False, False, True]
-    # every larger plan's code over: the first step stays, after 4 compiles (the next step, 17, is under 2%)
-    table = {_key(1000, 0): (500, 600), **{_key(t, 0): (500, 900) for t in (1280, 1140, 1070, 1035)}}
-    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
-    assert [a.target_bytes for a in lowered.attempts] == [1000, 1280, 1140, 1070, 1035]
+    # every larger plan's code over: the first step stays, after RECLAIM_COMPILES (6) more compiles
+    code = _Code(lambda target: 700 if target == 1000 else 990)
+    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(code, []), reclaim_headroom=0.02)
+    assert [a.target_bytes for a in lowered.attempts] == [1000, 1280, 1270, 1135, 1067, 1033, 1016]
     assert lowered.planned.runner == 1000 and lowered.peak_bytes == 700 and lowered.attempts[0].chosen
+
+
+def test_reclaim_compiles_no_plan_twice_and_stops_at_one_that_recomputes_nothing():
+    def planned(target):  # recomputes "a" under 1300, nothing from there on
+        return PlannedStep(target, 100, 0, choices=(("a", "recompute"),) if target < 1300 else ())
+
+    targets = []
+    lowered = lower_within_budget(lambda t: targets.append(t) or planned(t), 1000, reclaim_headroom=0.02,
+                                  compile_step=_StandIn(_Code(lambda target: 700 if target < 1300 else 970), []))
+    # the plan for 1280 is the plan for 1000 (no compile); from it, 280 more: 1560 keeps all, and ends it
+    assert targets == [1000, 1280, 1560]
+    assert [(a.target_bytes, a.predicted_peak_bytes, a.chosen) for a in lowered.attempts] == [
+        (1000, 700, False), (1560, 970, True)]
 
 
 # --- end to end on real models (each compiles with Inductor: slow) ------------------------------------

@@ -185,6 +185,8 @@ class PlannedStep:
     entry_bytes: int  # live when the forward starts: parameters, buffers, inputs, optimizer state
     after_bytes: int  # the peak after the backward (the optimizer step), 0 when none
     plan: Any = None  # what it was made from (a MemoryPlan), handed back untouched
+    # what the plan does not keep, (name, action) each: equal choices make the same programs; None: not known
+    choices: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -304,7 +306,7 @@ def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int
     raise InductorBudgetError(budget_bytes, lowest, tuple(attempts))
 
 
-RECLAIM_FRACTION = 0.02  # of the budget: a step between two plan targets worth one more plan and compile
+RECLAIM_FRACTION = 0.01  # of the budget: the smallest step between two plan targets worth a plan and a compile
 RECLAIM_COMPILES = 6  # compiles spent looking for the plan that uses what the code left unused
 ABOVE_FACTORS = (1.05, 1.1, 1.2)  # plans for budgets this much higher, tried when nothing lower fits
 
@@ -322,34 +324,51 @@ def _reclaimed(step: InductorStep, planned: PlannedStep, attempts: list[CompileA
                compile_step: Callable[..., InductorStep], headroom: float) -> Lowered:
     """The step planned for the largest budget found whose code still peaks under the budget's planned part.
 
-    Inductor's code for a plan peaks below it, by an amount that varies from plan to plan, so the code's
-    peak is not monotone in the plan's budget. From the largest target whose code fit (``low``), the next
-    is ``low`` plus what that code left unused, but at most halfway to the smallest target whose code did
-    not fit (``high``): a bisection once one plan has been over, ``RECLAIM_COMPILES`` compiles at most,
-    until the step is under ``RECLAIM_FRACTION`` of the budget.
+    Inductor's code for a plan peaks below it, by an amount that varies from plan to plan (the code's
+    peak is not even monotone in the plan's budget), so the plan is searched for, one compile a step.
+    ``low`` is the largest target whose code fit, ``high`` the smallest whose code did not. Next is
+    ``low`` plus what its code left unused while no plan has been over; then the target where the line
+    through the two codes' peaks meets the limit (halfway, after two plans over in a row), kept
+    ``RECLAIM_FRACTION`` of the budget inside both ends. It stops at ``RECLAIM_COMPILES`` compiles, at
+    a step smaller than that fraction, or at a plan that recomputes and offloads nothing. A plan with
+    the choices of the last that fit is that step (no compile).
     """
     from memopt.errors import BudgetInfeasibleError
 
     limit = planned_part(budget_bytes, headroom)
-    best, chosen, low, high = (step, planned), len(attempts) - 1, target, None
-    for _ in range(RECLAIM_COMPILES):
-        following = low + (limit - attempts[chosen].predicted_peak_bytes)
-        if high is not None:
-            following = min(following, (low + high) // 2)
-        if following - low <= RECLAIM_FRACTION * budget_bytes:
+    resolution = math.ceil(RECLAIM_FRACTION * budget_bytes)
+    best, chosen = (step, planned), len(attempts) - 1
+    low, high = target, None
+    compiles = plans = overs = 0  # overs: plans over the limit in a row
+    while compiles < RECLAIM_COMPILES and plans < 2 * RECLAIM_COMPILES and best[1].choices != ():
+        low_peak = attempts[chosen].predicted_peak_bytes
+        if high is None:
+            following = low + (limit - low_peak)
+        else:
+            high_target, high_peak = high
+            slope = (high_peak - low_peak) / (high_target - low)
+            secant = overs < 2 and slope > 0
+            guess = low + (limit - low_peak) / slope if secant else (low + high_target) / 2
+            following = min(max(math.floor(guess), low + resolution), high_target - resolution)
+        if following - low < resolution:
             break
         try:
             candidate = plan_at(following)
         except BudgetInfeasibleError:
             break
+        plans += 1
+        if candidate.choices is not None and candidate.choices == best[1].choices:
+            low = following  # the same plan: the same code, which fits
+            continue
         compiled, attempt = _attempt(candidate, following, options, compile_step)
         attempts.append(attempt)
+        compiles += 1
         log.info("inductor: reclaimed plan for %d B: predicted peak %d B (limit %d B)", following,
                  attempt.predicted_peak_bytes, limit)
         if attempt.predicted_peak_bytes <= limit:
-            best, chosen, low = (compiled, candidate), len(attempts) - 1, following
+            best, chosen, low, overs = (compiled, candidate), len(attempts) - 1, following, 0
         else:
-            high = following
+            high, overs = (following, attempt.predicted_peak_bytes), overs + 1
     return _lowered(*best, attempts, chosen)
 
 
