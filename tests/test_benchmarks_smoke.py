@@ -153,3 +153,25 @@ def test_the_same_peak_row_plans_for_the_torch_rows_measured_peak_and_pairs_with
     assert pairs == [(checkpointed, matched)]
     text = "\n".join(report.memopt_section([checkpointed, matched], None))
     assert "peak of checkpoint" in text and "memopt-inductor=row" in text
+
+
+@pytest.mark.slow
+def test_a_pair_times_both_rows_alternately_in_one_process_and_reports_them(tmp_path):
+    from benchmarks import pairs
+
+    checkpointed = run.run_one("mlp", "checkpoint", repeats=1, quick=True)
+    peak = checkpointed["measured"]["peak_bytes"]
+    pair = pairs.measure_pair("mlp", "checkpoint", {"checkpoint": peak}, rounds=3, threads=1, quick=True)
+    assert len(pair["torch_cpu_s"]) == len(pair["memopt_cpu_s"]) == len(pair["ratios"]) == 3
+    assert pair["ratio_median"] == sorted(m / t for t, m in zip(pair["torch_cpu_s"], pair["memopt_cpu_s"]))[1]
+    assert pair["memopt_budget_bytes"] == budget_for_peak(peak, PlanConfig().headroom)
+    assert pair["first_losses"][0] == pytest.approx(pair["first_losses"][1], rel=1e-5)  # one seed, one model
+    matched = {**checkpointed, "strategy": "memopt-inductor=checkpoint", "step_cpu_s": [0.5],
+               "memopt": {"recomputed": pair["memopt_plan"]["recomputed"]}}
+    rows = {("mlp", "checkpoint"): {**checkpointed, "step_cpu_s": [1.0]}, ("mlp", matched["strategy"]): matched}
+    results = {"date": "today", "memopt": "abc", "rounds": 3, "results": "results.json", "total_wall_s": 60,
+               "pairs": [pair, {"workload": "mlp", "torch": "compile-amb-0.5", "error": "boom"}]}
+    text = pairs.write_pairs_md(tmp_path, results, rows).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| mlp | checkpoint |"))
+    assert f"| {pair['ratio_median']:.3f} |" in row and "| 0.50 | yes |" in row
+    assert "error: boom" in text and "(1 failed)" in text

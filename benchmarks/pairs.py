@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Step times side by side in one process: each torch row against memopt at that row's measured peak.
+
+    python benchmarks/pairs.py [--workloads gpt2,llama,mlp] [--torch checkpoint,compile-amb-0.5,...]
+                               [--rounds 7] [--results benchmarks/results.json]
+
+`run.py` times every configuration in its own process, at its own moment of the run. On this machine
+one process runs the same code up to ~10% slower than another (CPU frequency, page placement, the
+neighbours of the moment): in two runs of `run.py`, gpt2's `memopt-inductor=compile-amb-1.0` ran the
+same plan (17 recomputed, 646.0 MiB) at a CPU-time minimum of 2335 ms, then 2522 ms, while the torch row
+beside it went from 2506 to 2387 ms. That is more than the differences compared.
+
+Here a pair shares a process (its own subprocess, one torch thread): the torch row and
+`memopt-inductor=<row>`, each built from the same seed, set up as `run.py` sets them up, compiled and
+warmed, then timed alternately, A B B A ..., `--rounds` steps each. memopt's budget comes from the torch
+row's measured peak in `--results` (the budget `run.py` gave it, so the plan is the one whose peak it
+measured; the JSON says what was recomputed and what Inductor's code peaks at, to check). The figure is
+the median, over rounds, of memopt's CPU time over the torch step's next to it, with the rounds memopt
+was faster. Peaks are not measured here: two models share the process.
+
+Writes `pairs.json` and `PAIRS.md` next to `--results`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.run import WARMUP_STEPS, make_workload, memopt_revision, timed, training_step  # noqa: E402
+from benchmarks.strategies import STRATEGIES, TORCH_STRATEGIES, Training, memopt_summary  # noqa: E402
+
+PAIRED = tuple(name for name in TORCH_STRATEGIES if name != "eager")
+
+
+def measure_pair(workload_name: str, torch_row: str, peaks: dict[str, int], *, rounds: int, threads: int,
+                 quick: bool = False) -> dict[str, Any]:
+    """Both rows of a pair set up, warmed and timed alternately in this process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    workload = make_workload(workload_name, quick)
+    names = (torch_row, f"memopt-inductor={torch_row}")
+    sides = []
+    for name in names:
+        torch.manual_seed(0)
+        model = workload.build().train()
+        inputs = workload.inputs()
+        optimizer = workload.optimizer(model)
+        setup = STRATEGIES[name](model, Training(workload, inputs, optimizer, peaks))
+        step = training_step(setup.forward, workload, inputs, optimizer, returns_loss=setup.returns_loss)
+        with setup.context():
+            losses = [step() for _ in range(WARMUP_STEPS)]
+        sides.append((setup, step, losses[0]))
+    cpu: tuple[list[float], list[float]] = ([], [])
+    for index in range(2 * rounds):
+        side = (index + index // 2) % 2  # A B B A A B B A ...: neither goes first more often
+        setup, step, _ = sides[side]
+        with setup.context():
+            cpu[side].append(timed(step)[2])
+    ratios = [m / t for t, m in zip(*cpu)]
+    memopt_setup = sides[1][0]
+    return {
+        "workload": workload_name, "torch": torch_row, "memopt": names[1],
+        "torch_cpu_s": cpu[0], "memopt_cpu_s": cpu[1], "ratios": ratios,
+        "ratio_median": statistics.median(ratios), "memopt_faster_rounds": sum(r < 1 for r in ratios),
+        "first_losses": [side[2] for side in sides],
+        "memopt_budget_bytes": memopt_setup.settings["budget_bytes"],
+        "memopt_plan": memopt_summary(memopt_setup.forward),
+    }
+
+
+def summary_row(pair: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    """A pair beside what `run.py` measured of its two rows: peaks, and their CPU-time minima's ratio."""
+    torch_row, memopt_row = rows.get((pair["workload"], pair["torch"]), {}), rows.get((pair["workload"],
+                                                                                      pair["memopt"]), {})
+
+    def peak(row: dict[str, Any]) -> int | None:
+        return row.get("measured", {}).get("peak_bytes")
+
+    apart = (min(memopt_row["step_cpu_s"]) / min(torch_row["step_cpu_s"])
+             if "step_cpu_s" in torch_row and "step_cpu_s" in memopt_row else None)
+    return {"torch_peak_bytes": peak(torch_row), "memopt_peak_bytes": peak(memopt_row), "apart_ratio": apart,
+            "same_plan": (memopt_row.get("memopt", {}).get("recomputed") == pair["memopt_plan"]["recomputed"])}
+
+
+def write_pairs_md(out_dir: Path, results: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]]) -> Path:
+    mib = 2 ** 20
+    lines = [
+        "# Step times in one process: torch rows against memopt at their measured peak", "",
+        f"Written by `python benchmarks/pairs.py` on {results['date']}, in {results['total_wall_s'] / 60:.1f} min "
+        f"(memopt {results['memopt']}, {results['rounds']} rounds, 1 torch thread). Peaks are from "
+        f"`{results['results']}` (run.py, each row in its own process); the steps were timed here, both rows of "
+        "a pair in one process, alternately (A B B A ...). ratio: memopt's CPU time ÷ the torch step's beside it, "
+        "median over rounds; apart: the ratio of the CPU-time minima run.py measured in separate processes.", "",
+        "| workload | torch row | its peak (MiB) | memopt peak (MiB) | memopt ÷ torch, median of rounds | rounds "
+        "memopt faster | torch CPU median (ms) | memopt CPU median (ms) | apart (run.py) | same plan as run.py |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for pair in results["pairs"]:
+        if "error" in pair:
+            lines.append(f"| {pair['workload']} | {pair['torch']} | error: {pair['error'][:200]} |||||||")
+            continue
+        extra = summary_row(pair, rows)
+
+        def fmt(value: int | None) -> str:
+            return "—" if value is None else f"{value / mib:.1f}"
+
+        apart = "—" if extra["apart_ratio"] is None else f"{extra['apart_ratio']:.2f}"
+        lines.append(
+            f"| {pair['workload']} | {pair['torch']} | {fmt(extra['torch_peak_bytes'])} | "
+            f"{fmt(extra['memopt_peak_bytes'])} | {pair['ratio_median']:.3f} | "
+            f"{pair['memopt_faster_rounds']} of {len(pair['ratios'])} | "
+            f"{statistics.median(pair['torch_cpu_s']) * 1000:.0f} | "
+            f"{statistics.median(pair['memopt_cpu_s']) * 1000:.0f} | {apart} | "
+            f"{'yes' if extra['same_plan'] else 'no'} |")
+    done = [p for p in results["pairs"] if "error" not in p]
+    faster = sum(p["ratio_median"] < 1 for p in done)
+    lines += ["", f"memopt's median ratio is below 1 on {faster} of {len(done)} pairs "
+              f"({len(results['pairs']) - len(done)} failed)."]
+    path = out_dir / "PAIRS.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_pair_in_subprocess(workload: str, torch_row: str, peaks: dict[str, int], args: argparse.Namespace
+                           ) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="memopt-pairs-") as scratch:
+        out = Path(scratch) / "pair.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--one", workload, torch_row, "--json-out",
+                   str(out), "--rounds", str(args.rounds), "--peaks", json.dumps(peaks)]
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(scratch) / "inductor")}
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            return {"workload": workload, "torch": torch_row, "error": f"timed out after {args.timeout} s"}
+        if not out.exists():
+            return {"workload": workload, "torch": torch_row, "error": (done.stdout + done.stderr)[-2000:]}
+        return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="gpt2,llama,mlp")
+    parser.add_argument("--torch", default=",".join(PAIRED), help=f"torch rows, from {', '.join(PAIRED)}")
+    parser.add_argument("--rounds", type=int, default=7, help="timed steps of each row, alternating")
+    parser.add_argument("--results", default=str(HERE / "results.json"), help="run.py's results (the peaks)")
+    parser.add_argument("--timeout", type=int, default=1200, help="seconds per pair")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--json-out", help=argparse.SUPPRESS)
+    parser.add_argument("--peaks", type=json.loads, default={}, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        Path(args.json_out).write_text(json.dumps(measure_pair(*args.one, args.peaks, rounds=args.rounds,
+                                                               threads=1), indent=1) + "\n")
+        return 0
+    unknown = sorted(set(args.torch.split(",")) - set(PAIRED))
+    if unknown:
+        parser.error(f"unknown torch rows {unknown}; choose from {list(PAIRED)}")
+    source = Path(args.results)
+    rows = {(r["workload"], r["strategy"]): r for r in json.loads(source.read_text())["rows"]}
+    start, pairs = time.perf_counter(), []
+    for workload in args.workloads.split(","):
+        peaks = {s: r["measured"]["peak_bytes"] for (w, s), r in rows.items() if w == workload and "measured" in r}
+        for torch_row in args.torch.split(","):
+            print(f"{workload} {torch_row} ...", flush=True)
+            pairs.append(run_pair_in_subprocess(workload, torch_row, peaks, args))
+            pair = pairs[-1]
+            print(f"    {pair.get('error') or 'median ratio %.3f' % pair['ratio_median']}", flush=True)
+    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "memopt": memopt_revision(),
+               "rounds": args.rounds, "results": source.name, "total_wall_s": time.perf_counter() - start,
+               "pairs": pairs}
+    (source.parent / "pairs.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {write_pairs_md(source.parent, results, rows)}")
+    return 1 if any("error" in p for p in pairs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
