@@ -5,7 +5,7 @@
                                [--rounds 7] [--results benchmarks/results.json]
 
 `run.py` times every configuration in its own process, at its own moment of the run. On this machine
-one process runs the same code up to ~10% slower than another (CPU frequency, page placement, the
+one process runs the same code up to ~13% slower than another (CPU frequency, page placement, the
 neighbours of the moment): in two runs of `run.py`, gpt2's `memopt-inductor=compile-amb-1.0` ran the
 same plan (17 recomputed, 646.0 MiB) at a CPU-time minimum of 2335 ms, then 2522 ms, while the torch row
 beside it went from 2506 to 2387 ms. That is more than the differences compared.
@@ -92,7 +92,7 @@ def summary_row(pair: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]
     apart = (min(memopt_row["step_cpu_s"]) / min(torch_row["step_cpu_s"])
              if "step_cpu_s" in torch_row and "step_cpu_s" in memopt_row else None)
     return {"torch_peak_bytes": peak(torch_row), "memopt_peak_bytes": peak(memopt_row), "apart_ratio": apart,
-            "same_plan": (memopt_row.get("memopt", {}).get("recomputed") == pair["memopt_plan"]["recomputed"])}
+            "same_recomputed": (memopt_row.get("memopt", {}).get("recomputed") == pair["memopt_plan"]["recomputed"])}
 
 
 def write_pairs_md(out_dir: Path, results: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]]) -> Path:
@@ -107,8 +107,8 @@ def write_pairs_md(out_dir: Path, results: dict[str, Any], rows: dict[tuple[str,
         "Where the plan differs from run.py's (memopt changed since), its peak is the code's as memopt predicts it "
         "from Inductor's wrapper (within 0.5% of the measured peak in the slow tests).", "",
         "| workload | torch row | its peak (MiB) | memopt peak (MiB): run.py measured / this plan's code, predicted | "
-        "memopt ÷ torch, median of rounds | rounds "
-        "memopt faster | torch CPU median (ms) | memopt CPU median (ms) | apart (run.py) | same plan as run.py |",
+        "memopt ÷ torch, median of rounds | rounds memopt faster | torch CPU median (ms) | "
+        "memopt CPU median (ms) | apart (run.py) | same recomputed count as run.py |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pair in results["pairs"]:
@@ -129,7 +129,7 @@ def write_pairs_md(out_dir: Path, results: dict[str, Any], rows: dict[tuple[str,
             f"{pair['memopt_faster_rounds']} of {len(pair['ratios'])} | "
             f"{statistics.median(pair['torch_cpu_s']) * 1000:.0f} | "
             f"{statistics.median(pair['memopt_cpu_s']) * 1000:.0f} | {apart} | "
-            f"{'yes' if extra['same_plan'] else 'no'} |")
+            f"{'yes' if extra['same_recomputed'] else 'no'} |")
     done = [p for p in results["pairs"] if "error" not in p]
     faster = sum(p["ratio_median"] < 1 for p in done)
     lines += ["", f"memopt's median ratio is below 1 on {faster} of {len(done)} pairs "
