@@ -164,6 +164,11 @@ def test_a_pair_times_both_rows_alternately_in_one_process_and_reports_them(tmp_
     pair = pairs.measure_pair("mlp", "checkpoint", {"checkpoint": peak}, rounds=3, threads=1, quick=True)
     assert len(pair["torch_cpu_s"]) == len(pair["memopt_cpu_s"]) == len(pair["ratios"]) == 3
     assert pair["ratio_median"] == sorted(m / t for t, m in zip(pair["torch_cpu_s"], pair["memopt_cpu_s"]))[1]
+    for side in ("torch", "memopt"):  # the optimizer step is timed inside each step, apart
+        assert all(0 < o < s for o, s in zip(pair[f"{side}_optimizer_cpu_s"], pair[f"{side}_cpu_s"]))
+    assert pair["forward_backward_ratio_median"] == sorted(
+        (m - mo) / (t - to) for t, m, to, mo in zip(pair["torch_cpu_s"], pair["memopt_cpu_s"],
+                                                    pair["torch_optimizer_cpu_s"], pair["memopt_optimizer_cpu_s"]))[1]
     assert pair["memopt_budget_bytes"] == budget_for_peak(peak, PlanConfig().headroom)
     assert pair["first_losses"][0] == pytest.approx(pair["first_losses"][1], rel=1e-5)  # one seed, one model
     matched = {**checkpointed, "strategy": "memopt-inductor=checkpoint", "step_cpu_s": [0.5],
@@ -174,4 +179,5 @@ def test_a_pair_times_both_rows_alternately_in_one_process_and_reports_them(tmp_
     text = pairs.write_pairs_md(tmp_path, results, rows).read_text()
     row = next(line for line in text.splitlines() if line.startswith("| mlp | checkpoint |"))
     assert f"| {pair['ratio_median']:.3f} |" in row and "| 0.50 | yes |" in row
+    assert f"| {pair['forward_backward_ratio_median']:.3f} | {pair['optimizer_ratio_median']:.3f} |" in row
     assert "error: boom" in text and "(1 failed)" in text
