@@ -122,10 +122,10 @@ def summary_row(pair: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]
             "same_recomputed": (memopt_row.get("memopt", {}).get("recomputed") == pair["memopt_plan"]["recomputed"])}
 
 
-def write_pairs_md(out_dir: Path, results: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]]) -> Path:
+def pairs_markdown(results: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """What pairs.json says, beside run.py's rows: how it was timed, a table, and the count below 1."""
     mib = 2 ** 20
     lines = [
-        "# Step times in one process: torch rows against memopt at their measured peak", "",
         f"Written by `python benchmarks/pairs.py` on {results['date']}, in {results['total_wall_s'] / 60:.1f} min "
         f"(memopt {results['memopt']}, {results['rounds']} rounds, 1 torch thread). Peaks are from "
         f"`{results['results']}` (run.py, each row in its own process); the steps were timed here, both rows of "
@@ -173,25 +173,60 @@ def write_pairs_md(out_dir: Path, results: dict[str, Any], rows: dict[tuple[str,
               f"({len(results['pairs']) - len(done)} failed)"
               + (f"; forward and backward only, on {sum(p['forward_backward_ratio_median'] < 1 for p in split)} "
                  f"of {len(split)}." if split else ".")]
+    return lines
+
+
+def write_pairs_md(out_dir: Path, results: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]]) -> Path:
     path = out_dir / "PAIRS.md"
-    path.write_text("\n".join(lines) + "\n")
+    lines = ["# Step times in one process: torch rows against memopt at their measured peak", ""]
+    path.write_text("\n".join(lines + pairs_markdown(results, rows)) + "\n")
     return path
 
 
-def run_pair_in_subprocess(workload: str, torch_row: str, peaks: dict[str, int], args: argparse.Namespace
+def run_pair_in_subprocess(workload: str, torch_row: str, peaks: dict[str, int], *, rounds: int, timeout: int
                            ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="memopt-pairs-") as scratch:
         out = Path(scratch) / "pair.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--one", workload, torch_row, "--json-out",
-                   str(out), "--rounds", str(args.rounds), "--peaks", json.dumps(peaks)]
+                   str(out), "--rounds", str(rounds), "--peaks", json.dumps(peaks)]
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(scratch) / "inductor")}
         try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return {"workload": workload, "torch": torch_row, "error": f"timed out after {args.timeout} s"}
+            return {"workload": workload, "torch": torch_row, "error": f"timed out after {timeout} s"}
         if not out.exists():
             return {"workload": workload, "torch": torch_row, "error": (done.stdout + done.stderr)[-2000:]}
         return json.loads(out.read_text())
+
+
+def time_pairs(source: Path, todo: list[tuple[str, str]], *, rounds: int = 7, timeout: int = 1200
+               ) -> dict[str, Any]:
+    """Each (workload, torch row) of `todo` timed against memopt at the peak `source` (results.json) measured for
+    it; writes pairs.json and PAIRS.md beside `source`, and RESULTS.md again with the pairs in it."""
+    from benchmarks.report import write_results_md
+
+    measured = json.loads(source.read_text())
+    rows = {(r["workload"], r["strategy"]): r for r in measured["rows"]}
+    start, pairs = time.perf_counter(), []
+    for workload, torch_row in todo:
+        peaks = {s: r["measured"]["peak_bytes"] for (w, s), r in rows.items() if w == workload and "measured" in r}
+        print(f"pair: {workload} {torch_row} ...", flush=True)
+        pairs.append(run_pair_in_subprocess(workload, torch_row, peaks, rounds=rounds, timeout=timeout))
+        pair = pairs[-1]
+        print(f"    {pair.get('error') or 'median ratio %.3f' % pair['ratio_median']}", flush=True)
+    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "memopt": memopt_revision(),
+               "rounds": rounds, "results": source.name, "results_date": measured["date"],
+               "total_wall_s": time.perf_counter() - start, "pairs": pairs}
+    (source.parent / "pairs.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {write_pairs_md(source.parent, results, rows)} and {write_results_md(source.parent)}")
+    return results
+
+
+def pairs_of_run(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The pairs a run.py run asked for: each torch row that measured a peak, with its memopt-inductor= row run."""
+    ran = {(r["workload"], r["strategy"]) for r in rows}
+    return [(r["workload"], r["strategy"]) for r in rows if r["strategy"] in PAIRED and "measured" in r
+            and (r["workload"], f"memopt-inductor={r['strategy']}") in ran]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,22 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.torch.split(",")) - set(PAIRED))
     if unknown:
         parser.error(f"unknown torch rows {unknown}; choose from {list(PAIRED)}")
-    source = Path(args.results)
-    rows = {(r["workload"], r["strategy"]): r for r in json.loads(source.read_text())["rows"]}
-    start, pairs = time.perf_counter(), []
-    for workload in args.workloads.split(","):
-        peaks = {s: r["measured"]["peak_bytes"] for (w, s), r in rows.items() if w == workload and "measured" in r}
-        for torch_row in args.torch.split(","):
-            print(f"{workload} {torch_row} ...", flush=True)
-            pairs.append(run_pair_in_subprocess(workload, torch_row, peaks, args))
-            pair = pairs[-1]
-            print(f"    {pair.get('error') or 'median ratio %.3f' % pair['ratio_median']}", flush=True)
-    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "memopt": memopt_revision(),
-               "rounds": args.rounds, "results": source.name, "total_wall_s": time.perf_counter() - start,
-               "pairs": pairs}
-    (source.parent / "pairs.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {write_pairs_md(source.parent, results, rows)}")
-    return 1 if any("error" in p for p in pairs) else 0
+    todo = [(w, t) for w in args.workloads.split(",") for t in args.torch.split(",")]
+    results = time_pairs(Path(args.results), todo, rounds=args.rounds, timeout=args.timeout)
+    return 1 if any("error" in p for p in results["pairs"]) else 0
 
 
 if __name__ == "__main__":

@@ -446,7 +446,7 @@ def spread_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] | None = None,
-                    offload_rows: list[dict[str, Any]] | None = None) -> str:
+                    offload_rows: list[dict[str, Any]] | None = None, pairs: dict[str, Any] | None = None) -> str:
     machine, versions = results["machine"], results["versions"]
     loads = [row["load_average"] for row in results["rows"] if "load_average" in row]
     lines = [
@@ -489,6 +489,15 @@ def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] |
     for row in results["rows"]:
         by_workload.setdefault(row["workload"], []).append(row)
     lines += summary_lines(by_workload)
+    if pairs:  # benchmarks/pairs.py's timing of this run's same-peak pairs in one process
+        from benchmarks.pairs import pairs_markdown
+
+        rows = {(row["workload"], row["strategy"]): row for row in results["rows"]}
+        lines += ["## Same measured peak, timed in one process", "",
+                  "Each process of this run runs the same code up to ~13% faster or slower than another, more than "
+                  "the strategies differ; so after the rows, each torch row was timed again beside "
+                  "`memopt-inductor=<row>`, both in one process (`benchmarks/pairs.py`, also in PAIRS.md).", "",
+                  *pairs_markdown(pairs, rows), ""]
     for name, rows in by_workload.items():
         planned_only = all(row["strategy"] == "plan" for row in rows)
         lines += plan_only_section(rows[0]) if planned_only else workload_section(name, rows)
@@ -508,11 +517,15 @@ def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] |
 
 
 def write_results_md(directory: Path) -> Path:
-    """RESULTS.md from results.json (benchmarks/run.py) and, when present, layout_order.json and offload.json."""
+    """RESULTS.md from results.json (benchmarks/run.py) and, when present, layout_order.json, offload.json and
+    pairs.json (the last only when its pairs were timed at the peaks of this results.json)."""
     results = json.loads((directory / "results.json").read_text())
-    layout, offload = directory / "layout_order.json", directory / "offload.json"
+    layout, offload, pairs = directory / "layout_order.json", directory / "offload.json", directory / "pairs.json"
     layout_rows = json.loads(layout.read_text()) if layout.exists() else None
     offload_rows = json.loads(offload.read_text()) if offload.exists() else None
+    timed = json.loads(pairs.read_text()) if pairs.exists() else None
+    if timed is not None and timed.get("results_date") != results["date"]:
+        timed = None  # timed against another run's peaks
     path = directory / "RESULTS.md"
-    path.write_text(render_markdown(results, layout_rows, offload_rows))
+    path.write_text(render_markdown(results, layout_rows, offload_rows, timed))
     return path

@@ -2,7 +2,7 @@
 """Benchmark harness: measured peak, step time and plan accuracy, strategy by strategy.
 
     python benchmarks/run.py [--workloads gpt2,llama,mlp,llama7b] [--strategies eager,checkpoint,...]
-                             [--repeats 5] [--threads 1] [--quick] [--out DIR]
+                             [--repeats 5] [--threads 1] [--quick] [--out DIR] [--pairs-rounds 7]
 
 Every (workload, strategy) pair runs in a fresh subprocess (`--one WORKLOAD STRATEGY --json-out FILE`)
 with an empty Inductor cache, so one configuration cannot disturb another's memory or compiled code
@@ -19,7 +19,10 @@ compile-checkpoint) is asked to peak no higher than that torch row measured earl
 (fake mode, meta device): plan time, peak RSS, ledger.
 
 The parent writes `results.json` and `RESULTS.md` (into benchmarks/, or benchmarks/_runs/quick
-with --quick); per-configuration JSON and logs go to benchmarks/_runs/.
+with --quick); per-configuration JSON and logs go to benchmarks/_runs/. Then, unless `--pairs-rounds 0`
+(the default with --quick), it times each torch row that has a `memopt-inductor=<row>` again beside
+it, both in one process (`benchmarks/pairs.py`: separate processes run the same code up to ~13% apart),
+and writes `pairs.json`, `PAIRS.md` and RESULTS.md again with those pairs in it.
 """
 
 from __future__ import annotations
@@ -332,8 +335,13 @@ def versions() -> dict[str, str]:
     return found
 
 
+def output_dir(args: argparse.Namespace) -> Path:
+    """Where results.json and RESULTS.md go."""
+    return Path(args.out) if args.out else (HERE / "_runs" / "quick" if args.quick else HERE)
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
-    out_dir = Path(args.out) if args.out else (HERE / "_runs" / "quick" if args.quick else HERE)
+    out_dir = output_dir(args)
     run_dir = HERE / "_runs" / ("quick" if args.quick else "full")
     run_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -384,10 +392,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "holds a core, which buries the differences between strategies")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     parser.add_argument("--out", help="where results.json and RESULTS.md go")
+    parser.add_argument("--pairs-rounds", type=int, default=None,
+                        help="after the rows, time each torch row and its memopt-inductor= row again in one process "
+                             "(benchmarks/pairs.py), this many rounds each; 0: not at all (default 7, 0 with --quick)")
     parser.add_argument("--one", nargs=2, metavar=("WORKLOAD", "STRATEGY"), help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help=argparse.SUPPRESS)
     parser.add_argument("--peaks", type=json.loads, default={}, help=argparse.SUPPRESS)  # {strategy: bytes}
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.pairs_rounds is None:
+        args.pairs_rounds = 0 if args.quick else 7
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,7 +411,15 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json_out).write_text(json.dumps(row, indent=1) + "\n")
         return 1 if "error" in row else 0
     results = run_all(args)
-    return 1 if any("error" in row for row in results["rows"]) else 0
+    failed = any("error" in row for row in results["rows"])
+    if args.pairs_rounds:  # the same-peak pairs again, both rows in one process (benchmarks/pairs.py)
+        from benchmarks.pairs import pairs_of_run, time_pairs
+
+        todo = pairs_of_run(results["rows"])
+        if todo:
+            timed = time_pairs(output_dir(args) / "results.json", todo, rounds=args.pairs_rounds)
+            failed = failed or any("error" in pair for pair in timed["pairs"])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

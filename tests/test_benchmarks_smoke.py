@@ -7,6 +7,8 @@ runs here; its Inductor twin (memopt-inductor@0) only in the slow tier.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -181,3 +183,26 @@ def test_a_pair_times_both_rows_alternately_in_one_process_and_reports_them(tmp_
     assert f"| {pair['ratio_median']:.3f} |" in row and "| 0.50 | yes |" in row
     assert f"| {pair['forward_backward_ratio_median']:.3f} | {pair['optimizer_ratio_median']:.3f} |" in row
     assert "error: boom" in text and "(1 failed)" in text
+
+    # RESULTS.md carries the pairs timed at its own run's peaks, and not those of another run
+    measured = {"date": "run-1", "machine": run.machine(), "versions": run.versions(), "total_wall_s": 1.0,
+                "settings": {"repeats": 1, "quick": True}, "rows": [checkpointed]}
+    (tmp_path / "results.json").write_text(json.dumps(measured))
+    section = "## Same measured peak, timed in one process"
+    for results_date, shown in (("run-1", True), ("run-0", False)):
+        (tmp_path / "pairs.json").write_text(json.dumps({**results, "results_date": results_date}))
+        text = report.write_results_md(tmp_path).read_text()
+        assert (section in text) == shown and (f"| {pair['ratio_median']:.3f} |" in text) == shown
+
+
+def test_a_run_times_again_the_torch_rows_whose_same_peak_row_it_ran():
+    from benchmarks.pairs import pairs_of_run
+
+    rows = [{"workload": "mlp", "strategy": "checkpoint", "measured": {}},
+            {"workload": "mlp", "strategy": "memopt-inductor=checkpoint"},
+            {"workload": "mlp", "strategy": "compile-amb-0.5", "measured": {}},  # no memopt row at its peak
+            {"workload": "mlp", "strategy": "eager", "measured": {}},
+            {"workload": "gpt2", "strategy": "checkpoint", "error": "boom"},  # no peak measured
+            {"workload": "gpt2", "strategy": "memopt-inductor=checkpoint"}]
+    assert pairs_of_run(rows) == [("mlp", "checkpoint")]
+    assert run.parse_args([]).pairs_rounds == 7 and run.parse_args(["--quick"]).pairs_rounds == 0
