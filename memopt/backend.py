@@ -259,7 +259,9 @@ def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs:
         attempts.append(CompileAttempt(graph.budget_bytes - lower_by, extra, forward, backward, predicted,
                                 time.perf_counter() - started))
         if predicted <= graph.budget_bytes:
-            state.add(dataclasses.replace(graph, compiled_peak_bytes=predicted))
+            attempts[-1] = dataclasses.replace(attempts[-1], chosen=True)
+            plan = dataclasses.replace(graph.plan, compiled_peak_bytes=predicted, compiles=tuple(attempts))
+            state.add(dataclasses.replace(graph, plan=plan, compiled_peak_bytes=predicted))
             return compiled
         # Inductor's code is over: turn off the passes that lengthen lifetimes, then plan for less
         if rung < len(FALLBACK_OPTIONS):

@@ -231,6 +231,10 @@ def test_inductor_compiler_under_the_budget_within_float_tolerance():
         torch.manual_seed(1)
         measured = memopt.measure_peak(lambda: compiled(x).backward())
     assert measured.peak_bytes <= budget
+    (plan,) = plans(options)  # its compiles are on the plan, the one that runs marked and its peak the plan's
+    (chosen,) = [c for c in plan.compiles if c.chosen]
+    assert chosen is plan.compiles[-1] and chosen.predicted_peak_bytes == plan.compiled_peak_bytes
+    assert plan.compiled_peak_bytes <= budget and "Inductor compiles" in plan.explain()
     reference = _eager(state, model, x, seed=1, steps=2)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
