@@ -239,8 +239,7 @@ class CompiledModule(nn.Module):
             assert planned.program is not None
             after = max((t for t, phase in zip(planned.timeline.totals, planned.timeline.phases)
                          if phase == "optimizer"), default=0)
-            choices = tuple((d.name, d.action) for d in planned.decisions if d.action != "keep")
-            return PlannedStep(StepRunner(planned.program), planned.entry_bytes, after, planned, choices)
+            return PlannedStep(StepRunner(planned.program), planned.entry_bytes, after, planned, planned.choices)
 
         lowered = lower_within_budget(plan_at, self.budget_bytes, options=self._inductor_options,
                                       reclaim_headroom=self._config.headroom)

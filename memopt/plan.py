@@ -143,6 +143,11 @@ class MemoryPlan:
         return self.peak_bytes
 
     @property
+    def choices(self) -> tuple[tuple[str, str], ...]:
+        """What the plan does not keep, (name, action) each: two plans with equal choices make the same programs."""
+        return tuple((d.name, d.action) for d in self.decisions if d.action != "keep")
+
+    @property
     def peak_node(self) -> str:
         return self.timeline.peak_label
 

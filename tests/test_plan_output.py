@@ -35,8 +35,19 @@ def test_json_has_the_design_keys(gpt2_plan):
     assert sum(d["bytes"] for d in decisions) == gpt2_plan.storages.bytes_of("activations")
     assert data["solver"]["objective"] == 0 and data["solver"]["status"] == "optimal"
     assert "measured" not in data
+    assert gpt2_plan.choices == ()  # all kept: nothing that would make other programs
     measured = json.loads(gpt2_plan.with_measurement(gpt2_plan.peak_bytes // 2).to_json())["measured"]
     assert measured == {"peak_bytes": gpt2_plan.peak_bytes // 2, "error": pytest.approx(1.0, abs=1e-6)}
+
+
+def test_the_choices_are_what_a_tight_plan_does_not_keep():
+    workload = examples.tiny_gpt2()
+    model = workload.build()
+    with pytest.raises(memopt.BudgetInfeasibleError) as error:
+        memopt.plan(model, workload.inputs(), budget=1)
+    tight = memopt.plan(model, workload.inputs(), budget=error.value.minimum)
+    assert tight.choices and {action for _, action in tight.choices} <= {"recompute", "offload"}
+    assert tight.choices == tuple((d.name, d.action) for d in tight.decisions if d.action in {"recompute", "offload"})
 
 
 def test_text_shows_the_ledger_and_the_peak(gpt2_plan):
