@@ -41,8 +41,9 @@ HOW = {
     "memopt plan examples/vision_bn.py:workload --arg blocks=6 --budget 90MiB --png plan.png (docstring)":
         "the README's command, run there",
     # benchmarks/README.md: they write results.json and RESULTS.md, so the tests add --out to a temporary folder
-    "python benchmarks/run.py": "not run by the tests (~77 min); test_benchmarks_smoke runs its rows' code",
-    "python benchmarks/pairs.py": "not run by the tests (~40 min); test_benchmarks_smoke times one pair (slow tier)",
+    "python benchmarks/run.py": "not run by the tests (~77 min, then ~35 min of pairs); "
+                                "test_benchmarks_smoke runs its rows' code",
+    "python benchmarks/pairs.py": "not run by the tests (~35 min); test_benchmarks_smoke times one pair (slow tier)",
     "python benchmarks/run.py --quick": SLOW,  # ~10 min
     "python benchmarks/run.py --workloads mlp --strategies eager,checkpoint --repeats 3": SLOW,
 }
