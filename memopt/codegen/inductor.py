@@ -319,66 +319,38 @@ def _lowered(step: InductorStep, planned: PlannedStep, attempts: Sequence[Compil
     return Lowered(step, planned, tuple(marked), marked[chosen].predicted_peak_bytes)
 
 
-@dataclass
-class ReclaimSearch:
-    """Where to plan next when Inductor's code left part of the budget unused (one search, local state).
+def _reclaimed(step: InductorStep, planned: PlannedStep, attempts: list[CompileAttempt],
+               plan_at: Callable[[int], PlannedStep], budget_bytes: int, target: int, options: dict[str, Any],
+               compile_step: Callable[..., InductorStep], headroom: float) -> Lowered:
+    """The step planned for the largest budget found whose code still peaks under the budget's planned part.
 
     Inductor's code for a plan peaks below it, by an amount that varies from plan to plan (the code's
     peak is not even monotone in the plan's budget), so the plan is searched for, one compile a step.
     ``low`` is the largest target whose code fit, ``high`` the smallest whose code did not. Next is
     ``low`` plus what its code left unused while no plan has been over; then the target where the line
     through the two codes' peaks meets the limit (halfway, after two plans over in a row), kept
-    ``resolution`` inside both ends; none when the step would be smaller than that.
-    """
-
-    limit: int  # the code's peak must stay at or under it
-    resolution: int  # the smallest step between two targets worth a plan and a compile
-    low: int
-    low_peak: int  # the peak of the code for ``low``
-    high: tuple[int, int] | None = None  # (target, its code's peak)
-    overs: int = 0  # plans over the limit in a row
-
-    def next_target(self) -> int | None:
-        if self.high is None:
-            following = self.low + (self.limit - self.low_peak)
-        else:
-            high_target, high_peak = self.high
-            slope = (high_peak - self.low_peak) / (high_target - self.low)
-            secant = self.overs < 2 and slope > 0
-            guess = self.low + (self.limit - self.low_peak) / slope if secant else (self.low + high_target) / 2
-            following = min(max(math.floor(guess), self.low + self.resolution), high_target - self.resolution)
-        return following if following - self.low >= self.resolution else None
-
-    def record(self, target: int, peak: int | None) -> bool:
-        """The code planned for ``target`` peaks at ``peak`` (None: the plan is the last fitting one's, the
-        same code); whether it fits."""
-        if peak is None:
-            self.low = target
-        elif peak <= self.limit:
-            self.low, self.low_peak, self.overs = target, peak, 0
-        else:
-            self.high, self.overs = (target, peak), self.overs + 1
-        return peak is None or peak <= self.limit
-
-
-def _reclaimed(step: InductorStep, planned: PlannedStep, attempts: list[CompileAttempt],
-               plan_at: Callable[[int], PlannedStep], budget_bytes: int, target: int, options: dict[str, Any],
-               compile_step: Callable[..., InductorStep], headroom: float) -> Lowered:
-    """The step planned for the largest budget found whose code still peaks under the budget's planned part.
-
-    The targets come from ``ReclaimSearch``. It stops at ``RECLAIM_COMPILES`` compiles, at a step
-    smaller than ``RECLAIM_FRACTION`` of the budget, or at a plan that recomputes and offloads nothing.
-    A plan with the choices of the last that fit is that step (no compile).
+    ``RECLAIM_FRACTION`` of the budget inside both ends. It stops at ``RECLAIM_COMPILES`` compiles, at
+    a step smaller than that fraction, or at a plan that recomputes and offloads nothing. A plan with
+    the choices of the last that fit is that step (no compile).
     """
     from memopt.errors import BudgetInfeasibleError
 
-    search = ReclaimSearch(planned_part(budget_bytes, headroom), math.ceil(RECLAIM_FRACTION * budget_bytes),
-                           target, attempts[-1].predicted_peak_bytes)
+    limit = planned_part(budget_bytes, headroom)
+    resolution = math.ceil(RECLAIM_FRACTION * budget_bytes)
     best, chosen = (step, planned), len(attempts) - 1
-    compiles = plans = 0
+    low, high = target, None
+    compiles = plans = overs = 0  # overs: plans over the limit in a row
     while compiles < RECLAIM_COMPILES and plans < 2 * RECLAIM_COMPILES and best[1].choices != ():
-        following = search.next_target()
-        if following is None:
+        low_peak = attempts[chosen].predicted_peak_bytes
+        if high is None:
+            following = low + (limit - low_peak)
+        else:
+            high_target, high_peak = high
+            slope = (high_peak - low_peak) / (high_target - low)
+            secant = overs < 2 and slope > 0
+            guess = low + (limit - low_peak) / slope if secant else (low + high_target) / 2
+            following = min(max(math.floor(guess), low + resolution), high_target - resolution)
+        if following - low < resolution:
             break
         try:
             candidate = plan_at(following)
@@ -386,15 +358,17 @@ def _reclaimed(step: InductorStep, planned: PlannedStep, attempts: list[CompileA
             break
         plans += 1
         if candidate.choices is not None and candidate.choices == best[1].choices:
-            search.record(following, None)
+            low = following  # the same plan: the same code, which fits
             continue
         compiled, attempt = _attempt(candidate, following, options, compile_step)
         attempts.append(attempt)
         compiles += 1
         log.info("inductor: reclaimed plan for %d B: predicted peak %d B (limit %d B)", following,
-                 attempt.predicted_peak_bytes, search.limit)
-        if search.record(following, attempt.predicted_peak_bytes):
-            best, chosen = (compiled, candidate), len(attempts) - 1
+                 attempt.predicted_peak_bytes, limit)
+        if attempt.predicted_peak_bytes <= limit:
+            best, chosen, low, overs = (compiled, candidate), len(attempts) - 1, following, 0
+        else:
+            high, overs = (following, attempt.predicted_peak_bytes), overs + 1
     return _lowered(*best, attempts, chosen)
 
 
