@@ -16,7 +16,8 @@ inputs, the window took its code from 335.0 MB to 329.4 MB only.)
 the program's order, which is the plan's: a kernel fuses only what the plan put
 close together. ``FUSION_WINDOW`` is memopt's option for it, among Inductor's own
 in ``InductorStep``'s options; ``inductor_patches`` turns options into Inductor's
-config patches and the heuristics to compile under.
+config patches and the heuristics to compile under, and keeps the program's order
+without losing Inductor's buffer reuse.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import contextlib
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
+from unittest import mock
 
+from torch._inductor import memory as inductor_memory
 from torch._inductor.choices import InductorChoices
 from torch._inductor.virtualized import V
 
@@ -33,33 +36,53 @@ FUSION_WINDOW = "memopt.fusion_window"  # memopt's option, not an Inductor confi
 
 
 class PlanOrderChoices(InductorChoices):
-    """Inductor's default heuristics, and no fusion of nodes more than ``window`` apart in the program."""
+    """Inductor's default heuristics, and no fusion of nodes more than ``window`` apart in the program.
 
-    def __init__(self, window: int) -> None:
+    ``window`` None: no limit. ``kept_order``: compiled with the program's order kept (``inductor_patches``);
+    it only tells Inductor's cache those compiles apart.
+    """
+
+    def __init__(self, window: int | None = None, kept_order: bool = False) -> None:
         super().__init__()
         self.window = window
+        self.kept_order = kept_order
 
     def uuid(self) -> str:  # Inductor's cache key for these heuristics
-        return f"memopt.PlanOrderChoices(window={self.window})"
+        return f"memopt.PlanOrderChoices(window={self.window}, kept_order={self.kept_order})"
 
     def can_fuse(self, scheduler: Any, node1: Any, node2: Any, shared_data_score: int) -> bool:
         # the span of the two groups in the order the scheduler got them (fused groups keep min/max)
         span = max(abs(node1.min_order - node2.max_order), abs(node2.min_order - node1.max_order))
-        return span <= self.window and InductorChoices.can_fuse(scheduler, node1, node2, shared_data_score)
+        near = self.window is None or span <= self.window
+        return near and InductorChoices.can_fuse(scheduler, node1, node2, shared_data_score)
 
 
 @contextlib.contextmanager
 def inductor_patches(options: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Inductor's config patches for ``options``, compiled under ``PlanOrderChoices`` if they set a window.
+    """Inductor's config patches for ``options``, and what they need around the compile.
 
-    The heuristics are set twice: as the config entry, which keys Inductor's cache, and as
-    the handler of this thread, since Inductor keeps the first heuristics object it made.
+    ``FUSION_WINDOW`` compiles under ``PlanOrderChoices``: set twice, as the config entry, which keys
+    Inductor's cache, and as the handler of this thread, since Inductor keeps the first heuristics
+    object it made.
+
+    ``reorder_for_peak_memory`` False keeps the program's order, but not as Inductor's own setting:
+    without that pass no buffer carries its size, so Inductor's check that reusing a freed buffer
+    does not raise the peak sees a peak of 0 bytes and refuses every reuse but between neighbouring
+    kernels. Each op then allocates afresh (the residual MLP's compiled step made 190 2-MiB
+    allocations where torch.compile's made 46; on CPU, glibc hands the memory back and faults it in
+    again). So the pass runs, with no reordering to try: it sizes the buffers and keeps the order.
     """
     patches = {key: value for key, value in options.items() if key != FUSION_WINDOW}
     window = options.get(FUSION_WINDOW)
-    if window is None:
+    kept_order = patches.get("reorder_for_peak_memory") is False
+    if window is None and not kept_order:
         yield patches
         return
-    patches["inductor_choices_class"] = partial(PlanOrderChoices, window)
-    with V.set_choices_handler(PlanOrderChoices(window)):
+    with contextlib.ExitStack() as stack:
+        if kept_order:
+            patches["reorder_for_peak_memory"] = True
+            stack.enter_context(mock.patch.object(inductor_memory, "reorder_for_peak_memory",
+                                                  partial(inductor_memory.reorder_for_peak_memory, methods=[])))
+        patches["inductor_choices_class"] = partial(PlanOrderChoices, window, kept_order)
+        stack.enter_context(V.set_choices_handler(PlanOrderChoices(window, kept_order)))
         yield patches

@@ -18,7 +18,9 @@ masks equal eager's), and both reordering passes off, because memopt's order is
 the plan: ``reorder_for_locality`` moves a producer next to its first reader,
 so the saved tensors it reads live longer (the MLP example's step peaked 50%
 over its budget with it), and ``reorder_for_peak_memory`` picks an order by its
-own estimate (Llama's, 10% over at the smallest budget).
+own estimate (Llama's, 10% over at the smallest budget). That pass still runs,
+with no order to try, since Inductor's buffer reuse reads the sizes it sets
+(``memopt.codegen.fusion.inductor_patches``).
 
 What the compiled code allocates is read back from its wrapper code (the
 ``call`` function Inductor writes): ``wrapper_memory`` replays its allocations,
