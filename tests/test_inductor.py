@@ -65,6 +65,40 @@ def test_wrapper_memory_counts_allocations_reuse_aliases_fallbacks_and_freed_inp
     assert held.timeline == (1024, 3072, 3584, 2560) and held.end_bytes == 2560
 
 
+def test_a_fallback_kernels_scratch_counts_on_top_of_what_is_live_at_its_call():
+    with FakeTensorMode():
+        inputs = [torch.empty(16, 16), torch.empty(16, 32), torch.empty(16, 8)]
+    asked = []
+
+    def scratch(calls):  # 4096 bytes of workspace in aten.mm, none elsewhere
+        asked.extend(str(op) for op, _, _ in calls)
+        return [4096 if op is torch.ops.aten.mm.default else 0 for op, _, _ in calls]
+
+    memory = wrapper_memory(WRAPPER, inputs, held=[False, True, True], scratch=scratch)
+    assert asked == ["aten.mm.default"]  # the one fallback call; allocations and views have none
+    assert memory.timeline == (1024, 0, 2048, 2560, 1536)  # what the code holds is unchanged
+    assert memory.peak_bytes == 2560 + 4096 and "with 4096 bytes of its scratch" in memory.peak_statement
+
+
+def test_scratch_is_measured_on_real_tensors_like_the_fake_ones():
+    from memopt.passes.scratch import measure_calls
+
+    with FakeTensorMode():
+        q = k = v = torch.empty(2, 4, 64, 32)
+        grad = torch.empty(2, 4, 64, 32)
+    forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    with torch.no_grad():
+        out, logsumexp = forward(*(torch.randn(2, 4, 64, 32) for _ in range(3)), 0.0, True)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        out, logsumexp = mode.from_tensor(out), mode.from_tensor(logsumexp)
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    no_scratch = torch.ops.aten.add.Tensor
+    attention, add = measure_calls([(backward, (grad, q, k, v, out, logsumexp, 0.0, True), {}),
+                                    (no_scratch, (q, k), {})], torch.device("cpu"))
+    # the CPU kernel accumulates in buffers of its own (the slow llama test checks the bytes against a step)
+    assert 0 < attention < 3 * q.nbytes and add == 0
+
+
 def test_wrapper_memory_frees_a_storage_only_when_its_last_alias_goes():
     source = WRAPPER.replace("del arg0_1", "buf9 = reinterpret_tensor(arg0_1, (256,), (1,), 0)  # alias\n"
                                            "        del arg0_1")

@@ -56,6 +56,7 @@ from memopt.codegen.fusion import FUSION_WINDOW, inductor_patches
 from memopt.codegen.offload_ops import HOST_RESULT_OPS
 from memopt.codegen.runner import StepRunner, run_step
 from memopt.errors import MemoptError
+from memopt.passes.scratch import call_signature, measurable, measure_calls
 from memopt.plan import CompileAttempt
 
 log = logging.getLogger(__name__)
@@ -410,7 +411,9 @@ def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs
     if len(sources) != 1:
         raise MemoptError(f"Inductor compiled one program into {len(sources)} graphs; memopt expects one")
     unread = unread_inputs(sources[0])
-    memory = wrapper_memory(sources[0], examples, held, host=host, unread=unread)
+    device = next((t.device for t in examples if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    memory = wrapper_memory(sources[0], examples, held, host=host, unread=unread,
+                            scratch=partial(measure_calls, device=device))
     if memory.unsized:
         log.warning("could not size %d allocation(s) of the compiled code: %s", len(memory.unsized),
                     "; ".join(memory.unsized[:3]))
@@ -489,7 +492,8 @@ _UNPACK = re.compile(r"^([\w\s,]+)=\s*args$")
 
 
 def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool], *,
-                   host: Sequence[bool] | None = None, unread: Sequence[int] = ()) -> WrapperMemory:
+                   host: Sequence[bool] | None = None, unread: Sequence[int] = (),
+                   scratch: Callable[[list[tuple[Any, tuple, dict]]], list[int]] | None = None) -> WrapperMemory:
     """Replay the ``call`` function of Inductor's wrapper code on fake tensors and count the bytes it holds.
 
     Every assignment is evaluated on fake tensors (allocations, reinterpretations,
@@ -504,6 +508,11 @@ def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool], *,
     count no bytes; the bytes the program's offloads copy out are ``host_bytes``.
     The inputs ``unread`` lists are not bound to their names (``CompiledProgram.run``
     passes empty tensors for them): they go with the argument list.
+
+    A fallback kernel can allocate workspace and free it before it returns (the CPU
+    attention backward does). ``scratch`` (``memopt.passes.scratch.measure_calls``)
+    gives each op call's such bytes; they count on top of what is live once the
+    call's results are held.
     """
     lines = _call_body(source)
     mode = _fake_mode(inputs)
@@ -516,6 +525,7 @@ def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool], *,
     peak_statement = ""
     timeline: list[int] = []
     unsized: list[str] = []
+    calls: list[tuple[int, str, list[tuple[Any, tuple, dict]]]] = []  # live after, statement, its op calls
 
     def storages(value: Any) -> set[int]:
         return {_storage_key(t) for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)}
@@ -587,23 +597,41 @@ def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool], *,
                         release(names.pop(target))
                     names[target] = value
                     hold(value)
+                    if host_results.calls:
+                        calls.append((live, statement, host_results.calls))
                 if live != before:
                     timeline.append(live)
                     if live == peak and live > before:
                         peak_statement = statement
+                host_results.calls = []
+    if scratch is not None and calls:
+        distinct = {call_signature(*call): call for _, _, made in calls for call in made}
+        measured = dict(zip(distinct, scratch(list(distinct.values()))))
+        for live_after, statement, made in calls:
+            extra = max(measured[call_signature(*call)] for call in made)
+            if live_after + extra > peak:
+                peak, peak_statement = live_after + extra, f"{statement} (with {extra} bytes of its scratch)"
     return WrapperMemory(peak, live, tuple(timeline), peak_statement, tuple(unsized), host_results.nbytes)
 
 
 class _HostResults(TorchDispatchMode):
-    """Sees every op the replay runs, and keeps the storages of ``HOST_RESULT_OPS``' results: host copies."""
+    """Sees every op the replay runs, and keeps the storages of ``HOST_RESULT_OPS``' results: host copies.
+
+    ``calls``: the calls that compute tensors and could have scratch (``measurable``) since the replay
+    last emptied it.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.storages: set[int] = set()
         self.nbytes = 0  # bytes of the host copies made
+        self.calls: list[tuple[Any, tuple, dict]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
+        computes = any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(result)) and not func.is_view
+        if computes and func not in HOST_RESULT_OPS and measurable(args, kwargs or {}):
+            self.calls.append((func, args, kwargs or {}))
         if func in HOST_RESULT_OPS:
             for tensor in pytree.tree_leaves(result):
                 if isinstance(tensor, torch.Tensor) and _storage_key(tensor) not in self.storages:

@@ -15,14 +15,18 @@ integers could index out of range); the others count no scratch. Fake plans
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Hashable
 
 import torch
 from torch import fx
 from torch._C._profiler import _EventType
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils import _pytree as pytree
+
+log = logging.getLogger(__name__)
 
 _LABEL = "memopt-scratch-"
 
@@ -41,7 +45,7 @@ class ScratchModel:
 
 def measure_scratch(graph: fx.GraphModule, device: torch.device) -> ScratchModel:
     """Run each distinct op of ``graph`` once on random tensors and measure its scratch."""
-    calls: dict[Hashable, fx.Node] = {}
+    calls: dict[Hashable, tuple[Any, tuple, dict]] = {}
     skipped: set[Hashable] = set()
     for node in graph.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
@@ -49,40 +53,65 @@ def measure_scratch(graph: fx.GraphModule, device: torch.device) -> ScratchModel
         key = _signature(node)
         if key in calls or key in skipped:
             continue
-        tensors = [v for v in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(v, fx.Node)]
-        values = [t.meta.get("val") for t in tensors]
-        if all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in values):
-            calls[key] = node
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: arg.meta.get("val"))
+        if measurable(args, kwargs):
+            calls[key] = (node.target, args, kwargs)
         else:
             skipped.add(key)
-    keys = list(calls)
+    scratch = measure_calls(list(calls.values()), device)
+    return ScratchModel(dict(zip(calls, scratch)), len(calls), len(skipped))
+
+
+def measurable(args: Any, kwargs: Any) -> bool:
+    """Whether a call can run on random tensors like its own: it takes tensors, all floating point
+    (random integers could index out of range)."""
+    tensors = [v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
+    return bool(tensors) and all(t.is_floating_point() for t in tensors)
+
+
+def measure_calls(calls: list[tuple[Any, tuple, dict]], device: torch.device) -> list[int]:
+    """The scratch of each ``(op, args, kwargs)``: run once on random tensors of the arguments' shapes,
+    strides and dtypes (real, fake or meta tensors) on ``device``, under one profiler session.
+
+    Inside another profiler session (which a nested one would switch off) nothing is run: all 0; so
+    for a device the profiler cannot see, and for a call that fails on random values.
+    """
+    if not calls or torch.autograd._profiler_enabled() or device.type not in ("cpu", "cuda"):
+        return [0] * len(calls)
     # random ops run here too: the caller's generators must not move (dropout masks of the real step)
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+    failed: set[int] = set()
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), unset_fake_temporarily(), \
             profile(activities=_activities(device), profile_memory=True) as prof:
-        for k, key in enumerate(keys):
-            node = calls[key]
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: _random_like(arg.meta["val"], device))
+        for k, (target, args, kwargs) in enumerate(calls):
+            args, kwargs = pytree.tree_map(lambda value: _random_like(value, device), (args, kwargs))
             with record_function(f"{_LABEL}{k}"):
-                result = node.target(*args, **kwargs)
+                try:
+                    result = target(*args, **kwargs)
+                except (RuntimeError, ValueError, IndexError) as error:  # the values matter to this op
+                    log.debug("scratch of %s not measured: %s", target, error)
+                    failed.add(k)
+                    result = None
             del result, args, kwargs
     scratch = _scratch_per_label(prof, device)
-    by_signature = {key: scratch.get(k, 0) for k, key in enumerate(keys)}
-    return ScratchModel(by_signature, len(keys), len(skipped))
+    return [0 if k in failed else scratch.get(k, 0) for k in range(len(calls))]
 
 
-def _signature(node: fx.Node) -> Hashable:
+def call_signature(target: Any, args: Any, kwargs: dict[str, Any]) -> Hashable:
+    """What a call's scratch depends on: the op, its tensors' shapes, strides and dtypes, its other arguments."""
     def describe(value: Any) -> Any:
-        if isinstance(value, fx.Node):
-            val = value.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                return ("T", tuple(val.shape), tuple(val.stride()), val.dtype)
-            return ("N", str(val))
+        if isinstance(value, torch.Tensor):
+            return ("T", tuple(value.shape), tuple(value.stride()), value.dtype)
         if isinstance(value, (list, tuple)):
             return tuple(describe(v) for v in value)
         return repr(value)
 
-    return (str(node.target), describe(tuple(node.args)), describe(tuple(sorted(node.kwargs.items()))))
+    return (str(target), describe(tuple(args)), describe(tuple(sorted(kwargs.items()))))
+
+
+def _signature(node: fx.Node) -> Hashable:
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: arg.meta.get("val"))
+    return call_signature(node.target, args, kwargs)
 
 
 def _random_like(value: Any, device: torch.device) -> Any:
