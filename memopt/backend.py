@@ -488,6 +488,7 @@ def _compile_program(gm: fx.GraphModule, example_inputs: Sequence[Any], *, compi
         from torch._inductor.graph import GraphLowering
 
         from memopt.codegen.inductor import DEFAULT_OPTIONS, wrapper_memory
+        from memopt.passes.scratch import measure_calls
 
         sources: list[str] = []
         # the wrapper code Inductor writes (its hook for reading the code it produced, on a cache hit too)
@@ -498,7 +499,9 @@ def _compile_program(gm: fx.GraphModule, example_inputs: Sequence[Any], *, compi
             # the caller holds the forward's inputs and the backward's primals; the rest die in the program
             placeholders = gm.graph.find_nodes(op="placeholder")
             held = [part == "forward" or node.name.startswith("primals") for node in placeholders]
-            setattr(memories, part, wrapper_memory(sources[0], list(example_inputs), held))
+            device = next((v.device for v in example_inputs if isinstance(v, torch.Tensor)), torch.device("cpu"))
+            setattr(memories, part, wrapper_memory(sources[0], list(example_inputs), held,
+                                                   scratch=partial(measure_calls, device=device)))
             if part == "backward":
                 memories.tangent_bytes = sum(v.untyped_storage().nbytes() for node, v in zip(placeholders,
                                              example_inputs) if node.name.startswith("tangents")
