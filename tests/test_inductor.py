@@ -99,6 +99,21 @@ def test_scratch_is_measured_on_real_tensors_like_the_fake_ones():
     assert 0 < attention < 3 * q.nbytes and add == 0
 
 
+def test_scratch_is_not_measured_inside_another_profiler_and_says_so(caplog):
+    from memopt.passes.scratch import measure_calls
+
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    q = torch.randn(2, 4, 64, 32)
+    out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(q, q, q, 0.0, True)
+    call = (backward, (q, q, q, q, out, logsumexp, 0.0, True), {})
+    with torch.profiler.profile(profile_memory=True) as outer:
+        assert measure_calls([call], torch.device("cpu")) == [0]  # a nested session would switch this one off
+        torch.ones(1000)
+    assert "scratch is not measured" in caplog.text
+    assert any(event.cpu_memory_usage > 0 for event in outer.events())  # the outer session still recorded
+    assert measure_calls([call], torch.device("cpu"))[0] > 0
+
+
 def test_wrapper_memory_frees_a_storage_only_when_its_last_alias_goes():
     source = WRAPPER.replace("del arg0_1", "buf9 = reinterpret_tensor(arg0_1, (256,), (1,), 0)  # alias\n"
                                            "        del arg0_1")

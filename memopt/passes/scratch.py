@@ -76,6 +76,10 @@ def measure_calls(calls: list[tuple[Any, tuple, dict]], device: torch.device) ->
     Inside another profiler session (which a nested one would switch off) nothing is run: all 0; so
     for a device the profiler cannot see, and for a call that fails on random values.
     """
+    if calls and torch.autograd._profiler_enabled():
+        log.warning("a profiler is running (memopt.measure_peak, or your own): %d kernels' scratch is not measured "
+                    "and counts 0 bytes, so the plan may break its budget by that much; let the first call, "
+                    "which plans, run outside the profiler", len(calls))
     if not calls or torch.autograd._profiler_enabled() or device.type not in ("cpu", "cuda"):
         return [0] * len(calls)
     # random ops run here too: the caller's generators must not move (dropout masks of the real step)
