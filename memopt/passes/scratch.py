@@ -11,6 +11,10 @@ the op's own allocations went minus what it still held when it returned.
 Only ops whose tensor arguments are all floating point are run (random
 integers could index out of range); the others count no scratch. Fake plans
 (a meta-device model) have no real device to measure on and count none.
+
+``measure_calls`` measures any list of op calls the same way: the replay of
+Inductor's wrapper code (``memopt.codegen.inductor.wrapper_memory``) hands it
+the fallback kernels the compiled code calls.
 """
 
 from __future__ import annotations
@@ -76,11 +80,12 @@ def measure_calls(calls: list[tuple[Any, tuple, dict]], device: torch.device) ->
     Inside another profiler session (which a nested one would switch off) nothing is run: all 0; so
     for a device the profiler cannot see, and for a call that fails on random values.
     """
-    if calls and torch.autograd._profiler_enabled():
+    if not calls or device.type not in ("cpu", "cuda"):
+        return [0] * len(calls)
+    if torch.autograd._profiler_enabled():
         log.warning("a profiler is running (memopt.measure_peak, or your own): %d kernels' scratch is not measured "
                     "and counts 0 bytes, so the plan may break its budget by that much; let the first call, "
                     "which plans, run outside the profiler", len(calls))
-    if not calls or torch.autograd._profiler_enabled() or device.type not in ("cpu", "cuda"):
         return [0] * len(calls)
     # random ops run here too: the caller's generators must not move (dropout masks of the real step)
     devices = [device] if device.type == "cuda" else []
