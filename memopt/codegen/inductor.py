@@ -39,7 +39,7 @@ import math
 import operator
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -525,7 +525,8 @@ def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool], *,
     peak_statement = ""
     timeline: list[int] = []
     unsized: list[str] = []
-    calls: list[tuple[int, str, list[tuple[Any, tuple, dict]]]] = []  # live after, statement, its op calls
+    calls: list[tuple[int, str, list[Hashable]]] = []  # live after, statement, its op calls' signatures
+    distinct: dict[Hashable, tuple[Any, tuple, dict]] = {}  # the op calls by signature
 
     def storages(value: Any) -> set[int]:
         return {_storage_key(t) for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)}
@@ -598,17 +599,18 @@ def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool], *,
                     names[target] = value
                     hold(value)
                     if host_results.calls:
-                        calls.append((live, statement, host_results.calls))
+                        signatures = [call_signature(*call) for call in host_results.calls]
+                        distinct.update(zip(signatures, host_results.calls))
+                        calls.append((live, statement, signatures))
                 if live != before:
                     timeline.append(live)
                     if live == peak and live > before:
                         peak_statement = statement
                 host_results.calls = []
     if scratch is not None and calls:
-        distinct = {call_signature(*call): call for _, _, made in calls for call in made}
         measured = dict(zip(distinct, scratch(list(distinct.values()))))
-        for live_after, statement, made in calls:
-            extra = max(measured[call_signature(*call)] for call in made)
+        for live_after, statement, signatures in calls:
+            extra = max(measured[signature] for signature in signatures)
             if live_after + extra > peak:
                 peak, peak_statement = live_after + extra, f"{statement} (with {extra} bytes of its scratch)"
     return WrapperMemory(peak, live, tuple(timeline), peak_statement, tuple(unsized), host_results.nbytes)
