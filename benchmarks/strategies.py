@@ -225,7 +225,7 @@ def inductor_summary(compiled: memopt.CompiledModule) -> dict[str, Any]:
     """What Inductor compiled for the last step: its peak as memopt reads it from the wrapper code (the budget
     check memopt.compile made), the Inductor options each program was compiled under, the compile time, and
     every compile memopt tried for it (the plan's target, options and code peak)."""
-    from memopt.codegen.inductor import DEFAULT_OPTIONS, InductorStep
+    from memopt.lower.inductor import DEFAULT_OPTIONS, InductorStep
 
     plan = compiled.plan
     step = compiled.executor

@@ -8,6 +8,7 @@
 """
 
 from memopt import backend
+from memopt._version import __version__ as __version__
 from memopt.api import CompiledModule, compile, plan
 from memopt.budget import format_bytes, parse_budget
 from memopt.device import PRESETS as DEVICES
@@ -22,10 +23,8 @@ from memopt.errors import (
     UnsupportedOptimizerError,
 )
 from memopt.measure import MeasuredPeak, measure_peak
-from memopt.pareto import ParetoCurve, ParetoPoint, pareto
-from memopt.plan import MemoryPlan
-
-__version__ = "0.1.0"
+from memopt.report.pareto import ParetoCurve, ParetoPoint, pareto
+from memopt.report.plan import MemoryPlan
 
 __all__ = [
     "DEVICES", "backend", "BudgetInfeasibleError", "BudgetParseError", "CaptureError", "CompiledModule", "DeviceSpec",

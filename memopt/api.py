@@ -11,14 +11,14 @@ from torch.utils import _pytree as pytree
 
 from memopt.budget import format_bytes, parse_budget, planned_part
 from memopt.capture import capture
-from memopt.codegen.runner import Executor, StepRunner, run_step
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import BudgetInfeasibleError, MemoptError
+from memopt.lower.runner import Executor, StepRunner, run_step
 from memopt.passes.optimizer_memory import ParamInfo
 from memopt.passes.remat_plan import SOLVERS
 from memopt.pipeline import run_pipeline
-from memopt.plan import MemoryPlan
+from memopt.report.plan import MemoryPlan
 
 
 def plan(
@@ -131,7 +131,7 @@ def compile(
     code leaves budget unused, plans for larger budgets are compiled and the
     largest whose code fits runs (``plan.compiles`` lists every compile tried).
     ``inductor_options`` are Inductor config entries on top of memopt's
-    (``memopt.codegen.inductor.DEFAULT_OPTIONS``).
+    (``memopt.lower.inductor.DEFAULT_OPTIONS``).
     ``offload=True`` sends activations to a host pool when recomputation alone does not
     fit (``memopt.plan``); with Inductor, the host copies are counted apart from device
     memory when its code is checked against the budget. ``offload=None`` is
@@ -232,7 +232,7 @@ class CompiledModule(nn.Module):
             assert planned.program is not None
             runner = StepRunner(planned.program)
             return planned, runner, runner
-        from memopt.codegen.inductor import PlannedStep, lower_within_budget
+        from memopt.lower.inductor import PlannedStep, lower_within_budget
 
         def plan_at(budget: int) -> PlannedStep:
             planned = self._planned(inputs, budget)

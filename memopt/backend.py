@@ -36,19 +36,19 @@ from torch.fx.graph import _BoxedCodeGen
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
-from memopt.aot import GraphInput, graph_inputs, joint_step, partition
 from memopt.budget import format_bytes, parse_budget
 from memopt.capture import CapturedStep
-from memopt.codegen.fusion import inductor_patches
-from memopt.codegen.inductor import WrapperMemory
+from memopt.capture.aot import GraphInput, graph_inputs, joint_step, partition
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import BudgetInfeasibleError, MemoptError
+from memopt.lower.fusion import inductor_patches
+from memopt.lower.inductor import WrapperMemory
 from memopt.passes.optimizer_memory import ParamInfo, optimizer_memory
 from memopt.passes.remat_plan import SOLVERS
 from memopt.passes.storage import BUFFERS, GRADIENTS, OPTIMIZER_STATE, PARAMETERS
 from memopt.pipeline import run_pipeline
-from memopt.plan import CompileAttempt, MemoryPlan
+from memopt.report.plan import CompileAttempt, MemoryPlan
 
 KNOWN_OPTIONS: dict[str, str] = {
     "budget": "the step's byte budget: an int or a string such as '24GB' or '512MiB' (required)",
@@ -235,7 +235,7 @@ def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs:
         if graph is not None:
             state.add(graph)
         return compiled  # without a backward (no_grad, eval), nothing was planned: it runs as traced
-    from memopt.codegen.inductor import FALLBACK_OPTIONS, InductorBudgetError
+    from memopt.lower.inductor import FALLBACK_OPTIONS, InductorBudgetError
 
     attempts: list[CompileAttempt] = []
     extra: dict[str, Any] = {}
@@ -288,7 +288,7 @@ def _lower(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs: list[An
     if options.compiler == "inductor":  # Inductor lowers the graph its own decompositions make
         from torch._inductor.decomposition import select_decomp_table
 
-        from memopt.codegen.inductor import DEFAULT_OPTIONS
+        from memopt.lower.inductor import DEFAULT_OPTIONS
 
         with inductor_patches({**DEFAULT_OPTIONS, **inductor}) as patches, torch._inductor.config.patch(patches):
             decompositions = select_decomp_table()  # without the random ops' with fallback_random
@@ -487,7 +487,7 @@ def _compile_program(gm: fx.GraphModule, example_inputs: Sequence[Any], *, compi
         from torch._inductor.compile_fx import compile_fx_inner
         from torch._inductor.graph import GraphLowering
 
-        from memopt.codegen.inductor import DEFAULT_OPTIONS, wrapper_memory
+        from memopt.lower.inductor import DEFAULT_OPTIONS, wrapper_memory
         from memopt.passes.scratch import measure_calls
 
         sources: list[str] = []

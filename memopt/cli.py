@@ -26,8 +26,8 @@ import memopt
 from memopt.config import PlanConfig
 from memopt.errors import MemoptError
 from memopt.examples import Workload
-from memopt.pareto import BASELINES, pareto
 from memopt.progress import show_progress, timed
+from memopt.report.pareto import BASELINES, pareto
 
 _log = logging.getLogger(__name__)
 

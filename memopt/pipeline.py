@@ -25,7 +25,7 @@ from memopt.passes.recompute import apply_recompute
 from memopt.passes.remat_plan import plan_recompute
 from memopt.passes.scratch import measure_scratch
 from memopt.passes.storage import StorageTable, storage_table
-from memopt.plan import Decision, MemoryPlan, OffloadSummary, PassRecord, SolverReport
+from memopt.report.plan import Decision, MemoryPlan, OffloadSummary, PassRecord, SolverReport
 
 T = TypeVar("T")
 _OFFLOAD, _RELOAD = torch.ops.memopt.offload.default, torch.ops.memopt.reload.default

@@ -64,7 +64,7 @@ def measured_step_peak(plan, measured):
 def assert_runs_like_eager(graph, model, inputs, loss_fn=None, placements=None, arena_bytes=0, seed=0):
     """Run the captured ``graph`` (in an arena when placed) and eager from the same seed: loss and
     gradients must be bitwise equal."""
-    from memopt.codegen.arena import run_in_arena
+    from memopt.lower.arena import run_in_arena
 
     args, kwargs = (tuple(inputs), {}) if isinstance(inputs, (tuple, list)) else ((), inputs)
     torch.manual_seed(seed)

@@ -8,7 +8,7 @@ import memopt
 from memopt import examples
 from memopt.capture import capture
 from memopt.config import PlanConfig
-from memopt.codegen.arena import out_variant, run_in_arena
+from memopt.lower.arena import out_variant, run_in_arena
 from memopt.passes.arena_plan import plan_arena
 from memopt.passes.liveness import liveness
 from memopt.passes.storage import storage_table

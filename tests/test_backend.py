@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import memopt
-from memopt.aot import _qualified
 from memopt.backend import BackendOptions, MemoptWarning, memopt_backend, plans
+from memopt.capture.aot import _qualified
 from memopt.errors import BudgetInfeasibleError, MemoptError
 
 

@@ -7,7 +7,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor.choices import InductorChoices
 from torch._inductor.virtualized import V
 
-from memopt.codegen.fusion import FUSION_WINDOW, PlanOrderChoices, inductor_patches
+from memopt.lower.fusion import FUSION_WINDOW, PlanOrderChoices, inductor_patches
 
 
 def _group(first, last):
@@ -44,7 +44,7 @@ def test_the_window_is_memopts_option_not_an_inductor_config_entry():
 
 
 def test_compile_program_asks_the_window_which_fusions_to_make(monkeypatch):
-    from memopt.codegen.inductor import compile_program
+    from memopt.lower.inductor import compile_program
 
     graph = torch.fx.Graph()  # x - x.sum(1): a reduction and the pointwise op reading it, 1 apart
     x = graph.placeholder("x")
@@ -70,7 +70,7 @@ def test_kept_order_still_lets_inductor_reuse_freed_buffers():
     """Inductor's check that a reuse does not raise its peak reads sizes that only its peak-memory pass sets:
     with the pass off, every reuse between kernels not next to each other was refused. memopt runs the pass
     with nothing to reorder."""
-    from memopt.codegen.inductor import compile_program
+    from memopt.lower.inductor import compile_program
 
     # a = x @ w, b = a @ w (a's last reader), c = sin(b) (in b's buffer), then d, e, f = c @ w, d @ w, e @ w,
     # all three returned: d can take a's buffer, two kernels after a's last reader, under the peak at the end

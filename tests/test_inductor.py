@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 
 import memopt
 from memopt import examples
-from memopt.codegen.inductor import (
+from memopt.lower.inductor import (
     FALLBACK_OPTIONS,
     InductorBudgetError,
     InductorStep,
@@ -25,7 +25,7 @@ from memopt.codegen.inductor import (
     unread_inputs,
     wrapper_memory,
 )
-from memopt.codegen.runner import StepRunner
+from memopt.lower.runner import StepRunner
 
 # --- the wrapper's memory, by hand: exact bytes ---------------------------------------------------
 

@@ -13,10 +13,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import memopt
 from memopt import examples
-from memopt.codegen import offload_ops
-from memopt.codegen.inductor import InductorStep, wrapper_memory
-from memopt.codegen.runner import StepRunner, run_step
 from memopt.config import PlanConfig
+from memopt.lower import offload_ops
+from memopt.lower.inductor import InductorStep, wrapper_memory
+from memopt.lower.runner import StepRunner, run_step
 
 
 def remat_smallest(model, inputs, loss_fn):

@@ -68,7 +68,7 @@ def test_text_shows_the_ledger_and_the_peak(gpt2_plan):
 def test_the_inductor_compiles_tried_show_in_the_json_and_the_explanation(gpt2_plan):
     import dataclasses
 
-    from memopt.plan import CompileAttempt
+    from memopt.report.plan import CompileAttempt
 
     assert "compiles" not in json.loads(gpt2_plan.to_json())  # not compiled
     tried = (CompileAttempt(900_000_000, {}, 500, 700_000_000, 700_000_000, 12.5),

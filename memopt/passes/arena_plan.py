@@ -25,7 +25,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
 from memopt.capture import CapturedStep
-from memopt.codegen.arena import Placement, out_arguments, out_variant
+from memopt.lower.arena import Placement, out_arguments, out_variant
 from memopt.passes.liveness import Liveness, MemoryTimeline, liveness, memory_timeline
 from memopt.passes.optimizer_memory import OptimizerMemory
 from memopt.passes.order_plan import copy_graph, reorder

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from memopt.codegen import offload_ops
+from memopt.lower import offload_ops
 from memopt.passes.order_plan import copy_graph
 from memopt.passes.recompute import fake_result
 from memopt.passes.storage import shares_storage
@@ -37,7 +37,7 @@ class OffloadSpec:
 @dataclass(frozen=True)
 class OffloadRewrite:
     graph: fx.GraphModule
-    pool: int  # the host pool's id (``memopt.codegen.offload_ops``)
+    pool: int  # the host pool's id (``memopt.lower.offload_ops``)
     pool_bytes: int
     offload_nodes: tuple[str, ...]  # per spec: the offload node's name
     reload_nodes: tuple[str, ...]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from memopt.codegen.offload_ops import ALIGNMENT, host_bytes
+from memopt.lower.offload_ops import ALIGNMENT, host_bytes
 from memopt.device import DeviceSpec
 from memopt.passes.offload import OffloadSpec
 from memopt.passes.op_kinds import written_inputs

@@ -25,7 +25,7 @@ def cache_key(*parts: Any) -> str:
     """A stable hash of ``parts`` (plain data whose repr is deterministic), with memopt's and torch's versions."""
     import torch
 
-    from memopt import __version__
+    from memopt._version import __version__
 
     text = repr((_FORMAT, __version__, torch.__version__, parts))
     return hashlib.sha256(text.encode()).hexdigest()

@@ -13,7 +13,7 @@ integers could index out of range); the others count no scratch. Fake plans
 (a meta-device model) have no real device to measure on and count none.
 
 ``measure_calls`` measures any list of op calls the same way: the replay of
-Inductor's wrapper code (``memopt.codegen.inductor.wrapper_memory``) hands it
+Inductor's wrapper code (``memopt.lower.inductor.wrapper_memory``) hands it
 the fallback kernels the compiled code calls.
 """
 

@@ -20,7 +20,7 @@ so the saved tensors it reads live longer (the MLP example's step peaked 50%
 over its budget with it), and ``reorder_for_peak_memory`` picks an order by its
 own estimate (Llama's, 10% over at the smallest budget). That pass still runs,
 with no order to try, since Inductor's buffer reuse reads the sizes it sets
-(``memopt.codegen.fusion.inductor_patches``).
+(``memopt.lower.fusion.inductor_patches``).
 
 What the compiled code allocates is read back from its wrapper code (the
 ``call`` function Inductor writes): ``wrapper_memory`` replays its allocations,
@@ -52,12 +52,12 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memopt.budget import planned_part
-from memopt.codegen.fusion import FUSION_WINDOW, inductor_patches
-from memopt.codegen.offload_ops import HOST_RESULT_OPS
-from memopt.codegen.runner import StepRunner, run_step
 from memopt.errors import MemoptError
+from memopt.lower.fusion import FUSION_WINDOW, inductor_patches
+from memopt.lower.offload_ops import HOST_RESULT_OPS
+from memopt.lower.runner import StepRunner, run_step
 from memopt.passes.scratch import call_signature, measurable, measure_calls
-from memopt.plan import CompileAttempt
+from memopt.report.plan import CompileAttempt
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class InductorStep:
 # compiled code would break the budget (each rung a whole set of options, cheapest first):
 # - a kernel fusing nodes far apart runs where the first was, and what the others read is made before it:
 #   fusions at most 4 nodes apart keep Llama's LM-head gradient ahead of the recomputed last block
-#   (``memopt.codegen.fusion``; it costs few fusions);
+#   (``memopt.lower.fusion``; it costs few fusions);
 # - post-grad pattern matching rewrites add(mm(a, b), c) into addmm(c, a, b) at the add: on GPT-2
 #   with tied embeddings that kept the logits' gradient alive through the whole backward;
 # - a fused kernel allocates all its outputs before it runs, where eager frees one temporary

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from memopt.passes.storage import OPTIMIZER_STATE, TEMPORARIES, Storage
 
 if TYPE_CHECKING:
-    from memopt.plan import MemoryPlan
+    from memopt.report.plan import MemoryPlan
 
 PICKLE_PROTOCOL = 4  # the page's unpickler reads protocols 2 to 4
 

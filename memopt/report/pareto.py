@@ -33,7 +33,7 @@ from memopt.device import DeviceSpec, get_device
 from memopt.errors import BudgetInfeasibleError, MemoptError
 from memopt.passes.costs import node_seconds
 from memopt.passes.remat_plan import SOLVERS
-from memopt.plan import MemoryPlan
+from memopt.report.plan import MemoryPlan
 
 _log = logging.getLogger(__name__)
 BASELINES = ("blocks", "sqrt")
@@ -78,7 +78,7 @@ class ParetoCurve:
 
     def plot(self, path: str) -> str:
         """A PNG of overhead against budget: memopt's curve, the baselines as points."""
-        from memopt.plot import plot_pareto
+        from memopt.report.plot import plot_pareto
 
         return plot_pareto(self, path)
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from memopt.pareto import ParetoCurve
-    from memopt.plan import MemoryPlan
+    from memopt.report.pareto import ParetoCurve
+    from memopt.report.plan import MemoryPlan
 
 _COLORS = {
     "parameters": "#4c72b0", "buffers": "#8172b3", "inputs": "#937860", "gradients": "#dd8452",

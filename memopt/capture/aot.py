@@ -23,7 +23,7 @@ from torch import fx, nn
 from torch._functorch.partitioners import _extract_fwd_bwd_modules, is_sym_node
 from torch.utils import _pytree as pytree
 
-from memopt.capture import CapturedStep, InputRole, Placeholder
+from memopt.capture.trace import CapturedStep, InputRole, Placeholder
 from memopt.errors import CaptureError
 
 

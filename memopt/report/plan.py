@@ -373,13 +373,13 @@ class MemoryPlan:
 
     def plot(self, path: str, *, measured_timeline: list[tuple[float, int]] | None = None) -> str:
         """A PNG of the predicted timeline, categories stacked, budget and peak marked."""
-        from memopt.plot import plot_plan
+        from memopt.report.plot import plot_plan
 
         return plot_plan(self, path, measured_timeline=measured_timeline)
 
     def to_memory_viz(self, path: str) -> str:
         """A pickled snapshot of the predicted step that PyTorch's memory_viz page opens."""
-        from memopt.memory_viz import to_memory_viz
+        from memopt.report.memory_viz import to_memory_viz
 
         return to_memory_viz(self, path)
 
