@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from memopt.budget import format_bytes, parse_budget, planned_part
+from memopt.budget import Budget, parse_budget
 from memopt.capture import capture
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec, get_device
-from memopt.errors import BudgetInfeasibleError, MemoptError
+from memopt.errors import MemoptError
+from memopt.fit import fit
+from memopt.lower.lowering import FXLowering, Lowering
 from memopt.lower.runner import Executor, StepRunner, run_step
 from memopt.passes.optimizer_memory import ParamInfo
 from memopt.passes.remat_plan import SOLVERS
@@ -222,55 +225,14 @@ class CompiledModule(nn.Module):
                     device=self._device, config=self._config, offload=self._offload)
 
     def _lower(self, inputs: tuple | dict) -> tuple[MemoryPlan, StepRunner, Executor]:
-        if self.backend == "fx" and self.layout:
-            planned = self._planned_in_arena(inputs)
-            assert planned.program is not None
-            runner = StepRunner(planned.program)
-            return planned, runner, runner
-        if self.backend == "fx":
-            planned = self._planned(inputs, self.budget_bytes)
-            assert planned.program is not None
-            runner = StepRunner(planned.program)
-            return planned, runner, runner
-        from memopt.lower.inductor import PlannedStep, lower_within_budget
+        if self.backend == "inductor":
+            from memopt.lower.inductor import InductorLowering
 
-        def plan_at(budget: int) -> PlannedStep:
-            planned = self._planned(inputs, budget)
-            assert planned.program is not None
-            after = max((t for t, phase in zip(planned.timeline.totals, planned.timeline.phases)
-                         if phase == "optimizer"), default=0)
-            return PlannedStep(StepRunner(planned.program), planned.entry_bytes, after, planned, planned.choices)
-
-        lowered = lower_within_budget(plan_at, self.budget_bytes, options=self._inductor_options,
-                                      reclaim_headroom=self._config.headroom)
-        # the plan that runs may have been made for more than the budget (what Inductor's code left unused):
-        # the budget is the user's, and the peak that holds it is the compiled code's
-        planned = dataclasses.replace(lowered.planned.plan, budget_bytes=self.budget_bytes,
-                                      compiled_peak_bytes=lowered.peak_bytes, compiles=lowered.attempts)
-        return planned, lowered.planned.runner, lowered.step
-
-    def _planned_in_arena(self, inputs: tuple | dict) -> MemoryPlan:
-        """The plan for the budget with its step run in one arena; more recomputation while it does not fit."""
-        target = planned_part(self.budget_bytes, self._config.headroom)
-        budget, tried = self.budget_bytes, []
-        for _ in range(5):
-            try:
-                planned = self._planned(inputs, budget)  # config.layout: the step as it runs in the arena
-            except BudgetInfeasibleError:
-                if not tried:
-                    raise
-                break
-            tried.append((budget, planned.peak_bytes, planned.arena.arena_bytes if planned.arena else 0))
-            if planned.peak_bytes <= target:
-                return dataclasses.replace(planned, budget_bytes=self.budget_bytes)
-            budget -= planned.peak_bytes - target
-        attempts = "; ".join(f"planned for {format_bytes(b)}: peak {format_bytes(p)} (arena {format_bytes(a)})"
-                             for b, p, a in tried)
-        raise MemoptError(f"with layout=True the step does not fit under {format_bytes(self.budget_bytes)} less "
-                          f"{self._config.headroom:.0%} headroom ({format_bytes(target)}): the arena is allocated "
-                          f"for the whole span of the tensors planned in it, so tensors outside it (gradients, "
-                          f"ops with no out= kernel) add to its full size. Tried: {attempts}. Use a larger "
-                          f"budget, or layout=False")
+            lowering: Lowering = InductorLowering(dict(self._inductor_options or {}))
+        else:
+            lowering = FXLowering(arena=self.layout)  # config.layout: plans are of the step as it runs in the arena
+        fitted = fit(partial(self._planned, inputs), Budget(self.budget_bytes, self._config.headroom), lowering)
+        return fitted.plan, fitted.lowered.runner, fitted.lowered.executor
 
 
 def _split(inputs: tuple | dict) -> tuple[tuple, dict]:

@@ -1,9 +1,11 @@
-"""Byte budgets: parsing ("24GB", "512MiB", 10**9), printing, and the part of a budget memopt plans for."""
+"""Byte budgets: parsing ("24GB", "512MiB", 10**9), printing, the part of a budget memopt plans for, and
+the one typed budget the fit loop carries."""
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 from memopt.errors import BudgetParseError
 
@@ -70,3 +72,28 @@ def budget_for_peak(peak: int, headroom: float) -> int:
     while budget > 1 and planned_part(budget - 1, headroom) >= peak:
         budget -= 1
     return budget
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """The one budget value the loop carries.
+
+    ``total_bytes`` is the user's; ``held_elsewhere_bytes`` what stays on the device
+    beside this step while it runs (the rest of the model and the graphs compiled
+    before it, under the backend); ``headroom`` the share of what is left that plans
+    keep free for what a prediction does not see.
+    """
+
+    total_bytes: int
+    headroom: float
+    held_elsewhere_bytes: int = 0
+
+    @property
+    def available_bytes(self) -> int:
+        """What this step may peak at: the limit for a step whose peak is read from its code."""
+        return self.total_bytes - self.held_elsewhere_bytes
+
+    @property
+    def planned_bytes(self) -> int:
+        """What a plan of this step aims at, and the limit for a step whose peak is the plan's prediction."""
+        return planned_part(self.available_bytes, self.headroom)

@@ -13,13 +13,12 @@ from torch.utils import _pytree as pytree
 
 import memopt
 from memopt import examples
+from memopt.budget import Budget
+from memopt.fit import fit
 from memopt.lower.inductor import (
-    FALLBACK_OPTIONS,
-    InductorBudgetError,
+    InductorLowering,
     InductorStep,
-    PlannedStep,
     compile_program,
-    lower_within_budget,
     program_module,
     run_inductor_step,
     unread_inputs,
@@ -192,160 +191,6 @@ def test_dropouts_random_fill_reaches_inductor_as_one_op_drawing_what_eager_draw
     assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
-# --- keeping the compiled step under the budget: the search, with a stand-in compiler ----------------
-
-
-class _StandIn:
-    """Compiles nothing: peaks come from a table keyed by (plan target, options)."""
-
-    def __init__(self, table, log):
-        self.table, self.log = table, log
-
-    def __call__(self, runner, options, *, forward=None, backward=None):
-        self.log.append((runner, dict(options), forward is not None, backward is not None))
-        step = _StandInStep()
-        step.forward = forward or ("forward", runner, tuple(options.items()))
-        step.backward = backward or ("backward", runner, tuple(options.items()))
-        step.peak_pair = self.table[(runner, tuple(options.items()))]
-        return step
-
-
-class _StandInStep:
-    def peaks(self, entry_bytes):
-        return tuple(entry_bytes + p for p in self.peak_pair)
-
-
-def _planned(target):
-    return PlannedStep(runner=target, entry_bytes=100, after_bytes=0)
-
-
-def _key(target, rung):
-    return (target, tuple(([{}] + list(FALLBACK_OPTIONS))[rung].items()))
-
-
-def test_over_the_budget_the_offending_passes_go_off_and_only_the_program_over_is_recompiled():
-    table = {_key(1000, 0): (500, 1100), _key(1000, 1): (500, 850)}
-    log = []
-    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, log))
-    assert [a.predicted_peak_bytes for a in lowered.attempts] == [1200, 950]
-    assert lowered.attempts[1].options == FALLBACK_OPTIONS[0]
-    kept = [(forward_kept, backward_kept) for _, _, forward_kept, backward_kept in log]
-    assert kept == [(False, False), (True, False)]
-
-
-def test_when_no_pass_helps_memopt_replans_for_the_excess_then_a_little_above_then_gives_up_typed():
-    table = {_key(1000, r): (500, p) for r, p in enumerate((1100, 1000, 998, 995, 990))}  # best: 1090, over by 90
-    table[_key(910, 4)] = (500, 850)  # the plan for 1000 - 90 fits, with the best rung straight away
-    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []))
-    assert [(a.target_bytes, a.predicted_peak_bytes) for a in lowered.attempts] == [
-        (1000, 1200), (1000, 1100), (1000, 1098), (1000, 1095), (1000, 1090), (910, 950)]
-
-    def infeasible_below_1000(target):
-        if target < 1000:
-            raise memopt.BudgetInfeasibleError(target, 1000, "somewhere")
-        return _planned(target)
-
-    for target in (1050, 1100, 1200):  # the plans for a little more: their code is over the budget too,
-        table[_key(target, 0)] = (500, 960)  # with the caller's options and with the rung that came closest
-        table[_key(target, 4)] = (500, 950)
-    with pytest.raises(InductorBudgetError) as info:
-        lower_within_budget(infeasible_below_1000, 1000, compile_step=_StandIn(table, []))
-    assert info.value.predicted == 1050 and "raise the budget to 1,050 B" in str(info.value)
-    assert [(a.target_bytes, a.options) for a in info.value.attempts][-6:] == [
-        (t, options) for t in (1050, 1100, 1200) for options in ({}, FALLBACK_OPTIONS[3])]
-    # the code of the plan for 10% more fits: that step is kept
-    table[_key(1100, 4)] = (500, 880)
-    lowered = lower_within_budget(infeasible_below_1000, 1000, compile_step=_StandIn(table, []))
-    assert lowered.planned.runner == 1100 and lowered.peak_bytes == 980
-
-
-def test_below_the_smallest_plan_the_code_of_the_plans_at_and_above_it_may_still_fit():
-    def infeasible_below_1000(target):
-        if target < 1000:
-            raise memopt.BudgetInfeasibleError(target, 1000, "somewhere")
-        return _planned(target)
-
-    # the smallest plan's code: 1090 at best; the plan for 5% more compiles to code peaking at 960
-    table = {_key(1000, r): (500, p) for r, p in enumerate((1100, 1000, 998, 995, 990))}
-    table.update({_key(t, 0): (500, 900) for t in (1050, 1100, 1200)})
-    table.update({_key(1050, 4): (500, 860), _key(1100, 4): (500, 950), _key(1200, 4): (500, 950)})
-    lowered = lower_within_budget(infeasible_below_1000, 970, compile_step=_StandIn(table, []),
-                                  reclaim_headroom=0.02)
-    assert lowered.planned.runner == 1050 and lowered.peak_bytes == 960
-    # the ladder at the smallest plan, no plan below it, then the plans above it: the caller's options first
-    assert [(a.target_bytes, a.predicted_peak_bytes) for a in lowered.attempts] == [
-        (1000, 1200), (1000, 1100), (1000, 1098), (1000, 1095), (1000, 1090), (1050, 1000), (1050, 960)]
-    table[_key(1050, 0)] = (500, 850)  # with the caller's options, the code of the plan for 5% more fits
-    lowered = lower_within_budget(infeasible_below_1000, 970, compile_step=_StandIn(table, []))
-    assert lowered.planned.runner == 1050 and lowered.peak_bytes == 950 and lowered.attempts[-1].options == {}
-    # nothing fits: the user's budget was below every plan, and the error says so, with what the code needed
-    with pytest.raises(memopt.BudgetInfeasibleError) as info:
-        lower_within_budget(infeasible_below_1000, 900, compile_step=_StandIn(table, []))
-    assert info.value.budget == 900 and info.value.minimum == 1000
-    assert "peaks at 950 B at best (11 compiles)" in " ".join(info.value.__notes__)
-
-
-def test_budget_left_unused_by_the_code_is_planned_for_once_more():
-    # the code peaks at 700 of 1000 (limit 980 with 2% headroom): 280 spare, so plan for 1280
-    table = {_key(1000, 0): (500, 600), _key(1280, 0): (500, 880)}
-    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
-    assert lowered.planned.runner == 1280 and lowered.peak_bytes == 980
-    assert [(a.target_bytes, a.predicted_peak_bytes, a.chosen) for a in lowered.attempts] == [
-        (1000, 700, False), (1280, 980, True)]
-    # the second plan's code leaves 100 unused (over 1% of the budget): a third plan, for 1280 + 100
-    table.update({_key(1280, 0): (500, 780), _key(1380, 0): (500, 875)})
-    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
-    assert lowered.planned.runner == 1380 and lowered.peak_bytes == 975
-    assert [(a.target_bytes, a.predicted_peak_bytes) for a in lowered.attempts] == [
-        (1000, 700), (1280, 880), (1380, 975)]
-    # little to spare (5, under 1% of the budget): no second plan
-    table = {_key(1000, 0): (500, 875)}
-    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(table, []), reclaim_headroom=0.02)
-    assert lowered.planned.runner == 1000 and len(lowered.attempts) == 1 and lowered.attempts[0].chosen
-
-
-class _Code(dict):
-    """A stand-in's table from a function of the plan's target: the code's peak (entry bytes included)."""
-
-    def __init__(self, peak):
-        super().__init__()
-        self.peak = peak
-
-    def __missing__(self, key):
-        return (0, self.peak(key[0]) - 100)
-
-
-def test_reclaim_searches_between_the_largest_plan_whose_code_fit_and_the_smallest_whose_code_did_not():
-    # the code peaks 300 under plans up to 1200, 250 under larger ones (a plan whose code is worse)
-    code = _Code(lambda target: target - (300 if target <= 1200 else 250))
-    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(code, []), reclaim_headroom=0.02)
-    # 1000 + 280 spare is over; where the line through (1000, 700) and (1280, 1030) meets 980: 1237, over;
-    # two over in a row: halfway, 1118, fits; the line through (1118, 818) and (1237, 987), kept 10 (1% of
-    # the budget) inside: 1227, fits; the next step is under 10
-    assert [(a.target_bytes, a.predicted_peak_bytes) for a in lowered.attempts] == [
-        (1000, 700), (1280, 1030), (1237, 987), (1118, 818), (1227, 977)]
-    assert lowered.planned.runner == 1227 and lowered.peak_bytes == 977
-    assert [a.chosen for a in lowered.attempts] == [False, False, False, False, True]
-    # every larger plan's code over: the first step stays, after RECLAIM_COMPILES (6) more compiles
-    code = _Code(lambda target: 700 if target == 1000 else 990)
-    lowered = lower_within_budget(_planned, 1000, compile_step=_StandIn(code, []), reclaim_headroom=0.02)
-    assert [a.target_bytes for a in lowered.attempts] == [1000, 1280, 1270, 1135, 1067, 1033, 1016]
-    assert lowered.planned.runner == 1000 and lowered.peak_bytes == 700 and lowered.attempts[0].chosen
-
-
-def test_reclaim_compiles_no_plan_twice_and_stops_at_one_that_recomputes_nothing():
-    def planned(target):  # recomputes "a" under 1300, nothing from there on
-        return PlannedStep(target, 100, 0, choices=(("a", "recompute"),) if target < 1300 else ())
-
-    targets = []
-    lowered = lower_within_budget(lambda t: targets.append(t) or planned(t), 1000, reclaim_headroom=0.02,
-                                  compile_step=_StandIn(_Code(lambda target: 700 if target < 1300 else 970), []))
-    # the plan for 1280 is the plan for 1000 (no compile); from it, 280 more: 1560 keeps all, and ends it
-    assert targets == [1000, 1280, 1560]
-    assert [(a.target_bytes, a.predicted_peak_bytes, a.chosen) for a in lowered.attempts] == [
-        (1000, 700, False), (1560, 970, True)]
-
-
 # --- end to end on real models (each compiles with Inductor: slow) ------------------------------------
 
 WORKLOADS = {
@@ -363,11 +208,14 @@ def _values(model, inputs):
 
 def _plan_at(model, inputs, loss_fn, optimizer):
     def plan_at(budget):
-        plan = memopt.plan(model, inputs, loss_fn=loss_fn, optimizer=optimizer, budget=budget)
-        after = max((t for t, p in zip(plan.timeline.totals, plan.timeline.phases) if p == "optimizer"), default=0)
-        return PlannedStep(StepRunner(plan.program), plan.entry_bytes, after, plan)
+        return memopt.plan(model, inputs, loss_fn=loss_fn, optimizer=optimizer, budget=budget)
 
     return plan_at
+
+
+def _fit(plan_at, budget):
+    """The fit loop over Inductor without the reclaim: the plan for the budget, or lower."""
+    return fit(plan_at, Budget(budget, 0.02), InductorLowering(reclaims=False)).lowered
 
 
 class _Compiled(torch.nn.Module):
@@ -409,15 +257,15 @@ def test_compiled_step_equals_eager_fits_the_smallest_budget_and_peaks_where_its
     plan_at = _plan_at(model, inputs, workload.loss_fn, optimizer)
     budget = budgets(model, inputs, workload.loss_fn, optimizer)[0]  # the smallest the FX plans can meet
     # on llama only the fusion window brings the code under the plan (13% over without it)
-    lowered = lower_within_budget(plan_at, budget)
-    plan = lowered.planned.plan
+    lowered = _fit(plan_at, budget)
+    plan = lowered.plan
     assert any(d.action == "recompute" for d in plan.decisions)
-    compiled = _Compiled(model, lowered.step)
+    compiled = _Compiled(model, lowered.executor)
     _assert_close_to_eager(workload, model, twin, compiled, inputs)
 
     step = steady_step(compiled, inputs, optimizer, workload.loss_fn)
     peak = measured_step_peak(plan, memopt.measure_peak(step))
-    predicted = lowered.step.predicted_peak_bytes(lowered.planned.entry_bytes, lowered.planned.after_bytes)
+    predicted = lowered.peak_bytes
     assert peak <= budget, f"{name}: measured {peak:,} B over the budget {budget:,} B"
     # the wrapper code's replay is the step's peak, to the byte up to what the allocator adds
     assert abs(peak - predicted) <= max(4096, 0.005 * peak), f"{name}: predicted {predicted:,}, measured {peak:,}"
@@ -433,13 +281,14 @@ def test_inductors_own_order_breaks_the_budget_and_the_prediction_sees_it():
     model, inputs = workload.build(), workload.inputs()
     optimizer = workload.optimizer(model)
     budget = budgets(model, inputs, workload.loss_fn, optimizer)[1]
-    planned = _plan_at(model, inputs, workload.loss_fn, optimizer)(budget)
-    assert InductorStep(planned.runner).predicted_peak_bytes(planned.entry_bytes, planned.after_bytes) <= budget
-    reordered = InductorStep(planned.runner, {"reorder_for_locality": True})
-    predicted = reordered.predicted_peak_bytes(planned.entry_bytes, planned.after_bytes)
+    plan = _plan_at(model, inputs, workload.loss_fn, optimizer)(budget)
+    runner = StepRunner(plan.program)
+    assert InductorStep(runner).predicted_peak_bytes(plan.entry_bytes, plan.optimizer_peak_bytes) <= budget
+    reordered = InductorStep(runner, {"reorder_for_locality": True})
+    predicted = reordered.predicted_peak_bytes(plan.entry_bytes, plan.optimizer_peak_bytes)
     assert predicted > budget
     step = steady_step(_Compiled(model, reordered), inputs, optimizer, workload.loss_fn)
-    peak = measured_step_peak(planned.plan, memopt.measure_peak(step))
+    peak = measured_step_peak(plan, memopt.measure_peak(step))
     assert abs(peak - predicted) <= max(4096, 0.005 * peak), f"predicted {predicted:,}, measured {peak:,}"
 
 
@@ -451,9 +300,9 @@ def test_dropout_batchnorm_custom_function_and_inplace_input_run_once_under_indu
     x = torch.randn(128, 64)
     lo, hi = budgets(model, (x.clone(),), None, None, count=2)
     budget = round(lo + 0.5 * (hi - lo))
-    lowered = lower_within_budget(_plan_at(model, (x.clone(),), None, None), budget)
-    assert any(d.action == "recompute" for d in lowered.planned.plan.decisions)
-    compiled = _Compiled(model, lowered.step)
+    lowered = _fit(_plan_at(model, (x.clone(),), None, None), budget)
+    assert any(d.action == "recompute" for d in lowered.plan.decisions)
+    compiled = _Compiled(model, lowered.executor)
     for seed in (3, 4):
         x_eager, x_compiled = x.clone(), x.clone()
         torch.manual_seed(seed)

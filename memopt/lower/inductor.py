@@ -51,9 +51,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memopt.budget import planned_part
-from memopt.errors import MemoptError
+from memopt.budget import Budget
+from memopt.errors import BudgetInfeasibleError, MemoptError
 from memopt.lower.fusion import FUSION_WINDOW, inductor_patches
+from memopt.lower.lowering import Lowered
 from memopt.lower.offload_ops import HOST_RESULT_OPS
 from memopt.lower.runner import StepRunner, run_step
 from memopt.passes.scratch import call_signature, measurable, measure_calls
@@ -180,210 +181,64 @@ FALLBACK_OPTIONS: tuple[dict[str, Any], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class PlannedStep:
-    """A plan as lowering needs it: the programs and the bytes around them."""
+class InductorBudgetError(BudgetInfeasibleError):
+    """Inductor's code for the step breaks the budget, whatever memopt turned off or re-planned.
 
-    runner: StepRunner
-    entry_bytes: int  # live when the forward starts: parameters, buffers, inputs, optimizer state
-    after_bytes: int  # the peak after the backward (the optimizer step), 0 when none
-    plan: Any = None  # what it was made from (a MemoryPlan), handed back untouched
-    # what the plan does not keep, (name, action) each: equal choices make the same programs; None: not known
-    choices: tuple[tuple[str, str], ...] | None = None
-
-
-@dataclass(frozen=True)
-class Lowered:
-    step: InductorStep
-    planned: PlannedStep
-    attempts: tuple[CompileAttempt, ...]
-    peak_bytes: int = 0  # the compiled step's predicted peak (its code's, read from the wrapper)
-
-
-class InductorBudgetError(MemoptError):
-    """Inductor's code for the step breaks the budget, whatever memopt turned off or re-planned."""
-
-    def __init__(self, budget: int, predicted: int, attempts: tuple[CompileAttempt, ...]) -> None:
-        self.budget, self.predicted, self.attempts = budget, predicted, attempts
-        super().__init__(
-            f"Inductor's code for this step peaks at {predicted:,} B at best, over the budget of {budget:,} B, "
-            f"after {len(attempts)} compile(s) (passes off: {', '.join(map(str, FALLBACK_OPTIONS))}; plans re-made "
-            f"for budgets down to {min(a.target_bytes for a in attempts):,} B); run the planned FX graphs instead, "
-            f"or raise the budget to {predicted:,} B"
-        )
-
-
-def lower_within_budget(plan_at: Callable[[int], PlannedStep], budget_bytes: int, *,
-                        options: dict[str, Any] | None = None, replans: int = 2,
-                        compile_step: Callable[..., InductorStep] = InductorStep,
-                        reclaim_headroom: float | None = None) -> Lowered:
-    """Compile the step planned for ``budget_bytes`` so that the compiled code fits it too.
-
-    The compiled code's peak is read from its wrapper (``predicted_peak_bytes``).
-    Over the budget, the passes in ``FALLBACK_OPTIONS`` are turned off one after the
-    other, recompiling only the program that is over; still over, ``plan_at`` makes
-    a new plan for a budget lower by the excess (more recomputation), up to
-    ``replans`` times, then plans for budgets a little higher (``ABOVE_FACTORS``),
-    whose code may still fit. ``plan_at(budget)`` may raise ``BudgetInfeasibleError``, which
-    ends the search. Raises ``InductorBudgetError`` when nothing fits. ``compile_step``
-    is how a step is compiled (``InductorStep``'s signature; tests pass a stand-in).
-
-    A budget below the smallest plan's (``plan_at`` raises ``BudgetInfeasibleError``
-    for it): Inductor's code for the smallest plan, or for one a little above it, can
-    still fit, since its fused kernels never hold some intermediates the plans count.
-    Those are compiled as above (from the smallest plan's budget, without re-planning
-    lower); when none fits, the error is raised as it was, with a note of what the
-    code needed.
-
-    ``reclaim_headroom``: Inductor's fused kernels skip intermediates the plan counts,
-    so its code often peaks well under the plan it compiles. When it leaves more than
-    ``RECLAIM_FRACTION`` of the budget unused, plans for larger budgets (less
-    recomputation) are compiled, and the one for the largest whose code peaks under the
-    budget less this headroom fraction runs (``_reclaimed``).
-
-    The attempts come back in ``Lowered.attempts``, the one that runs marked ``chosen``.
+    ``minimum`` is the smallest budget Inductor's code was seen to meet (its lowest peak, plus what
+    is held beside the step), not the plans' own.
     """
-    from memopt.errors import BudgetInfeasibleError
 
-    ladder = [dict(options or {})] + [{**(options or {}), **extra} for extra in FALLBACK_OPTIONS]
-    attempts: list[CompileAttempt] = []
-    target, first_rung, infeasible = budget_bytes, 0, None
-    try:
-        planned = plan_at(target)
-    except BudgetInfeasibleError as error:  # below every plan: the smallest plan's code may still fit
-        target, replans, infeasible = error.minimum, 0, error
-        planned = plan_at(target)
-    base = target
-    for replan in range(replans + 1):
-        if replan:
-            try:
-                planned = plan_at(target)
-            except BudgetInfeasibleError:
-                break
-        forward = backward = None
-        best = None
-        for rung in range(first_rung, len(ladder)):
-            step, attempt = _attempt(planned, target, ladder[rung], compile_step, forward=forward, backward=backward)
-            attempts.append(attempt)
-            forward_peak, backward_peak, predicted = (attempt.forward_peak_bytes, attempt.backward_peak_bytes,
-                                                      attempt.predicted_peak_bytes)
-            log.info("inductor: plan for %d B, options %s: predicted peak %d B (budget %d B)",
-                     target, ladder[rung], predicted, budget_bytes)
-            if predicted <= budget_bytes:
-                if reclaim_headroom is None or replan or infeasible is not None:
-                    return _lowered(step, planned, attempts)
-                return _reclaimed(step, planned, attempts, plan_at, budget_bytes, target, ladder[rung],
-                                  compile_step, reclaim_headroom)
-            if best is None or predicted < best[0]:
-                best = (predicted, rung)
-            # keep the program that fits; recompile the one that does not
-            forward = step.forward if forward_peak <= budget_bytes else None
-            backward = step.backward if backward_peak <= budget_bytes else None
-        assert best is not None
-        first_rung = best[1]
-        target -= best[0] - budget_bytes
-    # no plan lower fits: Inductor's code for a plan that recomputes less can still peak lower (its fused
-    # kernels skip intermediates the plan counts; the benchmark's llama, before unread inputs were let go:
-    # the plan for its smallest budget, 298.1 MB, compiled to code peaking at 329.4 MB at best, the plan for
-    # 313.0 MB (5% more) to code peaking at 270.0 MB with Inductor's passes on, 302.6 MB without addmm pattern
-    # matching): each is compiled with the caller's options, then with the rung that came closest
-    for factor in ABOVE_FACTORS:
-        above = math.ceil(base * factor)
-        try:
-            planned = plan_at(above)
-        except BudgetInfeasibleError:
-            continue
-        forward = backward = None
-        for rung in dict.fromkeys((0, first_rung)):
-            step, attempt = _attempt(planned, above, ladder[rung], compile_step, forward=forward, backward=backward)
-            attempts.append(attempt)
-            if attempt.predicted_peak_bytes <= budget_bytes:
-                return _lowered(step, planned, attempts)
-            forward = step.forward if attempt.forward_peak_bytes <= budget_bytes else None
-            backward = step.backward if attempt.backward_peak_bytes <= budget_bytes else None
-    lowest = min(a.predicted_peak_bytes for a in attempts)
-    if infeasible is not None:
-        infeasible.add_note(f"Inductor's code for the plans at and a little above that budget peaks at "
-                            f"{lowest:,} B at best ({len(attempts)} compiles)")
-        raise infeasible
-    raise InductorBudgetError(budget_bytes, lowest, tuple(attempts))
+    def __init__(self, budget: Budget, predicted: int, attempts: tuple[CompileAttempt, ...],
+                 below: BudgetInfeasibleError | None = None) -> None:
+        self.predicted, self.attempts = predicted, attempts
+        targets = [a.target_bytes for a in attempts]
+        why = (f"Inductor's code for this step peaks at {predicted:,} B at best after {len(attempts)} compile(s) "
+               f"(passes off: {', '.join(map(str, FALLBACK_OPTIONS))}; plans made for {min(targets):,} B to "
+               f"{max(targets):,} B)")
+        if below is not None:
+            why += f"; no keep/recompute plan of the traced ops goes below {below.proven_minimum:,} B"
+        why += ". Or run the planned FX graphs instead (backend='fx')"
+        super().__init__(budget.total_bytes, predicted + budget.held_elsewhere_bytes, "Inductor's code for the step",
+                         why, proven=None if below is None else below.proven_minimum)
 
 
-RECLAIM_FRACTION = 0.01  # of the budget: the smallest step between two plan targets worth a plan and a compile
-RECLAIM_COMPILES = 6  # compiles spent looking for the plan that uses what the code left unused
-ABOVE_FACTORS = (1.05, 1.1, 1.2)  # plans for budgets this much higher, tried when nothing lower fits
+@dataclass(frozen=True)
+class InductorLowering:
+    """The plan's two programs compiled by Inductor; the step's peak is read from the code it wrote.
 
-
-def _lowered(step: InductorStep, planned: PlannedStep, attempts: Sequence[CompileAttempt],
-             chosen: int = -1) -> Lowered:
-    """The step that runs, with the attempts made for it (``attempts[chosen]`` its own, marked)."""
-    marked = list(attempts)
-    marked[chosen] = dataclasses.replace(marked[chosen], chosen=True)
-    return Lowered(step, planned, tuple(marked), marked[chosen].predicted_peak_bytes)
-
-
-def _reclaimed(step: InductorStep, planned: PlannedStep, attempts: list[CompileAttempt],
-               plan_at: Callable[[int], PlannedStep], budget_bytes: int, target: int, options: dict[str, Any],
-               compile_step: Callable[..., InductorStep], headroom: float) -> Lowered:
-    """The step planned for the largest budget found whose code still peaks under the budget's planned part.
-
-    Inductor's code for a plan peaks below it, by an amount that varies from plan to plan (the code's
-    peak is not even monotone in the plan's budget), so the plan is searched for, one compile a step.
-    ``low`` is the largest target whose code fit, ``high`` the smallest whose code did not. Next is
-    ``low`` plus what its code left unused while no plan has been over; then the target where the line
-    through the two codes' peaks meets the limit (halfway, after two plans over in a row), kept
-    ``RECLAIM_FRACTION`` of the budget inside both ends. It stops at ``RECLAIM_COMPILES`` compiles, at
-    a step smaller than that fraction, or at a plan that recomputes and offloads nothing. A plan with
-    the choices of the last that fit is that step (no compile).
+    ``options`` are Inductor config entries on top of ``DEFAULT_OPTIONS``; the variants turn off, in
+    order, the passes of ``FALLBACK_OPTIONS``. ``compile_step`` compiles a runner (``InductorStep``'s
+    signature).
     """
-    from memopt.errors import BudgetInfeasibleError
 
-    limit = planned_part(budget_bytes, headroom)
-    resolution = math.ceil(RECLAIM_FRACTION * budget_bytes)
-    best, chosen = (step, planned), len(attempts) - 1
-    low, high = target, None
-    compiles = plans = overs = 0  # overs: plans over the limit in a row
-    while compiles < RECLAIM_COMPILES and plans < 2 * RECLAIM_COMPILES and best[1].choices != ():
-        low_peak = attempts[chosen].predicted_peak_bytes
-        if high is None:
-            following = low + (limit - low_peak)
-        else:
-            high_target, high_peak = high
-            slope = (high_peak - low_peak) / (high_target - low)
-            secant = overs < 2 and slope > 0
-            guess = low + (limit - low_peak) / slope if secant else (low + high_target) / 2
-            following = min(max(math.floor(guess), low + resolution), high_target - resolution)
-        if following - low < resolution:
-            break
-        try:
-            candidate = plan_at(following)
-        except BudgetInfeasibleError:
-            break
-        plans += 1
-        if candidate.choices is not None and candidate.choices == best[1].choices:
-            low = following  # the same plan: the same code, which fits
-            continue
-        compiled, attempt = _attempt(candidate, following, options, compile_step)
-        attempts.append(attempt)
-        compiles += 1
-        log.info("inductor: reclaimed plan for %d B: predicted peak %d B (limit %d B)", following,
-                 attempt.predicted_peak_bytes, limit)
-        if attempt.predicted_peak_bytes <= limit:
-            best, chosen, low, overs = (compiled, candidate), len(attempts) - 1, following, 0
-        else:
-            high, overs = (following, attempt.predicted_peak_bytes), overs + 1
-    return _lowered(*best, attempts, chosen)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    compile_step: Callable[..., InductorStep] = InductorStep
+    name: str = "inductor"
+    reads_code: bool = True
+    reclaims: bool = True
+    replans: int = 2
 
+    @property
+    def variants(self) -> tuple[dict[str, Any], ...]:
+        return (dict(self.options), *({**self.options, **extra} for extra in FALLBACK_OPTIONS))
 
-def _attempt(planned: PlannedStep, target: int, options: dict[str, Any], compile_step: Callable[..., InductorStep],
-             **programs: Any) -> tuple[InductorStep, CompileAttempt]:
-    """Compile ``planned`` (reusing the ``forward``/``backward`` programs given) and read its code's peaks."""
-    started = time.perf_counter()
-    step = compile_step(planned.runner, options, **programs)
-    forward_peak, backward_peak = step.peaks(planned.entry_bytes)
-    predicted = max(forward_peak, backward_peak, planned.after_bytes)
-    seconds = time.perf_counter() - started
-    return step, CompileAttempt(target, options, forward_peak, backward_peak, predicted, seconds)
+    def lower(self, plan: Any, options: dict[str, Any], *, reuse: Lowered | None, limit: int) -> Lowered:
+        started = time.perf_counter()
+        runner = reuse.runner if reuse is not None else StepRunner(plan.program)
+        # the programs of the same plan compiled before that fit are kept; the one over is compiled again
+        programs = {}
+        if reuse is not None and reuse.forward_peak_bytes <= limit:
+            programs["forward"] = reuse.executor.forward
+        if reuse is not None and reuse.backward_peak_bytes <= limit:
+            programs["backward"] = reuse.executor.backward
+        step = self.compile_step(runner, options, **programs)
+        forward, backward = step.peaks(plan.entry_bytes)
+        peak = max(forward, backward, plan.optimizer_peak_bytes)
+        return Lowered(plan, runner, step, forward, backward, peak, dict(options), time.perf_counter() - started)
+
+    def infeasible(self, budget: Budget, lowest: int, attempts: tuple[CompileAttempt, ...],
+                   below: BudgetInfeasibleError | None) -> BudgetInfeasibleError:
+        return InductorBudgetError(budget, lowest, attempts, below)
 
 
 def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node], *,

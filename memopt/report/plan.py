@@ -179,6 +179,19 @@ class MemoryPlan:
         return sum(self.timeline.by_category[c][0] for c in (PARAMETERS, BUFFERS, INPUTS, OPTIMIZER_STATE))
 
     @property
+    def phase_peaks(self) -> tuple[int, int]:
+        """The predicted peaks of the forward (to the loss) and of the backward."""
+        timeline = self.timeline
+        return tuple(max((t for t, phase in zip(timeline.totals, timeline.phases) if phase == name), default=0)
+                     for name in ("forward", "backward"))  # type: ignore[return-value]
+
+    @property
+    def optimizer_peak_bytes(self) -> int:
+        """The predicted peak after the backward: the optimizer step's (0 with no optimizer step)."""
+        timeline = self.timeline
+        return max((t for t, phase in zip(timeline.totals, timeline.phases) if phase == "optimizer"), default=0)
+
+    @property
     def fits(self) -> bool | None:
         """The step that runs peaks within the budget: Inductor's code when compiled, else the plan's graph."""
         peak = self.peak_bytes if self.compiled_peak_bytes is None else self.compiled_peak_bytes
