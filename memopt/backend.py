@@ -36,14 +36,16 @@ from torch.fx.graph import _BoxedCodeGen
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
-from memopt.budget import format_bytes, parse_budget
+from memopt.budget import Budget, format_bytes, parse_budget
 from memopt.capture import CapturedStep
 from memopt.capture.aot import GraphInput, graph_inputs, joint_step, partition
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import BudgetInfeasibleError, MemoptError
+from memopt.fit import fit
 from memopt.lower.fusion import inductor_patches
 from memopt.lower.inductor import WrapperMemory
+from memopt.lower.lowering import Lowered
 from memopt.passes.optimizer_memory import ParamInfo, optimizer_memory
 from memopt.passes.remat_plan import SOLVERS
 from memopt.passes.storage import BUFFERS, GRADIENTS, OPTIMIZER_STATE, PARAMETERS
@@ -138,6 +140,8 @@ class GraphPlan:
     plan: MemoryPlan
     shapes: tuple[tuple[int, ...], ...]  # of its tensor inputs other than parameters and buffers
     compiled_peak_bytes: int | None = None  # the peak of Inductor's code for it (compiler="inductor")
+    code: str = ""  # the joint graph's code: the same graph compiled again is known by it
+    options: dict[str, Any] = field(default_factory=dict)  # the compile options of the step that runs
 
 
 class Session:
@@ -157,14 +161,21 @@ class Session:
         before = order[: order.index(frame)] if frame in order else order
         return sum(max(g.carried_bytes for g in self.graphs if g.frame == f) for f in before)
 
+    def same_graph(self, frame: tuple, shapes: tuple, code: str) -> GraphPlan | None:
+        """The graph planned before for this frame with these shapes and this joint graph, if any."""
+        return next((g for g in reversed(self.graphs) if (g.frame, g.shapes, g.code) == (frame, shapes, code)),
+                    None)
+
     def add(self, graph: GraphPlan) -> None:
         frames = list(dict.fromkeys(g.frame for g in self.graphs))
         same_frame = [g for g in self.graphs if g.frame == graph.frame]
         self.graphs.append(graph)
         total = self.options.budget_bytes
         if same_frame:
-            warnings.warn(f"memopt: re-planned a graph for new input shapes {list(graph.shapes)} (planned before "
-                          f"for {list(same_frame[-1].shapes)}); predicted peak {format_bytes(graph.plan.peak_bytes)}"
+            before = same_frame[-1].shapes
+            why = (f"for new input shapes {list(graph.shapes)} (planned before for {list(before)})"
+                   if graph.shapes != before else "that Dynamo traced again into another graph, same input shapes")
+            warnings.warn(f"memopt: re-planned a graph {why}; predicted peak {format_bytes(graph.plan.peak_bytes)}"
                           f" within its {format_bytes(graph.budget_bytes)}", MemoptWarning, stacklevel=2)
         elif frames:
             warnings.warn(f"memopt: the model compiled into {len(frames) + 1} graphs (graph breaks); graph "
@@ -228,62 +239,155 @@ def memopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: d
 
 def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs: list[Any], state: Session,
                    frame: tuple, rest: int) -> Callable[..., Any]:
-    """Plan, partition and compile one graph; with Inductor, until its code fits the graph's budget."""
+    """Plan one graph and compile it through the fit loop, so that what runs fits the graph's share."""
     options = state.options
-    if options.compiler == "eager" or not torch.is_grad_enabled():
-        compiled, graph, _ = _lower(gm, inputs, example_inputs, state, frame, rest, {}, 0)
-        if graph is not None:
-            state.add(graph)
-        return compiled  # without a backward (no_grad, eval), nothing was planned: it runs as traced
-    from memopt.lower.inductor import FALLBACK_OPTIONS, InductorBudgetError
+    traced = _trace_joint(gm, example_inputs, options)
+    if not isinstance(traced, _Joint):
+        return traced  # without a backward (no_grad, eval), nothing was planned: it runs as traced
+    lifted = len(inputs) - len(example_inputs)
+    shapes = tuple(tuple(v.shape) for info, v in zip(inputs[lifted:], example_inputs)
+                   if info.role == "input" and isinstance(v, torch.Tensor))
+    lowering = _AOTLowering(gm, example_inputs, options)
+    # Dynamo can compile the same graph again for the same shapes (a guard on something else failed): the plan
+    # that runs is the same, so it is compiled again as it is, without planning
+    again = state.same_graph(frame, shapes, traced.code)
+    if again is not None:
+        lowered = lowering.lower(again.plan, again.options, reuse=None, limit=0)
+        return lowered.executor
+    budget = Budget(options.budget_bytes, options.config.headroom, rest + state.carried_before(frame))
+    if budget.available_bytes <= 0:
+        raise MemoptError(f"the rest of the model and the graphs compiled before this one hold "
+                          f"{format_bytes(budget.held_elsewhere_bytes)}, all of the "
+                          f"{format_bytes(options.budget_bytes)} budget; compile with fullgraph=True so that memopt "
+                          "plans the whole step, or raise the budget")
+    fitted = fit(partial(_plan, traced, inputs, example_inputs, options, budget), budget, lowering)
+    chosen = next(a for a in fitted.attempts if a.chosen)
+    state.add(GraphPlan(frame, budget.available_bytes, _carried_bytes(fitted.plan), fitted.plan, shapes,
+                        fitted.plan.compiled_peak_bytes, traced.code, chosen.options))
+    return fitted.lowered.executor
 
-    attempts: list[CompileAttempt] = []
-    extra: dict[str, Any] = {}
-    lower_by = 0
-    for rung in range(len(FALLBACK_OPTIONS) + 3):
+
+@dataclass(frozen=True)
+class _Joint:
+    """The joint forward/backward graph AOTAutograd traced for a Dynamo graph."""
+
+    graph: fx.GraphModule
+    num_fwd_outputs: int
+
+    @property
+    def code(self) -> str:
+        return self.graph.code
+
+
+class _Traced(Exception):
+    """Stops AOTAutograd once it has traced the joint graph, so that memopt plans before anything compiles."""
+
+    def __init__(self, joint: _Joint) -> None:
+        super().__init__("memopt: joint graph traced")
+        self.joint = joint
+
+
+def _trace_joint(gm: fx.GraphModule, example_inputs: list[Any], options: BackendOptions
+                 ) -> _Joint | Callable[..., Any]:
+    """The graph's joint forward/backward, or, when AOTAutograd finds no backward, the graph compiled as it is."""
+    def stop(joint: fx.GraphModule, _joint_inputs: Any, *, num_fwd_outputs: int, **_: Any) -> Any:
+        raise _Traced(_Joint(joint, num_fwd_outputs))
+
+    try:
+        return _aot_compile(gm, example_inputs, options, stop, dict(options.inductor_options), _Memories())
+    except _Traced as traced:
+        return traced.joint
+
+
+def _plan(joint: _Joint, inputs: list[GraphInput], example_inputs: list[Any], options: BackendOptions,
+          budget: Budget, target: int) -> MemoryPlan:
+    """The joint graph planned for ``target`` bytes; an infeasible budget named for the whole step."""
+    step = joint_step(joint.graph, joint.num_fwd_outputs, inputs, hold_outputs=options.hold_outputs)
+    trained = {i.name: value for i, value in zip(inputs, _lifted(joint.graph, inputs, example_inputs))
+               if i.role == "parameter" and i.requires_grad}
+    params = [ParamInfo(name, tuple(trained[name].shape), trained[name].element_size()) for name in step.gradients
+              if name in trained]
+    groups_of = None
+    if isinstance(options.optimizer, torch.optim.Optimizer):
+        index_of = {id(p): g for g, group in enumerate(options.optimizer.param_groups) for p in group["params"]}
+        groups_of = {name: index_of[id(p)] for name, p in trained.items() if id(p) in index_of}
+    spec = get_device(options.device, default="h100" if step.device.type == "cuda" else "cpu")
+    try:
+        return run_pipeline(step, params=params, optimizer=options.optimizer, groups_of=groups_of, device=spec,
+                            budget_bytes=target, config=options.config)
+    except BudgetInfeasibleError as error:
+        held = budget.held_elsewhere_bytes
+        if not held:
+            raise
+        # name the budget the whole step needs: this graph's smallest, plus what it shares the device with
+        raise BudgetInfeasibleError(
+            options.budget_bytes, error.minimum + held, f"a graph of the compiled model ({error.where})",
+            f"this graph needs {format_bytes(error.minimum)} by itself, and the rest of the model and the graphs "
+            f"before it hold {format_bytes(held)} while it runs. With graph breaks memopt plans each graph as it "
+            "is compiled; torch.compile(..., fullgraph=True) plans the whole step at once and may need less",
+            proven=error.proven_minimum + held) from error
+
+
+@dataclass(frozen=True)
+class _AOTLowering:
+    """A plan's joint graph cut into the forward and backward that AOTAutograd runs, compiled by the
+    backend's compiler: eager's kernels (the plan's peak), or Inductor (its code's peak, read back)."""
+
+    gm: fx.GraphModule
+    example_inputs: list[Any]
+    options: BackendOptions
+    name: str = "aot"
+    reclaims: bool = False  # the step's peak counts the plan's own (see ``lower``): a larger plan never fits
+    replans: int = 2
+
+    @property
+    def reads_code(self) -> bool:
+        return self.options.compiler == "inductor"
+
+    @property
+    def variants(self) -> tuple[dict[str, Any], ...]:
+        if not self.reads_code:
+            return ({},)
+        from memopt.lower.inductor import FALLBACK_OPTIONS
+
+        given = self.options.inductor_options
+        return (dict(given), *({**given, **extra} for extra in FALLBACK_OPTIONS))
+
+    def lower(self, plan: MemoryPlan, options: dict[str, Any], *, reuse: Lowered | None, limit: int) -> Lowered:
         started = time.perf_counter()
-        try:
-            compiled, graph, memories = _lower(gm, inputs, example_inputs, state, frame, rest, extra, lower_by)
-        except BudgetInfeasibleError:
-            if not lower_by:
-                raise
-            break  # no plan fits under what Inductor's code needs on top
-        if graph is None:  # no backward after all: nothing to plan or check
-            return compiled
-        forward, backward = memories.peaks(graph.plan)
-        after = max((t for t, phase in zip(graph.plan.timeline.totals, graph.plan.timeline.phases)
-                     if phase == "optimizer"), default=0)
-        # the plan's own peak too: the replay does not see what the runtime around the code allocates (a
-        # gradient autograd copies into its parameter's layout)
-        predicted = max(forward, backward, after, graph.plan.peak_bytes)
-        attempts.append(CompileAttempt(graph.budget_bytes - lower_by, extra, forward, backward, predicted,
-                                time.perf_counter() - started))
-        if predicted <= graph.budget_bytes:
-            attempts[-1] = dataclasses.replace(attempts[-1], chosen=True)
-            plan = dataclasses.replace(graph.plan, compiled_peak_bytes=predicted, compiles=tuple(attempts))
-            state.add(dataclasses.replace(graph, plan=plan, compiled_peak_bytes=predicted))
-            return compiled
-        # Inductor's code is over: turn off the passes that lengthen lifetimes, then plan for less
-        if rung < len(FALLBACK_OPTIONS):
-            extra = FALLBACK_OPTIONS[rung]
+        memories = _Memories()
+
+        def cut(_joint: fx.GraphModule, _joint_inputs: Any, *, num_fwd_outputs: int, **_: Any) -> Any:
+            # AOTAutograd traced the same joint graph again: the plan's rewrite of the first is cut instead
+            program = plan.program
+            assert program is not None
+            forward, backward = partition(program.graph, program.backward_start, num_fwd_outputs)
+            memories.dropped_bytes = _dropped_output_bytes(forward, num_fwd_outputs, program)
+            return forward, backward
+
+        compiled = _aot_compile(self.gm, self.example_inputs, self.options, cut, options, memories)
+        if self.reads_code:
+            forward, backward = memories.peaks(plan)
+            # the plan's own peak too: the replay does not see what the runtime around the code allocates (a
+            # gradient autograd copies into its parameter's layout)
+            peak = max(forward, backward, plan.optimizer_peak_bytes, plan.peak_bytes)
         else:
-            lower_by += predicted - graph.budget_bytes
-    raise InductorBudgetError(options.budget_bytes, min(a.predicted_peak_bytes for a in attempts), tuple(attempts))
+            (forward, backward), peak = plan.phase_peaks, plan.peak_bytes
+        return Lowered(plan, None, compiled, forward, backward, peak, dict(options), time.perf_counter() - started)
+
+    def infeasible(self, budget: Budget, lowest: int, attempts: tuple[CompileAttempt, ...],
+                   below: BudgetInfeasibleError | None) -> BudgetInfeasibleError:
+        from memopt.lower.inductor import InductorBudgetError
+
+        return InductorBudgetError(budget, lowest, attempts, below)
 
 
-def _lower(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs: list[Any], state: Session, frame: tuple,
-           rest: int, extra: dict[str, Any], lower_by: int
-           ) -> tuple[Callable[..., Any], GraphPlan | None, _Memories]:
-    """One planned and compiled graph: AOTAutograd with memopt's partition and compilers (no plan: no backward)."""
+def _aot_compile(gm: fx.GraphModule, example_inputs: list[Any], options: BackendOptions, partition_fn: Any,
+                 inductor: dict[str, Any], memories: _Memories) -> Callable[..., Any]:
+    """``gm`` through AOTAutograd with ``partition_fn`` and memopt's compilers for the forward and backward."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch import config as functorch_config
 
-    options = state.options
-    inductor = {**options.inductor_options, **extra}
-    memories = _Memories()
-    planned: list[GraphPlan] = []
-    partition_fn = partial(_plan_and_partition, inputs=inputs, example_inputs=example_inputs, state=state,
-                           frame=frame, rest=rest, lower_by=lower_by, planned=planned, memories=memories)
     decompositions = {}
     if options.compiler == "inductor":  # Inductor lowers the graph its own decompositions make
         from torch._inductor.decomposition import select_decomp_table
@@ -301,11 +405,10 @@ def _lower(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs: list[An
     # compile never reuses a partition planned for another budget. The backward compiles now, not at its
     # first call, so that its code is checked against the budget before anything runs.
     with functorch_config.patch(enable_autograd_cache=False, force_non_lazy_backward_lowering=True):
-        compiled = aot_autograd(fw_compiler=lambda g, e: reentry.forward(forward(g, e)),
-                                bw_compiler=lambda g, e: reentry.backward(backward(g, e)),
-                                inference_compiler=partial(forward, part="inference"), partition_fn=partition_fn,
-                                decompositions=decompositions)(gm, example_inputs)
-    return compiled, planned[0] if planned else None, memories
+        return aot_autograd(fw_compiler=lambda g, e: reentry.forward(forward(g, e)),
+                            bw_compiler=lambda g, e: reentry.backward(backward(g, e)),
+                            inference_compiler=partial(forward, part="inference"), partition_fn=partition_fn,
+                            decompositions=decompositions)(gm, example_inputs)
 
 
 @dataclass
@@ -360,51 +463,6 @@ class _Reentry:
 
         run._boxed_call = True  # type: ignore[attr-defined]
         return run
-
-
-def _plan_and_partition(joint: fx.GraphModule, _joint_inputs: Any, *, num_fwd_outputs: int,
-                        inputs: list[GraphInput], example_inputs: list[Any], state: Session, frame: tuple,
-                        rest: int, lower_by: int, planned: list[GraphPlan], memories: _Memories, **_: Any
-                        ) -> tuple[fx.GraphModule, fx.GraphModule]:
-    options = state.options
-    step = joint_step(joint, num_fwd_outputs, inputs, hold_outputs=options.hold_outputs)
-    trained = {i.name: value for i, value in zip(inputs, [*_lifted(joint, inputs, example_inputs)])
-               if i.role == "parameter" and i.requires_grad}
-    params = [ParamInfo(name, tuple(trained[name].shape), trained[name].element_size()) for name in step.gradients
-              if name in trained]
-    groups_of = None
-    if isinstance(options.optimizer, torch.optim.Optimizer):
-        index_of = {id(p): g for g, group in enumerate(options.optimizer.param_groups) for p in group["params"]}
-        groups_of = {name: index_of[id(p)] for name, p in trained.items() if id(p) in index_of}
-    spec = get_device(options.device, default="h100" if step.device.type == "cuda" else "cpu")
-    held = rest + state.carried_before(frame)
-    budget = options.budget_bytes - held - lower_by  # lower_by: what Inductor's code needed over the last plan
-    if budget <= 0:
-        raise MemoptError(f"the rest of the model and the graphs compiled before this one hold {format_bytes(held)}, "
-                          f"all of the {format_bytes(options.budget_bytes)} budget; compile with fullgraph=True so "
-                          "that memopt plans the whole step, or raise the budget")
-    try:
-        plan = run_pipeline(step, params=params, optimizer=options.optimizer, groups_of=groups_of, device=spec,
-                            budget_bytes=budget, config=options.config)
-    except BudgetInfeasibleError as error:
-        if not held:
-            raise
-        # name the budget the whole step needs: this graph's smallest, plus what it shares the device with
-        raise BudgetInfeasibleError(
-            options.budget_bytes, error.minimum + held, f"a graph of the compiled model ({error.where})",
-            f"this graph needs {format_bytes(error.minimum)} by itself, and the rest of the model and the graphs "
-            f"before it hold {format_bytes(held)} while it runs. With graph breaks memopt plans each graph as it "
-            "is compiled; torch.compile(..., fullgraph=True) plans the whole step at once and may need less",
-            proven=error.proven_minimum + held) from error
-    program = plan.program
-    assert program is not None
-    forward, backward = partition(program.graph, program.backward_start, num_fwd_outputs)
-    memories.dropped_bytes = _dropped_output_bytes(forward, num_fwd_outputs, program)
-    lifted = len(inputs) - len(example_inputs)
-    shapes = tuple(tuple(v.shape) for info, v in zip(inputs[lifted:], example_inputs)
-                   if info.role == "input" and isinstance(v, torch.Tensor))
-    planned.append(GraphPlan(frame, budget + lower_by, _carried_bytes(plan), plan, shapes))
-    return forward, backward
 
 
 def _dropped_output_bytes(forward: fx.GraphModule, num_fwd_outputs: int, step: CapturedStep) -> int:
