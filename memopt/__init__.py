@@ -19,6 +19,7 @@ from memopt.errors import (
     CaptureError,
     LossNotScalarError,
     MemoptError,
+    MemoptWarning,
     ModelForwardError,
     UnsupportedOptimizerError,
 )
@@ -29,7 +30,7 @@ from memopt.report.plan import MemoryPlan
 __all__ = [
     "DEVICES", "backend", "BudgetInfeasibleError", "BudgetParseError", "CaptureError", "CompiledModule", "DeviceSpec",
     "LossNotScalarError", "compile",
-    "MeasuredPeak", "MemoptError", "MemoryPlan", "ModelForwardError", "UnsupportedOptimizerError",
+    "MeasuredPeak", "MemoptError", "MemoptWarning", "MemoryPlan", "ModelForwardError", "UnsupportedOptimizerError",
     "format_bytes", "get_device", "measure_peak", "parse_budget", "plan",
     "ParetoCurve", "ParetoPoint", "pareto",
 ]

@@ -41,7 +41,7 @@ from memopt.capture import CapturedStep
 from memopt.capture.aot import GraphInput, graph_inputs, joint_step, partition
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec, get_device
-from memopt.errors import BudgetInfeasibleError, MemoptError
+from memopt.errors import BudgetInfeasibleError, MemoptError, MemoptWarning
 from memopt.fit import fit
 from memopt.lower.fusion import inductor_patches
 from memopt.lower.inductor import WrapperMemory
@@ -68,10 +68,6 @@ KNOWN_OPTIONS: dict[str, str] = {
              "options (under torch's Inductor cache folder); False: plan every compile; or a folder",
     "config": "a memopt.config.PlanConfig with every other knob (time limits, headroom)",
 }
-
-
-class MemoptWarning(UserWarning):
-    """Something the user should know about how memopt planned a compiled model."""
 
 
 @dataclass(frozen=True)
@@ -162,9 +158,12 @@ class Session:
         return sum(max(g.carried_bytes for g in self.graphs if g.frame == f) for f in before)
 
     def same_graph(self, frame: tuple, shapes: tuple, code: str) -> GraphPlan | None:
-        """The graph planned before for this frame with these shapes and this joint graph, if any."""
-        return next((g for g in reversed(self.graphs) if (g.frame, g.shapes, g.code) == (frame, shapes, code)),
-                    None)
+        """The graph planned before with the same parameters, input shapes and joint graph, if any.
+
+        Dynamo's frame id is left out: a recompile after a guard failed can carry another one.
+        """
+        key = (frame[1:], shapes, code)
+        return next((g for g in reversed(self.graphs) if (g.frame[1:], g.shapes, g.code) == key), None)
 
     def add(self, graph: GraphPlan) -> None:
         frames = list(dict.fromkeys(g.frame for g in self.graphs))

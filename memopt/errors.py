@@ -7,6 +7,10 @@ class MemoptError(Exception):
     """Base class of every error memopt raises on purpose."""
 
 
+class MemoptWarning(UserWarning):
+    """Something the user should know about how memopt planned a step: what it may miss, and how to say it."""
+
+
 class BudgetParseError(MemoptError, ValueError):
     """A budget that is not one of the accepted forms."""
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
+import warnings
 from typing import Any, Callable, TypeVar
 
 import torch
 
+from memopt.budget import budget_for_peak, format_bytes, planned_part
 from memopt.capture import CapturedStep
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec
-from memopt.errors import BudgetInfeasibleError
+from memopt.errors import BudgetInfeasibleError, MemoptWarning
 from memopt.passes.arena_plan import arena_step
-from memopt.budget import budget_for_peak, format_bytes, planned_part
 from memopt.passes.bounds import LowerBound, minimum_budget
 from memopt.passes.liveness import MemoryTimeline, liveness, memory_timeline
 from memopt.passes.offload import apply_offload
@@ -25,7 +27,13 @@ from memopt.passes.recompute import apply_recompute
 from memopt.passes.remat_plan import plan_recompute
 from memopt.passes.scratch import measure_scratch
 from memopt.passes.storage import StorageTable, storage_table
-from memopt.report.plan import Decision, MemoryPlan, OffloadSummary, PassRecord, SolverReport
+from memopt.report.plan import (
+    Decision,
+    MemoryPlan,
+    OffloadSummary,
+    PassRecord,
+    SolverReport,
+)
 
 T = TypeVar("T")
 _OFFLOAD, _RELOAD = torch.ops.memopt.offload.default, torch.ops.memopt.reload.default
@@ -68,6 +76,8 @@ def run_pipeline(
     # live ranges in the traced (eager) order
     live = history.run("liveness", liveness, table)
     # optimizer state and the step's own temporaries, for the implementation that will run
+    if optimizer is None and budget_bytes is not None and params:
+        _warn_no_optimizer(params)
     opt = history.run("optimizer-memory", optimizer_memory, optimizer, params,
                       device_is_cuda=device.is_cuda, groups_of=groups_of)
     # workspace kernels allocate inside themselves, measured per distinct op on the real device
@@ -159,6 +169,17 @@ def run_pipeline(
         offload=offload,
         program=step,
     )
+
+
+def _warn_no_optimizer(params: list[ParamInfo]) -> None:
+    """A plan under a budget without an optimizer holds no optimizer state: say what a usual one would add."""
+    count = sum(math.prod(p.shape) for p in params)
+    adam = 2 * sum(p.nbytes for p in params)
+    warnings.warn(f"memopt: no optimizer given, so this plan holds no optimizer state; with Adam or AdamW the step "
+                  f"also holds two copies of the {count:,} trainable parameters ({format_bytes(adam)}) and can go "
+                  f"over the budget by that much. Pass the optimizer (optimizer=opt, a class, or (class, kwargs); "
+                  f"for the backend, options={{'optimizer': opt}}); optimizer=torch.optim.SGD plans a step "
+                  f"without state", MemoptWarning, stacklevel=2)
 
 
 def _offload(history: _History, step: CapturedStep, table: Any, live: Any, opt: Any, scratch_model: Any,

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 import warnings
 import weakref
 
@@ -313,3 +314,58 @@ def test_without_grad_the_graph_runs_as_traced():
     with torch.no_grad():
         assert torch.equal(compiled(x), model(x))
     assert plans(options) == []  # nothing to plan without a backward
+
+
+class _SetsAnAttributeOnItsFirstCall(Net):
+    """As Hugging Face's losses do (``config.problem_type`` set on the first call): Dynamo's guard on the
+    attribute fails on the second call, and it compiles the same graph again for the same shapes."""
+
+    def __init__(self) -> None:
+        super().__init__(layers=2)
+        self.config = types.SimpleNamespace(problem_type=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.problem_type is None:
+            self.config.problem_type = "regression"
+        return super().forward(x)
+
+
+def test_the_same_graph_compiled_again_for_the_same_shapes_reuses_its_plan_and_says_nothing():
+    torch.manual_seed(0)
+    model = _SetsAnAttributeOnItsFirstCall()
+    x = torch.randn(64, 128)
+    options = {"budget": int(_eager_peak(model, x) * 1.1), "optimizer": torch.optim.SGD}
+    model.config.problem_type = None  # as it was before memopt traced the model to find its eager peak
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(gm)
+        return memopt_backend(gm, example_inputs, options)
+
+    compiled = torch.compile(model, backend=counting)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MemoptWarning)
+        for _ in range(3):
+            compiled(x).backward()
+            model.zero_grad(set_to_none=True)
+    assert len(compiles) == 2  # Dynamo compiled the graph twice
+    assert len(plans(options)) == 1  # memopt planned it once
+    assert not [w for w in caught if issubclass(w.category, MemoptWarning)], [str(w.message) for w in caught]
+
+
+def test_a_plan_under_a_budget_without_an_optimizer_says_what_adam_would_add():
+    torch.manual_seed(0)
+    model = Net(layers=2)
+    x = torch.randn(64, 128)
+    adam_bytes = 2 * sum(p.nbytes for p in model.parameters())
+    budget = int(_eager_peak(model, x) * 1.1)
+    with pytest.warns(MemoptWarning, match="no optimizer given") as told:
+        memopt.plan(model, (x,), budget=budget)
+    assert memopt.format_bytes(adam_bytes) in str(told[0].message)
+    options = {"budget": budget}
+    with pytest.warns(MemoptWarning, match="options=\\{'optimizer': opt\\}"):
+        torch.compile(model, backend="memopt", options=options)(x).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MemoptWarning)  # an optimizer given, or no budget: nothing to say
+        memopt.plan(model, (x,), budget=3 * budget, optimizer=torch.optim.AdamW)
+        memopt.plan(model, (x,))
