@@ -45,7 +45,7 @@ from memopt.errors import BudgetInfeasibleError, MemoptError, MemoptWarning
 from memopt.fit import fit
 from memopt.lower.fusion import inductor_patches
 from memopt.lower.inductor import WrapperMemory
-from memopt.lower.lowering import Lowered
+from memopt.lower.lowering import Lowered, predicted_infeasible
 from memopt.passes.optimizer_memory import ParamInfo, optimizer_memory
 from memopt.passes.remat_plan import SOLVERS
 from memopt.passes.storage import BUFFERS, GRADIENTS, OPTIMIZER_STATE, PARAMETERS
@@ -376,6 +376,8 @@ class _AOTLowering:
 
     def infeasible(self, budget: Budget, lowest: int, attempts: tuple[CompileAttempt, ...],
                    below: BudgetInfeasibleError | None) -> BudgetInfeasibleError:
+        if not self.reads_code:
+            return predicted_infeasible(budget, lowest, attempts, below, "the planned graph")
         from memopt.lower.inductor import InductorBudgetError
 
         return InductorBudgetError(budget, lowest, attempts, below)

@@ -7,13 +7,13 @@ lowering. A lowering (``memopt.lower.lowering.Lowering``) compiles a plan
 under some options and says what the compiled step holds at its peak.
 
 The loop, top to bottom:
-1. plan for what the budget leaves this step; below every plan, a lowering
-   whose code can hold less than its plan (Inductor's fused kernels) tries the
-   smallest plan, others stop there;
+1. plan for what the budget leaves this step; below every plan, the smallest
+   plan, whose lowered step says what this lowering needs;
 2. lower it; over the limit, the lowering's variants (Inductor passes off) are
    tried in order, then the plan is made again for a target lower by the
-   excess, ``lowering.replans`` times;
-3. still over: plans a little above the smallest, whose code may peak lower;
+   excess (down to the smallest plan), ``lowering.replans`` times;
+3. still over, with a lowering whose code can hold less than its plan
+   (Inductor's fused kernels): plans a little above the smallest;
 4. under, with budget to spare (and the code's peak read from the code):
    plans for larger targets, less recomputation, while their code fits.
 """
@@ -58,24 +58,28 @@ def fit(plan_at: Callable[[int], Any], budget: Budget, lowering: Lowering) -> Fi
     smallest budget this lowering was seen to meet (``lowering.infeasible`` words it).
     """
     search = _Search(plan_at, budget, lowering)
-    available = budget.available_bytes
+    target = budget.available_bytes
     try:
-        planned, target = plan_at(available), available
+        planned = plan_at(target)
     except BudgetInfeasibleError as error:
-        if not lowering.reads_code:
-            raise
-        # below every plan: the code of the smallest plan, or of one a little above it, can still fit
+        # below every plan: the smallest plan's lowered step says what this lowering needs (and the code of
+        # a reclaiming lowering, for the smallest plan or one a little above it, can still fit)
         search.below = error
         target = error.minimum - budget.held_elsewhere_bytes
         planned = plan_at(target)
-    smallest = target
+    planned_targets = [target]
     first_variant = 0
     for replan in range(lowering.replans + 1 if search.below is None else 1):
         if replan:
             try:
                 planned = plan_at(target)
-            except BudgetInfeasibleError:
-                break
+            except BudgetInfeasibleError as error:
+                # no plan that low: the smallest is the last one left to try
+                target = error.minimum - budget.held_elsewhere_bytes
+                if target in planned_targets:
+                    break
+                planned = plan_at(target)
+            planned_targets.append(target)
         found = search.variants(planned, target, first_variant)
         if found is not None:
             if replan == 0 and search.below is None and lowering.reclaims:
@@ -83,8 +87,9 @@ def fit(plan_at: Callable[[int], Any], budget: Budget, lowering: Lowering) -> Fi
             return search.done(found)
         best_peak, first_variant = search.best_over
         target -= best_peak - search.limit
-    if lowering.reads_code:
+    if lowering.reclaims:
         # no plan lower fits: the code of a plan that recomputes less can still peak lower
+        smallest = min(planned_targets)
         for factor in ABOVE_FACTORS:
             above = math.ceil(smallest * factor)
             try:

@@ -38,9 +38,10 @@ class _TableLowering:
         return InductorBudgetError(budget, lowest, attempts, below)
 
 
-def _plan_at(target, *, smallest=0, choices=None):
+def _plan_at(target, *, smallest=0, choices=None, held=0):
+    """A stand-in plan for ``target``; below ``smallest``, the error names the whole budget (``held`` on top)."""
     if target < smallest:
-        raise memopt.BudgetInfeasibleError(target, smallest, "somewhere")
+        raise memopt.BudgetInfeasibleError(target + held, smallest + held, "somewhere")
     return SimpleNamespace(target=target, choices=choices)
 
 
@@ -73,7 +74,7 @@ def test_when_no_pass_helps_memopt_replans_for_the_excess_then_a_little_above_th
         table[_key(target, 0)] = (500, 960)  # with the caller's options and with the variant that came closest
         table[_key(target, 4)] = (500, 950)
     with pytest.raises(InductorBudgetError) as info:
-        _fit(table, 1000, smallest=1000)
+        _fit(table, 1000, smallest=1000, reclaims=True)
     # the error is a BudgetInfeasibleError whose minimum is the lowest peak the code reached
     assert isinstance(info.value, memopt.BudgetInfeasibleError)
     assert info.value.predicted == info.value.minimum == 1050 and "raise the budget to at least" in str(info.value)
@@ -81,7 +82,7 @@ def test_when_no_pass_helps_memopt_replans_for_the_excess_then_a_little_above_th
         (t, options) for t in (1050, 1100, 1200) for options in ({}, FALLBACK_OPTIONS[3])]
     # the code of the plan for 10% more fits: that step is kept
     table[_key(1100, 4)] = (500, 880)
-    fitted, _ = _fit(table, 1000, smallest=1000)
+    fitted, _ = _fit(table, 1000, smallest=1000, reclaims=True)
     assert fitted.lowered.plan.target == 1100 and fitted.lowered.peak_bytes == 980
 
 
@@ -178,7 +179,7 @@ def test_what_is_held_beside_the_step_comes_off_its_share_and_onto_the_minimum_r
     table.update({_key(t, r): (500, 1100) for t in (1050, 1100, 1200) for r in (0, 4)})
     lowering = _TableLowering(table)
     with pytest.raises(InductorBudgetError) as info:
-        fit(lambda t: _plan_at(t, smallest=1000), Budget(1300, 0.02, held_elsewhere_bytes=300), lowering)
+        fit(lambda t: _plan_at(t, smallest=1000, held=300), Budget(1300, 0.02, held_elsewhere_bytes=300), lowering)
     assert lowering.log[0][0] == 1000
     assert info.value.budget == 1300 and info.value.minimum == 1200 + 300
 
@@ -212,3 +213,40 @@ class _GrowingArena(_Arena):
     def __call__(self, target):
         self.targets.append(target)
         return SimpleNamespace(program=None, peak_bytes=1100, phase_peaks=(0, 0), choices=None)
+
+
+class _ArenaAbove(_Arena):
+    """Plans from ``smallest`` up, each lowered ``over`` above its target."""
+
+    def __init__(self, over, smallest):
+        super().__init__(over)
+        self.smallest = smallest
+
+    def __call__(self, target):
+        if target < self.smallest:
+            raise memopt.BudgetInfeasibleError(target, self.smallest, "the smallest plan")
+        self.targets.append(target)
+        return SimpleNamespace(program=None, peak_bytes=target + self.over, phase_peaks=(0, 0), choices=None)
+
+
+@pytest.mark.parametrize("over", [30, 130])
+def test_a_lowering_reports_its_own_minimum_and_fits_at_it(monkeypatch, over):
+    monkeypatch.setattr("memopt.lower.lowering.StepRunner", lambda program: None)
+    # below every plan: the smallest plan's arena is over what the plans' minimum leaves, so more is named
+    with pytest.raises(memopt.BudgetInfeasibleError) as info:
+        fit(_ArenaAbove(over, 900), Budget(1, 0.02), FXLowering(arena=True))
+    minimum = info.value.minimum
+    assert minimum > 900 and info.value.proven_minimum == 900
+    # at that minimum the loop plans again for less, down to the smallest plan, and fits
+    plans = _ArenaAbove(over, 900)
+    fitted = fit(plans, Budget(minimum, 0.02), FXLowering(arena=True))
+    assert plans.targets[-1] == 900 and fitted.lowered.peak_bytes == 900 + over
+    with pytest.raises(memopt.BudgetInfeasibleError):
+        fit(_ArenaAbove(over, 900), Budget(minimum - 1, 0.02), FXLowering(arena=True))
+
+
+def test_below_every_plan_the_fx_lowering_names_the_plans_own_minimum(monkeypatch):
+    monkeypatch.setattr("memopt.lower.lowering.StepRunner", lambda program: None)
+    with pytest.raises(memopt.BudgetInfeasibleError) as info:
+        fit(_ArenaAbove(-20, 900), Budget(500, 0.02), FXLowering())
+    assert info.value.minimum == 900 and info.value.where == "the smallest plan"

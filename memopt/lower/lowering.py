@@ -82,12 +82,23 @@ class FXLowering:
 
     def infeasible(self, budget: Budget, lowest: int, attempts: tuple[CompileAttempt, ...],
                    below: BudgetInfeasibleError | None) -> BudgetInfeasibleError:
-        needed = budget_for_peak(lowest, budget.headroom) + budget.held_elsewhere_bytes
-        tried = "; ".join(f"planned for {format_bytes(a.target_bytes)}: peak {format_bytes(a.predicted_peak_bytes)}"
-                          for a in attempts)
-        where = "the step in one arena" if self.arena else "the planned step"
-        why = (f"the arena is allocated for the whole span of the tensors planned in it, so tensors outside it "
-               f"(gradients, ops with no out= kernel) add to its full size. Tried: {tried}. Or use layout=False"
-               if self.arena else f"tried: {tried}")
-        return BudgetInfeasibleError(budget.total_bytes, needed, where, why,
-                                     proven=None if below is None else below.proven_minimum)
+        if not self.arena:
+            return predicted_infeasible(budget, lowest, attempts, below, "the planned step")
+        return predicted_infeasible(budget, lowest, attempts, below, "the step in one arena",
+                                    "the arena is allocated for the whole span of the tensors planned in it, so "
+                                    "tensors outside it (gradients, ops with no out= kernel) add to its full size; "
+                                    "or use layout=False")
+
+
+def predicted_infeasible(budget: Budget, lowest: int, attempts: tuple[CompileAttempt, ...],
+                         below: BudgetInfeasibleError | None, where: str, why: str = "") -> BudgetInfeasibleError:
+    """No step fits whose peak is the plan's prediction: the budget the lowest peak found needs (with its
+    headroom), or, when the smallest plan runs as planned, the plans' own error."""
+    needed = budget_for_peak(lowest, budget.headroom) + budget.held_elsewhere_bytes
+    if below is not None and needed <= below.minimum:
+        return below
+    tried = "; ".join(f"planned for {format_bytes(a.target_bytes)}: peak {format_bytes(a.predicted_peak_bytes)}"
+                      for a in attempts)
+    return BudgetInfeasibleError(budget.total_bytes, max(needed, below.minimum if below else 0), where,
+                                 f"{why + '. ' if why else ''}Tried: {tried}",
+                                 proven=None if below is None else below.proven_minimum)
