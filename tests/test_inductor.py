@@ -155,6 +155,43 @@ def test_a_compiled_program_lets_go_of_the_inputs_its_code_never_reads():
     torch.testing.assert_close(result, value * 2)
 
 
+def test_a_program_reading_a_constant_carries_it_and_its_code_holds_it_beside_the_inputs():
+    """Tracing makes a tensor the model creates (T5's empty key caches) a get_attr constant of the traced module;
+    the program's module carries it, and AOTAutograd's lifting it into the code's inputs shifts none of theirs."""
+    graph = torch.fx.Graph()
+    x, unread = graph.placeholder("x"), graph.placeholder("unread")
+    constant = graph.get_attr("_tensor_constant0")
+    y = graph.call_function(torch.ops.aten.mul.Tensor, (x, constant))
+    graph.output((y,))
+    torch.fx.GraphModule({"_tensor_constant0": torch.arange(8.0)}, graph)  # owns the graph, holds the constant
+    x.meta["val"], unread.meta["val"] = torch.randn(8), torch.randn(1024)
+    constant.meta["val"], y.meta["val"] = torch.arange(8.0), torch.randn(8)
+    value = torch.randn(8)
+    torch.testing.assert_close(program_module([constant, y], [x], [y])([value])[0], value * torch.arange(8.0))
+    program = compile_program([constant, y], [x, unread], [y], held=[True, False], options={})
+    assert program.unread == (1,)
+    assert program.memory.end_bytes == 32 - 4096  # the output, less the input freed with the list; not the constant
+    (result,) = program.run([value, torch.randn(1024)])
+    torch.testing.assert_close(result, value * torch.arange(8.0))
+
+
+def test_a_cat_of_one_tensor_and_empty_ones_is_contiguous_as_eagers_so_the_traced_view_of_it_compiles():
+    """Inductor's decomposition clones the one tensor left, keeping its strides; eager's cat (and the trace)
+    is contiguous, so the view the trace recorded of it (T5's keys after an empty cache) failed to compile."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def keys_after_an_empty_cache(cache, keys):
+        return torch.cat([cache, keys.transpose(1, 2)], -2).view(8, 8, 16)
+
+    cache, keys = torch.tensor([]), torch.randn(2, 8, 4, 16)
+    traced = make_fx(keys_after_an_empty_cache, tracing_mode="fake")(cache, keys)
+    inputs = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    nodes = [n for n in traced.graph.nodes if n.op not in ("placeholder", "output")]
+    program = compile_program(nodes, inputs, nodes[-1:], held=[True, True], options={})
+    (result,) = program.run([cache, keys])
+    torch.testing.assert_close(result, keys_after_an_empty_cache(cache, keys))
+
+
 def test_program_module_takes_one_list_that_inductor_may_steal_and_runs_like_the_program():
     torch.manual_seed(0)
     model, x = Scale(64), torch.randn(8, 64)

@@ -265,14 +265,30 @@ def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs
     seconds = time.perf_counter() - started
     if len(sources) != 1:
         raise MemoptError(f"Inductor compiled one program into {len(sources)} graphs; memopt expects one")
+    # AOTAutograd lifts the module's tensors (the constants the get_attr nodes read) into the wrapper's
+    # inputs, ahead of the program's; the module holds them, so they are never freed
+    lifted = _lifted_examples(module, examples)
     unread = unread_inputs(sources[0])
     device = next((t.device for t in examples if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    memory = wrapper_memory(sources[0], examples, held, host=host, unread=unread,
+    memory = wrapper_memory(sources[0], [*lifted, *examples], [True] * len(lifted) + list(held),
+                            host=None if host is None else [False] * len(lifted) + list(host), unread=unread,
                             scratch=partial(measure_calls, device=device))
     if memory.unsized:
         log.warning("could not size %d allocation(s) of the compiled code: %s", len(memory.unsized),
                     "; ".join(memory.unsized[:3]))
-    return CompiledProgram(compiled, sources[0], memory, chosen, seconds, unread)
+    unread_of_program = tuple(index - len(lifted) for index in unread if index >= len(lifted))
+    return CompiledProgram(compiled, sources[0], memory, chosen, seconds, unread_of_program)
+
+
+def _lifted_examples(module: fx.GraphModule, examples: Sequence[Any]) -> list[torch.Tensor]:
+    """Fake copies of the tensors AOTAutograd lifts from ``module`` into the compiled code's inputs, in its
+    order (``aot_module_simplified``: parameters, then buffers)."""
+    tensors = [*dict(module.named_parameters(remove_duplicate=False)).values(),
+               *dict(module.named_buffers(remove_duplicate=False)).values()]
+    if not tensors:
+        return []
+    mode = _fake_mode(examples)
+    return [mode.from_tensor(tensor.detach()) for tensor in tensors]
 
 
 @torch.library.custom_op("memopt::bernoulli_like", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -309,13 +325,58 @@ def _opaque_random_fills(graph: fx.Graph) -> None:
         graph.erase_node(empty)
 
 
-def program_module(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node]) -> fx.GraphModule:
+def _contiguous_lone_cats(graph: fx.Graph) -> None:
+    """Replace a ``cat`` of one tensor and empty ones by a clone in the layout the trace gave the cat.
+
+    Inductor's decomposition drops the empty inputs and clones the one left, which keeps its
+    strides, where eager's ``cat`` returns a new contiguous tensor. A ``view`` the trace recorded
+    of the cat's result then cannot be made: T5's attention views keys concatenated onto an
+    empty cache, transposed."""
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.aten.cat.default or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        values = [tensor.meta.get("val") if isinstance(tensor, fx.Node) else None for tensor in tensors]
+        if not all(isinstance(value, torch.Tensor) for value in values):
+            continue
+        # the inputs the decomposition drops, by its own test
+        kept = [tensor for tensor, value in zip(tensors, values)
+                if not (value.dim() == 1 and value.shape[0] == 0)
+                and not (-value.dim() <= dim < value.dim() and value.shape[dim] == 0)]
+        result = node.meta["val"]
+        if len(kept) != 1 or kept[0].meta["val"].dtype != result.dtype:
+            continue
+        if result.is_contiguous():
+            layout = torch.contiguous_format
+        elif result.is_contiguous(memory_format=torch.channels_last):
+            layout = torch.channels_last
+        else:
+            continue
+        with graph.inserting_before(node):
+            clone = graph.call_function(torch.ops.aten.clone.default, (kept[0],), {"memory_format": layout})
+        clone.meta = dict(node.meta)
+        node.replace_all_uses_with(clone)
+        graph.erase_node(node)
+
+
+def program_module(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node], *,
+                   root: torch.nn.Module | None = None) -> fx.GraphModule:
     """A GraphModule of ``nodes`` whose one placeholder is the list of ``inputs``, returning ``outputs``.
 
     The placeholder is marked ``steal_arg``: Inductor's wrapper clears the caller's
     list, so the compiled code alone holds the inputs and frees each after its last reader.
-    Dropout's random fill becomes one op (``_opaque_random_fills``).
+    Dropout's random fill becomes one op (``_opaque_random_fills``), and a ``cat`` of one
+    non-empty tensor a contiguous clone (``_contiguous_lone_cats``).
+
+    ``root`` holds what the ``get_attr`` nodes read (the constants tracing made of tensors
+    the model created, such as T5's); by default, the module that owns the nodes' graph.
     """
+    if root is None:
+        root = next((node.graph.owning_module for node in nodes if node.graph.owning_module is not None), None)
+    reads = [node for node in nodes if node.op == "get_attr"]
+    if reads and root is None:
+        raise MemoptError(f"{reads[0].format_node()} reads an attribute, but no module owns its graph; "
+                          "pass the module that holds it as program_module's root")
     graph = fx.Graph()
     boxed = graph.placeholder("inputs")
     boxed.meta["steal_arg"] = True
@@ -327,8 +388,10 @@ def program_module(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs:
         env[node] = graph.node_copy(node, env.__getitem__)
     graph.output(tuple(env[node] for node in outputs))
     _opaque_random_fills(graph)
+    _contiguous_lone_cats(graph)
     graph.lint()
-    return fx.GraphModule(torch.nn.Module(), graph)
+    # GraphModule copies from root only the attributes the get_attr nodes name
+    return fx.GraphModule(root if reads else torch.nn.Module(), graph)
 
 
 def _example(node: fx.Node) -> Any:
