@@ -6,6 +6,11 @@ Every figure is relative to `baseline_bytes`: the process holds other tests' ten
 from __future__ import annotations
 
 import gc
+import logging
+import os
+import re
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -266,6 +271,35 @@ def test_an_exception_in_the_step_propagates_and_leaves_no_profiler_running():
         measure_peak(broken)
     assert not torch.autograd._profiler_enabled()
     assert above_baseline(measure_peak(torch.empty, 3)) == (12, 12)  # and the next measurement works
+
+
+# a line of Kineto's logger: severity, date and time, pid:tid, file.cpp:line]
+KINETO_LINE = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \S+\.cpp:\d+\]", re.MULTILINE)
+
+
+def test_a_measurement_prints_no_profiler_trace_lines_but_the_step_still_prints():
+    """Kineto wrote "USDT: ... profiler_start" and "... profiler_stop" to stderr at every session."""
+    script = ("import os, torch, memopt\n"
+              "memopt.measure_peak(lambda: os.write(2, b'from the step\\n') and torch.ones(100).sum())\n"
+              "memopt.measure_peak(lambda: torch.ones(100).sum())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not KINETO_LINE.search(done.stderr), done.stderr
+    assert "profiler_start" not in done.stderr and "profiler_stop" not in done.stderr
+    assert "from the step" in done.stderr
+
+
+def test_what_is_written_to_stderr_as_the_profiler_starts_or_stops_is_logged_and_only_the_markers_are_quiet(
+        capfd, caplog):
+    from memopt.measure.profiler import _stderr_to_log
+
+    with caplog.at_level(logging.DEBUG, logger="memopt.measure.profiler"), _stderr_to_log():
+        os.write(2, b"USDT:2026-01-01 00:00:00 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n"
+                    b"ERROR:2026-01-01 00:00:00 1:1 CuptiActivityApi.cpp:1] something went wrong\n")
+    assert capfd.readouterr().err == ""
+    logged = [(record.levelno, record.getMessage()) for record in caplog.records]
+    assert [level for level, message in logged if "profiler_start" in message] == [logging.DEBUG]
+    assert [level for level, message in logged if "something went wrong" in message] == [logging.WARNING]
 
 
 def test_inside_another_profiler_it_refuses_and_leaves_that_profiler_running():

@@ -18,6 +18,12 @@ What the CPU events cannot tell, the scans of live tensors before and after
 the call check: a free of a block allocated outside any profiler session emits
 no event (it shows as `unaccounted_bytes`), or one sized from a stale entry of
 the profiler's ptr -> size map (it is resized from the scan at entry).
+
+Kineto, under torch.profiler, writes a trace marker to stderr as each session
+starts and stops ("USDT: ... profiler_start"). Its log level cannot mute the
+markers alone (they rank above its errors), and it is read once per process, so
+``memory_profile`` takes what is written to stderr while a session starts and
+stops into the log instead: the markers at DEBUG, anything else at WARNING.
 """
 
 from __future__ import annotations
@@ -25,9 +31,14 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import os
+import re
+import sys
+import tempfile
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,7 +171,7 @@ def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Meas
     gc.collect()
     live_at_entry = _live_storage_sizes(torch.device("cpu"))
     baseline = sum(live_at_entry.values())
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with memory_profile([ProfilerActivity.CPU]) as prof:
         result = step_fn(*args, **kwargs)
     end = live_tensor_bytes("cpu")
 
@@ -195,6 +206,53 @@ def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Meas
     )
     return MeasuredPeak(highest, baseline, end, tuple(timeline), unaccounted, "cpu", result, max(end_ns - start_ns, 0),
                         host_memory_bytes())
+
+
+@contextmanager
+def memory_profile(activities: Iterable[ProfilerActivity]) -> Iterator[profile]:
+    """A ``torch.profiler.profile(profile_memory=True)`` session whose start and stop write nothing to stderr.
+
+    What is written to stderr while it starts and stops goes to the log (``_stderr_to_log``): Kineto's trace
+    markers at DEBUG, anything else (a Kineto error) at WARNING, so nothing but the markers is muted.
+    """
+    session = profile(activities=list(activities), profile_memory=True)
+    with _stderr_to_log():
+        session.__enter__()
+    try:
+        yield session
+    finally:
+        with _stderr_to_log():
+            session.__exit__(None, None, None)
+
+
+_KINETO_TRACE_MARKER = re.compile(r"^USDT:")  # Kineto's logger prefixes each line with its severity
+
+
+@contextmanager
+def _stderr_to_log() -> Iterator[None]:
+    """What is written to file descriptor 2 in the block (by C++ code too) is logged instead of printed.
+
+    Kineto writes to ``std::cerr`` and reads its log level from the environment once per process, so no
+    setting can mute its markers for one session alone without muting its errors as well."""
+    sys.stderr.flush()  # what Python wrote before the block is not the block's
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to take over: nothing would be printed anyway
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        sink.seek(0)
+        written = sink.read().decode(errors="replace")
+    for line in written.splitlines():
+        if line.strip():
+            log.log(logging.DEBUG if _KINETO_TRACE_MARKER.match(line) else logging.WARNING, "%s", line)
 
 
 def _cpu_allocation_events(roots: list[Any]) -> list[tuple[int, int, int]]:

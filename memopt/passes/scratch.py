@@ -30,6 +30,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils import _pytree as pytree
 
+from memopt.measure.profiler import memory_profile
+
 log = logging.getLogger(__name__)
 
 _LABEL = "memopt-scratch-"
@@ -91,7 +93,7 @@ def measure_calls(calls: list[tuple[Any, tuple, dict]], device: torch.device) ->
     devices = [device] if device.type == "cuda" else []
     failed: set[int] = set()
     with torch.random.fork_rng(devices=devices), torch.no_grad(), unset_fake_temporarily(), \
-            profile(activities=_activities(device), profile_memory=True) as prof:
+            memory_profile(_activities(device)) as prof:
         for k, (target, args, kwargs) in enumerate(calls):
             args, kwargs = pytree.tree_map(lambda value: _random_like(value, device), (args, kwargs))
             with record_function(f"{_LABEL}{k}"):
