@@ -101,6 +101,52 @@ def test_plot_with_a_measured_timeline(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 10_000 and path.endswith("p.png")
 
 
+def test_bytes_are_drawn_in_the_largest_unit_the_largest_value_reaches():
+    from memopt.report.plot import byte_unit
+
+    assert byte_unit(30 * 2**20) == ("MiB", 2**20)  # not 0.029 GiB
+    assert byte_unit(2**30) == ("GiB", 2**30) and byte_unit(2**20 - 1) == ("KiB", 2**10)
+    assert byte_unit(1023) == ("B", 1) and byte_unit(0) == ("B", 1)
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The figures saved while the test runs, read back from the figure objects (not from the pixels)."""
+    from matplotlib.figure import Figure
+
+    saved, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kwargs: saved.append(self) or save(self, *args,
+                                                                                                        **kwargs))
+    return saved
+
+
+def test_a_step_of_a_few_mib_is_plotted_in_mib(tmp_path, saved_figures):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
+    plan = memopt.plan(model, (torch.randn(1024, 256),), loss_fn=square_mean)
+    assert 2**20 <= plan.peak_bytes < 2**30
+    measured = [(0.0, plan.entry_bytes), (1.0, plan.peak_bytes)]
+    assert plan.plot(str(tmp_path / "plan.png"), measured_timeline=measured) == str(tmp_path / "plan.png")
+    assert (tmp_path / "plan.png").stat().st_size > 10_000
+    (axes, *_), = [figure.axes for figure in saved_figures]
+    assert axes.get_ylabel() == "live device memory (MiB)"
+    assert 1 <= axes.get_ylim()[1] < 1024  # the peak reads in MiB, between 1 and 1024
+
+
+def test_a_pareto_curve_of_kib_budgets_is_plotted_in_kib(tmp_path, saved_figures):
+    from memopt.report.pareto import ParetoCurve, ParetoPoint
+
+    def point(solver, kib, overhead):
+        return ParetoPoint(solver, kib * 2**10, kib * 2**10, overhead, overhead, 1, 0, 0, "optimal", 0.0, 0.1)
+
+    curve = ParetoCurve("cpu", 300 * 2**10, 120 * 2**10, 100 * 2**10, 1.0, 0.02,
+                        (point("memopt", 120, 0.3), point("memopt", 200, 0.1)), (point("sqrt", 160, 0.4),))
+    assert curve.plot(str(tmp_path / "pareto.png")) == str(tmp_path / "pareto.png")
+    (axes, *_), = [figure.axes for figure in saved_figures]
+    assert axes.get_xlabel() == "budget (KiB)"
+    assert 50 <= axes.get_xlim()[0] and axes.get_xlim()[1] <= 400  # budgets of 120 to 300 KiB read as such
+
+
 def test_history_records_every_pass(gpt2_plan):
     names = [record.name for record in gpt2_plan.history]
     assert names == ["capture", "storages", "liveness", "optimizer-memory", "scratch", "timeline", "lower-bound",

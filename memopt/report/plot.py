@@ -1,12 +1,23 @@
 """Pictures of a plan (matplotlib, the `plot` extra): the timeline with categories stacked, and the
-budget-to-overhead curve."""
+budget-to-overhead curve.
+
+Bytes are drawn in the unit the largest value drawn reaches (``byte_unit``), so that a step
+of tens of MiB reads in MiB, not in hundredths of a GiB. The figures are matplotlib ``Figure``
+objects, not pyplot's: nothing is registered with pyplot, no window opens, the caller's backend
+is left as it is, and ``plan_figure`` and ``pareto_figure`` hand the figure to whoever wants to
+read or change it before it is saved.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from memopt.budget import format_bytes
+
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from memopt.report.pareto import ParetoCurve
     from memopt.report.plan import MemoryPlan
 
@@ -14,9 +25,15 @@ _COLORS = {
     "parameters": "#4c72b0", "buffers": "#8172b3", "inputs": "#937860", "gradients": "#dd8452",
     "optimizer_state": "#c44e52", "activations": "#55a868", "temporaries": "#ccb974",
 }
-_GIB = 2**30
+_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
 _HOST_COLOR = "#17becf"  # the offload band: host memory, apart from the device's stack
 _BASELINE_MARKERS = {"blocks": ("s", "#dd8452"), "sqrt": ("D", "#c44e52"), "none": ("o", "#777777")}
+
+
+def byte_unit(largest_bytes: float) -> tuple[str, int]:
+    """The unit to draw bytes in, and its size: the largest of GiB, MiB and KiB that ``largest_bytes``
+    (the largest value drawn) reaches, else bytes."""
+    return next(((name, size) for name, size in _UNITS if abs(largest_bytes) >= size), ("B", 1))
 
 
 def plot_plan(
@@ -30,84 +47,88 @@ def plot_plan(
     plan's entry (``plan.entry_bytes + live - baseline_bytes``) when the
     process holds other tensors.
     """
-    import matplotlib
+    plan_figure(plan, measured_timeline=measured_timeline).savefig(path)
+    return path
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+
+def plan_figure(plan: MemoryPlan, *, measured_timeline: Sequence[tuple[float, int]] | None = None) -> Figure:
+    """The figure ``plot_plan`` saves."""
+    from matplotlib.figure import Figure
 
     timeline = plan.timeline
     steps = range(len(timeline.totals))
-    fig, ax = plt.subplots(figsize=(11, 5), dpi=110)
-    try:
-        categories = [c for c in timeline.by_category if any(timeline.by_category[c])]
-        ax.stackplot(steps, [[v / _GIB for v in timeline.by_category[c]] for c in categories],
-                     labels=categories, colors=[_COLORS.get(c, "#999999") for c in categories], alpha=0.85)
-        for phase, shade in (("backward", "#f0f0f0"), ("optimizer", "#e0e0f0")):
-            positions = [i for i, p in enumerate(timeline.phases) if p == phase]
-            if positions:
-                ax.axvspan(positions[0], positions[-1] + 1, color=shade, zorder=0, label=f"{phase} phase")
-        host = plan.offload.host_timeline if plan.offload is not None else ()
-        if any(host):  # host bytes over time: drawn downwards from zero, so it never reads as device memory
-            ax.fill_between(steps, [-b / _GIB for b in host], 0, color=_HOST_COLOR, alpha=0.6, step="post",
-                            hatch="//", edgecolor="#0e7c88", linewidth=0.5,
-                            label=f"offloaded to host (below 0; pool {plan.offload.host_peak_bytes / _GIB:.3f} GiB)")
-            ax.axhline(0, color="black", linewidth=0.6)
-        peak = timeline.peak_index
-        ax.plot([peak], [timeline.peak_bytes / _GIB], "k^", label=f"peak {timeline.peak_bytes / _GIB:.3f} GiB")
-        if plan.budget_bytes is not None:
-            ax.axhline(plan.budget_bytes / _GIB, color="red", linestyle="--", label="budget")
-        if measured_timeline:
-            n = len(timeline.totals)
-            ax.plot([f * n for f, _ in measured_timeline], [b / _GIB for _, b in measured_timeline],
-                    color="black", linewidth=0.8, label="measured")
-        ax.set_xlabel("step of the training step (graph nodes, then optimizer)")
-        ax.set_ylabel("live device memory (GiB)" + ("; host below 0" if any(host) else ""))
-        ax.set_title(f"memopt plan: predicted peak at {timeline.peak_label} ({plan.device.name})")
-        ax.set_xlim(0, max(len(timeline.totals), 1))
-        ax.legend(loc="upper left", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return path
+    host = plan.offload.host_timeline if plan.offload is not None else ()
+    drawn = [timeline.peak_bytes, plan.budget_bytes or 0, *host, *(live for _, live in measured_timeline or ())]
+    unit, scale = byte_unit(max(drawn))
+    fig = Figure(figsize=(11, 5), dpi=110)
+    ax = fig.subplots()
+    categories = [c for c in timeline.by_category if any(timeline.by_category[c])]
+    ax.stackplot(steps, [[v / scale for v in timeline.by_category[c]] for c in categories],
+                 labels=categories, colors=[_COLORS.get(c, "#999999") for c in categories], alpha=0.85)
+    for phase, shade in (("backward", "#f0f0f0"), ("optimizer", "#e0e0f0")):
+        positions = [i for i, p in enumerate(timeline.phases) if p == phase]
+        if positions:
+            ax.axvspan(positions[0], positions[-1] + 1, color=shade, zorder=0, label=f"{phase} phase")
+    if any(host):  # host bytes over time: drawn downwards from zero, so it never reads as device memory
+        ax.fill_between(steps, [-b / scale for b in host], 0, color=_HOST_COLOR, alpha=0.6, step="post",
+                        hatch="//", edgecolor="#0e7c88", linewidth=0.5,
+                        label=f"offloaded to host (below 0; pool {format_bytes(plan.offload.host_peak_bytes)})")
+        ax.axhline(0, color="black", linewidth=0.6)
+    peak = timeline.peak_index
+    ax.plot([peak], [timeline.peak_bytes / scale], "k^", label=f"peak {format_bytes(timeline.peak_bytes)}")
+    if plan.budget_bytes is not None:
+        ax.axhline(plan.budget_bytes / scale, color="red", linestyle="--", label="budget")
+    if measured_timeline:
+        n = len(timeline.totals)
+        ax.plot([f * n for f, _ in measured_timeline], [b / scale for _, b in measured_timeline],
+                color="black", linewidth=0.8, label="measured")
+    ax.set_xlabel("step of the training step (graph nodes, then optimizer)")
+    ax.set_ylabel(f"live device memory ({unit})" + ("; host below 0" if any(host) else ""))
+    ax.set_title(f"memopt plan: predicted peak at {timeline.peak_label} ({plan.device.name})")
+    ax.set_xlim(0, max(len(timeline.totals), 1))
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def plot_pareto(curve: ParetoCurve, path: str) -> str:
     """Write a PNG of ``curve`` to ``path``: predicted recompute overhead against budget, memopt's plans as
     a line, each baseline as a point at the smallest budget it fits; return the path."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    unit, scale = ("GiB", _GIB) if curve.eager_peak_bytes >= _GIB else ("MiB", 2**20)
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
-    try:
-        fitted = [p for p in curve.points if p.overhead_s is not None]
-        ax.plot([p.budget_bytes / scale for p in fitted], [p.overhead_s for p in fitted], "o-", color="#4c72b0",
-                label="memopt")
-        for number, point in enumerate(p for p in curve.baselines if p.overhead_s is not None):
-            marker, color = _BASELINE_MARKERS.get(point.solver, ("x", "#555555"))
-            ax.plot([point.budget_bytes / scale], [point.overhead_s], marker, color=color, markersize=9,
-                    linestyle="none", label=f"{point.solver} (baseline)")
-            # baselines often coincide: stagger their names
-            ax.annotate(point.solver, (point.budget_bytes / scale, point.overhead_s), xytext=(10, 6 - 14 * number),
-                        textcoords="offset points", fontsize=8, color=color)
-        ax.axvline(curve.eager_peak_bytes / scale, color="#55a868", linestyle="--", label="eager peak")
-        ax.axvline(curve.proven_minimum_bytes / scale, color="black", linestyle=":", label="proven minimum")
-        if curve.step_seconds > 0:
-            step = curve.step_seconds
-            right = ax.secondary_yaxis("right", functions=(lambda s: s / step * 100, lambda f: f * step / 100))
-            right.set_ylabel("% of the eager forward+backward")
-        ax.set_xlabel(f"budget ({unit})")
-        ax.set_ylabel("predicted recompute overhead per step (s)")
-        ax.set_ylim(bottom=0)
-        ax.set_title(f"memopt budget-to-overhead ({curve.device}): eager peak "
-                     f"{curve.eager_peak_bytes / scale:.1f} {unit}, step {curve.step_seconds:.3g} s")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
+    pareto_figure(curve).savefig(path)
     return path
+
+
+def pareto_figure(curve: ParetoCurve) -> Figure:
+    """The figure ``plot_pareto`` saves."""
+    from matplotlib.figure import Figure
+
+    fitted = [p for p in curve.points if p.overhead_s is not None]
+    baselines = [p for p in curve.baselines if p.overhead_s is not None]
+    unit, scale = byte_unit(max([curve.eager_peak_bytes, curve.proven_minimum_bytes,
+                                 *(p.budget_bytes for p in (*fitted, *baselines))]))
+    fig = Figure(figsize=(9, 5.5), dpi=110)
+    ax = fig.subplots()
+    ax.plot([p.budget_bytes / scale for p in fitted], [p.overhead_s for p in fitted], "o-", color="#4c72b0",
+            label="memopt")
+    for number, point in enumerate(baselines):
+        marker, color = _BASELINE_MARKERS.get(point.solver, ("x", "#555555"))
+        ax.plot([point.budget_bytes / scale], [point.overhead_s], marker, color=color, markersize=9,
+                linestyle="none", label=f"{point.solver} (baseline)")
+        # baselines often coincide: stagger their names
+        ax.annotate(point.solver, (point.budget_bytes / scale, point.overhead_s), xytext=(10, 6 - 14 * number),
+                    textcoords="offset points", fontsize=8, color=color)
+    ax.axvline(curve.eager_peak_bytes / scale, color="#55a868", linestyle="--", label="eager peak")
+    ax.axvline(curve.proven_minimum_bytes / scale, color="black", linestyle=":", label="proven minimum")
+    if curve.step_seconds > 0:
+        step = curve.step_seconds
+        right = ax.secondary_yaxis("right", functions=(lambda s: s / step * 100, lambda f: f * step / 100))
+        right.set_ylabel("% of the eager forward+backward")
+    ax.set_xlabel(f"budget ({unit})")
+    ax.set_ylabel("predicted recompute overhead per step (s)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"memopt budget-to-overhead ({curve.device}): eager peak "
+                 f"{format_bytes(curve.eager_peak_bytes)}, step {curve.step_seconds:.3g} s")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return fig
