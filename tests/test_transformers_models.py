@@ -1,0 +1,105 @@
+"""End to end on Hugging Face models (tier c): a small T5 and a small BERT, dropout on, through memopt.compile.
+
+For each model and each lowering: the loss and the parameters' gradients of a step equal eager's (bit for bit
+on the FX path, within float tolerance under Inductor; dropout masks equal, drawn from the same seed), and the
+measured peak of a warm training step is at or under the budget. The budget is halfway between the smallest
+memopt reports and the eager peak, so that something must be recomputed.
+
+Both models compute their loss with ``CrossEntropyLoss`` in ``forward`` (not ``loss_function``): no
+``loss_type`` to set.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import measured_step_peak, steady_step
+
+import memopt
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
+
+
+def t5() -> tuple[torch.nn.Module, dict]:
+    """T5 encoder-decoder, 2 + 2 layers of width 64; labels given, so its output has ``.loss``."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config)
+    generator = torch.Generator().manual_seed(1)
+    return model, {"input_ids": torch.randint(1, 256, (2, 16), generator=generator),
+                   "labels": torch.randint(1, 256, (2, 8), generator=generator)}
+
+
+def bert() -> tuple[torch.nn.Module, dict]:
+    """BERT for masked LM, 2 layers of width 64, dropout 0.1 on the hidden states and the attention."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.1,
+                        attention_probs_dropout_prob=0.1)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config)
+    generator = torch.Generator().manual_seed(1)
+    # sequences of 32: at 16, parameters and optimizer state dominate and recomputation cannot lower the peak
+    return model, {"input_ids": torch.randint(1, 256, (2, 32), generator=generator),
+                   "labels": torch.randint(1, 256, (2, 32), generator=generator)}
+
+
+MODELS: dict[str, Callable[[], tuple[torch.nn.Module, dict]]] = {"t5": t5, "bert": bert}
+_budgets: dict[str, int] = {}
+
+
+def optimizer_of(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def halfway_budget(name: str, model: torch.nn.Module, inputs: dict, optimizer: torch.optim.Optimizer) -> int:
+    """Halfway between the smallest budget memopt reports and the eager peak (the same for both lowerings)."""
+    if name not in _budgets:
+        eager = memopt.plan(model, inputs, optimizer=optimizer).peak_bytes
+        with pytest.raises(memopt.BudgetInfeasibleError) as info:
+            memopt.plan(model, inputs, optimizer=optimizer, budget=1)
+        smallest = info.value.minimum
+        assert smallest < eager, f"{name}: nothing to recompute ({smallest:,} B needed, eager peaks at {eager:,} B)"
+        _budgets[name] = (smallest + eager) // 2
+    return _budgets[name]
+
+
+@pytest.mark.parametrize("backend", ["fx", "inductor"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_step_equals_eager_and_its_measured_peak_fits_the_budget(name, backend):
+    model, inputs = MODELS[name]()
+    twin = copy.deepcopy(model)
+    optimizer = optimizer_of(model)
+    budget = halfway_budget(name, model, inputs, optimizer)
+    compiled = memopt.compile(model, budget=budget, optimizer=optimizer, backend=backend)
+
+    torch.manual_seed(3)  # the same dropout masks, if drawn in eager's order
+    expected = twin(**inputs).loss
+    expected.backward()
+    torch.manual_seed(3)
+    loss = compiled(**inputs)  # plans and lowers the step, then runs it
+    loss.backward()
+    assert any(d.action == "recompute" for d in compiled.plan.decisions)
+    gradients = [(pname, p.grad, q.grad) for (pname, p), q in zip(twin.named_parameters(), model.parameters())]
+    assert all(q is not None for _, _, q in gradients)
+    if backend == "fx":
+        assert torch.equal(loss.detach(), expected.detach())
+        for pname, eager_grad, grad in gradients:
+            assert torch.equal(grad, eager_grad), pname
+    else:
+        torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+        for pname, eager_grad, grad in gradients:
+            torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6, msg=pname)
+
+    optimizer.zero_grad(set_to_none=True)
+    step = steady_step(compiled, inputs, optimizer)
+    peak = measured_step_peak(compiled.plan, memopt.measure_peak(step))
+    assert peak <= budget, f"{name} ({backend}): measured {peak:,} B over the budget {budget:,} B"
