@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -58,6 +57,18 @@ def plan(
     """
     config = _config(config, layout=layout, solver=solver)
     budget_bytes = parse_budget(budget)
+    plan_at = _planner(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, device=device,
+                       offload=offload, fake=fake, config=config)
+    if budget_bytes is None:
+        return plan_at(None)
+    # the plan of the step as the FX lowering runs it (a rewrite over its target is planned again for less)
+    return fit(plan_at, Budget(budget_bytes, config.headroom), FXLowering(arena=config.layout)).plan
+
+
+def _planner(model: nn.Module, example_inputs: tuple | list | dict | torch.Tensor, *,
+             loss_fn: Callable[[Any], torch.Tensor] | None, optimizer: Any, device: str | DeviceSpec | None,
+             offload: bool | None, fake: bool | None, config: PlanConfig) -> Callable[[int | None], MemoryPlan]:
+    """The step traced once, and the function that plans it for a target number of bytes (None: no budget)."""
     spec = get_device(device, default=_device_of(model))
     config = _with_offload(config, offload, spec)
     step = capture(model, example_inputs, loss_fn=loss_fn, fake=fake)
@@ -67,8 +78,12 @@ def plan(
     if isinstance(optimizer, torch.optim.Optimizer):
         index_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         groups_of = {name: index_of[id(p)] for name, p in named.items() if id(p) in index_of}
-    return run_pipeline(step, params=params, optimizer=optimizer, groups_of=groups_of, device=spec,
-                        budget_bytes=budget_bytes, config=config)
+
+    def plan_at(target: int | None) -> MemoryPlan:
+        return run_pipeline(step, params=params, optimizer=optimizer, groups_of=groups_of, device=spec,
+                            budget_bytes=target, config=config)
+
+    return plan_at
 
 
 def _device_of(model: nn.Module) -> str:
@@ -220,10 +235,6 @@ class CompiledModule(nn.Module):
         values = [*self.model.parameters(), *self.model.buffers(), *leaves]
         return run_step(runner, values, executor)
 
-    def _planned(self, inputs: tuple | dict, budget: int) -> MemoryPlan:
-        return plan(self.model, inputs, loss_fn=self._loss_fn, optimizer=self._optimizer, budget=budget,
-                    device=self._device, config=self._config, offload=self._offload)
-
     def _lower(self, inputs: tuple | dict) -> tuple[MemoryPlan, StepRunner, Executor]:
         if self.backend == "inductor":
             from memopt.lower.inductor import InductorLowering
@@ -231,7 +242,9 @@ class CompiledModule(nn.Module):
             lowering: Lowering = InductorLowering(dict(self._inductor_options or {}))
         else:
             lowering = FXLowering(arena=self.layout)  # config.layout: plans are of the step as it runs in the arena
-        fitted = fit(partial(self._planned, inputs), Budget(self.budget_bytes, self._config.headroom), lowering)
+        plan_at = _planner(self.model, inputs, loss_fn=self._loss_fn, optimizer=self._optimizer, device=self._device,
+                           offload=self._offload, fake=None, config=self._config)
+        fitted = fit(plan_at, Budget(self.budget_bytes, self._config.headroom), lowering)
         return fitted.plan, fitted.lowered.runner, fitted.lowered.executor
 
 
