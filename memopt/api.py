@@ -142,10 +142,11 @@ def compile(
     ``backend="inductor"`` compiles them with Inductor (fused, within float
     tolerance of eager), reads the peak of the code Inductor wrote, and when it
     is over the budget turns off the offending Inductor passes or re-plans
-    (``InductorBudgetError`` if nothing fits). Inductor's fused kernels hold less
-    than the plans count, so with Inductor a budget below every plan is tried
-    too: the code of the smallest plan, and of a few just above it, runs if it
-    fits (else ``BudgetInfeasibleError``, noting what the code needed). When the
+    (``memopt.fit``). Inductor's fused kernels hold less than the plans count, so
+    with Inductor a budget below every plan is tried too: the code of the smallest
+    plan, and of a few just above it, runs if it fits. When nothing fits,
+    ``InductorBudgetError`` (a ``BudgetInfeasibleError``) names as ``minimum``
+    the lowest peak Inductor's code reached, the lowering's own minimum. When the
     code leaves budget unused, plans for larger budgets are compiled and the
     largest whose code fits runs (``plan.compiles`` lists every compile tried).
     ``inductor_options`` are Inductor config entries on top of memopt's
@@ -161,7 +162,7 @@ def compile(
     order pass found. ``.plan``'s timeline then counts the arena as one tensor live
     for that whole span (not the tensors inside it), and its ``layout`` key is the
     arena that runs. When the arena and what stays outside it exceed the budget,
-    memopt plans more recomputation (up to four times) before giving up.
+    memopt plans more recomputation (``memopt.fit``, down to the smallest plan).
     """
     layout = layout or (config is not None and config.layout)
     if layout and backend == "inductor":

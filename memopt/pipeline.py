@@ -187,27 +187,22 @@ def _offload(history: _History, step: CapturedStep, table: Any, live: Any, opt: 
              minimum: LowerBound) -> tuple | None:
     """Offload (with what is still recomputed) rewritten into the step; None when the keep/recompute plan stands.
 
-    The rewritten step's own timeline is the judge: a plan over ``target`` there (the solver's
-    model of a transfer's window is one event coarser than the graph) is planned again under a
-    target lowered by the overshoot, twice at most. Raises ``BudgetInfeasibleError`` when the
-    keep/recompute plan does not fit and no offload plan does either, naming the lowest peak the
-    search reached, where, and what is live there.
+    The rewritten step's own timeline is the plan's: the solver's model of a transfer's window is one
+    event coarser than the graph, so it can peak over ``target``, and the fit loop then plans again for
+    a target lower by the overshoot. Raises ``BudgetInfeasibleError`` when the keep/recompute plan does
+    not fit and no offload plan does either, naming the lowest peak the search reached, where, and what
+    is live there.
     """
-    goal = target
-    for _ in range(3):
-        plan = history.run("offload", plan_offload, step.graph, table, remat, device, goal,
-                           host_capacity_bytes=config.offload_host_bytes, time_limit_s=config.offload_time_limit_s,
-                           max_items=config.offload_max_items)
-        infeasible = plan.solution.status == "infeasible"
-        if not plan.specs and not infeasible and remat.solution.status != "infeasible":
-            return None  # nothing to offload: the keep/recompute plan fits as it is
-        new_step, new_table, new_live, timeline = _rewritten(history, step, plan, opt, scratch_model)
-        if infeasible:
-            raise _offload_infeasible(budget, config.headroom, plan, timeline, minimum)
-        if timeline.peak_bytes <= target:
-            return plan, new_step, new_table, new_live, timeline
-        goal -= timeline.peak_bytes - target
-    return None
+    plan = history.run("offload", plan_offload, step.graph, table, remat, device, target,
+                       host_capacity_bytes=config.offload_host_bytes, time_limit_s=config.offload_time_limit_s,
+                       max_items=config.offload_max_items)
+    infeasible = plan.solution.status == "infeasible"
+    if not plan.specs and not infeasible and remat.solution.status != "infeasible":
+        return None  # nothing to offload: the keep/recompute plan fits as it is
+    new_step, new_table, new_live, timeline = _rewritten(history, step, plan, opt, scratch_model)
+    if infeasible:
+        raise _offload_infeasible(budget, config.headroom, plan, timeline, minimum)
+    return plan, new_step, new_table, new_live, timeline
 
 
 def _rewritten(history: _History, step: CapturedStep, plan: OffloadPlan, opt: Any,
