@@ -27,7 +27,7 @@ HOW = {
     # README.md
     'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e ".[dev]" && '
     'python -m memopt.demo': ".ci/run installs the same way from scratch; test_demo_plans_runs_and_plots runs the demo",
-    ". .venv/bin/activate && python -m pytest": "the suite itself (.ci/run runs it)",
+    ". .venv/bin/activate && python -m pytest && python -m pytest -m slow": "the suite itself (.ci/run runs it)",
     "memopt plan memopt.examples:gpt2 --arg layers=12 --budget 24GB --device h100 --png plan.png": RUN,
     "memopt explain memopt.examples:llama7b --json": RUN,
     "memopt plan examples/vision_bn.py:workload --arg blocks=6 --budget 90MiB --png plan.png": RUN,
