@@ -17,7 +17,7 @@ from memopt.errors import MemoptError
 from memopt.fit import fit
 from memopt.lower.lowering import FXLowering, Lowering
 from memopt.lower.runner import Executor, StepRunner, run_step
-from memopt.passes.optimizer_memory import ParamInfo
+from memopt.passes.optimizer_memory import ParamInfo, optimizer_groups
 from memopt.passes.remat_plan import SOLVERS
 from memopt.pipeline import run_pipeline
 from memopt.report.plan import MemoryPlan
@@ -74,10 +74,7 @@ def _planner(model: nn.Module, example_inputs: tuple | list | dict | torch.Tenso
     step = capture(model, example_inputs, loss_fn=loss_fn, fake=fake)
     named = dict(model.named_parameters())
     params = [ParamInfo(name, tuple(named[name].shape), named[name].element_size()) for name in step.gradients]
-    groups_of = None
-    if isinstance(optimizer, torch.optim.Optimizer):
-        index_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
-        groups_of = {name: index_of[id(p)] for name, p in named.items() if id(p) in index_of}
+    groups_of = optimizer_groups(optimizer, named)
 
     def plan_at(target: int | None) -> MemoryPlan:
         return run_pipeline(step, params=params, optimizer=optimizer, groups_of=groups_of, device=spec,

@@ -46,7 +46,7 @@ from memopt.fit import fit
 from memopt.lower.fusion import inductor_patches
 from memopt.lower.inductor import WrapperMemory
 from memopt.lower.lowering import Lowered, predicted_infeasible
-from memopt.passes.optimizer_memory import ParamInfo, optimizer_memory
+from memopt.passes.optimizer_memory import ParamInfo, optimizer_groups, optimizer_memory
 from memopt.passes.remat_plan import SOLVERS
 from memopt.passes.storage import BUFFERS, GRADIENTS, OPTIMIZER_STATE, PARAMETERS
 from memopt.pipeline import run_pipeline
@@ -259,7 +259,7 @@ def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs:
                           f"{format_bytes(budget.held_elsewhere_bytes)}, all of the "
                           f"{format_bytes(options.budget_bytes)} budget; compile with fullgraph=True so that memopt "
                           "plans the whole step, or raise the budget")
-    fitted = fit(partial(_plan, traced, inputs, example_inputs, options, budget), budget, lowering)
+    fitted = fit(_planner(traced, inputs, example_inputs, options, budget), budget, lowering)
     chosen = next(a for a in fitted.attempts if a.chosen)
     state.add(GraphPlan(frame, budget.available_bytes, _carried_bytes(fitted.plan), fitted.plan, shapes,
                         fitted.plan.compiled_peak_bytes, traced.code, chosen.options))
@@ -298,33 +298,35 @@ def _trace_joint(gm: fx.GraphModule, example_inputs: list[Any], options: Backend
         return traced.joint
 
 
-def _plan(joint: _Joint, inputs: list[GraphInput], example_inputs: list[Any], options: BackendOptions,
-          budget: Budget, target: int) -> MemoryPlan:
-    """The joint graph planned for ``target`` bytes; an infeasible budget named for the whole step."""
+def _planner(joint: _Joint, inputs: list[GraphInput], example_inputs: list[Any], options: BackendOptions,
+             budget: Budget) -> Callable[[int], MemoryPlan]:
+    """The joint graph as a step, once, and the function that plans it for ``target`` bytes (an infeasible
+    budget named for the whole step)."""
     step = joint_step(joint.graph, joint.num_fwd_outputs, inputs, hold_outputs=options.hold_outputs)
     trained = {i.name: value for i, value in zip(inputs, _lifted(joint.graph, inputs, example_inputs))
                if i.role == "parameter" and i.requires_grad}
     params = [ParamInfo(name, tuple(trained[name].shape), trained[name].element_size()) for name in step.gradients
               if name in trained]
-    groups_of = None
-    if isinstance(options.optimizer, torch.optim.Optimizer):
-        index_of = {id(p): g for g, group in enumerate(options.optimizer.param_groups) for p in group["params"]}
-        groups_of = {name: index_of[id(p)] for name, p in trained.items() if id(p) in index_of}
+    groups_of = optimizer_groups(options.optimizer, trained)
     spec = get_device(options.device, default="h100" if step.device.type == "cuda" else "cpu")
-    try:
-        return run_pipeline(step, params=params, optimizer=options.optimizer, groups_of=groups_of, device=spec,
-                            budget_bytes=target, config=options.config)
-    except BudgetInfeasibleError as error:
-        held = budget.held_elsewhere_bytes
-        if not held:
-            raise
-        # name the budget the whole step needs: this graph's smallest, plus what it shares the device with
-        raise BudgetInfeasibleError(
-            options.budget_bytes, error.minimum + held, f"a graph of the compiled model ({error.where})",
-            f"this graph needs {format_bytes(error.minimum)} by itself, and the rest of the model and the graphs "
-            f"before it hold {format_bytes(held)} while it runs. With graph breaks memopt plans each graph as it "
-            "is compiled; torch.compile(..., fullgraph=True) plans the whole step at once and may need less",
-            proven=error.proven_minimum + held) from error
+    held = budget.held_elsewhere_bytes
+
+    def plan_at(target: int) -> MemoryPlan:
+        try:
+            return run_pipeline(step, params=params, optimizer=options.optimizer, groups_of=groups_of, device=spec,
+                                budget_bytes=target, config=options.config)
+        except BudgetInfeasibleError as error:
+            if not held:
+                raise
+            # name the budget the whole step needs: this graph's smallest, plus what it shares the device with
+            raise BudgetInfeasibleError(
+                options.budget_bytes, error.minimum + held, f"a graph of the compiled model ({error.where})",
+                f"this graph needs {format_bytes(error.minimum)} by itself, and the rest of the model and the "
+                f"graphs before it hold {format_bytes(held)} while it runs. With graph breaks memopt plans each "
+                "graph as it is compiled; torch.compile(..., fullgraph=True) plans the whole step at once and may "
+                "need less", proven=error.proven_minimum + held) from error
+
+    return plan_at
 
 
 @dataclass(frozen=True)
@@ -347,10 +349,9 @@ class _AOTLowering:
     def variants(self) -> tuple[dict[str, Any], ...]:
         if not self.reads_code:
             return ({},)
-        from memopt.lower.inductor import FALLBACK_OPTIONS
+        from memopt.lower.inductor import InductorLowering
 
-        given = self.options.inductor_options
-        return (dict(given), *({**given, **extra} for extra in FALLBACK_OPTIONS))
+        return InductorLowering(self.options.inductor_options).variants
 
     def lower(self, plan: MemoryPlan, options: dict[str, Any], *, reuse: Lowered | None, limit: int) -> Lowered:
         started = time.perf_counter()

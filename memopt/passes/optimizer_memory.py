@@ -74,6 +74,14 @@ def normalize_optimizer(optimizer: Any) -> tuple[type | None, list[dict[str, Any
     )
 
 
+def optimizer_groups(optimizer: Any, named: dict[str, torch.Tensor]) -> dict[str, int] | None:
+    """Each named parameter's group in an optimizer instance (None for a class or (class, kwargs))."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return None
+    index_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    return {name: index_of[id(p)] for name, p in named.items() if id(p) in index_of}
+
+
 def optimizer_memory(
     optimizer: Any,
     params: list[ParamInfo],
