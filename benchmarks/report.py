@@ -40,7 +40,8 @@ def compile_or_plan_time(row: dict[str, Any]) -> str:
     if "plan" in row:
         seconds = row["plan"].get("seconds")
         return DASH if seconds is None else f"plan {seconds:.1f}"
-    if "memopt" in row:  # memopt.plan at the row's budget, timed apart from the module's own first call
+    if "memopt" in row and row["settings"].get("plan_seconds") is not None:
+        # memopt.plan at the row's budget, timed apart from the module's own first call
         text = f"plan {row['settings']['plan_seconds']:.1f}"
         if "inductor" in row["memopt"]:  # the first step plans and compiles: what it took beyond a steady step
             text += f", compile {row['first_step_s'] - row['step_median_s']:.1f}"
@@ -156,7 +157,8 @@ def is_memopt(row: dict[str, Any]) -> bool:
 
 # the budgeted memopt rows, by how the planned programs run: strategy-name prefix and label
 FAMILIES = (("memopt@", "memopt@k (FX, eager kernels)"), ("memopt-inductor@", "memopt-inductor@k (Inductor)"),
-            ("memopt-inductor=", "memopt-inductor=<torch row> (Inductor, at that row's measured peak)"))
+            ("memopt-inductor=", "memopt-inductor=<torch row> (Inductor, at that row's measured peak)"),
+            ("memopt-backend@", "memopt-backend@k (torch.compile(backend=\"memopt\"), eager kernels)"))
 
 
 def family_name(prefix: str) -> str:
@@ -208,9 +210,15 @@ def memopt_row(row: dict[str, Any], eager: dict[str, Any] | None) -> list[str]:
         row["strategy"], mib(planned["budget_bytes"]), budget_position(row), predicted,
         mib(row["measured"]["peak_bytes"]), "yes" if planned["fits"] else "**NO**",
         f"{planned['recomputed']} / {planned['decisions']} ({mib(planned['recomputed_bytes'])})", objective,
-        f"{solver['name']} {solver['status']} ({gap})", f"{row['settings']['plan_seconds']:.1f}", ms(row),
+        f"{solver['name']} {solver['status']} ({gap})", plan_seconds(row), ms(row),
         time_ratio(row, eager) if eager_ok else DASH, same_loss(row, eager),
     ]
+
+
+def plan_seconds(row: dict[str, Any]) -> str:
+    """memopt.plan's time at the row's budget, timed apart (the backend plans inside its first compile)."""
+    seconds = row["settings"].get("plan_seconds")
+    return DASH if seconds is None else f"{seconds:.1f}"
 
 
 def inductor_passes_off(compiled: dict[str, Any]) -> str:
@@ -322,16 +330,22 @@ def same_peak_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines + table(header, list(cells.values())) + [""]
 
 
-def inductor_against_fx_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """memopt-inductor@k against memopt@k at the same budget: the same plan's programs, fused or not."""
+def against_fx_lines(rows: list[dict[str, Any]], prefix: str, what: str) -> list[str]:
+    """A family against memopt@k at the same budget: memopt-inductor@k (the same plan's programs, fused or not),
+    memopt-backend@k (the same step planned from AOTAutograd's joint graph; its peak within 2% of memopt@k's)."""
     fx = {r["strategy"].split("@")[1]: r for r in family_rows(rows, "memopt@") if ran(r)}
-    pairs = [(fx[r["strategy"].split("@")[1]], r) for r in family_rows(rows, "memopt-inductor@")
+    pairs = [(fx[r["strategy"].split("@")[1]], r) for r in family_rows(rows, prefix)
              if ran(r) and r["strategy"].split("@")[1] in fx]
     if not pairs:
         return []
+
+    def apart(mine: dict[str, Any], base: dict[str, Any]) -> str:
+        return f"{mine['measured']['peak_bytes'] / base['measured']['peak_bytes'] - 1:+.1%}"
+
     text = "; ".join(f"@{i['strategy'].split('@')[1]}: peak {mib(i['measured']['peak_bytes'])} vs "
-                     f"{mib(f['measured']['peak_bytes'])} MiB, step {time_ratio(i, f)}" for f, i in pairs)
-    return [f"- memopt-inductor@k against memopt@k (same budget; step ratio Inductor ÷ FX, wall median (CPU min)): "
+                     f"{mib(f['measured']['peak_bytes'])} MiB ({apart(i, f)}), step {time_ratio(i, f)}"
+                     for f, i in pairs)
+    return [f"- {family_name(prefix)} against memopt@k (same budget; step ratio {what} ÷ FX, wall median (CPU min)): "
             f"{text}"]
 
 
@@ -365,7 +379,8 @@ def memopt_section(rows: list[dict[str, Any]], eager: dict[str, Any] | None) -> 
               + ("" if len(fits) == len(mine) else " (**not all**: see the rows marked NO or error)")]
     for prefix, _ in present_families(mine):
         lines += monotone_lines(family_rows(mine, prefix), family_name(prefix))
-    lines += inductor_against_fx_lines(mine)
+    lines += against_fx_lines(mine, "memopt-inductor@", "Inductor")
+    lines += against_fx_lines(mine, "memopt-backend@", "backend")
     blocks = next((r for r in mine if r["strategy"] == "memopt-blocks" and ran(r)), None)
     checkpointed = next((r for r in rows if r["strategy"] == "checkpoint" and ran(r)), None)
     if blocks and checkpointed:
@@ -481,6 +496,10 @@ def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] |
         "memopt@k and memopt-blocks run the planned programs as FX graphs (eager's kernels, one by one); "
         "memopt-inductor@k compiles the same plans with Inductor (`backend=\"inductor\"`), as the "
         "torch.compile rows are compiled, and its predicted peak is that of the code Inductor wrote. "
+        "memopt-backend@k trains at memopt@k's budget through `torch.compile(backend=\"memopt\")` (eager "
+        "kernels); it plans inside its first compile, so its plan time is in the compile time. Every compiled "
+        "row, torch's and the backend's, compiles the model and its loss as one module that returns only the "
+        "loss, as a careful user would. "
         "× eager divides this row's median wall step by the eager row's (the CPU-time minima in brackets), "
         "each measured in its own process at its own moment of the run, so the load differed between them.",
         "",

@@ -13,7 +13,9 @@ before training. The memopt strategies (`memopt@0` .. `memopt@4`, `memopt-blocks
 `memopt-inductor@0` .. `memopt-inductor@4`, the same budgets compiled by Inductor) train with
 `memopt.compile` at a budget the subprocess derives from memopt's own plans of the step (the smallest
 budget memopt can meet, eager's predicted peak), and record the plan the module ran and whether the
-measured peak stayed within the budget. `memopt-inductor=<torch row>` (checkpoint, compile-amb-*,
+measured peak stayed within the budget; `memopt-backend@0` .. `@4` train at the same budgets through
+`torch.compile(backend="memopt")`. Every compiled row (torch's and the backend's) compiles the model
+and its loss as one module that returns only the loss. `memopt-inductor=<torch row>` (checkpoint, compile-amb-*,
 compile-checkpoint) is asked to peak no higher than that torch row measured earlier in the same run
 (the parent passes the peaks on), so the two are compared at the same peak. `llama7b` is planned only
 (fake mode, meta device): plan time, peak RSS, ledger.
@@ -200,9 +202,9 @@ def measure_config(workload_name: str, strategy_name: str, *, repeats: int, quic
             "unaccounted_bytes": measured.unaccounted_bytes,
         },
     )
-    if isinstance(setup.forward, memopt.CompiledModule):
+    if setup.plan is not None:
         budget = setup.settings["budget_bytes"]
-        row["memopt"] = {**memopt_summary(setup.forward), "budget_bytes": budget,
+        row["memopt"] = {**memopt_summary(setup.plan(), setup.forward), "budget_bytes": budget,
                          "fits": measured.peak_bytes - foreign <= budget}
     if setup.compiled:
         summary = dynamo_graph_summary()

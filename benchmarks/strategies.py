@@ -46,6 +46,20 @@ class Setup:
     compiled: bool = False
     returns_loss: bool = False  # the forward returns the loss itself (memopt.compile), not the model's output
     settings: dict[str, Any] = field(default_factory=dict)  # what the report should say about it
+    plan: Callable[[], memopt.MemoryPlan] | None = None  # memopt's plan that ran (after the first step)
+
+
+class LossOnly(nn.Module):
+    """The model and its loss as one module that returns only the loss: what a careful user hands torch.compile
+    (a compiled module that also returns the logits gives them a tangent, a logits-sized zero gradient)."""
+
+    def __init__(self, model: nn.Module, workload: Workload) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, workload.loss_fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        output = self.model(*args, **kwargs)
+        return self.loss_fn(output) if self.loss_fn is not None else output.loss
 
 
 class CheckpointedBlock(nn.Module):
@@ -87,21 +101,23 @@ def compile_with_budget(budget: float) -> Callable[[nn.Module], Setup]:
     """torch.compile with the partitioner's activation memory budget (read at compile time, so the
     patch is held around every call that may compile, not only around `torch.compile`)."""
 
-    def prepare(model: nn.Module, training: Training | None = None) -> Setup:
+    def prepare(model: nn.Module, training: Training) -> Setup:
         import torch._functorch.config as functorch_config
 
         return Setup(
-            torch.compile(model),
+            torch.compile(LossOnly(model, training.workload)),
             context=lambda: functorch_config.patch(activation_memory_budget=budget),
             compiled=True,
+            returns_loss=True,
             settings={"activation_memory_budget": budget},
         )
 
     return prepare
 
 
-def compile_checkpointed(model: nn.Module, training: Training | None = None) -> Setup:
-    return Setup(torch.compile(checkpoint_blocks(model)), compiled=True, settings={"checkpoint": "per block"})
+def compile_checkpointed(model: nn.Module, training: Training) -> Setup:
+    return Setup(torch.compile(LossOnly(checkpoint_blocks(model), training.workload)), compiled=True,
+                 returns_loss=True, settings={"checkpoint": "per block"})
 
 
 def plan_step(model: nn.Module, training: Training, **options: Any) -> memopt.MemoryPlan:
@@ -138,6 +154,23 @@ def memopt_budget(index: int, count: int = MEMOPT_BUDGETS, *,
         budget = low + (high - low) * index // count
         return memopt_setup(model, training, budget, solver=None, backend=backend, budget_index=index,
                             budget_count=count, **found)
+
+    return prepare
+
+
+def memopt_backend_budget(index: int, count: int = MEMOPT_BUDGETS) -> Callable[[nn.Module, Training], Setup]:
+    """torch.compile(backend="memopt") at memopt@k's budget, over the module that returns only the loss: the
+    joint graph AOTAutograd traces, planned and cut by memopt, run on eager's kernels (compiler="eager")."""
+
+    def prepare(model: nn.Module, training: Training) -> Setup:
+        found = budget_range(model, training)
+        low, high = found["minimum_bytes"], found["eager_predicted_bytes"]
+        budget = low + (high - low) * index // count
+        options = {"budget": budget, "optimizer": training.optimizer, "device": "cpu", "cache": False}
+        compiled = torch.compile(LossOnly(model, training.workload), backend="memopt", options=options)
+        return Setup(compiled, compiled=True, returns_loss=True, plan=lambda: memopt.backend.plans(options)[-1],
+                     settings={"budget_bytes": budget, "solver": "memopt", "backend": "torch.compile(memopt)",
+                               "plan_seconds": None, "budget_index": index, "budget_count": count, **found})
 
     return prepare
 
@@ -181,7 +214,7 @@ def memopt_setup(model: nn.Module, training: Training, budget: int, *, solver: s
     plan_seconds = time.perf_counter() - start
     compiled = memopt.compile(model, budget=budget, loss_fn=training.workload.loss_fn,
                               optimizer=training.optimizer, device="cpu", solver=solver, backend=backend)
-    return Setup(compiled, returns_loss=True, settings={
+    return Setup(compiled, returns_loss=True, plan=lambda: compiled.plan, settings={
         "budget_bytes": budget, "solver": solver or "memopt", "backend": backend, "plan_seconds": plan_seconds,
         "planned_apart_peak_bytes": planned_peak, **settings})
 
@@ -199,12 +232,13 @@ STRATEGIES: dict[str, Callable[[nn.Module, Training], Setup]] = {
     "memopt-blocks": memopt_blocks,
     **{f"memopt-inductor@{index}": memopt_budget(index, backend="inductor") for index in range(MEMOPT_BUDGETS)},
     **{f"memopt-inductor={name}": memopt_at_peak_of(name) for name in TORCH_STRATEGIES if name != "eager"},
+    **{f"memopt-backend@{index}": memopt_backend_budget(index) for index in range(MEMOPT_BUDGETS)},
 }
 
 
-def memopt_summary(compiled: memopt.CompiledModule) -> dict[str, Any]:
-    """What the plan the compiled module ran says: predicted peak, what it recomputes, how the solver did."""
-    plan = compiled.plan
+def memopt_summary(plan: memopt.MemoryPlan, compiled: Any = None) -> dict[str, Any]:
+    """What the plan that ran says: predicted peak, what it recomputes, how the solver did (and, for a module
+    memopt.compile compiled with Inductor, what Inductor compiled)."""
     recomputed = [d for d in plan.decisions if d.action == "recompute"]
     solver = plan.solver
     summary = {
@@ -216,7 +250,7 @@ def memopt_summary(compiled: memopt.CompiledModule) -> dict[str, Any]:
         "solver": {"name": solver.name, "status": solver.status, "objective_s": solver.objective,
                    "lower_bound_s": solver.lower_bound, "gap": solver.gap, "seconds": solver.seconds},
     }
-    if compiled.backend == "inductor":
+    if isinstance(compiled, memopt.CompiledModule) and compiled.backend == "inductor":
         summary["inductor"] = inductor_summary(compiled)
     return summary
 

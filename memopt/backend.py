@@ -63,7 +63,9 @@ KNOWN_OPTIONS: dict[str, str] = {
     "inductor_options": "Inductor config entries, with compiler='inductor'",
     "hold_outputs": "True (default): the training loop keeps the model's outputs (logits next to the loss) "
                     "alive through the backward, as `out = model(x); out.loss.backward()` does; False: only the "
-                    "loss is kept (`loss = model(x).loss`), which lets memopt plan for less",
+                    "loss is kept (`loss = model(x).loss`): outputs other than a scalar come back detached (no "
+                    "gradient flows through them, so the backward holds no zero gradient for them), which lets "
+                    "memopt plan for less",
     "cache": "True (default): keep remat plans on disk and reuse them for the same graph, shapes, budget and "
              "options (under torch's Inductor cache folder); False: plan every compile; or a folder",
     "config": "a memopt.config.PlanConfig with every other knob (time limits, headroom)",
@@ -240,6 +242,8 @@ def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs:
                    frame: tuple, rest: int) -> Callable[..., Any]:
     """Plan one graph and compile it through the fit loop, so that what runs fits the graph's share."""
     options = state.options
+    if not options.hold_outputs:
+        _detach_outputs(gm)
     traced = _trace_joint(gm, example_inputs, options)
     if not isinstance(traced, _Joint):
         return traced  # without a backward (no_grad, eval), nothing was planned: it runs as traced
@@ -254,12 +258,14 @@ def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs:
         lowered = lowering.lower(again.plan, again.options, reuse=None, limit=0)
         return lowered.executor
     budget = Budget(options.budget_bytes, options.config.headroom, rest + state.carried_before(frame))
+    plan_at = _planner(traced, inputs, example_inputs, options, budget)
     if budget.available_bytes <= 0:
+        plan_at(1)  # raises the BudgetInfeasibleError of the whole step: this graph's smallest plus what is held
         raise MemoptError(f"the rest of the model and the graphs compiled before this one hold "
                           f"{format_bytes(budget.held_elsewhere_bytes)}, all of the "
                           f"{format_bytes(options.budget_bytes)} budget; compile with fullgraph=True so that memopt "
                           "plans the whole step, or raise the budget")
-    fitted = fit(_planner(traced, inputs, example_inputs, options, budget), budget, lowering)
+    fitted = fit(plan_at, budget, lowering)
     chosen = next(a for a in fitted.attempts if a.chosen)
     state.add(GraphPlan(frame, budget.available_bytes, _carried_bytes(fitted.plan), fitted.plan, shapes,
                         fitted.plan.compiled_peak_bytes, traced.code, chosen.options))
@@ -477,6 +483,27 @@ def _dropped_output_bytes(forward: fx.GraphModule, num_fwd_outputs: int, step: C
         if isinstance(value, torch.Tensor) and node.name not in kept:
             dropped[StorageWeakRef(value.untyped_storage())] = value.untyped_storage().nbytes()
     return sum(dropped.values())
+
+
+def _detach_outputs(gm: fx.GraphModule) -> None:
+    """Outputs of ``gm`` other than scalars come back detached (``hold_outputs=False``).
+
+    AOTAutograd gives every output that requires grad a tangent, and autograd fills
+    the tangent of an output the loss does not reach with zeros: logits beside a loss
+    would cost a zero tensor of their size in the backward. Detached, they have none.
+    """
+    output = gm.graph.output_node()
+    with gm.graph.inserting_before(output):
+        def detach(node: Any) -> Any:
+            value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+            if not isinstance(value, torch.Tensor) or not value.requires_grad or value.numel() == 1:
+                return node
+            detached = gm.graph.call_method("detach", (node,))
+            detached.meta["example_value"] = value.detach()
+            return detached
+
+        output.args = pytree.tree_map_only(fx.Node, detach, output.args)
+    gm.recompile()
 
 
 def _lifted(joint: fx.GraphModule, inputs: list[GraphInput], example_inputs: list[Any]) -> list[Any]:

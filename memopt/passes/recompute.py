@@ -9,10 +9,10 @@ else the originals, which the backward then keeps (saves).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Collection
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
@@ -114,6 +114,11 @@ def fake_result(node: fx.Node) -> object:
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: arg.meta["val"])
     leaves = pytree.tree_leaves((args, kwargs))
     # getitem of a tuple and the like have no fake input and run as they are
-    mode = next((leaf.fake_mode for leaf in leaves if hasattr(leaf, "fake_mode")), contextlib.nullcontext())
+    mode = next((leaf.fake_mode for leaf in leaves if hasattr(leaf, "fake_mode")), None)
+    if mode is None:
+        return node.target(*args, **kwargs)
+    # a constant of the graph (AOTAutograd's lifted scalar tensors) holds a real tensor: it enters the fake mode
+    args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t if hasattr(t, "fake_mode") else mode.from_tensor(t),
+                                        (args, kwargs))
     with mode:
         return node.target(*args, **kwargs)
