@@ -61,6 +61,8 @@ KNOWN_OPTIONS: dict[str, str] = {
     "compiler": "how the planned forward and backward run: 'eager' (generated Python, eager's kernels; "
                 "default) or 'inductor'",
     "inductor_options": "Inductor config entries, with compiler='inductor'",
+    "offload": "True: activations may go to a host pool when recomputation alone does not fit (as "
+               "memopt.compile(..., offload=True)); False or None (default): what the config says (off)",
     "hold_outputs": "True (default): the training loop keeps the model's outputs (logits next to the loss) "
                     "alive through the backward, as `out = model(x); out.loss.backward()` does; False: only the "
                     "loss is kept (`loss = model(x).loss`): outputs other than a scalar come back detached (no "
@@ -107,9 +109,15 @@ class BackendOptions:
         if compiler not in ("eager", "inductor"):
             raise MemoptError(f"unknown compiler {compiler!r}; choose 'eager' or 'inductor'")
         config = options.get("config") or PlanConfig()
-        if config.offload or config.layout:
-            raise MemoptError("the memopt backend plans recomputation only: offload and the arena layout run "
-                              "through memopt.compile(..., offload=True / layout=True); pass a config without them")
+        offload = options.get("offload")
+        if offload is not None:
+            if not isinstance(offload, bool):
+                raise MemoptError(f"offload must be True, False or None, got {offload!r}")
+            config = dataclasses.replace(config, offload=offload)
+        if config.layout:
+            raise MemoptError("the memopt backend does not lay out an arena (AOTAutograd runs the forward and the "
+                              "backward as two programs, and the arena spans both): memopt.compile(..., layout=True) "
+                              "does; pass a config without layout")
         cache = options.get("cache", True)
         if cache is True:
             from torch._inductor.runtime.cache_dir_utils import cache_dir

@@ -98,8 +98,11 @@ def test_options_are_checked_and_unknown_ones_listed():
     with pytest.raises(MemoptError, match="unknown compiler"):
         BackendOptions.parse({"budget": "1GB", "compiler": "tvm"})
     assert BackendOptions.parse({"budget": "1KiB", "solver": "blocks"}).config.solver == "blocks"
-    with pytest.raises(MemoptError, match="recomputation only"):
-        BackendOptions.parse({"budget": "1GB", "config": memopt.config.PlanConfig(offload=True)})
+    with pytest.raises(MemoptError, match="does not lay out an arena"):
+        BackendOptions.parse({"budget": "1GB", "config": memopt.config.PlanConfig(layout=True)})
+    with pytest.raises(MemoptError, match="offload must be True, False or None"):
+        BackendOptions.parse({"budget": "1GB", "offload": "yes"})
+    assert BackendOptions.parse({"budget": "1GB", "offload": True}).config.offload
 
 
 def test_source_names_become_qualified_names():
@@ -439,3 +442,39 @@ def test_a_language_model_at_its_smallest_budget_runs_through_the_backend_like_e
     assert any(d.action == "recompute" for d in plan.decisions)
     step = steady_step(compiled, batch, optimizer)
     assert measured_step_peak(plan, memopt.measure_peak(step)) <= minimum
+
+
+@pytest.mark.parametrize("compiler", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_offload_through_the_backend_fits_below_what_recomputation_reaches(compiler):
+    from conftest import measured_step_peak, steady_step
+
+    from memopt.examples import mlp
+
+    torch.manual_seed(0)
+    workload = mlp(width=128, depth=8, batch=2048)
+    model, inputs = workload.build(), workload.inputs()
+    optimizer = workload.optimizer(model)
+    with pytest.raises(BudgetInfeasibleError) as remat:
+        memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=1)
+    budget = int(remat.value.minimum * 0.8)
+    torch.manual_seed(1)
+    eager_loss = workload.loss_fn(copy.deepcopy(model)(*inputs)).item()
+
+    class LossOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return workload.loss_fn(self.model(x))
+
+    options = {"budget": budget, "optimizer": optimizer, "offload": True, "compiler": compiler, "cache": False}
+    compiled = torch.compile(LossOnly(), backend="memopt", options=options)
+    torch.manual_seed(1)
+    loss = compiled(*inputs).item()
+    assert loss == eager_loss if compiler == "eager" else abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)
+    model.zero_grad(set_to_none=True)
+    (plan,) = plans(options)
+    assert plan.offload is not None and plan.offload.tensors > 0
+    measured = memopt.measure_peak(steady_step(compiled, inputs, optimizer))
+    assert measured_step_peak(plan, measured) <= budget
