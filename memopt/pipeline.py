@@ -58,6 +58,13 @@ class _History:
         self.records.append(PassRecord(name, seconds, False, None, None))
         return result
 
+    def peaks(self, name: str, before: int, after: int, changed: bool = True) -> None:
+        """The last ``name`` pass's effect: the step's predicted peak before and after it, whether it changed
+        the step (a rewrite's peak after is read from the timeline that follows it)."""
+        index = max(i for i, record in enumerate(self.records) if record.name == name)
+        self.records[index] = dataclasses.replace(self.records[index], changed=changed, peak_before=before,
+                                                  peak_after=after)
+
 
 def run_pipeline(
     step: CapturedStep,
@@ -101,11 +108,12 @@ def run_pipeline(
                             floor_bytes=floor, scratch=scratch, solver=config.solver,
                             time_limit_s=config.remat_time_limit_s, cache_dir=config.cache_dir)
         solution = remat.solution
+        history.peaks("remat", eager_peak, solution.peak_bytes, changed=False)  # a decision; the rewrite changes the step
         # which activations go to host memory instead, after their last forward use and back before the backward's
         offloaded = None
         if config.offload:
             offloaded = _offload(history, step, table, live, opt, scratch_model, remat, device, target, config,
-                                 budget_bytes, minimum)
+                                 budget_bytes, minimum, eager_peak)
         if offloaded is not None:
             plan, step, table, live, timeline = offloaded
             scratch = scratch_model.per_node(step.graph) if scratch_model else ()
@@ -130,6 +138,7 @@ def run_pipeline(
                 live = history.run("liveness", liveness, table)
                 scratch = scratch_model.per_node(step.graph) if scratch_model else ()
                 timeline = history.run("timeline", memory_timeline, table, live, opt, scratch)
+                history.peaks("rewrite", eager_peak, timeline.peak_bytes)
                 if timeline.peak_bytes > target:  # the solver's simulation replays the rewrite: never expected
                     raise AssertionError(f"rewritten step peaks at {timeline.peak_bytes} B, "
                                          f"planned {solution.peak_bytes}")
@@ -140,6 +149,7 @@ def run_pipeline(
     order = None
     if config.order:
         order = history.run("order", plan_order, step.graph, table, time_limit_s=config.order_time_limit_s)
+        history.peaks("order", order.peak_before, order.peak_after, changed=False)  # recorded, not applied (see layout)
     # the step as it runs in one arena: the order (where it peaks no higher), offsets for the intermediates,
     # the graph rewritten into out= ops on views of the arena, and the ledger of that graph
     arena = None
@@ -184,7 +194,7 @@ def _warn_no_optimizer(params: list[ParamInfo]) -> None:
 
 def _offload(history: _History, step: CapturedStep, table: Any, live: Any, opt: Any, scratch_model: Any,
              remat: Any, device: DeviceSpec, target: int, config: PlanConfig, budget: int,
-             minimum: LowerBound) -> tuple | None:
+             minimum: LowerBound, eager_peak: int) -> tuple | None:
     """Offload (with what is still recomputed) rewritten into the step; None when the keep/recompute plan stands.
 
     The rewritten step's own timeline is the plan's: the solver's model of a transfer's window is one
@@ -199,14 +209,14 @@ def _offload(history: _History, step: CapturedStep, table: Any, live: Any, opt: 
     infeasible = plan.solution.status == "infeasible"
     if not plan.specs and not infeasible and remat.solution.status != "infeasible":
         return None  # nothing to offload: the keep/recompute plan fits as it is
-    new_step, new_table, new_live, timeline = _rewritten(history, step, plan, opt, scratch_model)
+    new_step, new_table, new_live, timeline = _rewritten(history, step, plan, opt, scratch_model, eager_peak)
     if infeasible:
         raise _offload_infeasible(budget, config.headroom, plan, timeline, minimum)
     return plan, new_step, new_table, new_live, timeline
 
 
 def _rewritten(history: _History, step: CapturedStep, plan: OffloadPlan, opt: Any,
-               scratch_model: Any) -> tuple[CapturedStep, StorageTable, Any, MemoryTimeline]:
+               scratch_model: Any, before: int) -> tuple[CapturedStep, StorageTable, Any, MemoryTimeline]:
     """The step with the plan's recomputes and offloads, its storages (host copies apart), liveness and timeline."""
     graph = step.graph
     if plan.recomputed:
@@ -217,7 +227,9 @@ def _rewritten(history: _History, step: CapturedStep, plan: OffloadPlan, opt: An
     new_table = _host_apart(history.run("storages", storage_table, new_step), rewrite.offload_nodes)
     new_live = history.run("liveness", liveness, new_table)
     scratch = scratch_model.per_node(new_step.graph) if scratch_model else ()
-    return new_step, new_table, new_live, history.run("timeline", memory_timeline, new_table, new_live, opt, scratch)
+    timeline = history.run("timeline", memory_timeline, new_table, new_live, opt, scratch)
+    history.peaks("rewrite-offload", before, timeline.peak_bytes)
+    return new_step, new_table, new_live, timeline
 
 
 def _offload_infeasible(budget: int, headroom: float, plan: OffloadPlan, timeline: MemoryTimeline,

@@ -152,6 +152,21 @@ def test_history_records_every_pass(gpt2_plan):
     assert names == ["capture", "storages", "liveness", "optimizer-memory", "scratch", "timeline", "lower-bound",
                      "remat", "order"]
     assert all(record.seconds >= 0 for record in gpt2_plan.history)
+    remat = next(r for r in gpt2_plan.history if r.name == "remat")
+    assert not remat.changed and remat.peak_before == remat.peak_after == gpt2_plan.eager_peak_bytes
+
+
+def test_a_rewrite_is_recorded_with_the_peak_before_and_after_it():
+    workload = examples.mlp(width=64, depth=4, batch=256)
+    model, inputs = workload.build(), workload.inputs()
+    eager = memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=torch.optim.SGD)
+    plan = memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=torch.optim.SGD,
+                       budget=int(eager.peak_bytes * 0.9))
+    rewrite = next(r for r in plan.history if r.name == "rewrite")
+    assert rewrite.changed and rewrite.peak_before == eager.peak_bytes and rewrite.peak_after == plan.peak_bytes
+    assert rewrite.peak_after < rewrite.peak_before
+    assert f"peak {memopt.format_bytes(eager.peak_bytes)} -> {memopt.format_bytes(plan.peak_bytes)}  changed" \
+        in str(plan.explain())
 
 
 def test_loss_fn_receives_the_output():

@@ -380,7 +380,9 @@ class MemoryPlan:
                          for c in self.compiles)
         lines.append("\npasses:")
         for record in self.history:
-            lines.append(f"  {record.name:<20}{record.seconds * 1000:>9.1f} ms"
+            peaks = ("" if record.peak_before is None else
+                     f"  peak {format_bytes(record.peak_before)} -> {format_bytes(record.peak_after)}")
+            lines.append(f"  {record.name:<20}{record.seconds * 1000:>9.1f} ms{peaks}"
                          f"{'  changed' if record.changed else ''}")
         return Report("\n".join(lines))
 
