@@ -118,3 +118,72 @@ def test_ops_with_several_results_are_recomputed_whole_and_exactly(name):
     assert any(c.nodes[0].startswith("native_layer_norm") for c in candidates)
     graph = apply_recompute(step.graph, step.backward_start, candidates)
     assert_runs_like_eager(graph, model, inputs, workload.loss_fn)
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()) for _ in range(4)]
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 10))
+
+
+def _cross_entropy(labels):
+    return lambda out: nn.functional.cross_entropy(out, labels)
+
+
+@pytest.mark.parametrize("entry", ["compile", "backend"])
+def test_batch_norm_is_recomputed_from_the_batch_and_its_running_statistics_update_once(entry):
+    """At the smallest budget the batch norms' outputs are recomputed, their statistics are not updated again:
+    loss, gradients and running statistics (num_batches_tracked too) equal eager's bitwise, over two steps."""
+    import copy
+
+    import memopt
+
+    model = _bn_net()
+    images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    loss_fn = _cross_entropy(labels)
+    step = capture(model, (images,), loss_fn=loss_fn)
+    batch_norms = {n.name for n in step.graph.graph.nodes if "batch_norm" in str(n.target) and "backward"
+                   not in str(n.target)}
+    assert batch_norms <= {c.nodes[0] for c in recompute_candidates(step.graph, storage_table(step))}
+    with pytest.raises(memopt.BudgetInfeasibleError) as smallest:
+        memopt.plan(model, (images,), loss_fn=loss_fn, optimizer=torch.optim.SGD, budget=1)
+    twin = copy.deepcopy(model)
+    if entry == "compile":
+        compiled = memopt.compile(twin, budget=smallest.value.minimum, loss_fn=loss_fn, optimizer=torch.optim.SGD)
+    else:
+        class LossOnly(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = twin
+
+            def forward(self, x):
+                return loss_fn(self.model(x))
+
+        def compiled_at(budget):
+            torch._dynamo.reset()
+            options = {"budget": budget, "optimizer": torch.optim.SGD, "cache": False}
+            return torch.compile(LossOnly(), backend="memopt", options=options), options
+
+        compiled, options = compiled_at(1)
+        with pytest.raises(Exception) as raised:  # the backend's own smallest (AOTAutograd's joint graph)
+            compiled(images)
+        error = raised.value
+        while not isinstance(error, memopt.BudgetInfeasibleError):
+            error = error.__cause__ or error.__context__
+        compiled, options = compiled_at(error.minimum)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+        loss = compiled(images)
+        loss.backward()
+        expected = loss_fn(model(images))
+        expected.backward()
+        assert torch.equal(loss.detach(), expected.detach())
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+        for (name, b), c in zip(model.named_buffers(), twin.buffers()):
+            assert torch.equal(b, c), name
+    plan = compiled.plan if entry == "compile" else memopt.backend.plans(options)[-1]
+    recomputed = {d.name for d in plan.decisions if d.action == "recompute"}
+    assert any("batch_norm" in name for name in recomputed), recomputed

@@ -31,6 +31,39 @@ def _running_stats(node: fx.Node) -> list[fx.Node]:
     return [v for v in (value.get("running_mean"), value.get("running_var")) if isinstance(v, fx.Node)]
 
 
+# Batch-norm ops that take running statistics: in training their results come from the batch alone
+_BATCH_NORMS = _UNMARKED_RUNNING_STATS | {_aten._native_batch_norm_legit.default,
+                                          _aten._native_batch_norm_legit_functional.default}
+
+
+def running_stats_read_to_update(node: fx.Node) -> list[fx.Node]:
+    """The running statistics a batch norm in training reads only to update them.
+
+    Its output and saved batch statistics do not depend on them, so the op replays
+    without them (``without_running_stats``) and the statistics update once, in the forward.
+    """
+    if node.target not in _BATCH_NORMS:
+        return []
+    names = [a.name for a in node.target._schema.arguments]
+    value = dict(zip(names, node.args)) | dict(node.kwargs)
+    if not value.get("training"):
+        return []
+    return [v for v in (value.get("running_mean"), value.get("running_var")) if isinstance(v, fx.Node)]
+
+
+def without_running_stats(node: fx.Node) -> tuple[object, tuple, dict]:
+    """The op, args and kwargs that compute a training batch norm's results without touching its running
+    statistics: the same kernel with none given (on CPU bitwise the same results), its update results dropped."""
+    arguments = node.target._schema.arguments
+    value = dict(zip([a.name for a in arguments], node.args)) | dict(node.kwargs)
+    stats = ("running_mean", "running_var")
+    if all(isinstance(a.type, torch.OptionalType) for a in arguments if a.name in stats):
+        return node.target, tuple(None if a.name in stats else value[a.name] for a in arguments), {}
+    # _native_batch_norm_legit(_functional) takes them as tensors: its no_stats overload is the same kernel
+    no_stats = _aten._native_batch_norm_legit.no_stats
+    return no_stats, tuple(value[a.name] for a in no_stats._schema.arguments), {}
+
+
 def is_random(node: fx.Node) -> bool:
     """The op draws from a random generator: running it again gives other values.
 

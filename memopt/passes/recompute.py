@@ -16,7 +16,13 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from memopt.passes.op_kinds import is_random, mutates, written_inputs
+from memopt.passes.op_kinds import (
+    is_random,
+    mutates,
+    running_stats_read_to_update,
+    without_running_stats,
+    written_inputs,
+)
 from memopt.passes.order_plan import copy_graph
 from memopt.passes.storage import StorageTable, shares_storage
 
@@ -38,7 +44,8 @@ def recompute_candidates(graph: fx.GraphModule, table: StorageTable,
     writes in place, and results of ops that read a storage written in place
     somewhere in the step (its value at recompute time may differ), including the
     placeholders in ``mutated_inputs`` (written outside the graph, after the forward).
-    An op with several results is recomputed whole.
+    An op with several results is recomputed whole. A batch norm in training is
+    recomputed from the batch alone: its running statistics update once, in the forward.
     """
     nodes = list(graph.graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
@@ -48,11 +55,15 @@ def recompute_candidates(graph: fx.GraphModule, table: StorageTable,
     # ops that cannot replay: random ones, ones that write in place (running statistics would update
     # twice), and readers of a storage written in place (a recompute could read another value). Their
     # consumers can: a recompute reads a kept input, not a recomputed one.
-    tainted = {
-        i for i, node in enumerate(nodes)
-        if is_random(node) or mutates(node)
-        or any(mutated.intersection(table.values[position[arg]]) for arg in node.all_input_nodes)
-    }
+    # A batch norm in training reads and writes its running statistics only to update them: it replays
+    # without them (``apply_recompute``), so neither counts.
+    tainted = set()
+    for i, node in enumerate(nodes):
+        stats = running_stats_read_to_update(node)
+        writes_more = mutates(node) and not set(written_inputs(node)) <= set(stats)
+        reads = [arg for arg in node.all_input_nodes if arg not in stats]
+        if is_random(node) or writes_more or any(mutated.intersection(table.values[position[arg]]) for arg in reads):
+            tainted.add(i)
     makers = {storage.node for storage in table.storages}
     by_name = {node.name: i for i, node in enumerate(nodes)}
     candidates = []
@@ -85,6 +96,8 @@ def apply_recompute(graph: fx.GraphModule, backward_start: str, chosen: list[Can
         if node.name not in copies:
             with new.graph.inserting_before(before):
                 copy = new.graph.node_copy(node, lambda arg: copy_of(arg, before) if arg.name in recompute else arg)
+            if running_stats_read_to_update(copy):  # the running statistics update once, in the forward
+                copy.target, copy.args, copy.kwargs = without_running_stats(copy)
             original_val[copy] = copy.meta["val"]
             copy.meta["val"] = fake_result(copy)  # a new storage, not the original's
             copies[node.name] = copy
