@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks import report, run
-from benchmarks.strategies import STRATEGIES, CheckpointedBlock, checkpoint_blocks, compile_with_budget
+from benchmarks.strategies import STRATEGIES, CheckpointedBlock, Training, checkpoint_blocks, compile_with_budget
 from memopt.budget import budget_for_peak
 from memopt.config import PlanConfig
 from memopt.examples import ResidualMLP
@@ -109,7 +109,11 @@ def test_the_inductor_rows_sit_beside_the_fx_rows_at_the_same_peak():
             "| 0.83 (0.83) | yes | memopt-inductor@1 | 345.0 | 1300 (1300) / 1300 (1300) | 1.08 (1.08) | no |") in text
     assert ("| checkpoint | 250.0 | 1500 (1500) / 1500 (1500) | none: the lowest, memopt@0, peaks at 300.0 "
             "| — | — | — | — | memopt-inductor@0 | 240.0 | 1400 (1400) / 1400 (1400) | 0.93 (0.93) | yes |") in text
-    assert "@0: peak 240.0 vs 300.0 MiB, step 1.27 (1.27)" in text
+    assert "@0: peak 240.0 vs 300.0 MiB (-20.0%), step 1.27 (1.27)" in text
+    backend = rows + [fake_row("memopt-backend@0", 303, 1.2, budget_mib=300)]
+    text = "\n".join(report.memopt_section(backend, rows[0]))
+    assert ("memopt-backend@k against memopt@k (same budget; step ratio backend ÷ FX, wall median (CPU min)): "
+            "@0: peak 303.0 vs 300.0 MiB (+1.0%), step 1.09 (1.09)") in text
     summary = "\n".join(report.summary_lines({"mlp": rows}))
     assert ("| mlp | 3 of 4 | yes | 1 memopt faster, 1 no memopt row peaks that low | yes | 1 memopt faster, "
             "1 memopt slower |") in summary
@@ -126,7 +130,9 @@ def test_checkpoint_blocks_wraps_every_block_and_keeps_the_parameters():
 def test_the_budget_patch_is_what_the_partitioner_reads():
     import torch._functorch.config as functorch_config
 
-    setup = compile_with_budget(0.2)(torch.nn.Linear(2, 2), None)
+    from memopt.examples import mlp
+
+    setup = compile_with_budget(0.2)(torch.nn.Linear(2, 2), Training(mlp(), (), None))
     assert setup.compiled and setup.settings == {"activation_memory_budget": 0.2}
     with setup.context():
         assert functorch_config.activation_memory_budget == 0.2
