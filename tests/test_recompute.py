@@ -187,3 +187,35 @@ def test_batch_norm_is_recomputed_from_the_batch_and_its_running_statistics_upda
     plan = compiled.plan if entry == "compile" else memopt.backend.plans(options)[-1]
     recomputed = {d.name for d in plan.decisions if d.action == "recompute"}
     assert any("batch_norm" in name for name in recomputed), recomputed
+
+
+def test_a_result_read_from_storage_written_in_place_before_it_replays_and_one_written_after_does_not():
+    """Dropout's result reads its noise after the noise's last in-place write (bernoulli_, div_): it replays from
+    the kept noise. A result read from a storage that is written in place after it would not."""
+
+    class Later(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 64)
+
+        def forward(self, x):
+            y = self.lin(x) + 1.0
+            before = y.exp()  # reads y before y is written in place
+            y.mul_(2.0)
+            return (before * y).sum()
+
+    model, x = _dropout_mlp(), torch.randn(32, 64)
+    step = capture(model, (x,), loss_fn=square_mean)
+    table = storage_table(step)
+    nodes = {n.name: n for n in step.graph.graph.nodes}
+    noise = next(n for n in nodes.values() if n.target is torch.ops.aten.div_.Tensor
+                 or n.target is torch.ops.aten.div_.Scalar)
+    dropped = next(n for n in noise.users if n.target is torch.ops.aten.mul.Tensor)
+    candidates = recompute_candidates(step.graph, table)
+    assert dropped.name in {c.nodes[0] for c in candidates}
+    rewritten = apply_recompute(step.graph, step.backward_start, candidates)
+    assert_runs_like_eager(rewritten, model, (x,), square_mean, seed=3)
+
+    later = capture(Later(), (torch.randn(8, 64),))
+    exp = next(n.name for n in later.graph.graph.nodes if n.target is torch.ops.aten.exp.default)
+    assert exp not in {c.nodes[0] for c in recompute_candidates(later.graph, storage_table(later))}

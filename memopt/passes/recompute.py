@@ -41,28 +41,37 @@ def recompute_candidates(graph: fx.GraphModule, table: StorageTable,
     """Forward results whose recomputation replays exactly what eager computed.
 
     Left out: results of random ops (the generator has moved on), storages an op
-    writes in place, and results of ops that read a storage written in place
-    somewhere in the step (its value at recompute time may differ), including the
+    writes in place, and results of ops that read a storage written in place later
+    in the step (its value at recompute time would differ), including the
     placeholders in ``mutated_inputs`` (written outside the graph, after the forward).
     An op with several results is recomputed whole. A batch norm in training is
     recomputed from the batch alone: its running statistics update once, in the forward.
     """
     nodes = list(graph.graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
-    # storages written in place anywhere in the step (running statistics, an input changed in place, ...)
-    mutated = {key for node in nodes for arg in written_inputs(node) for key in table.values[position[arg]]}
-    mutated |= {key for node in nodes if node.name in mutated_inputs for key in table.values[position[node]]}
+    # storages written in place in the step (running statistics, dropout's noise, an input changed in
+    # place, ...), and the position of the last write to each (inputs the step writes after the forward: never
+    # final while the graph runs)
+    last_write: dict[int, int] = {}
+    for i, node in enumerate(nodes):
+        for arg in written_inputs(node):
+            for key in table.values[position[arg]]:
+                last_write[key] = max(last_write.get(key, i), i)
+        if node.name in mutated_inputs:
+            last_write.update(dict.fromkeys(table.values[i], len(nodes)))
+    mutated = set(last_write)
     # ops that cannot replay: random ones, ones that write in place (running statistics would update
-    # twice), and readers of a storage written in place (a recompute could read another value). Their
-    # consumers can: a recompute reads a kept input, not a recomputed one.
+    # twice), and readers of a storage written in place after them (a recompute would read another value;
+    # dropout's result reads its noise after the noise's last write, and replays). Their consumers can: a
+    # recompute reads a kept input, not a recomputed one.
     # A batch norm in training reads and writes its running statistics only to update them: it replays
     # without them (``apply_recompute``), so neither counts.
     tainted = set()
     for i, node in enumerate(nodes):
         stats = running_stats_read_to_update(node)
         writes_more = mutates(node) and not set(written_inputs(node)) <= set(stats)
-        reads = [arg for arg in node.all_input_nodes if arg not in stats]
-        if is_random(node) or writes_more or any(mutated.intersection(table.values[position[arg]]) for arg in reads):
+        reads = [key for arg in node.all_input_nodes if arg not in stats for key in table.values[position[arg]]]
+        if is_random(node) or writes_more or any(last_write.get(key, -1) > i for key in reads):
             tainted.add(i)
     makers = {storage.node for storage in table.storages}
     by_name = {node.name: i for i, node in enumerate(nodes)}
