@@ -21,14 +21,8 @@ def mutates(node: fx.Node) -> bool:
 
 
 def _running_stats(node: fx.Node) -> list[fx.Node]:
-    """The running mean and variance a batch norm op updates (training, statistics given)."""
-    if node.target not in _UNMARKED_RUNNING_STATS:
-        return []
-    names = [a.name for a in node.target._schema.arguments]
-    value = dict(zip(names, node.args)) | dict(node.kwargs)
-    if not value.get("training"):
-        return []
-    return [v for v in (value.get("running_mean"), value.get("running_var")) if isinstance(v, fx.Node)]
+    """The running mean and variance a batch norm op updates without its schema saying so (training)."""
+    return running_stats_read_to_update(node) if node.target in _UNMARKED_RUNNING_STATS else []
 
 
 # Batch-norm ops that take running statistics: in training their results come from the batch alone
