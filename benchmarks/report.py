@@ -332,7 +332,7 @@ def same_peak_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def against_fx_lines(rows: list[dict[str, Any]], prefix: str, what: str) -> list[str]:
     """A family against memopt@k at the same budget: memopt-inductor@k (the same plan's programs, fused or not),
-    memopt-backend@k (the same step planned from AOTAutograd's joint graph; its peak within 2% of memopt@k's)."""
+    memopt-backend@k (the same step planned from AOTAutograd's joint graph)."""
     fx = {r["strategy"].split("@")[1]: r for r in family_rows(rows, "memopt@") if ran(r)}
     pairs = [(fx[r["strategy"].split("@")[1]], r) for r in family_rows(rows, prefix)
              if ran(r) and r["strategy"].split("@")[1] in fx]

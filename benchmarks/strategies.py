@@ -143,15 +143,20 @@ def budget_range(model: nn.Module, training: Training) -> dict[str, Any]:
             "range_seconds": time.perf_counter() - start}
 
 
+def budget_at(model: nn.Module, training: Training, index: int, count: int) -> tuple[int, dict[str, Any]]:
+    """memopt@k's budget, minimum + index/count × (eager peak − minimum), and the range it came from."""
+    found = budget_range(model, training)
+    low, high = found["minimum_bytes"], found["eager_predicted_bytes"]
+    return low + (high - low) * index // count, found
+
+
 def memopt_budget(index: int, count: int = MEMOPT_BUDGETS, *,
                   backend: str = "fx") -> Callable[[nn.Module, Training], Setup]:
     """memopt.compile at budget minimum + index/count × (eager peak − minimum), all predicted by memopt,
     its planned programs run as FX graphs (eager kernels) or compiled by Inductor (`backend`)."""
 
     def prepare(model: nn.Module, training: Training) -> Setup:
-        found = budget_range(model, training)
-        low, high = found["minimum_bytes"], found["eager_predicted_bytes"]
-        budget = low + (high - low) * index // count
+        budget, found = budget_at(model, training, index, count)
         return memopt_setup(model, training, budget, solver=None, backend=backend, budget_index=index,
                             budget_count=count, **found)
 
@@ -163,9 +168,7 @@ def memopt_backend_budget(index: int, count: int = MEMOPT_BUDGETS) -> Callable[[
     joint graph AOTAutograd traces, planned and cut by memopt, run on eager's kernels (compiler="eager")."""
 
     def prepare(model: nn.Module, training: Training) -> Setup:
-        found = budget_range(model, training)
-        low, high = found["minimum_bytes"], found["eager_predicted_bytes"]
-        budget = low + (high - low) * index // count
+        budget, found = budget_at(model, training, index, count)
         options = {"budget": budget, "optimizer": training.optimizer, "device": "cpu", "cache": False}
         compiled = torch.compile(LossOnly(model, training.workload), backend="memopt", options=options)
         return Setup(compiled, compiled=True, returns_loss=True, plan=lambda: memopt.backend.plans(options)[-1],

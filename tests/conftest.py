@@ -78,3 +78,13 @@ def assert_runs_like_eager(graph, model, inputs, loss_fn=None, placements=None, 
     assert torch.equal(loss, expected.detach())
     for grad, param in zip(grads, [p for p in model.parameters() if p.requires_grad]):
         assert torch.equal(grad, param.grad)
+
+
+def infeasible_behind(error):
+    """The BudgetInfeasibleError behind what Dynamo raised (it wraps a backend's errors)."""
+    import memopt
+
+    while error is not None and not isinstance(error, memopt.BudgetInfeasibleError):
+        error = error.__cause__ or error.__context__
+    assert error is not None, "no BudgetInfeasibleError behind the error"
+    return error

@@ -15,6 +15,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import infeasible_behind, measured_step_peak, steady_step
 from torch import nn
 
 import memopt
@@ -158,12 +159,7 @@ def test_a_budget_below_the_minimum_fails_before_running_and_leaves_the_model():
     compiled = torch.compile(model, backend="memopt", options={"budget": "1MB"})
     with pytest.raises(Exception) as raised:
         compiled(x)
-    causes, error = [], raised.value
-    while error is not None:
-        causes.append(error)
-        error = error.__cause__ or error.__context__
-    infeasible = next(e for e in causes if isinstance(e, BudgetInfeasibleError))
-    assert infeasible.minimum > 1_000_000
+    assert infeasible_behind(raised.value).minimum > 1_000_000
     after = torch.load(io.BytesIO(_snapshot(model)))
     assert all(torch.equal(v, after[k]) for k, v in torch.load(io.BytesIO(state)).items())
 
@@ -391,12 +387,8 @@ def _backend_minimum(model: nn.Module, x: torch.Tensor, **options) -> int:
     compiled = torch.compile(model, backend="memopt", options={"budget": 1, "cache": False, **options})
     with pytest.raises(Exception) as raised:
         compiled(x)
-    error = raised.value
-    while not isinstance(error, BudgetInfeasibleError):
-        assert error is not None, f"no BudgetInfeasibleError behind {raised.value!r}"
-        error = error.__cause__ or error.__context__
     torch._dynamo.reset()
-    return error.minimum
+    return infeasible_behind(raised.value).minimum
 
 
 def test_with_only_the_loss_held_the_backend_needs_what_memopt_plan_needs():
@@ -423,8 +415,6 @@ def test_with_only_the_loss_held_the_backend_needs_what_memopt_plan_needs():
 def test_a_language_model_at_its_smallest_budget_runs_through_the_backend_like_eager():
     # at the smallest budget the attention mask's torch.where is recomputed, and it reads AOTAutograd's lifted
     # scalar constants: real tensors among the fake ones, which the rewrite's fake run refused
-    from conftest import measured_step_peak, steady_step
-
     from memopt.examples import gpt2
 
     workload = gpt2(layers=2, width=64, heads=2, seq=32, batch=2, vocab=512)
@@ -446,8 +436,6 @@ def test_a_language_model_at_its_smallest_budget_runs_through_the_backend_like_e
 
 @pytest.mark.parametrize("compiler", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_offload_through_the_backend_fits_below_what_recomputation_reaches(compiler):
-    from conftest import measured_step_peak, steady_step
-
     from memopt.examples import mlp
 
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ runs, and its ``minimum`` is a budget that the same lowering then meets, measure
 
 import pytest
 import torch
-from conftest import measured_step_peak, steady_step
+from conftest import infeasible_behind, measured_step_peak, steady_step
 
 import memopt
 from memopt import examples
@@ -37,14 +37,6 @@ def _compiled(lowering, model, workload, optimizer, budget):
                           **LOWERINGS[lowering]), None
 
 
-def _infeasible(error):
-    """The BudgetInfeasibleError behind what Dynamo raised (it wraps a backend's errors)."""
-    while error is not None and not isinstance(error, memopt.BudgetInfeasibleError):
-        error = error.__cause__ or error.__context__
-    assert error is not None
-    return error
-
-
 def _loss(lowering, compiled, workload, inputs):
     output = compiled(*inputs)
     return workload.loss_fn(output) if lowering.startswith("backend") else output
@@ -57,7 +49,7 @@ def test_compiling_at_the_minimum_a_lowering_reports_runs_and_measures_at_or_und
     compiled, _ = _compiled(lowering, model, workload, optimizer, 1)
     with pytest.raises(Exception) as raised:
         _loss(lowering, compiled, workload, inputs)
-    minimum = _infeasible(raised.value).minimum
+    minimum = infeasible_behind(raised.value).minimum
     torch._dynamo.reset()
     compiled, options = _compiled(lowering, model, workload, optimizer, minimum)
     _loss(lowering, compiled, workload, inputs).backward()

@@ -56,7 +56,7 @@ def recompute_candidates(graph: fx.GraphModule, table: StorageTable,
     for i, node in enumerate(nodes):
         for arg in written_inputs(node):
             for key in table.values[position[arg]]:
-                last_write[key] = max(last_write.get(key, i), i)
+                last_write[key] = i
         if node.name in mutated_inputs:
             last_write.update(dict.fromkeys(table.values[i], len(nodes)))
     mutated = set(last_write)
