@@ -1,0 +1,387 @@
+"""Chunked loss head: the logits of a linear + log-softmax + NLL loss never exist whole.
+
+A language model's step peaks at its loss head: the logits, their log-softmax and
+the gradient of each are (tokens x vocabulary) tensors, and the backward holds
+several of them at once. Found from the graph's ops (an ``mm``/``addmm`` whose
+rows reach ``_log_softmax`` and ``nll_loss_forward`` through views and casts, the
+matching ``nll_loss_backward`` and ``_log_softmax_backward_data``, and the
+matrix products that read the logits' gradient), the head is rewritten to run
+over ``k`` slices of the tokens: the forward sums each slice's loss and keeps
+none of its logits; the backward computes each slice's logits again, its
+gradient, and that slice's share of the input's and the weight's gradients.
+
+The same kernels run on each slice, so each row's values are eager's; the sums
+over the tokens (the loss, the weight's and bias's gradients) add the slices'
+partial sums, which changes only the order of the floating-point additions.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from memopt.passes.order_plan import copy_graph
+from memopt.passes.recompute import fake_result
+
+aten = torch.ops.aten
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default,
+          aten.detach.default}
+_CAST = aten._to_copy.default
+_TRANSPOSES = {aten.t.default, aten.permute.default, aten.transpose.int}
+MEAN, SUM = 1, 2  # nll_loss's reduction codes
+
+
+@dataclass(frozen=True, slots=True)
+class LossHead:
+    """A linear layer feeding log-softmax and an NLL loss, as found in a joint graph (node names)."""
+
+    loss: str  # the nll_loss_forward node
+    rows: int  # tokens (the rows of the logits)
+    vocab: int  # classes (the logits' columns)
+    logits_bytes: int  # one (rows x vocab) tensor of the log-softmax's dtype
+
+    def chunks_for(self, rows_per_chunk: int) -> int:
+        return max(1, math.ceil(self.rows / rows_per_chunk))
+
+
+@dataclass(frozen=True, slots=True)
+class _Match:
+    head: LossHead
+    forward: fx.Node  # nll_loss_forward
+    inputs: fx.Node  # (rows x features), the linear layer's input
+    weight_t: fx.Node  # (features x vocab)
+    bias: fx.Node | None
+    cast: torch.dtype | None  # the dtype the logits are cast to before log-softmax
+    target: fx.Node
+    backward: fx.Node | None  # nll_loss_backward
+    gradient: fx.Node | None  # _log_softmax_backward_data
+    readers: tuple[tuple[fx.Node, str, torch.dtype | None, fx.Node | None], ...]  # (node, how, cast, other operand)
+    region: frozenset[fx.Node]  # nodes the rewrite replaces
+
+
+def find_loss_heads(graph: fx.GraphModule) -> list[LossHead]:
+    """The loss heads of ``graph`` that ``chunk_loss_heads`` can rewrite."""
+    return [match.head for match in _matches(graph.graph)]
+
+
+def chunk_loss_heads(graph: fx.GraphModule, chunks: dict[str, int]) -> fx.GraphModule:
+    """A copy of ``graph`` whose loss heads named in ``chunks`` (by their ``LossHead.loss``) run over that many
+    slices of the tokens; a head given 1 chunk, or not named, is left as it is."""
+    new = fx.GraphModule(graph, copy_graph(graph.graph))
+    for match in _matches(new.graph):
+        k = min(chunks.get(match.head.loss, 1), match.head.rows)
+        if k > 1:
+            _rewrite(new.graph, match, k)
+    new.graph.lint()
+    new.recompile()
+    return new
+
+
+# ------------------------------------------------------------------ finding the head
+
+def _matches(graph: fx.Graph) -> list[_Match]:
+    found = []
+    for node in graph.nodes:
+        if node.target is aten.nll_loss_forward.default:
+            match = _match(node)
+            if match is not None:
+                found.append(match)
+    return found
+
+
+def _val(node: object) -> torch.Tensor | None:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _row_preserving(node: fx.Node, vocab: int) -> bool:
+    """A view or dtype cast after which row r of the logits is still row r (last dimension ``vocab``, rows in
+    order): a reshape of the leading dimensions of a contiguous tensor."""
+    value = _val(node)
+    if value is None or value.shape[-1] != vocab or not value.is_contiguous():
+        return False
+    if node.target in _VIEWS:
+        return True
+    return node.target is _CAST and set(node.kwargs) <= {"dtype"} and len(node.args) == 1
+
+
+def _match(forward: fx.Node) -> _Match | None:
+    log_probs, target, weight, reduction, ignore_index = (list(forward.args) + [None] * 5)[:5]
+    if weight is not None or reduction not in (MEAN, SUM) or not isinstance(log_probs, fx.Node):
+        return None
+    if log_probs.target is not aten._log_softmax.default or log_probs.args[1] not in (1, -1) or log_probs.args[2]:
+        return None
+    logits = log_probs.args[0]
+    value = _val(logits)
+    if value is None or value.dim() != 2:
+        return None
+    rows, vocab = value.shape
+    # back from the logits to the matrix product through row-preserving views and at most one cast
+    chain, node, cast = [], logits, None
+    while isinstance(node, fx.Node) and node.target not in (aten.mm.default, aten.addmm.default):
+        if not _row_preserving(node, vocab) or len(node.users) != 1:
+            return None
+        if node.target is _CAST:
+            if cast is not None:
+                return None
+            cast = node.kwargs["dtype"]
+        chain.append(node)
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or len(node.users) != 1 or node.kwargs:
+        return None
+    product = node
+    bias, inputs, weight_t = (None, *product.args) if product.target is aten.mm.default else product.args[:3]
+    if len(product.args) > 3 or _val(inputs) is None or _val(inputs).dim() != 2 or _val(inputs).shape[0] != rows:
+        return None
+    # the forward's results go to getitem nodes only; the log-probabilities to the loss's backward only
+    if any(user.target is not operator.getitem for user in forward.users):
+        return None
+    backward, gradient = _backward_of(log_probs, forward, target, reduction, ignore_index)
+    if backward is None and any(user is not forward for user in _through_views(log_probs)):
+        return None
+    readers, between = _gradient_readers(gradient, rows, vocab) if gradient is not None else ((), set())
+    if readers is None:
+        return None
+    region = {forward, log_probs, product, *chain, *forward.users}
+    if backward is not None:
+        region |= {backward, gradient, *_views_between(log_probs), *between}
+        region |= {reader for reader, *_ in readers}
+    head = LossHead(forward.name, rows, vocab, rows * vocab * _val(log_probs).element_size())
+    return _Match(head, forward, inputs, weight_t, bias, cast, target, backward, gradient, tuple(readers),
+                  frozenset(region))
+
+
+def _backward_of(log_probs: fx.Node, forward: fx.Node, target: fx.Node, reduction: int,
+                 ignore_index: int) -> tuple[fx.Node | None, fx.Node | None]:
+    """The loss's ``nll_loss_backward`` and the ``_log_softmax_backward_data`` it feeds, when the
+    log-probabilities reach nothing else."""
+    backward = gradient = None
+    for user in _through_views(log_probs):
+        if user is forward:
+            continue
+        if user.target is aten.nll_loss_backward.default and backward is None and user.args[1] is log_probs \
+                and user.args[2] is target and user.args[3] is None and user.args[4:6] == (reduction, ignore_index):
+            backward = user
+        elif user.target is aten._log_softmax_backward_data.default and gradient is None \
+                and user.args[2] in (1, -1):
+            gradient = user
+        else:
+            return None, None
+    if backward is None or gradient is None or gradient.args[0] is not backward or len(backward.users) != 1:
+        return None, None
+    return backward, gradient
+
+
+def _through_views(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` and of its detach/alias views, the views left out."""
+    found = []
+    for user in node.users:
+        if user.target in (aten.detach.default, aten.alias.default):
+            found.extend(_through_views(user))
+        else:
+            found.append(user)
+    return found
+
+
+def _views_between(start: fx.Node) -> set[fx.Node]:
+    """The detach/alias views of ``start``, and theirs."""
+    views = set()
+    for user in start.users:
+        if user.target in (aten.detach.default, aten.alias.default):
+            views |= {user} | _views_between(user)
+    return views
+
+
+def _gradient_readers(gradient: fx.Node, rows: int, vocab: int):
+    """How the backward reads the logits' gradient: a list of (node, how, cast, other operand), ``how`` one of
+    "rows" (mm(g, W): a result row per token), "tokens-left" (mm(g.T, X): a sum over the tokens), "tokens-right"
+    (mm(X, g): a sum over the tokens), "sum" (g summed over the tokens: a bias's gradient); None when some
+    reader is none of these; and the views, casts and transposes between the gradient and its readers."""
+    readers, between = [], set()
+    stack = [(gradient, None, False)]  # (node, cast so far, transposed)
+    while stack:
+        node, cast, transposed = stack.pop()
+        between.add(node)
+        for user in node.users:
+            value = _val(user)
+            if value is None:
+                return None, between
+            if not transposed and _row_preserving(user, vocab):
+                if user.target is _CAST:
+                    if cast is not None:
+                        return None, between
+                    stack.append((user, user.kwargs["dtype"], False))
+                else:
+                    stack.append((user, cast, False))
+            elif user.target in _TRANSPOSES and not transposed and value.dim() == 2 and _val(node).dim() == 2 \
+                    and _transposes_2d(user):
+                stack.append((user, cast, True))
+            elif user.target is aten.mm.default and _val(node).dim() == 2:
+                left, right = user.args
+                if left is node and right is not node:
+                    readers.append((user, "tokens-left" if transposed else "rows", cast, right))
+                elif right is node and left is not node and not transposed:
+                    readers.append((user, "tokens-right", cast, left))
+                else:
+                    return None, between
+            elif (user.target is aten.sum.dim_IntList and not transposed and _val(node).dim() == 2
+                  and list(user.args[1]) in ([0], [-2]) and not user.kwargs.get("dtype")):
+                readers.append((user, "sum", cast, None))
+            else:
+                return None, between
+    return readers, between
+
+
+def _transposes_2d(node: fx.Node) -> bool:
+    if node.target is aten.t.default:
+        return True
+    if node.target is aten.permute.default:
+        return list(node.args[1]) == [1, 0]
+    return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
+
+
+# ------------------------------------------------------------------ the rewrite
+
+class _Builder:
+    """Adds call_function nodes before ``anchor``, each with its fake value."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node) -> None:
+        self.graph, self.anchor = graph, anchor
+
+    def __call__(self, target, *args) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, tuple(args))
+        node.meta["val"] = fake_result(node)
+        return node
+
+    def cast(self, node: fx.Node, dtype: torch.dtype | None) -> fx.Node:
+        if dtype is None:
+            return node
+        with self.graph.inserting_before(self.anchor):
+            cast = self.graph.call_function(_CAST, (node,), {"dtype": dtype})
+        cast.meta["val"] = fake_result(cast)
+        return cast
+
+
+def _bounds(rows: int, k: int) -> list[tuple[int, int]]:
+    size = math.ceil(rows / k)
+    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def _rewrite(graph: fx.Graph, match: _Match, k: int) -> None:
+    forward = match.forward
+    reduction, ignore_index = forward.args[3], forward.args[4]
+    bounds = _bounds(match.head.rows, k)
+
+    def logits(build: _Builder, start: int, stop: int) -> tuple[fx.Node, fx.Node]:
+        rows = build(aten.slice.Tensor, match.inputs, 0, start, stop)
+        product = (build(aten.mm.default, rows, match.weight_t) if match.bias is None
+                   else build(aten.addmm.default, match.bias, rows, match.weight_t))
+        log_probs = build(aten._log_softmax.default, build.cast(product, match.cast), 1, False)
+        return log_probs, build(aten.slice.Tensor, match.target, 0, start, stop)
+
+    # the forward: each slice's summed loss and its count of counted tokens, then the step's loss
+    build = _Builder(graph, forward)
+    total = count = None
+    for start, stop in bounds:
+        log_probs, target = logits(build, start, stop)
+        pair = build(aten.nll_loss_forward.default, log_probs, target, None, SUM, ignore_index)
+        part, weight = build(operator.getitem, pair, 0), build(operator.getitem, pair, 1)
+        total = part if total is None else build(aten.add.Tensor, total, part)
+        count = weight if count is None else build(aten.add.Tensor, count, weight)
+    loss = build(aten.div.Tensor, total, count) if reduction == MEAN else total
+    results = {0: loss, 1: count}
+    for user in list(forward.users):
+        user.replace_all_uses_with(results[user.args[1]])
+
+    if match.backward is not None:
+        _rewrite_backward(graph, match, bounds, logits, reduction, ignore_index)
+    for node in _reverse_topological(match.region):
+        if not node.users:
+            graph.erase_node(node)
+    _sort_topologically(graph)
+
+
+def _rewrite_backward(graph: fx.Graph, match: _Match, bounds, logits, reduction: int, ignore_index: int) -> None:
+    """Each slice's logits again, their gradient, and the slice's share of what the backward read from it."""
+    backward, gradient = match.backward, match.gradient
+    grad_output, total_weight = backward.args[0], backward.args[6]
+    readers = match.readers
+    # after the last of the readers (and of their other operands), so that everything they read is defined
+    anchor = max((reader for reader, *_ in readers), key=_position, default=gradient)
+    build = _Builder(graph, anchor)
+    parts: list[list[fx.Node]] = [[] for _ in readers]
+    for start, stop in bounds:
+        log_probs, target = logits(build, start, stop)
+        grad_log_probs = build(aten.nll_loss_backward.default, grad_output, log_probs, target, None, reduction,
+                               ignore_index, total_weight)
+        grad_logits = build(aten._log_softmax_backward_data.default, grad_log_probs, log_probs, 1,
+                            gradient.args[3])
+        for index, (reader, how, cast, other) in enumerate(readers):
+            piece = build.cast(grad_logits, cast)
+            if how == "rows":
+                parts[index].append(build(aten.mm.default, piece, other))
+            elif how == "tokens-left":
+                rows = build(aten.slice.Tensor, other, 0, start, stop)
+                parts[index].append(build(aten.mm.default, build(aten.t.default, piece), rows))
+            elif how == "tokens-right":
+                columns = build(aten.slice.Tensor, other, 1, start, stop)
+                parts[index].append(build(aten.mm.default, columns, piece))
+            else:
+                parts[index].append(build(aten.sum.dim_IntList, piece, [0], reader.args[2] if len(reader.args) > 2
+                                          else reader.kwargs.get("keepdim", False)))
+            if how != "rows" and len(parts[index]) > 1:  # summed as the slices come: one partial sum held
+                parts[index][-2:] = [build(aten.add.Tensor, *parts[index][-2:])]
+    for (reader, how, *_), pieces in zip(readers, parts):
+        result = build(aten.cat.default, pieces, 0) if how == "rows" else pieces[0]
+        reader.replace_all_uses_with(result)
+
+
+def _position(node: fx.Node) -> int:
+    """A node's place in its graph (fx keeps no index)."""
+    for index, other in enumerate(node.graph.nodes):
+        if other is node:
+            return index
+    raise ValueError(node)
+
+
+def _reverse_topological(nodes: frozenset[fx.Node]) -> list[fx.Node]:
+    order = {node: index for index, node in enumerate(next(iter(nodes)).graph.nodes)} if nodes else {}
+    return sorted(nodes, key=lambda node: -order[node])
+
+
+def _sort_topologically(graph: fx.Graph) -> None:
+    """Moves each node that reads a later one to just after the last node it reads, keeping the rest in order
+    (the rewritten backward's results replace readers that came earlier)."""
+    placed: set[fx.Node] = set()
+    waiting: dict[fx.Node, list[fx.Node]] = {}  # node -> nodes blocked on it
+    order: list[fx.Node] = []
+
+    def place(node: fx.Node) -> None:
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            order.append(current)
+            placed.add(current)
+            for blocked in waiting.pop(current, []):
+                if all(arg in placed for arg in blocked.all_input_nodes) and blocked not in placed:
+                    stack.append(blocked)
+
+    for node in list(graph.nodes):
+        missing = [arg for arg in node.all_input_nodes if arg not in placed]
+        if missing:
+            for arg in missing:
+                waiting.setdefault(arg, []).append(node)
+        else:
+            place(node)
+    if len(order) != len(graph.nodes):
+        raise AssertionError("chunk_loss: the rewritten graph has a cycle")
+    previous = None
+    for node in order:
+        if previous is not None and previous.next is not node:
+            previous.append(node)
+        previous = node
