@@ -29,7 +29,7 @@ def test_recomputing_every_candidate_is_bitwise_eager_and_frees_them_after_the_f
     candidates = recompute_candidates(step.graph, table)
     makers = {c.nodes[0] for c in candidates}
     assert {"relu", "tanh"} <= makers
-    assert not any("dropout" in name or "bernoulli" in name for name in makers)  # random: never recomputed
+    assert not any("dropout" in name or "bernoulli" in name for name in makers)  # the noise by its buffer, empty_like
     rewritten = dataclasses.replace(step, graph=apply_recompute(step.graph, step.backward_start, candidates))
     new_table = storage_table(rewritten)
     live = liveness(new_table)
@@ -216,3 +216,97 @@ def test_a_result_read_from_storage_written_in_place_before_it_replays_and_one_w
     later = capture(Later(), (torch.randn(8, 64),))
     exp = next(n.name for n in later.graph.graph.nodes if n.target is torch.ops.aten.exp.default)
     assert exp not in {c.nodes[0] for c in recompute_candidates(later.graph, storage_table(later))}
+
+
+def _dropout_heavy(p: float):
+    """Dropout after every block: its noise, the size of each activation, is most of what the backward reads."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(64, 128)]
+    for _ in range(3):
+        layers += [nn.ReLU(), nn.Dropout(p), nn.Linear(128, 128)]
+    return nn.Sequential(*layers, nn.Tanh(), nn.Dropout(p), nn.Linear(128, 1))
+
+
+def _smallest_budget(model, inputs, loss_fn):
+    import memopt
+
+    with pytest.raises(memopt.BudgetInfeasibleError) as smallest:
+        memopt.plan(model, inputs, loss_fn=loss_fn, optimizer=torch.optim.SGD, budget=1)
+    return smallest.value.minimum
+
+
+def test_dropouts_noise_is_a_candidate_that_replays_from_the_generator_state_saved_before_its_draw():
+    from memopt.lower.rng_ops import RNG_STATE, RUN_WITH_RNG_STATE
+
+    model, x = _dropout_mlp(), torch.randn(32, 64)
+    step = capture(model, (x,), loss_fn=square_mean)
+    candidates = recompute_candidates(step.graph, storage_table(step))
+    noise = next(c for c in candidates if c.replays)
+    targets = {n.name: n.target for n in step.graph.graph.nodes}
+    assert [targets[n] for n in noise.nodes] == [torch.ops.aten.empty_like.default, torch.ops.aten.bernoulli_.float,
+                                                 torch.ops.aten.div_.Scalar]
+    assert noise.replays == (noise.nodes[1],)
+    graph = apply_recompute(step.graph, step.backward_start, [noise])
+    nodes = list(graph.graph.nodes)
+    names = [n.name for n in nodes]
+    state = next(n for n in nodes if n.target is RNG_STATE)
+    assert names.index(state.name) == names.index(noise.nodes[1]) - 1  # saved right before the draw
+    replay = next(n for n in nodes if n.target is RUN_WITH_RNG_STATE)
+    assert replay.args[0] is state and names.index(replay.name) > names.index(step.backward_start)
+    state_before = torch.get_rng_state()
+    torch.manual_seed(5)
+    assert_runs_like_eager(graph, model, (x,), square_mean, seed=3)
+    torch.set_rng_state(state_before)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_at_its_smallest_budget_a_dropout_model_replays_its_noise_bitwise_and_leaves_the_generator_as_eager(p):
+    """memopt.compile (FX) at the smallest budget: loss, gradients and the generator's state after each step
+    equal eager's from the same seed, and the noise is recomputed from the generator state saved in the forward."""
+    import copy
+
+    import memopt
+    from memopt.passes.remat_plan import REPLAYED_RANDOM
+
+    model, x = _dropout_heavy(p), torch.randn(512, 64)
+    twin = copy.deepcopy(model)
+    budget = _smallest_budget(model, (x,), square_mean)
+    compiled = memopt.compile(twin, budget=budget, loss_fn=square_mean, optimizer=torch.optim.SGD, backend="fx")
+    torch.manual_seed(11)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+        state = torch.get_rng_state()
+        loss = compiled(x)
+        loss.backward()
+        after = torch.get_rng_state()
+        torch.set_rng_state(state)
+        expected = square_mean(model(x))
+        expected.backward()
+        assert torch.equal(torch.get_rng_state(), after)
+        assert torch.equal(loss.detach(), expected.detach())
+        for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+            assert torch.equal(a.grad, b.grad), name
+    replayed = [d for d in compiled.plan.decisions if REPLAYED_RANDOM in d.reason]
+    assert replayed and all(d.action == "recompute" and d.name.startswith("empty_like") for d in replayed)
+
+
+def test_replaying_dropouts_noise_lowers_the_smallest_budget():
+    """The noise no longer has to be kept: the smallest budget drops by more than the generator states cost."""
+    from memopt.passes import recompute
+
+    model, x = _dropout_heavy(0.1), torch.randn(512, 64)
+    with_replay = _smallest_budget(model, (x,), square_mean)
+
+    def without_random(*args, **kwargs):  # the candidates as they were: no random op replays
+        return [c for c in candidates(*args, **kwargs) if not getattr(c, "replays", ())]
+
+    candidates = recompute.recompute_candidates
+    patched = pytest.MonkeyPatch()
+    patched.setattr(recompute, "recompute_candidates", without_random)
+    try:
+        kept = _smallest_budget(model, (x,), square_mean)
+    finally:
+        patched.undo()
+    noise_bytes = 512 * 128 * 4
+    assert with_replay <= kept - noise_bytes, (with_replay, kept)

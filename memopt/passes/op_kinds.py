@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 
 # Batch-norm ops whose schemas do not mark the running statistics they update in training as written
@@ -66,6 +67,38 @@ def is_random(node: fx.Node) -> bool:
     if torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
         return False
     return _argument(node, "dropout_p", default=None) != 0
+
+
+def replays_from_generator_state(node: fx.Node) -> bool:
+    """A random op that draws the same numbers when run again from the generator state saved before it.
+
+    An aten op on the CPU default generator (no generator passed), with a tensor input to order the
+    saved state after; in-place random fills qualify only as ``fresh_random_fill`` says. Other devices'
+    generators and explicit generators are not replayed (their draws are kept)."""
+    if not is_random(node) or not isinstance(node.target, torch._ops.OpOverload) or node.target.namespace != "aten":
+        return False
+    if _argument(node, "generator", default=None) is not None or not node.all_input_nodes:
+        return False
+    values = [arg.meta.get("val") for arg in node.all_input_nodes] + [node.meta.get("val")]
+    tensors = [t for t in pytree.tree_leaves(values) if isinstance(t, torch.Tensor)]
+    return bool(tensors) and all(t.device.type == "cpu" for t in tensors)
+
+
+def fresh_random_fill(node: fx.Node) -> tuple[object, tuple] | None:
+    """For ``bernoulli_(empty_like(x), p)`` (dropout's noise on CPU), the functional op and args that draw the
+    same numbers from the same state, ``bernoulli.p(x, p)``; None for anything else.
+
+    ``bernoulli.p`` fills a new contiguous tensor the way the pair does, so the values match where the
+    buffer is contiguous."""
+    empty = node.args[0] if node.target is _aten.bernoulli_.float and node.args else None
+    p = _argument(node, "p", default=None)  # (left out of the node when it is the schema's default, 0.5)
+    if (not isinstance(empty, fx.Node) or empty.target is not _aten.empty_like.default or empty.kwargs
+            or len(empty.args) != 1 or not isinstance(p, float) or not replays_from_generator_state(node)):
+        return None
+    value = empty.meta.get("val")
+    if not isinstance(value, torch.Tensor) or not value.is_contiguous():
+        return None
+    return _aten.bernoulli.p, (empty.args[0], p)
 
 
 def _argument(node: fx.Node, name: str, default: object) -> object:

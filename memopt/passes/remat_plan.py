@@ -22,6 +22,7 @@ from torch import fx
 
 from memopt.capture import CapturedStep
 from memopt.device import DeviceSpec
+from memopt.lower.rng_ops import RNG_STATE_BYTES
 from memopt.passes import plan_cache, recompute
 from memopt.passes.costs import node_flops, node_seconds
 from memopt.passes.op_kinds import is_random, written_inputs
@@ -31,6 +32,7 @@ from memopt.solvers.remat_fast import RecomputeProblem, RecomputeSolution
 
 SOLVERS = ("memopt", "none", "blocks", "sqrt")
 KEPT_RANDOM = "made by a random op: kept, so the backward sees the numbers the forward drew"
+REPLAYED_RANDOM = "replayed from the saved generator state: the forward keeps the state, the backward draws again"
 KEPT_EXACT = "written in place, or made from data written in place: recomputing it could differ from eager"
 KEEP, CHEAP, FULL = "keep everything", "recompute all but matmuls and attention", "recompute all but its outputs"
 
@@ -139,7 +141,8 @@ def plan_recompute(
         end=tuple(s.last_use for s in table.storages),
         readers=table.readers,
         candidates=tuple(
-            remat_fast.Candidate(c.storage, tuple(position[by_name[n]] for n in c.nodes)) for c in candidates
+            remat_fast.Candidate(c.storage, tuple(position[by_name[n]] for n in c.nodes),
+                                 RNG_STATE_BYTES * len(c.replays)) for c in candidates
         ),
         constant_bytes=constant_bytes,
         node_scratch=tuple(scratch),
@@ -259,8 +262,9 @@ def _decisions(
         i, candidate = entry
         cost = sum(node_seconds(by_name[n], device) for n in candidate.nodes)
         if i in chosen:
+            level = level_of.get(i, "chosen by the solver")
             decisions.append(ActivationDecision(storage.node, storage.nbytes, "recompute", cost,
-                                                level_of.get(i, "chosen by the solver")))
+                                                f"{level}; {REPLAYED_RANDOM}" if candidate.replays else level))
         else:
             decisions.append(ActivationDecision(storage.node, storage.nbytes, "keep", cost,
                                                 "the budget is met without recomputing it"))

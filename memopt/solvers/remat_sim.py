@@ -26,6 +26,8 @@ class Candidate:
 
     storage: int
     nodes: tuple[int, ...]  # the node making the storage, then forward nodes whose result lives in it
+    # bytes the forward keeps for its recomputation (a random op's generator state), from its first node to its copy
+    kept_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,12 @@ def _replay(problem: RecomputeProblem, chosen: Collection[int]) -> _Replay:
                 for storage in problem.values[arg]:
                     if kept_until.get(storage, -1) < at:
                         kept_until[storage] = at
+    for c in cands:  # what a recomputation keeps from the forward (a generator state) lives until its copy runs
+        copied = [copy_time[node] for node in c.nodes if node in copy_time]
+        if c.kept_bytes and copied:
+            extra_start.append(time_of[c.nodes[0]])
+            extra_end.append(max(copied))
+            extra_size.append(c.kept_bytes)
     if kept_until:
         index = np.fromiter(kept_until, dtype=np.int64, count=len(kept_until))
         end[index] = np.maximum(end[index], np.fromiter(kept_until.values(), dtype=np.int64, count=len(index)))
