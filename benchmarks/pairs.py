@@ -85,7 +85,7 @@ def measure_pair(workload_name: str, torch_row: str, peaks: dict[str, int], *, r
             (m - mo) / (t - to) for t, m, to, mo in zip(*cpu, *optimizer_cpu)),
         "first_losses": [first_loss for *_, first_loss in sides],
         "memopt_budget_bytes": memopt_setup.settings["budget_bytes"],
-        "memopt_plan": memopt_summary(memopt_setup.forward),
+        "memopt_plan": memopt_summary(memopt_setup.plan(), memopt_setup.forward),
     }
 
 

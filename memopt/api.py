@@ -35,6 +35,7 @@ def plan(
     fake: bool | None = None,
     layout: bool = False,
     solver: str | None = None,
+    chunk_loss: int | str | None = None,
     config: PlanConfig | None = None,
 ) -> MemoryPlan:
     """The memory plan of one steady-state training step of ``model`` on ``example_inputs``.
@@ -51,11 +52,16 @@ def plan(
     With a budget, memopt chooses activations to recompute in the backward so
     that the step fits (``decisions``, ``solver``); ``solver`` names the remat
     solver: "memopt" (default) or a baseline, "none", "blocks" (every layer
-    checkpointed), "sqrt" (Chen's segments). ``config`` sets every other knob
+    checkpointed), "sqrt" (Chen's segments). ``chunk_loss="auto"`` lets the plan run
+    the loss head (linear, log-softmax, NLL loss, found in the graph) over slices of
+    the tokens, so that the logits never exist whole, where that fits a budget the
+    traced step cannot or costs less (``chunked``); a number forces that many slices,
+    and 1 (the default) keeps the step bitwise eager: chunking changes the order of
+    the sums over the tokens. ``config`` sets every other knob
     (solver time limits, headroom). Nothing is run: the
     step is traced on fake tensors, and the model is left as it was.
     """
-    config = _config(config, layout=layout, solver=solver)
+    config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss)
     budget_bytes = parse_budget(budget)
     plan_at = _planner(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, device=device,
                        offload=offload, fake=fake, config=config)
@@ -100,8 +106,11 @@ def _with_offload(config: PlanConfig, offload: bool | None, spec: DeviceSpec) ->
     return dataclasses.replace(config, offload=offload)
 
 
-def _config(config: PlanConfig | None, *, layout: bool, solver: str | None) -> PlanConfig:
+def _config(config: PlanConfig | None, *, layout: bool, solver: str | None,
+            chunk_loss: int | str | None) -> PlanConfig:
     config = config or PlanConfig()
+    if chunk_loss is not None:
+        config = dataclasses.replace(config, chunk_loss=chunk_loss)
     if layout:
         config = dataclasses.replace(config, layout=True)
     if solver is not None:
@@ -124,6 +133,7 @@ def compile(
     inductor_options: dict[str, Any] | None = None,
     config: PlanConfig | None = None,
     layout: bool = False,
+    chunk_loss: int | str | None = None,
 ) -> CompiledModule:
     """``model`` as a module whose training step runs memopt's plan for ``budget``.
 
@@ -153,6 +163,9 @@ def compile(
     memory when its code is checked against the budget. ``offload=None`` is
     ``config.offload``, and on for CUDA devices with the FX backend (not with Inductor).
 
+    ``chunk_loss`` is ``memopt.plan``'s: "auto" or a number runs the loss head over
+    slices of the tokens (the plan's ``chunked``), within float tolerance of eager.
+
     ``layout=True`` (FX backend) runs the step's intermediates in one arena allocated
     at the first planned op and freed after the last one: each planned op writes
     through its ``out=`` overload into a view at its planned offset, in the order the
@@ -181,7 +194,7 @@ def compile(
         raise MemoptError("memopt.compile needs a budget, e.g. budget='24GB'")
     if layout:
         offload = False  # offload=None would turn it on for CUDA devices
-    config = _config(config, layout=layout, solver=solver)
+    config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss)
     return CompiledModule(model, budget=parse_budget(budget), loss_fn=loss_fn, optimizer=optimizer,
                           device=device, config=config, backend=backend,
                           inductor_options=inductor_options, offload=offload, layout=layout)

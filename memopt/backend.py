@@ -70,6 +70,9 @@ KNOWN_OPTIONS: dict[str, str] = {
                     "memopt plan for less",
     "cache": "True (default): keep remat plans on disk and reuse them for the same graph, shapes, budget and "
              "options (under torch's Inductor cache folder); False: plan every compile; or a folder",
+    "chunk_loss": "1 (default): the loss head as traced, bitwise eager; 'auto': over slices of the tokens where "
+                  "that fits a budget the traced head cannot, or costs less (exact up to the order of the sums over "
+                  "the tokens); a number: that many slices (as memopt.plan(..., chunk_loss=...))",
     "config": "a memopt.config.PlanConfig with every other knob (time limits, headroom)",
 }
 
@@ -124,6 +127,8 @@ class BackendOptions:
 
             cache = os.path.join(cache_dir(), "memopt")
         config = dataclasses.replace(config, cache_dir=cache or None)
+        if options.get("chunk_loss") is not None:
+            config = dataclasses.replace(config, chunk_loss=options["chunk_loss"])
         solver = options.get("solver")
         if solver is not None:
             if solver not in SOLVERS:
@@ -338,7 +343,8 @@ def _planner(joint: _Joint, inputs: list[GraphInput], example_inputs: list[Any],
                 f"this graph needs {format_bytes(error.minimum)} by itself, and the rest of the model and the "
                 f"graphs before it hold {format_bytes(held)} while it runs. With graph breaks memopt plans each "
                 "graph as it is compiled; torch.compile(..., fullgraph=True) plans the whole step at once and may "
-                "need less", proven=error.proven_minimum + held) from error
+                "need less", proven=error.proven_minimum + held,
+                chunked_minimum=None if error.chunked_minimum is None else error.chunked_minimum + held) from error
 
     return plan_at
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memopt.errors import MemoptError
+
 
 @dataclass(frozen=True, slots=True)
 class PlanConfig:
@@ -24,3 +26,12 @@ class PlanConfig:
     offload_host_bytes: int | None = None  # host (pinned) memory the offload pool may take; None: no cap
     offload_time_limit_s: float = 5.0
     offload_max_items: int = 64  # the largest activations the offload solver considers
+    # the loss head (linear, log-softmax, NLL) over this many slices of the tokens: 1, never (bitwise eager);
+    # "auto", as many as the recompute plan is cheapest with, and only when that beats the traced head; n: always n.
+    # Exact up to the order of the sums over the tokens (the loss, the head's weight and bias gradients)
+    chunk_loss: int | str = 1
+
+    def __post_init__(self) -> None:
+        chunks = self.chunk_loss
+        if chunks != "auto" and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
+            raise MemoptError(f"chunk_loss must be 1 (off), 'auto' or a number of chunks >= 2, got {chunks!r}")

@@ -7,7 +7,8 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -18,16 +19,23 @@ from memopt.device import DeviceSpec
 from memopt.errors import BudgetInfeasibleError, MemoptWarning
 from memopt.passes.arena_plan import arena_step
 from memopt.passes.bounds import LowerBound, minimum_budget
-from memopt.passes.liveness import MemoryTimeline, liveness, memory_timeline
+from memopt.passes.chunk_loss import (
+    LossHead,
+    chunk_step,
+    find_loss_heads,
+    logits_seconds,
+)
+from memopt.passes.liveness import Liveness, MemoryTimeline, liveness, memory_timeline
 from memopt.passes.offload import apply_offload
 from memopt.passes.offload_plan import OffloadPlan, plan_offload
-from memopt.passes.optimizer_memory import ParamInfo, optimizer_memory
+from memopt.passes.optimizer_memory import OptimizerMemory, ParamInfo, optimizer_memory
 from memopt.passes.order_plan import plan_order
 from memopt.passes.recompute import apply_recompute
-from memopt.passes.remat_plan import plan_recompute
-from memopt.passes.scratch import measure_scratch
+from memopt.passes.remat_plan import RecomputePlan, plan_recompute
+from memopt.passes.scratch import ScratchModel, measure_scratch
 from memopt.passes.storage import StorageTable, storage_table
 from memopt.report.plan import (
+    ChunkedHead,
     Decision,
     MemoryPlan,
     OffloadSummary,
@@ -78,10 +86,6 @@ def run_pipeline(
 ) -> MemoryPlan:
     history = _History()
     history.records.append(PassRecord("capture", step.seconds, False, None, None))
-    # bytes per storage (views and in-place results counted once) and a category for each
-    table = history.run("storages", storage_table, step)
-    # live ranges in the traced (eager) order
-    live = history.run("liveness", liveness, table)
     # optimizer state and the step's own temporaries, for the implementation that will run
     if optimizer is None and budget_bytes is not None and params:
         _warn_no_optimizer(params)
@@ -91,12 +95,13 @@ def run_pipeline(
     scratch_model = None
     if config.measure_scratch and not step.fake:
         scratch_model = history.run("scratch", measure_scratch, step.graph, step.device)
-    scratch = scratch_model.per_node(step.graph) if scratch_model else ()
-    # the timeline of the whole step and its peak
-    timeline = history.run("timeline", memory_timeline, table, live, opt, scratch)
-    # the smallest budget any recompute plan could meet
-    minimum = history.run("lower-bound", minimum_budget, table, live, timeline, scratch)
+    # bytes per storage, live ranges in the traced order, the timeline of the whole step, and the smallest
+    # budget any recompute plan could meet
+    table, live, scratch, timeline, minimum = _analysed(history, step, opt, scratch_model)
     eager_peak = timeline.peak_bytes
+    # loss heads (linear, log-softmax, NLL) that can run over slices of the tokens
+    heads = history.run("loss-heads", find_loss_heads, step.graph)
+    chunked: tuple[ChunkedHead, ...] = ()
     decisions: tuple[Decision, ...] = ()
     solver = SolverReport("none", "not-run", None, None, None, 0.0)
     offload: OffloadSummary | None = None
@@ -104,9 +109,25 @@ def run_pipeline(
         # which activations the backward recomputes, so that the peak stays under the budget (less headroom)
         target = planned_part(budget_bytes, config.headroom)
         floor = max((t for t, phase in zip(timeline.totals, timeline.phases) if phase == "optimizer"), default=0)
-        remat = history.run("remat", plan_recompute, step, table, device, target, constant_bytes=opt.state_bytes,
-                            floor_bytes=floor, scratch=scratch, solver=config.solver,
-                            time_limit_s=config.remat_time_limit_s, cache_dir=config.cache_dir)
+
+        def recompute_plan(step: CapturedStep, table: StorageTable, scratch: Any) -> RecomputePlan:
+            return history.run("remat", plan_recompute, step, table, device, target, constant_bytes=opt.state_bytes,
+                               floor_bytes=floor, scratch=scratch, solver=config.solver,
+                               time_limit_s=config.remat_time_limit_s, cache_dir=config.cache_dir)
+
+        remat = recompute_plan(step, table, scratch)
+        infeasible = budget_bytes < minimum.bytes or remat.solution.status == "infeasible"
+        alternative = None
+        if heads and config.chunk_loss != 1 and (config.chunk_loss != "auto" or infeasible
+                                                 or remat.solution.cost_s > 0):
+            # the loss heads over slices of the tokens, when the recompute plan of that step costs less (the
+            # head's logits are computed twice) or fits where the traced step's does not
+            alternative = _chunked(history, step, heads, opt, scratch_model, config, device, recompute_plan)
+            if alternative.chosen_over(remat, infeasible):
+                step, table, live, scratch, timeline, minimum = alternative.analysed
+                remat, chunked = alternative.remat, alternative.heads
+        elif heads and infeasible:
+            alternative = _chunked(history, step, heads, opt, scratch_model, config, device, recompute_plan)
         solution = remat.solution
         history.peaks("remat", eager_peak, solution.peak_bytes, changed=False)  # a decision; the rewrite changes the step
         # which activations go to host memory instead, after their last forward use and back before the backward's
@@ -126,7 +147,10 @@ def run_pipeline(
                                      _host_timeline(timeline, plan, step), found.status)
         else:
             if budget_bytes < minimum.bytes or solution.status == "infeasible":
-                raise _infeasible(budget_bytes, config.headroom, solution.peak_bytes, minimum, remat.solver)
+                error = _infeasible(budget_bytes, config.headroom, solution.peak_bytes, minimum, remat.solver)
+                if alternative is not None and not chunked:
+                    error = _with_chunking_hint(error, alternative, config.headroom)
+                raise error
             solver = SolverReport(remat.solver + (" (cached)" if remat.cached else ""), solution.status,
                                   solution.cost_s, solution.lower_bound_s, solution.gap, solution.seconds)
             decisions = tuple(Decision(d.node, d.nbytes, d.action, d.cost_s, d.reason) for d in remat.decisions)
@@ -134,10 +158,7 @@ def run_pipeline(
                 # the step as it will run: chosen activations dropped after the forward, recomputed in the backward
                 graph = history.run("rewrite", apply_recompute, step.graph, step.backward_start, list(remat.chosen))
                 step = dataclasses.replace(step, graph=graph)
-                table = history.run("storages", storage_table, step)
-                live = history.run("liveness", liveness, table)
-                scratch = scratch_model.per_node(step.graph) if scratch_model else ()
-                timeline = history.run("timeline", memory_timeline, table, live, opt, scratch)
+                table, live, scratch, timeline, _ = _analysed(history, step, opt, scratch_model)
                 history.peaks("rewrite", eager_peak, timeline.peak_bytes)
                 if timeline.peak_bytes > target:  # the solver's simulation replays the rewrite: never expected
                     raise AssertionError(f"rewritten step peaks at {timeline.peak_bytes} B, "
@@ -178,7 +199,86 @@ def run_pipeline(
         scratch=tuple(scratch),
         offload=offload,
         program=step,
+        chunked=chunked,
     )
+
+
+def _analysed(history: _History, step: CapturedStep, opt: OptimizerMemory, scratch_model: ScratchModel | None
+              ) -> tuple[StorageTable, Liveness, tuple[int, ...], MemoryTimeline, LowerBound]:
+    """The step's storages, their live ranges, each node's scratch, the timeline and the smallest budget."""
+    table = history.run("storages", storage_table, step)
+    live = history.run("liveness", liveness, table)
+    scratch = scratch_model.per_node(step.graph) if scratch_model else ()
+    timeline = history.run("timeline", memory_timeline, table, live, opt, scratch)
+    minimum = history.run("lower-bound", minimum_budget, table, live, timeline, scratch)
+    return table, live, scratch, timeline, minimum
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunked:
+    """The step with its loss heads over slices of the tokens: its analyses, its recompute plan, the heads."""
+
+    analysed: tuple[CapturedStep, StorageTable, Liveness, tuple[int, ...], MemoryTimeline, LowerBound]
+    remat: RecomputePlan
+    heads: tuple[ChunkedHead, ...]
+    forced: bool  # the config names the chunk count
+
+    def chosen_over(self, remat: RecomputePlan, infeasible: bool) -> bool:
+        """This plan runs instead of ``remat`` (of the traced heads): the config says so, the traced step does not
+        fit (``infeasible``), or this one costs less, the logits computed twice included."""
+        if self.forced or infeasible:
+            return True
+        extra = sum(head.cost_s for head in self.heads)
+        return self.remat.solution.status != "infeasible" and self.remat.solution.cost_s + extra < remat.solution.cost_s
+
+    def smallest_budget(self, headroom: float) -> int:
+        """The smallest budget this step meets: its proven minimum, or what its best recompute plan needs."""
+        return max(self.analysed[-1].bytes, budget_for_peak(self.remat.solution.peak_bytes, headroom))
+
+
+def _chunked(history: _History, step: CapturedStep, heads: list[LossHead], opt: OptimizerMemory,
+             scratch_model: ScratchModel | None, config: PlanConfig, device: DeviceSpec,
+             recompute_plan: Callable[[CapturedStep, StorageTable, tuple[int, ...]], RecomputePlan]) -> _Chunked:
+    """The step with its loss heads over ``config.chunk_loss`` slices, or as many as bring its smallest budget
+    to the lowest the chunk counts tried reach, and the recompute plan of that step."""
+    forced = isinstance(config.chunk_loss, int) and config.chunk_loss > 1
+    if forced:
+        count = config.chunk_loss
+        chunked, analysed = _chunked_step(history, step, heads, count, opt, scratch_model)
+        why = f"chunk_loss={count}"
+    else:
+        # doubling the chunks until the proven minimum stops falling by 1% or more
+        count, (chunked, analysed) = 2, _chunked_step(history, step, heads, 2, opt, scratch_model)
+        while min(head.rows for head in heads) // (2 * count) >= _FEWEST_TOKENS:
+            more = _chunked_step(history, step, heads, 2 * count, opt, scratch_model)
+            if more[1][-1].bytes > 0.99 * analysed[-1].bytes:
+                break
+            count, (chunked, analysed) = 2 * count, more
+        why = (f"chunk_loss='auto': the fewest chunks (a power of two) past which the smallest budget falls by "
+               f"less than 1% ({format_bytes(analysed[-1].bytes)})")
+    remat = recompute_plan(chunked, analysed[0], analysed[2])
+    described = tuple(ChunkedHead(head.loss, head.rows, head.vocab, count, head.logits_bytes, head.chunk_bytes(count),
+                                  logits_seconds(step.graph, head, device), why) for head in heads)
+    return _Chunked((chunked, *analysed), remat, described, forced)
+
+
+_FEWEST_TOKENS = 16  # "auto" never slices the tokens finer
+
+
+def _with_chunking_hint(error: BudgetInfeasibleError, alternative: _Chunked, headroom: float
+                        ) -> BudgetInfeasibleError:
+    """``error`` with the smallest budget the step meets with its loss head over slices of the tokens."""
+    smallest = alternative.smallest_budget(headroom)
+    if smallest >= error.minimum:
+        return error
+    return BudgetInfeasibleError(error.budget, error.minimum, error.where, error.why, proven=error.proven_minimum,
+                                 chunked_minimum=smallest)
+
+
+def _chunked_step(history: _History, step: CapturedStep, heads: list[LossHead], count: int, opt: OptimizerMemory,
+                  scratch_model: ScratchModel | None) -> tuple[CapturedStep, tuple]:
+    chunked = history.run("chunk-loss", chunk_step, step, {head.loss: count for head in heads})
+    return chunked, _analysed(history, chunked, opt, scratch_model)
 
 
 def _warn_no_optimizer(params: list[ParamInfo]) -> None:

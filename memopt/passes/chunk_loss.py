@@ -17,6 +17,7 @@ partial sums, which changes only the order of the floating-point additions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from memopt.capture import CapturedStep
+from memopt.device import DeviceSpec
+from memopt.passes.costs import node_seconds
 from memopt.passes.order_plan import copy_graph
 from memopt.passes.recompute import fake_result
 
@@ -43,9 +47,10 @@ class LossHead:
     rows: int  # tokens (the rows of the logits)
     vocab: int  # classes (the logits' columns)
     logits_bytes: int  # one (rows x vocab) tensor of the log-softmax's dtype
+    logits_nodes: tuple[str, ...]  # the matrix product and log-softmax: what chunking computes twice
 
-    def chunks_for(self, rows_per_chunk: int) -> int:
-        return max(1, math.ceil(self.rows / rows_per_chunk))
+    def chunk_bytes(self, chunks: int) -> int:
+        return math.ceil(self.rows / chunks) * self.logits_bytes // self.rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,17 +73,44 @@ def find_loss_heads(graph: fx.GraphModule) -> list[LossHead]:
     return [match.head for match in _matches(graph.graph)]
 
 
-def chunk_loss_heads(graph: fx.GraphModule, chunks: dict[str, int]) -> fx.GraphModule:
+def chunk_loss_heads(graph: fx.GraphModule, chunks: dict[str, int]
+                     ) -> tuple[fx.GraphModule, dict[str, str], set[str]]:
     """A copy of ``graph`` whose loss heads named in ``chunks`` (by their ``LossHead.loss``) run over that many
-    slices of the tokens; a head given 1 chunk, or not named, is left as it is."""
+    slices of the tokens (a head given 1 chunk, or not named, is left as it is); the names of the nodes whose
+    values new nodes now hold (the loss, a gradient), and the names of the new nodes of the backward."""
     new = fx.GraphModule(graph, copy_graph(graph.graph))
+    renamed: dict[str, str] = {}
+    backward: set[str] = set()
     for match in _matches(new.graph):
         k = min(chunks.get(match.head.loss, 1), match.head.rows)
         if k > 1:
-            _rewrite(new.graph, match, k)
+            more, added = _rewrite(new.graph, match, k)
+            renamed |= more
+            backward |= added
     new.graph.lint()
     new.recompile()
-    return new
+    return new, renamed, backward
+
+
+def chunk_step(step: CapturedStep, chunks: dict[str, int]) -> CapturedStep:
+    """``step`` with its loss heads chunked (``chunk_loss_heads``), its loss, outputs and backward's first node
+    named anew."""
+    nodes = [node.name for node in step.graph.graph.nodes]
+    old_backward = set(nodes[nodes.index(step.backward_start):])
+    graph, renamed, new_backward = chunk_loss_heads(step.graph, chunks)
+    start = next(node.name for node in graph.graph.nodes if node.name in old_backward | new_backward)
+
+    def name(old: str) -> str:
+        return renamed.get(old, old)
+
+    return dataclasses.replace(step, graph=graph, loss_node=name(step.loss_node), backward_start=start,
+                               gradients={p: name(g) for p, g in step.gradients.items()},
+                               outputs=tuple(map(name, step.outputs)))
+
+
+def logits_seconds(graph: fx.GraphModule, head: LossHead, device: DeviceSpec) -> float:
+    """What chunking adds to the step: the head's logits and log-softmax computed again in the backward."""
+    return sum(node_seconds(node, device) for node in graph.graph.nodes if node.name in head.logits_nodes)
 
 
 # ------------------------------------------------------------------ finding the head
@@ -150,7 +182,8 @@ def _match(forward: fx.Node) -> _Match | None:
     if backward is not None:
         region |= {backward, gradient, *_views_between(log_probs), *between}
         region |= {reader for reader, *_ in readers}
-    head = LossHead(forward.name, rows, vocab, rows * vocab * _val(log_probs).element_size())
+    head = LossHead(forward.name, rows, vocab, rows * vocab * _val(log_probs).element_size(),
+                    (product.name, log_probs.name))
     return _Match(head, forward, inputs, weight_t, bias, cast, target, backward, gradient, tuple(readers),
                   frozenset(region))
 
@@ -251,20 +284,17 @@ class _Builder:
 
     def __init__(self, graph: fx.Graph, anchor: fx.Node) -> None:
         self.graph, self.anchor = graph, anchor
+        self.added: list[fx.Node] = []
 
-    def __call__(self, target, *args) -> fx.Node:
+    def __call__(self, target, *args, **kwargs) -> fx.Node:
         with self.graph.inserting_before(self.anchor):
-            node = self.graph.call_function(target, tuple(args))
+            node = self.graph.call_function(target, tuple(args), kwargs)
         node.meta["val"] = fake_result(node)
+        self.added.append(node)
         return node
 
     def cast(self, node: fx.Node, dtype: torch.dtype | None) -> fx.Node:
-        if dtype is None:
-            return node
-        with self.graph.inserting_before(self.anchor):
-            cast = self.graph.call_function(_CAST, (node,), {"dtype": dtype})
-        cast.meta["val"] = fake_result(cast)
-        return cast
+        return node if dtype is None else self(_CAST, node, dtype=dtype)
 
 
 def _bounds(rows: int, k: int) -> list[tuple[int, int]]:
@@ -272,7 +302,7 @@ def _bounds(rows: int, k: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
-def _rewrite(graph: fx.Graph, match: _Match, k: int) -> None:
+def _rewrite(graph: fx.Graph, match: _Match, k: int) -> tuple[dict[str, str], set[str]]:
     forward = match.forward
     reduction, ignore_index = forward.args[3], forward.args[4]
     bounds = _bounds(match.head.rows, k)
@@ -295,25 +325,34 @@ def _rewrite(graph: fx.Graph, match: _Match, k: int) -> None:
         count = weight if count is None else build(aten.add.Tensor, count, weight)
     loss = build(aten.div.Tensor, total, count) if reduction == MEAN else total
     results = {0: loss, 1: count}
+    renamed = {}
     for user in list(forward.users):
         user.replace_all_uses_with(results[user.args[1]])
-
+        renamed[user.name] = results[user.args[1]].name
+    backward = set()
     if match.backward is not None:
-        _rewrite_backward(graph, match, bounds, logits, reduction, ignore_index)
+        backward_build = _Builder(graph, _last_reader(match))
+        renamed |= _rewrite_backward(backward_build, match, bounds, logits, reduction, ignore_index)
+        backward = {node.name for node in backward_build.added}
     for node in _reverse_topological(match.region):
         if not node.users:
             graph.erase_node(node)
     _sort_topologically(graph)
+    return renamed, backward
 
 
-def _rewrite_backward(graph: fx.Graph, match: _Match, bounds, logits, reduction: int, ignore_index: int) -> None:
+def _last_reader(match: _Match) -> fx.Node:
+    """Where the backward's slices go: after the last reader of the logits' gradient (and so after their other
+    operands), so that everything they read is defined."""
+    return max((reader for reader, *_ in match.readers), key=_position, default=match.gradient)
+
+
+def _rewrite_backward(build: _Builder, match: _Match, bounds, logits, reduction: int,
+                      ignore_index: int) -> dict[str, str]:
     """Each slice's logits again, their gradient, and the slice's share of what the backward read from it."""
     backward, gradient = match.backward, match.gradient
     grad_output, total_weight = backward.args[0], backward.args[6]
     readers = match.readers
-    # after the last of the readers (and of their other operands), so that everything they read is defined
-    anchor = max((reader for reader, *_ in readers), key=_position, default=gradient)
-    build = _Builder(graph, anchor)
     parts: list[list[fx.Node]] = [[] for _ in readers]
     for start, stop in bounds:
         log_probs, target = logits(build, start, stop)
@@ -336,9 +375,12 @@ def _rewrite_backward(graph: fx.Graph, match: _Match, bounds, logits, reduction:
                                           else reader.kwargs.get("keepdim", False)))
             if how != "rows" and len(parts[index]) > 1:  # summed as the slices come: one partial sum held
                 parts[index][-2:] = [build(aten.add.Tensor, *parts[index][-2:])]
+    renamed = {}
     for (reader, how, *_), pieces in zip(readers, parts):
         result = build(aten.cat.default, pieces, 0) if how == "rows" else pieces[0]
         reader.replace_all_uses_with(result)
+        renamed[reader.name] = result.name
+    return renamed
 
 
 def _position(node: fx.Node) -> int:

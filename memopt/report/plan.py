@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,20 @@ class Decision:
     bytes: int
     action: str  # "keep" | "recompute" | "offload"
     cost_s: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkedHead:
+    """A loss head (linear, log-softmax, NLL) that runs over slices of the tokens, and why."""
+
+    loss: str  # the traced nll_loss_forward it replaces
+    rows: int  # tokens
+    vocab: int
+    chunks: int
+    logits_bytes: int  # one whole (tokens x vocabulary) tensor: none exists in the chunked step
+    chunk_bytes: int  # one slice's
+    cost_s: float  # the backward computes the head's logits again, slice by slice
     reason: str
 
 
@@ -130,6 +145,7 @@ class MemoryPlan:
     offload: OffloadSummary | None = None  # host offload (offload=True and a budget)
     compiled_peak_bytes: int | None = None  # Inductor's code for the step, read from its wrapper (what runs)
     compiles: tuple[CompileAttempt, ...] = ()  # the Inductor compiles tried for it, in order
+    chunked: tuple[ChunkedHead, ...] = ()  # loss heads run over slices of the tokens
     program: CapturedStep | None = dataclasses.field(default=None, compare=False, repr=False)  # what runs
 
     # -- the numbers --------------------------------------------------------
@@ -236,6 +252,7 @@ class MemoryPlan:
             data["offload"] = self._offload_dict()
         if self.compiles:
             data["compiles"] = [dataclasses.asdict(c) for c in self.compiles]
+        data["chunked"] = [dataclasses.asdict(c) for c in self.chunked]
         return data
 
     def _offload_dict(self) -> dict[str, Any]:
@@ -320,6 +337,10 @@ class MemoryPlan:
             lines.append(f"arena: {format_bytes(layout['arena_bytes'])} for {layout['planned']} tensors, lower bound "
                          f"{format_bytes(layout['lower_bound_bytes'])}, fragmentation {layout['fragmentation']:.2%}; "
                          f"{len(layout['unplanned'])} ops allocate outside it (no out= overload)")
+        lines.extend(f"loss head {c.loss}: {c.chunks} chunks of {math.ceil(c.rows / c.chunks)} of its {c.rows} "
+                     f"tokens, logits {format_bytes(c.logits_bytes)} -> {format_bytes(c.chunk_bytes)} at a time, "
+                     f"computed again in the backward (about {c.cost_s:.3g} s on {self.device.name})"
+                     for c in self.chunked)
         if self.offload is not None:
             o = self.offload
             lines.append(f"offload: {o.tensors} tensors, {format_bytes(o.bytes_to_host)} to host and "
@@ -370,6 +391,9 @@ class MemoryPlan:
             lines.append("\nallocations outside the arena:")
             unplanned = sorted(self.arena.unplanned.items(), key=lambda item: -item[1])
             lines.extend(f"  {name:<52}{nbytes:>14,}" for name, nbytes in unplanned[:top])
+        if self.chunked:
+            lines.append("\nchunked loss heads:")
+            lines.extend(f"  {c.loss:<36}{c.chunks:>4} chunks  {c.reason}" for c in self.chunked)
         if self.decisions:
             lines.append("\ndecisions:")
             lines.extend(f"  {d.action:<10}{d.name:<36}{d.bytes:>14,}  {d.reason}" for d in self.decisions)
