@@ -56,6 +56,7 @@ from memopt.errors import BudgetInfeasibleError, MemoptError
 from memopt.lower.fusion import FUSION_WINDOW, inductor_patches
 from memopt.lower.lowering import Lowered
 from memopt.lower.offload_ops import HOST_RESULT_OPS
+from memopt.lower.rng_ops import RUN_WITH_RNG_STATE
 from memopt.lower.runner import StepRunner, run_step
 from memopt.passes.scratch import call_signature, measurable, measure_calls
 from memopt.report.plan import CompileAttempt
@@ -311,13 +312,14 @@ def _opaque_random_fills(graph: fx.Graph) -> None:
     for node in list(graph.nodes):
         empty = node.args[0] if node.target is torch.ops.aten.bernoulli_.float and not node.kwargs else None
         if (not isinstance(empty, fx.Node) or empty.target is not torch.ops.aten.empty_like.default
-                or empty.kwargs or len(empty.args) != 1 or len(node.args) != 2):
+                or empty.kwargs or len(empty.args) != 1 or len(node.args) > 2):
             continue
         order = {n: i for i, n in enumerate(graph.nodes)}
         if any(order[user] < order[node] for user in empty.users):
             continue  # the empty buffer is read before the draw fills it: leave it as it is
+        p = node.args[1] if len(node.args) == 2 else 0.5  # (the trace leaves out p at the schema's default)
         with graph.inserting_before(node):
-            fill = graph.call_function(torch.ops.memopt.bernoulli_like.default, (empty.args[0], node.args[1]))
+            fill = graph.call_function(torch.ops.memopt.bernoulli_like.default, (empty.args[0], p))
         fill.meta = dict(node.meta)
         node.replace_all_uses_with(fill)
         empty.replace_all_uses_with(fill)
@@ -558,6 +560,13 @@ class _HostResults(TorchDispatchMode):
                     self.storages.add(_storage_key(tensor))
                     self.nbytes += tensor.untyped_storage().nbytes()
         return result
+
+
+@RUN_WITH_RNG_STATE.py_impl(_HostResults)
+def _replay_seen(mode: _HostResults, rng_state: torch.Tensor, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """A random op replayed from a saved generator state (``memopt.lower.rng_ops``) is sized as the op itself:
+    the state only picks the numbers."""
+    return mode.__torch_dispatch__(op, (), args, kwargs)
 
 
 def unread_inputs(source: str) -> tuple[int, ...]:
