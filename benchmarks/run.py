@@ -60,11 +60,14 @@ from benchmarks.strategies import (  # noqa: E402
 )
 
 PLAN_ONLY_WORKLOADS = ("llama7b",)  # too big to run here: planned in fake mode only
-DEFAULT_WORKLOADS = ("gpt2", "llama", "mlp", "llama7b")
-QUICK_SIZES: dict[str, dict[str, int]] = {  # --quick: the same models, small enough for a smoke test
+DEFAULT_WORKLOADS = ("gpt2", "llama", "mlp", "resnet_bn", "bert_mlm", "t5", "llama7b")
+QUICK_SIZES: dict[str, dict[str, Any]] = {  # --quick: the same models, small enough for a smoke test
     "gpt2": {"layers": 2, "width": 64, "heads": 2, "seq": 32, "batch": 2, "vocab": 512},
     "llama": {"layers": 2, "width": 64, "heads": 4, "seq": 32, "batch": 2, "vocab": 512},
     "mlp": {"width": 64, "depth": 4, "batch": 64},
+    "resnet_bn": {"batch": 8, "image": 16, "widths": (8, 16, 32)},
+    "bert_mlm": {"layers": 2, "width": 64, "heads": 2, "intermediate": 128, "seq": 32, "batch": 2, "vocab": 512},
+    "t5": {"layers": 2, "width": 64, "d_ff": 128, "heads": 2, "seq": 32, "target_seq": 16, "batch": 2, "vocab": 512},
     "llama7b": {"seq": 256},
 }
 WARMUP_STEPS = 2

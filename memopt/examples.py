@@ -154,9 +154,125 @@ def mlp(width: int = 512, depth: int = 32, batch: int = 1024) -> Workload:
     )
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convolutions with batch norms, and a 1x1 projection when the shape changes."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.shortcut = nn.Identity() if stride == 1 and inputs == outputs else nn.Sequential(
+            nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style ResNet: a 3x3 stem, stages of basic blocks (each stage after the first halves the
+    resolution), global average pooling and a linear classifier. `blocks` lists every block in order."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128), blocks_per_stage: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU())
+        blocks, previous = [], widths[0]
+        for stage, width in enumerate(widths):
+            for index in range(blocks_per_stage):
+                blocks.append(BasicBlock(previous, width, stride=2 if stage > 0 and index == 0 else 1))
+                previous = width
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(previous, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def resnet_bn(batch: int = 64, image: int = 32, widths: tuple[int, ...] = (32, 64, 128), blocks_per_stage: int = 2,
+              classes: int = 10) -> Workload:
+    """A small ResNet with batch norms on random images, cross-entropy against random classes."""
+    labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(2))
+
+    def inputs() -> tuple:
+        return (torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(1)),)
+
+    def cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, labels)
+
+    return Workload(
+        name="resnet_bn", build=_seeded(lambda: ResNet(tuple(widths), blocks_per_stage, classes)), inputs=inputs,
+        loss_fn=cross_entropy,
+        description=f"ResNet with batch norms, {len(widths)} stages of {blocks_per_stage} basic blocks, widths "
+                    f"{'/'.join(map(str, widths))}, {image}x{image} images, batch {batch}, {classes} classes",
+    )
+
+
+def bert_mlm(layers: int = 4, width: int = 256, heads: int = 4, intermediate: int = 1024, seq: int = 256,
+             batch: int = 8, vocab: int = 8192, dropout: float = 0.1, masked: float = 0.15) -> Workload:
+    """BERT's masked language model from a config (random weights): random tokens, the loss on a seeded ~15%
+    of the positions (labels -100 elsewhere)."""
+
+    def build() -> nn.Module:
+        from transformers import BertConfig, BertForMaskedLM
+
+        config = BertConfig(
+            num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads, intermediate_size=intermediate,
+            vocab_size=vocab, max_position_embeddings=seq, hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout, pad_token_id=0,
+        )
+        return BertForMaskedLM(config)
+
+    def inputs() -> dict:
+        generator = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+        chosen = torch.rand(batch, seq, generator=generator) < masked
+        return {"input_ids": ids, "labels": torch.where(chosen, ids, torch.full_like(ids, -100))}
+
+    return Workload(
+        name="bert_mlm", build=_seeded(build), inputs=inputs,
+        description=f"BERT masked LM, {layers} layers, d={width}, seq {seq}, batch {batch}, vocab {vocab}, "
+                    f"{masked:.0%} of positions scored, dropout {dropout}",
+    )
+
+
+def t5(layers: int = 3, width: int = 256, d_ff: int = 1024, heads: int = 4, seq: int = 256, target_seq: int = 64,
+       batch: int = 8, vocab: int = 8192, dropout: float = 0.1) -> Workload:
+    """T5 encoder-decoder from a config (random weights): `layers` encoder and `layers` decoder layers, random
+    source tokens and random targets."""
+
+    def build() -> nn.Module:
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        config = T5Config(
+            num_layers=layers, num_decoder_layers=layers, d_model=width, d_kv=width // heads, d_ff=d_ff,
+            num_heads=heads, vocab_size=vocab, dropout_rate=dropout, use_cache=False,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        )
+        return T5ForConditionalGeneration(config)
+
+    def inputs() -> dict:
+        generator = torch.Generator().manual_seed(1)
+        return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=generator),
+                "labels": torch.randint(0, vocab, (batch, target_seq), generator=generator)}
+
+    return Workload(
+        name="t5", build=_seeded(build), inputs=inputs,
+        description=f"T5, {layers}+{layers} layers, d={width}, d_ff {d_ff}, seq {seq} -> {target_seq}, batch {batch}, "
+                    f"vocab {vocab}, dropout {dropout}",
+    )
+
+
 def tiny_gpt2() -> Workload:
     """The README's example: small enough to plan in seconds on a laptop."""
     return gpt2(layers=2, width=128, heads=4, seq=128, batch=4, vocab=2048)
 
 
-BENCHMARK_WORKLOADS: dict[str, Callable[[], Workload]] = {"gpt2": gpt2, "llama": llama, "mlp": mlp}
+BENCHMARK_WORKLOADS: dict[str, Callable[[], Workload]] = {
+    "gpt2": gpt2, "llama": llama, "mlp": mlp, "resnet_bn": resnet_bn, "bert_mlm": bert_mlm, "t5": t5,
+}
