@@ -96,6 +96,8 @@ def time_ratio(row: dict[str, Any], base: dict[str, Any]) -> str:
 def strategy_row(row: dict[str, Any], eager: dict[str, Any] | None) -> list[str]:
     if "error" in row:
         return [row["strategy"], f"error: {row['error'][:120]}"] + [""] * 9
+    if "skipped" in row:
+        return [row["strategy"], f"skipped: {row['skipped'][:120]}"] + [""] * 9
     peak = row["measured"]["peak_bytes"]
     eager_ok = eager is not None and "error" not in eager
     ratio = time_ratio(row, eager) if eager_ok else DASH
@@ -147,6 +149,10 @@ def workload_section(name: str, rows: list[dict[str, Any]]) -> list[str]:
               for row in rows if row.get("measured", {}).get("unaccounted_bytes")]
     lines += [f"- {row['strategy']}: graph breaks: {'; '.join(row['dynamo']['graph_break_reasons'])}"
               for row in rows if row.get("dynamo", {}).get("graph_breaks")]
+    found = lowest_peak_cells(rows)
+    if found is not None and any(is_memopt(r) for r in rows):
+        lines += ["", "The least memory each side reached (memopt: its rows within budget):", ""]
+        lines += table(LOWEST_PEAK_HEADER, [found])
     lines += [""] + memopt_section(rows, eager)
     return lines + [""]
 
@@ -279,12 +285,11 @@ def faster(mine: dict[str, Any], other: dict[str, Any]) -> str:
 
 def same_peak_pairs(rows: list[dict[str, Any]], prefix: str = "memopt@"
                     ) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
-    """Each torch.compile budget and per-block checkpointing row that ran, with the row of the memopt family
-    `prefix` ("memopt@" or "memopt-inductor@") whose measured peak is the highest at or below its own (None:
-    every row of that family peaks higher)."""
+    """Each torch row but eager that ran (torch.compile budgets, per-block checkpointing, linear_cross_entropy,
+    the auto-chunker), with the row of the memopt family `prefix` ("memopt@" or "memopt-inductor@") whose
+    measured peak is the highest at or below its own (None: every row of that family peaks higher)."""
     budgeted = [r for r in family_rows(rows, prefix) if ran(r)]
-    others = [r for r in rows if ran(r) and not is_memopt(r)
-              and (r["strategy"].startswith("compile-amb") or "checkpoint" in r["strategy"])]
+    others = [r for r in rows if ran(r) and not is_memopt(r) and r["strategy"] != "eager"]
     if not budgeted:
         return []
     pairs = []
@@ -321,8 +326,7 @@ def same_peak_lines(rows: list[dict[str, Any]]) -> list[str]:
         header += [f"{name} row at or below", f"{name} measured peak (MiB)", f"{name} {STEP_HEADER}",
                    f"{name} ÷ torch, wall median (CPU min)", f"{name} faster (CPU ranges)"]
     names = " and ".join(f"{label} row" for _, label in families)
-    lines = [(f"Same measured peak: for each torch.compile `activation_memory_budget` row and each per-block "
-              f"checkpointing row, the {names} with the highest measured peak at or below its measured peak "
+    lines = [(f"Same measured peak: for each torch row but eager, the {names} with the highest measured peak at or below its measured peak "
               "(so memopt uses no more memory), step times side by side. faster: \"yes\" when each of "
               "memopt's timed steps took less CPU time than each of the torch row's, \"no\" for the reverse, "
               "\"overlap\" when their ranges overlap (then the ratio of minima is all there is, and it is "
@@ -388,6 +392,55 @@ def memopt_section(rows: list[dict[str, Any]], eager: dict[str, Any] | None) -> 
                      f"per block: measured peak {mib(blocks['measured']['peak_bytes'])} vs "
                      f"{mib(checkpointed['measured']['peak_bytes'])} MiB, step {ms(blocks)} vs {ms(checkpointed)} ms")
     return lines + [""] + same_peak_lines(rows)
+
+
+def lowest_peaks(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The torch row with the lowest measured peak, and the memopt row with the lowest measured peak among those
+    that stayed within their budget (None where no such row ran)."""
+    def lowest(candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
+        return min(candidates, key=lambda r: r["measured"]["peak_bytes"], default=None)
+
+    torch_rows = [r for r in rows if ran(r) and not is_memopt(r)]
+    fitting = [r for r in rows if ran(r) and is_memopt(r) and r.get("memopt", {}).get("fits")]
+    return lowest(torch_rows), lowest(fitting)
+
+
+def lowest_peak_cells(rows: list[dict[str, Any]]) -> list[str] | None:
+    """The lowest torch peak (its row), memopt's smallest measured peak within budget (its row), and memopt's
+    difference from torch's in %: None where neither side ran."""
+    best_torch, best_memopt = lowest_peaks(rows)
+    if best_torch is None and best_memopt is None:
+        return None
+
+    def cells(row: dict[str, Any] | None) -> list[str]:
+        return [DASH, DASH] if row is None else [mib(row["measured"]["peak_bytes"]), row["strategy"]]
+
+    difference = DASH
+    if best_torch is not None and best_memopt is not None:
+        torch_peak, memopt_peak = best_torch["measured"]["peak_bytes"], best_memopt["measured"]["peak_bytes"]
+        difference = f"{(memopt_peak - torch_peak) / torch_peak * 100:+.1f}"
+    return cells(best_torch) + cells(best_memopt) + [difference]
+
+
+LOWEST_PEAK_HEADER = ["lowest torch peak (MiB)", "torch row", "memopt's lowest peak within budget (MiB)",
+                      "memopt row", "memopt − torch (%)"]
+
+
+def lowest_peak_lines(by_workload: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Per workload, the least memory each side reached: torch's lowest measured peak over all its rows, memopt's
+    over its rows that stayed within their budget."""
+    out = []
+    for name, rows in by_workload.items():
+        found = lowest_peak_cells(rows)
+        if found is not None and any(is_memopt(r) for r in rows):
+            out.append([name] + found)
+    if not out:
+        return []
+    return ["## The least memory each side reached", "",
+            "Per workload: the lowest measured peak among all torch rows (eager, checkpointing, torch.compile, "
+            "linear_cross_entropy, the auto-chunker), and the lowest among memopt's rows that measured at or under "
+            "their budget; memopt − torch = (memopt − torch) / torch.", ""] + table(["workload"] + LOWEST_PEAK_HEADER,
+                                                                                   out) + [""]
 
 
 def plan_only_section(row: dict[str, Any]) -> list[str]:
@@ -508,6 +561,7 @@ def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] |
     for row in results["rows"]:
         by_workload.setdefault(row["workload"], []).append(row)
     lines += summary_lines(by_workload)
+    lines += lowest_peak_lines(by_workload)
     if pairs:  # benchmarks/pairs.py's timing of this run's same-peak pairs in one process
         from benchmarks.pairs import pairs_markdown
 

@@ -53,6 +53,7 @@ sys.path.insert(0, str(HERE.parent))  # memopt and benchmarks, without installin
 from benchmarks.report import write_results_md  # noqa: E402
 from benchmarks.strategies import (  # noqa: E402
     STRATEGIES,
+    NotApplicable,
     Training,
     dynamo_graph_summary,
     memopt_summary,
@@ -250,6 +251,9 @@ def run_one(workload: str, strategy: str, *, repeats: int, quick: bool, threads:
             row.update(measure_config(workload, strategy, repeats=repeats, quick=quick, threads=threads,
                                       peaks=peaks or {}))
         row["description"] = make_workload(workload, quick).description
+    except NotApplicable as reason:  # the strategy does not apply to this workload: recorded, not an error
+        row["skipped"] = str(reason)
+        row["description"] = make_workload(workload, quick).description
     except Exception as error:  # recorded in the results, next to the configurations that worked
         row["error"] = f"{type(error).__name__}: {error}"
         row["traceback"] = traceback.format_exc()[-4000:]
@@ -296,6 +300,8 @@ def configurations(workloads: list[str], strategies: list[str]) -> list[tuple[st
 def one_line(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"ERROR {row['error']}"
+    if "skipped" in row:
+        return f"skipped: {row['skipped']}"
     if "measured" in row:
         peak = row["measured"]["peak_bytes"] / 2**20
         line = f"peak {peak:.1f} MiB, step {row['step_median_s'] * 1e3:.0f} ms, first step {row['first_step_s']:.1f} s"

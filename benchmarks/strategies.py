@@ -8,12 +8,14 @@ and its optimizer (memopt plans the whole step with them). It may change the mod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 import memopt
@@ -24,6 +26,13 @@ from memopt.examples import Workload
 MEMOPT_BUDGETS = 5  # memopt@0 (the smallest budget memopt can meet) .. memopt@4 (4/5 of the way to eager's peak)
 # memopt@k runs the planned programs as FX graphs (eager kernels), memopt-inductor@k compiles them with Inductor;
 # memopt-inductor=<torch row> compiles with Inductor at the peak that torch row measured earlier in the run
+
+
+CHUNK_LOSS = "auto"  # every budgeted memopt row may run a language model's loss head over slices of the tokens
+
+
+class NotApplicable(Exception):
+    """The strategy does not apply to this workload (the message says why): the row is recorded as skipped."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,58 @@ class LossOnly(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         output = self.model(*args, **kwargs)
         return self.loss_fn(output) if self.loss_fn is not None else output.loss
+
+
+class LinearCrossEntropyLM(nn.Module):
+    """A language model whose loss is torch's fused `linear_cross_entropy` over its final hidden states and its
+    head's weight: what a user who knows the logits are the step's largest tensor writes by hand. The hidden states
+    are those the model's own head reads (BERT's prediction transform runs first, T5's decoder output is scaled as
+    the model scales it), and the targets are shifted for a causal model as Hugging Face's loss shifts them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.kind = model, linear_head_kind(model)
+        if self.kind is None:
+            raise NotApplicable(f"{type(model).__name__} has no linear language-model head for linear_cross_entropy")
+
+    def head(self) -> nn.Linear:
+        return self.model.cls.predictions.decoder if self.kind == "masked" else self.model.lm_head
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden, targets = self.hidden_and_targets(input_ids, labels)
+        head = self.head()
+        return F.linear_cross_entropy(hidden.flatten(0, -2), head.weight, targets.flatten(), linear_bias=head.bias,
+                                      ignore_index=-100)
+
+    def hidden_and_targets(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        if self.kind == "masked":  # BertForMaskedLM: the encoder, then the head's transform before its decoder linear
+            hidden = model.bert(input_ids=input_ids).last_hidden_state
+            return model.cls.predictions.transform(hidden), labels
+        if self.kind == "seq2seq":  # T5ForConditionalGeneration, as its forward runs it with labels
+            encoded = model.encoder(input_ids=input_ids).last_hidden_state
+            hidden = model.decoder(input_ids=model._shift_right(labels), encoder_hidden_states=encoded).last_hidden_state
+            if model.config.scale_decoder_outputs:
+                hidden = hidden * (model.model_dim ** -0.5)
+            return hidden, labels
+        # a causal LM: position i predicts token i + 1, the last position nothing (Hugging Face's ForCausalLMLoss)
+        hidden = model.base_model(input_ids=input_ids).last_hidden_state
+        return hidden, F.pad(labels, (0, 1), value=-100)[:, 1:]
+
+
+def linear_head_kind(model: nn.Module) -> str | None:
+    """How the model's language-model head is reached: "masked" (BERT), "seq2seq" (T5), "causal", or None."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    predictions = getattr(getattr(model, "cls", None), "predictions", None)
+    if predictions is not None and isinstance(getattr(predictions, "decoder", None), nn.Linear):
+        return "masked"
+    if not isinstance(getattr(model, "lm_head", None), nn.Linear):
+        return None
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    return "causal" if model.base_model is not model else None
 
 
 class CheckpointedBlock(nn.Module):
@@ -120,6 +181,78 @@ def compile_checkpointed(model: nn.Module, training: Training) -> Setup:
                  returns_loss=True, settings={"checkpoint": "per block"})
 
 
+WHOLE_MODEL = "the model (its output holds the logits; the loss is taken outside)"
+
+
+def compile_whole_with_budget(budget: float) -> Callable[[nn.Module, Training], Setup]:
+    """torch.compile over the model itself, as most code calls it: the compiled output holds the logits, and
+    the training step takes the loss from it outside the compiled graph."""
+
+    def prepare(model: nn.Module, training: Training) -> Setup:
+        import torch._functorch.config as functorch_config
+
+        return Setup(torch.compile(model), context=lambda: functorch_config.patch(activation_memory_budget=budget),
+                     compiled=True, settings={"activation_memory_budget": budget, "compiled": WHOLE_MODEL})
+
+    return prepare
+
+
+def compile_whole_checkpointed(model: nn.Module, training: Training) -> Setup:
+    return Setup(torch.compile(checkpoint_blocks(model)), compiled=True,
+                 settings={"checkpoint": "per block", "compiled": WHOLE_MODEL})
+
+
+def linear_ce_checkpointed(model: nn.Module, training: Training) -> Setup:
+    """Per-block checkpointing and the loss by linear_cross_entropy (no logits tensor), eager."""
+    return Setup(LinearCrossEntropyLM(checkpoint_blocks(model)), returns_loss=True,
+                 settings={"checkpoint": "per block", "loss": "torch.nn.functional.linear_cross_entropy"})
+
+
+def compile_linear_ce_checkpointed(model: nn.Module, training: Training) -> Setup:
+    return Setup(torch.compile(LinearCrossEntropyLM(checkpoint_blocks(model))), compiled=True, returns_loss=True,
+                 settings={"checkpoint": "per block", "loss": "torch.nn.functional.linear_cross_entropy"})
+
+
+def compile_auto_chunker(model: nn.Module, training: Training) -> Setup:
+    """torch.compile with Inductor's auto-chunker on (it looks in the joint graph for a large tensor that a small
+    one amplifies, a loss head's logits, and computes it in chunks). `settings["auto_chunker"]` records each
+    joint graph it saw: chunked, or the reason it could not."""
+    import torch._inductor.config as inductor_config
+
+    seen: list[str] = []
+
+    @contextlib.contextmanager
+    def context() -> Iterator[None]:
+        with inductor_config.patch({"auto_chunker.enable": True}), auto_chunker_probe(seen):
+            yield
+
+    return Setup(torch.compile(LossOnly(model, training.workload)), context=context, compiled=True, returns_loss=True,
+                 settings={"auto_chunker": seen})
+
+
+@contextlib.contextmanager
+def auto_chunker_probe(seen: list[str]) -> Iterator[None]:
+    """Record what Inductor's auto-chunker did to each joint graph: "chunked", or why it could not."""
+    from torch._inductor.fx_passes import auto_chunker
+
+    original = auto_chunker.chunk
+
+    def recording(graph):
+        try:
+            result = original(graph)
+        except auto_chunker.CantChunk as error:
+            seen.append(f"not chunked: {error}"[:200])
+            raise
+        seen.append("chunked")
+        return result
+
+    auto_chunker.chunk = recording
+    try:
+        yield
+    finally:
+        auto_chunker.chunk = original
+
+
 def plan_step(model: nn.Module, training: Training, **options: Any) -> memopt.MemoryPlan:
     """memopt.plan of the workload's whole step (forward, loss, backward, optimizer step) on the CPU."""
     return memopt.plan(model, training.inputs, loss_fn=training.workload.loss_fn, optimizer=training.optimizer,
@@ -127,13 +260,14 @@ def plan_step(model: nn.Module, training: Training, **options: Any) -> memopt.Me
 
 
 def budget_range(model: nn.Module, training: Training) -> dict[str, Any]:
-    """The smallest budget memopt can meet (and the proven minimum below it) and eager's predicted peak.
+    """The smallest budget memopt can meet (and the proven minimum below it), with the loss head over slices of
+    the tokens where that helps (`CHUNK_LOSS`), and eager's predicted peak.
 
     The same model build and batch give the same numbers in every process that asks, so each memopt@k
     row computes its own budget and the report checks that the rows agree."""
     start = time.perf_counter()
     try:
-        plan_step(model, training, budget=1)
+        plan_step(model, training, budget=1, chunk_loss=CHUNK_LOSS)
     except memopt.BudgetInfeasibleError as error:
         minimum, proven = error.minimum, error.proven_minimum
     else:
@@ -157,8 +291,8 @@ def memopt_budget(index: int, count: int = MEMOPT_BUDGETS, *,
 
     def prepare(model: nn.Module, training: Training) -> Setup:
         budget, found = budget_at(model, training, index, count)
-        return memopt_setup(model, training, budget, solver=None, backend=backend, budget_index=index,
-                            budget_count=count, **found)
+        return memopt_setup(model, training, budget, solver=None, backend=backend, chunk_loss=CHUNK_LOSS,
+                            budget_index=index, budget_count=count, **found)
 
     return prepare
 
@@ -169,11 +303,13 @@ def memopt_backend_budget(index: int, count: int = MEMOPT_BUDGETS) -> Callable[[
 
     def prepare(model: nn.Module, training: Training) -> Setup:
         budget, found = budget_at(model, training, index, count)
-        options = {"budget": budget, "optimizer": training.optimizer, "device": "cpu", "cache": False}
+        options = {"budget": budget, "optimizer": training.optimizer, "device": "cpu", "cache": False,
+                   "chunk_loss": CHUNK_LOSS}
         compiled = torch.compile(LossOnly(model, training.workload), backend="memopt", options=options)
         return Setup(compiled, compiled=True, returns_loss=True, plan=lambda: memopt.backend.plans(options)[-1],
                      settings={"budget_bytes": budget, "solver": "memopt", "backend": "torch.compile(memopt)",
-                               "plan_seconds": None, "budget_index": index, "budget_count": count, **found})
+                               "plan_seconds": None, "chunk_loss": CHUNK_LOSS, "budget_index": index, "budget_count": count,
+                               **found})
 
     return prepare
 
@@ -189,8 +325,8 @@ def memopt_at_peak_of(other: str) -> Callable[[nn.Module, Training], Setup]:
                              f"(python benchmarks/run.py --strategies {other},memopt-inductor={other})")
         peak = training.peaks[other]
         budget = budget_for_peak(peak, PlanConfig().headroom)
-        return memopt_setup(model, training, budget, solver=None, backend="inductor", peak_of=other,
-                            peak_of_bytes=peak)
+        return memopt_setup(model, training, budget, solver=None, backend="inductor", chunk_loss=CHUNK_LOSS,
+                            peak_of=other, peak_of_bytes=peak)
 
     return prepare
 
@@ -202,24 +338,25 @@ def memopt_blocks(model: nn.Module, training: Training) -> Setup:
 
 
 def memopt_setup(model: nn.Module, training: Training, budget: int, *, solver: str | None, backend: str = "fx",
-                 **settings: Any) -> Setup:
+                 chunk_loss: int | str = 1, **settings: Any) -> Setup:
     """memopt.compile(model) at `budget`, with the time memopt.plan takes for that budget measured apart
     (the compiled module plans again on its first call, and with backend="inductor" compiles there too:
     the first step's extra time says so). With Inductor the budget may be below every plan: memopt.compile
     then runs the code of a plan just above it that fits (the time is then that of the refused plan)."""
     start = time.perf_counter()
     try:
-        planned_peak = plan_step(model, training, budget=budget, solver=solver).peak_bytes
+        planned_peak = plan_step(model, training, budget=budget, solver=solver, chunk_loss=chunk_loss).peak_bytes
     except memopt.BudgetInfeasibleError:
         if backend != "inductor":
             raise
         planned_peak = None
     plan_seconds = time.perf_counter() - start
     compiled = memopt.compile(model, budget=budget, loss_fn=training.workload.loss_fn,
-                              optimizer=training.optimizer, device="cpu", solver=solver, backend=backend)
+                              optimizer=training.optimizer, device="cpu", solver=solver, backend=backend,
+                              chunk_loss=chunk_loss)
     return Setup(compiled, returns_loss=True, plan=lambda: compiled.plan, settings={
         "budget_bytes": budget, "solver": solver or "memopt", "backend": backend, "plan_seconds": plan_seconds,
-        "planned_apart_peak_bytes": planned_peak, **settings})
+        "planned_apart_peak_bytes": planned_peak, "chunk_loss": chunk_loss, **settings})
 
 
 # what a PyTorch user would run: eager, and the torch rows memopt is compared with at the same peak
@@ -228,13 +365,20 @@ TORCH_STRATEGIES: dict[str, Callable[[nn.Module, Training], Setup]] = {
     "checkpoint": per_block_checkpoint,
     **{f"compile-amb-{budget}": compile_with_budget(budget) for budget in (1.0, 0.5, 0.2, 0.0)},
     "compile-checkpoint": compile_checkpointed,
+    "whole-compile-amb-0.5": compile_whole_with_budget(0.5),
+    "whole-compile-checkpoint": compile_whole_checkpointed,
+    "linear-ce-checkpoint": linear_ce_checkpointed,
+    "compile-linear-ce-checkpoint": compile_linear_ce_checkpointed,
+    "compile-autochunker": compile_auto_chunker,
 }
+# the torch rows that memopt-inductor=<row> meets at their measured peak (and benchmarks/pairs.py times beside it)
+SAME_PEAK_ROWS = ("checkpoint", *(f"compile-amb-{budget}" for budget in (1.0, 0.5, 0.2, 0.0)), "compile-checkpoint")
 STRATEGIES: dict[str, Callable[[nn.Module, Training], Setup]] = {
     **TORCH_STRATEGIES,
     **{f"memopt@{index}": memopt_budget(index) for index in range(MEMOPT_BUDGETS)},
     "memopt-blocks": memopt_blocks,
     **{f"memopt-inductor@{index}": memopt_budget(index, backend="inductor") for index in range(MEMOPT_BUDGETS)},
-    **{f"memopt-inductor={name}": memopt_at_peak_of(name) for name in TORCH_STRATEGIES if name != "eager"},
+    **{f"memopt-inductor={name}": memopt_at_peak_of(name) for name in SAME_PEAK_ROWS},
     **{f"memopt-backend@{index}": memopt_backend_budget(index) for index in range(MEMOPT_BUDGETS)},
 }
 
@@ -252,6 +396,7 @@ def memopt_summary(plan: memopt.MemoryPlan, compiled: Any = None) -> dict[str, A
         "recomputed_bytes": sum(d.bytes for d in recomputed),
         "solver": {"name": solver.name, "status": solver.status, "objective_s": solver.objective,
                    "lower_bound_s": solver.lower_bound, "gap": solver.gap, "seconds": solver.seconds},
+        "chunked": [dataclasses.asdict(head) for head in plan.chunked],  # loss heads run over slices of the tokens
     }
     if isinstance(compiled, memopt.CompiledModule) and compiled.backend == "inductor":
         summary["inductor"] = inductor_summary(compiled)
