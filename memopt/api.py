@@ -16,6 +16,7 @@ from memopt.device import DeviceSpec, get_device
 from memopt.errors import MemoptError
 from memopt.fit import fit
 from memopt.lower.lowering import FXLowering, Lowering
+from memopt.lower.optimizer_step import InBackwardSteps
 from memopt.lower.runner import Executor, StepRunner, run_step
 from memopt.passes.optimizer_memory import ParamInfo, optimizer_groups
 from memopt.passes.remat_plan import SOLVERS
@@ -36,6 +37,7 @@ def plan(
     layout: bool = False,
     solver: str | None = None,
     chunk_loss: int | str | None = None,
+    step_in_backward: bool | None = None,
     config: PlanConfig | None = None,
 ) -> MemoryPlan:
     """The memory plan of one steady-state training step of ``model`` on ``example_inputs``.
@@ -57,11 +59,13 @@ def plan(
     the tokens, so that the logits never exist whole, where that fits a budget the
     traced step cannot or costs less (``chunked``); a number forces that many slices,
     and 1 (the default) keeps the step bitwise eager: chunking changes the order of
-    the sums over the tokens. ``config`` sets every other knob
+    the sums over the tokens. ``step_in_backward=True`` plans the optimizer's update
+    of each parameter inside the backward, right after its gradient is final, which
+    frees that gradient (``memopt.compile``'s option of the same name runs it). ``config`` sets every other knob
     (solver time limits, headroom). Nothing is run: the
     step is traced on fake tensors, and the model is left as it was.
     """
-    config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss)
+    config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss, step_in_backward=step_in_backward)
     budget_bytes = parse_budget(budget)
     plan_at = _planner(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, device=device,
                        offload=offload, fake=fake, config=config)
@@ -106,11 +110,15 @@ def _with_offload(config: PlanConfig, offload: bool | None, spec: DeviceSpec) ->
     return dataclasses.replace(config, offload=offload)
 
 
-def _config(config: PlanConfig | None, *, layout: bool, solver: str | None,
-            chunk_loss: int | str | None) -> PlanConfig:
+def _config(config: PlanConfig | None, *, layout: bool, solver: str | None, chunk_loss: int | str | None,
+            step_in_backward: bool | None) -> PlanConfig:
     config = config or PlanConfig()
     if chunk_loss is not None:
         config = dataclasses.replace(config, chunk_loss=chunk_loss)
+    if step_in_backward is not None:
+        if not isinstance(step_in_backward, bool):
+            raise MemoptError(f"step_in_backward must be True or False, got {step_in_backward!r}")
+        config = dataclasses.replace(config, step_in_backward=step_in_backward)
     if layout:
         config = dataclasses.replace(config, layout=True)
     if solver is not None:
@@ -134,6 +142,7 @@ def compile(
     config: PlanConfig | None = None,
     layout: bool = False,
     chunk_loss: int | str | None = None,
+    step_in_backward: bool | None = None,
 ) -> CompiledModule:
     """``model`` as a module whose training step runs memopt's plan for ``budget``.
 
@@ -166,6 +175,13 @@ def compile(
     ``chunk_loss`` is ``memopt.plan``'s: "auto" or a number runs the loss head over
     slices of the tokens (the plan's ``chunked``), within float tolerance of eager.
 
+    ``step_in_backward=True`` (FX backend, an optimizer instance) updates each parameter
+    inside the backward as soon as its gradient is final, with the optimizer's own
+    code, and frees the gradient (``memopt.lower.optimizer_step``): call
+    ``optimizer.step()`` after each backward as usual; it finds no gradient and does
+    nothing. Gradient accumulation and clipping by the global norm cannot compose with
+    it (a forward after a backward with no ``optimizer.step()`` between is refused).
+
     ``layout=True`` (FX backend) runs the step's intermediates in one arena allocated
     at the first planned op and freed after the last one: each planned op writes
     through its ``out=`` overload into a view at its planned offset, in the order the
@@ -194,10 +210,27 @@ def compile(
         raise MemoptError("memopt.compile needs a budget, e.g. budget='24GB'")
     if layout:
         offload = False  # offload=None would turn it on for CUDA devices
-    config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss)
+    config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss, step_in_backward=step_in_backward)
+    if config.step_in_backward:
+        _check_step_in_backward(backend, layout, optimizer, model)
     return CompiledModule(model, budget=parse_budget(budget), loss_fn=loss_fn, optimizer=optimizer,
                           device=device, config=config, backend=backend,
                           inductor_options=inductor_options, offload=offload, layout=layout)
+
+
+def _check_step_in_backward(backend: str, layout: bool, optimizer: Any, model: nn.Module) -> None:
+    if backend != "fx" or layout:
+        raise MemoptError("step_in_backward=True runs with backend='fx' and layout=False in this version (Inductor "
+                          "would have to call the optimizer from its compiled backward, and the arena's order pass "
+                          "does not keep a parameter's readers before its update); use backend='fx', or "
+                          "step_in_backward=False")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise MemoptError(f"step_in_backward=True updates parameters with the optimizer itself: pass the optimizer "
+                          f"instance (optimizer=opt), not {optimizer!r}")
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not trained & held:
+        raise MemoptError("step_in_backward=True: the optimizer holds none of the model's trainable parameters")
 
 
 class CompiledModule(nn.Module):
@@ -217,6 +250,8 @@ class CompiledModule(nn.Module):
         self._inductor_options = inductor_options
         self._steps: dict[tuple, tuple[MemoryPlan, StepRunner, Executor]] = {}
         self._last: tuple[MemoryPlan, StepRunner, Executor] | None = None
+        self._in_backward = (InBackwardSteps(optimizer, dict(model.named_parameters()))
+                             if config.step_in_backward else None)
 
     @property
     def plan(self) -> MemoryPlan | None:
@@ -238,6 +273,8 @@ class CompiledModule(nn.Module):
         if any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in leaves):
             raise MemoptError("memopt.compile trains the model's parameters; an input that requires grad would need "
                               "its own gradient, which memopt does not plan: pass it detached, or make it a parameter")
+        if self._in_backward is not None:
+            self._in_backward.check_before_forward()
         key = _signature(self.model, inputs)
         if key not in self._steps:
             self._steps[key] = self._lower(inputs)
@@ -256,7 +293,10 @@ class CompiledModule(nn.Module):
         plan_at = _planner(self.model, inputs, loss_fn=self._loss_fn, optimizer=self._optimizer, device=self._device,
                            offload=self._offload, fake=None, config=self._config)
         fitted = fit(plan_at, Budget(self.budget_bytes, self._config.headroom), lowering)
-        return fitted.plan, fitted.lowered.runner, fitted.lowered.executor
+        runner = fitted.lowered.runner
+        if runner.stepped:
+            runner.bind_steps(self._in_backward.update_of)
+        return fitted.plan, runner, fitted.lowered.executor
 
 
 def _split(inputs: tuple | dict) -> tuple[tuple, dict]:

@@ -121,6 +121,10 @@ class BackendOptions:
             raise MemoptError("the memopt backend does not lay out an arena (AOTAutograd runs the forward and the "
                               "backward as two programs, and the arena spans both): memopt.compile(..., layout=True) "
                               "does; pass a config without layout")
+        if config.step_in_backward:
+            raise MemoptError("the memopt backend does not update parameters inside the backward (AOTAutograd "
+                              "hands the gradients to autograd, which fills .grad); memopt.compile(..., "
+                              "step_in_backward=True) does; pass a config without step_in_backward")
         cache = options.get("cache", True)
         if cache is True:
             from torch._inductor.runtime.cache_dir_utils import cache_dir

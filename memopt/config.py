@@ -30,6 +30,9 @@ class PlanConfig:
     # "auto", as many as the recompute plan is cheapest with, and only when that beats the traced head; n: always n.
     # Exact up to the order of the sums over the tokens (the loss, the head's weight and bias gradients)
     chunk_loss: int | str = 1
+    # the optimizer updates each parameter inside the backward, as soon as its gradient is final (memopt.compile's
+    # step_in_backward: the user's optimizer.step() then finds no gradient and does nothing)
+    step_in_backward: bool = False
 
     def __post_init__(self) -> None:
         chunks = self.chunk_loss

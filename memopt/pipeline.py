@@ -33,6 +33,7 @@ from memopt.passes.order_plan import plan_order
 from memopt.passes.recompute import apply_recompute
 from memopt.passes.remat_plan import RecomputePlan, plan_recompute
 from memopt.passes.scratch import ScratchModel, measure_scratch
+from memopt.passes.step_in_backward import sink_steps, step_temporaries, steps_in_backward
 from memopt.passes.storage import StorageTable, storage_table
 from memopt.report.plan import (
     ChunkedHead,
@@ -91,6 +92,10 @@ def run_pipeline(
         _warn_no_optimizer(params)
     opt = history.run("optimizer-memory", optimizer_memory, optimizer, params,
                       device_is_cuda=device.is_cuda, groups_of=groups_of)
+    # the optimizer step inside the backward: each parameter updated once its gradient is final, which frees it
+    if config.step_in_backward:
+        step = history.run("step-in-backward", steps_in_backward, step, opt.temporaries_by_param)
+        opt = opt.without(step.stepped)
     # workspace kernels allocate inside themselves, measured per distinct op on the real device
     scratch_model = None
     if config.measure_scratch and not step.fake:
@@ -137,7 +142,7 @@ def run_pipeline(
                                  budget_bytes, minimum, eager_peak)
         if offloaded is not None:
             plan, step, table, live, timeline = offloaded
-            scratch = scratch_model.per_node(step.graph) if scratch_model else ()
+            scratch = _scratch(step, scratch_model, opt)
             found = plan.solution
             solver = SolverReport(f"{remat.solver}+offload", found.status, found.objective, found.lower_bound,
                                   _gap(found.objective, found.lower_bound), solution.seconds + found.seconds)
@@ -157,7 +162,7 @@ def run_pipeline(
             if remat.chosen:
                 # the step as it will run: chosen activations dropped after the forward, recomputed in the backward
                 graph = history.run("rewrite", apply_recompute, step.graph, step.backward_start, list(remat.chosen))
-                step = dataclasses.replace(step, graph=graph)
+                step = _steps_sunk(dataclasses.replace(step, graph=graph))
                 table, live, scratch, timeline, _ = _analysed(history, step, opt, scratch_model)
                 history.peaks("rewrite", eager_peak, timeline.peak_bytes)
                 if timeline.peak_bytes > target:  # the solver's simulation replays the rewrite: never expected
@@ -200,6 +205,7 @@ def run_pipeline(
         offload=offload,
         program=step,
         chunked=chunked,
+        stepped=tuple(step.stepped),
     )
 
 
@@ -208,10 +214,27 @@ def _analysed(history: _History, step: CapturedStep, opt: OptimizerMemory, scrat
     """The step's storages, their live ranges, each node's scratch, the timeline and the smallest budget."""
     table = history.run("storages", storage_table, step)
     live = history.run("liveness", liveness, table)
-    scratch = scratch_model.per_node(step.graph) if scratch_model else ()
+    scratch = _scratch(step, scratch_model, opt)
     timeline = history.run("timeline", memory_timeline, table, live, opt, scratch)
     minimum = history.run("lower-bound", minimum_budget, table, live, timeline, scratch)
     return table, live, scratch, timeline, minimum
+
+
+def _scratch(step: CapturedStep, scratch_model: ScratchModel | None, opt: OptimizerMemory) -> tuple[int, ...]:
+    """Per node: the workspace its kernel allocates inside itself (measured), and a parameter update's
+    temporaries where the optimizer steps inside the backward."""
+    measured = scratch_model.per_node(step.graph) if scratch_model else ()
+    if not step.stepped:
+        return measured
+    updates = step_temporaries(step.graph, step, opt)
+    return tuple(a + b for a, b in zip(measured or (0,) * len(updates), updates))
+
+
+def _steps_sunk(step: CapturedStep) -> CapturedStep:
+    """After a rewrite that added readers of parameters: each in-backward update after its parameter's last reader."""
+    if step.stepped:
+        sink_steps(step.graph)
+    return step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +300,7 @@ def _with_chunking_hint(error: BudgetInfeasibleError, alternative: _Chunked, hea
 
 def _chunked_step(history: _History, step: CapturedStep, heads: list[LossHead], count: int, opt: OptimizerMemory,
                   scratch_model: ScratchModel | None) -> tuple[CapturedStep, tuple]:
-    chunked = history.run("chunk-loss", chunk_step, step, {head.loss: count for head in heads})
+    chunked = _steps_sunk(history.run("chunk-loss", chunk_step, step, {head.loss: count for head in heads}))
     return chunked, _analysed(history, chunked, opt, scratch_model)
 
 
@@ -323,11 +346,10 @@ def _rewritten(history: _History, step: CapturedStep, plan: OffloadPlan, opt: An
         graph = history.run("rewrite", apply_recompute, graph, step.backward_start, list(plan.recomputed))
     rewrite = history.run("rewrite-offload", apply_offload, graph, step.backward_start, list(plan.specs),
                           step.device)
-    new_step = dataclasses.replace(step, graph=rewrite.graph)
+    new_step = _steps_sunk(dataclasses.replace(step, graph=rewrite.graph))
     new_table = _host_apart(history.run("storages", storage_table, new_step), rewrite.offload_nodes)
     new_live = history.run("liveness", liveness, new_table)
-    scratch = scratch_model.per_node(new_step.graph) if scratch_model else ()
-    timeline = history.run("timeline", memory_timeline, new_table, new_live, opt, scratch)
+    timeline = history.run("timeline", memory_timeline, new_table, new_live, opt, _scratch(new_step, scratch_model, opt))
     history.peaks("rewrite-offload", before, timeline.peak_bytes)
     return new_step, new_table, new_live, timeline
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
@@ -53,6 +53,8 @@ class CapturedStep:
     seconds: float
     outputs: tuple[str, ...] = ()  # other nodes the step returns (live to its end), besides loss and gradients
     mutated_inputs: tuple[str, ...] = ()  # placeholders written after the forward (AOTAutograd's input mutations)
+    # parameters the optimizer updates inside the backward -> their gradient's node (freed there, not returned)
+    stepped: dict[str, str] = field(default_factory=dict)
 
 
 

@@ -12,6 +12,7 @@ peak is the planned one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -19,6 +20,7 @@ from torch import fx
 from torch.fx.graph import _BoxedCodeGen
 
 from memopt.capture import CapturedStep
+from memopt.passes.step_in_backward import step_parameter
 
 
 class _Program:
@@ -80,6 +82,17 @@ class StepRunner:
         self.backward_inputs = [seed, *self.saved, *([loss] if self.loss_read_by_backward else [])]
         self.forward = _Program(step.graph, forward, self.placeholders, [loss, *self.saved_forward])
         self.backward = _Program(step.graph, backward, self.backward_inputs, grad_nodes)
+        self.parameter_of = {p.node: p.name for p in step.placeholders if p.role == "parameter"}
+        self.stepped = tuple(step.stepped)  # parameters the backward updates (unbound until bind_steps)
+
+    def bind_steps(self, update_of: Callable[[str], Callable[[Any, Any], None]]) -> None:
+        """Each in-backward update (a ``step_parameter`` node) calls ``update_of(parameter name)`` with the
+        parameter and its gradient."""
+        graph = self.backward.module.graph
+        for node in graph.nodes:
+            if node.target is step_parameter:
+                node.target = update_of(self.parameter_of[node.args[0].name])
+        self.backward.module.recompile()
 
     def run_forward(self, values: list[Any]) -> list[Any]:
         """The loss and the saved set, from the placeholders' ``values`` (the list is emptied)."""

@@ -105,6 +105,7 @@ def chunk_step(step: CapturedStep, chunks: dict[str, int]) -> CapturedStep:
 
     return dataclasses.replace(step, graph=graph, loss_node=name(step.loss_node), backward_start=start,
                                gradients={p: name(g) for p, g in step.gradients.items()},
+                               stepped={p: name(g) for p, g in step.stepped.items()},
                                outputs=tuple(map(name, step.outputs)))
 
 

@@ -10,7 +10,9 @@ kernels allocate none. Checked against the profiler in tests/test_ledger.py.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +55,22 @@ class OptimizerMemory:
     state_bytes: int
     state_by_param: dict[str, int]
     phases: tuple[StepPhase, ...]  # in execution order
+    # what one parameter's update allocates alone (the per-parameter loop's; none when fused): an update
+    # inside the backward (step_in_backward) runs one parameter at a time
+    temporaries_by_param: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def without(self, stepped: Collection[str]) -> OptimizerMemory:
+        """The step after the backward once the ``stepped`` parameters were updated inside it: the others'."""
+        if not stepped:
+            return self
+        left = [p for p in self.temporaries_by_param if p not in stepped]
+        if self.implementation == "fused" or not left:
+            phases: tuple[StepPhase, ...] = ()
+        elif self.implementation == "foreach":
+            phases = (StepPhase(f"{self.name}.step (foreach)", sum(self.temporaries_by_param[p] for p in left)),)
+        else:
+            phases = tuple(StepPhase(f"{self.name}.step: {p}", self.temporaries_by_param[p]) for p in left)
+        return dataclasses.replace(self, phases=phases)
 
     @property
     def step_peak_extra(self) -> int:
@@ -126,7 +144,9 @@ def optimizer_memory(
         phases = (StepPhase(f"{name}.step (foreach)", sum(extra for _, extra in temporaries)),)
     else:
         phases = tuple(StepPhase(f"{name}.step: {p.name}", extra) for p, extra in temporaries)
-    return OptimizerMemory(name, implementation, sum(state_by_param.values()), state_by_param, phases)
+    alone = {p.name: 0 if implementation == "fused" else _step_temporaries(name, p, per_param[p.name], False)
+             for p in held}
+    return OptimizerMemory(name, implementation, sum(state_by_param.values()), state_by_param, phases, alone)
 
 
 def _defaults(cls: type) -> dict[str, Any]:

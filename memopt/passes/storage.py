@@ -82,7 +82,7 @@ def storage_table(step: CapturedStep) -> StorageTable:
     roles = {p.node: p.role for p in step.placeholders}
     input_names = {p.node: p.name for p in step.placeholders}  # "transformer.h.0.attn.c_attn.weight", ...
     output_names = {step.loss_node, *step.gradients.values(), *step.outputs}
-    gradient_names = set(step.gradients.values())
+    gradient_names = {*step.gradients.values(), *step.stepped.values()}  # a stepped one frees after its update
 
     key_of: dict[StorageWeakRef, int] = {}
     nbytes: list[int] = []
@@ -127,9 +127,9 @@ def storage_table(step: CapturedStep) -> StorageTable:
             readers[key].append(i)
         made = keys if node.op != "placeholder" else []
         touched.append(tuple(k for k in sorted(reads.union(made)) if defined[k] >= 0))
-        if node.name in output_names:
+        if node.name in output_names or node.name in gradient_names:
             for key in keys:
-                is_output[key] = True
+                is_output[key] = is_output[key] or node.name in output_names
                 if node.name in gradient_names and category[key] == TEMPORARIES:
                     category[key] = GRADIENTS
 

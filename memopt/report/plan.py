@@ -146,6 +146,7 @@ class MemoryPlan:
     compiled_peak_bytes: int | None = None  # Inductor's code for the step, read from its wrapper (what runs)
     compiles: tuple[CompileAttempt, ...] = ()  # the Inductor compiles tried for it, in order
     chunked: tuple[ChunkedHead, ...] = ()  # loss heads run over slices of the tokens
+    stepped: tuple[str, ...] = ()  # parameters the optimizer updates inside the backward (step_in_backward)
     program: CapturedStep | None = dataclasses.field(default=None, compare=False, repr=False)  # what runs
 
     # -- the numbers --------------------------------------------------------
@@ -234,6 +235,7 @@ class MemoryPlan:
                 "implementation": self.optimizer.implementation,
                 "state_bytes": self.optimizer.state_bytes,
                 "step_peak_extra_bytes": self.optimizer.step_peak_extra,
+                "in_backward": list(self.stepped),
             },
             "decisions": [dataclasses.asdict(d) for d in self.decisions],
             "solver": dataclasses.asdict(self.solver),
@@ -325,7 +327,9 @@ class MemoryPlan:
         lines.append("")
         lines.append(f"optimizer: {self.optimizer.name} ({self.optimizer.implementation}), state "
                      f"{format_bytes(self.optimizer.state_bytes)}, step temporaries up to "
-                     f"{format_bytes(self.optimizer.step_peak_extra)}")
+                     f"{format_bytes(self.optimizer.step_peak_extra)}"
+                     + (f"; {len(self.stepped)} parameters updated inside the backward, each as soon as its gradient "
+                        f"is final (step_in_backward)" if self.stepped else ""))
         lines.append(f"smallest budget any recompute plan can meet: {format_bytes(self.minimum.bytes)} "
                      f"(at {self.minimum.where})")
         if self.order is not None:
