@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from benchmarks import report, run
-from benchmarks.strategies import STRATEGIES, CheckpointedBlock, Training, checkpoint_blocks, compile_with_budget
+from benchmarks.strategies import (
+    STRATEGIES,
+    CheckpointedBlock,
+    LinearCrossEntropyLM,
+    Training,
+    checkpoint_blocks,
+    compile_with_budget,
+)
 from memopt.budget import budget_for_peak
 from memopt.config import PlanConfig
 from memopt.examples import ResidualMLP
@@ -40,6 +47,8 @@ def test_eager_checkpoint_and_memopt_rows_measure_plan_and_agree_on_the_loss():
     # the peak counts what this process held before the row (earlier tests' leftovers); the budget does not
     assert summary["fits"] and planned["measured"]["peak_bytes"] - planned["foreign_bytes"] <= settings["budget_bytes"]
     assert planned["loss"] == eager["loss"]  # same seed, same weights: the planned step computes the same loss
+    # the budget comes from memopt.plan(..., chunk_loss="auto"); an MLP has no language-model head to chunk
+    assert settings["chunk_loss"] == "auto" and summary["chunked"] == []
 
     results = {"date": "today", "machine": run.machine(), "versions": run.versions(), "total_wall_s": 1.0,
                "settings": {"repeats": 1, "quick": True}, "rows": rows}
@@ -216,3 +225,60 @@ def test_a_run_times_again_the_torch_rows_whose_same_peak_row_it_ran():
             {"workload": "gpt2", "strategy": "memopt-inductor=checkpoint"}]
     assert pairs_of_run(rows) == [("mlp", "checkpoint")]
     assert run.parse_args([]).pairs_rounds == 7 and run.parse_args(["--quick"]).pairs_rounds == 0
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert_mlm", "t5"])
+def test_linear_cross_entropy_on_the_final_hidden_states_is_the_models_own_loss(name):
+    workload = run.make_workload(name, quick=True)
+    model = workload.build().train()  # dropout on (bert_mlm, t5): both losses draw the same noise from one seed
+    inputs = workload.inputs()
+    torch.manual_seed(3)
+    expected = model(**inputs).loss
+    torch.manual_seed(3)
+    fused = LinearCrossEntropyLM(model)(**inputs)
+    assert fused.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_the_linear_cross_entropy_rows_skip_a_model_without_a_language_model_head_and_say_why():
+    row = run.run_one("resnet_bn", "linear-ce-checkpoint", repeats=1, quick=True)
+    assert "error" not in row and "no linear language-model head" in row["skipped"]
+    assert run.one_line(row).startswith("skipped: ResNet")
+    line = report.strategy_row(row, None)
+    assert line[:2] == ["linear-ce-checkpoint", f"skipped: {row['skipped']}"]
+
+
+@pytest.mark.parametrize("name", ["resnet_bn", "bert_mlm", "t5"])
+def test_the_new_workloads_train_eagerly_with_memopts_prediction_and_checkpointed_per_block(name):
+    eager, checkpointed = (run.run_one(name, strategy, repeats=1, quick=True) for strategy in ("eager", "checkpoint"))
+    for row in (eager, checkpointed):
+        assert "error" not in row, row.get("traceback")
+        assert row["measured"]["peak_bytes"] > row["measured"]["baseline_bytes"] > 0
+    assert "error" not in eager["plan"] and eager["plan"]["peak_bytes"] > 0
+    assert checkpointed["measured"]["peak_bytes"] < eager["measured"]["peak_bytes"]
+    # one generator state before every row's first step: checkpointing redraws dropout's noise as eager drew it
+    assert checkpointed["loss"] == pytest.approx(eager["loss"], rel=1e-6)
+
+
+def test_the_report_sets_the_lowest_torch_peak_beside_memopts_lowest_within_budget():
+    rows = [fake_row("eager", 400, 1.0), fake_row("compile-amb-0.5", 350, 1.2), fake_row("checkpoint", 250, 1.5),
+            fake_row("memopt@0", 200, 1.1, budget_mib=190), fake_row("memopt@1", 225, 1.0, budget_mib=230),
+            fake_row("memopt@2", 330, 0.9, budget_mib=340)]
+    # memopt@0 measured under torch's lowest but over its budget: memopt's lowest within budget is memopt@1
+    assert report.lowest_peak_cells(rows) == ["250.0", "checkpoint", "225.0", "memopt@1", "-10.0"]
+    text = "\n".join(report.lowest_peak_lines({"mlp": rows, "gpt2": rows[:3]}))
+    assert "| mlp | 250.0 | checkpoint | 225.0 | memopt@1 | -10.0 |" in text and "| gpt2 |" not in text
+    assert "| 250.0 | checkpoint | 225.0 | memopt@1 | -10.0 |" in "\n".join(report.workload_section("mlp", rows))
+
+
+@pytest.mark.slow
+def test_the_whole_model_linear_cross_entropy_and_auto_chunker_rows_compile_and_count_their_graphs():
+    eager = run.run_one("gpt2", "eager", repeats=1, quick=True)
+    rows = {strategy: run.run_one("gpt2", strategy, repeats=1, quick=True)
+            for strategy in ("whole-compile-amb-0.5", "compile-linear-ce-checkpoint", "compile-autochunker")}
+    for strategy, row in rows.items():
+        assert "error" not in row, (strategy, row.get("traceback"))
+        assert row["dynamo"]["graphs"] >= 1 and not row["dynamo"]["recompiled_after_warmup"]
+        assert row["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+    whole = rows["whole-compile-amb-0.5"]
+    assert "the model" in whole["settings"]["compiled"] and whole["partitions"][0]["memory_budget"] == 0.5
+    assert rows["compile-autochunker"]["settings"]["auto_chunker"]  # what the chunker did with each joint graph
