@@ -128,7 +128,8 @@ def run_pipeline(
             # the loss heads over slices of the tokens, when the recompute plan of that step costs less (the
             # head's logits are computed twice) or fits where the traced step's does not
             alternative = _chunked(history, step, heads, opt, scratch_model, config, device, recompute_plan)
-            if alternative.chosen_over(remat, infeasible):
+            traced_smallest = max(minimum.bytes, budget_for_peak(remat.solution.peak_bytes, config.headroom))
+            if alternative.chosen_over(remat, infeasible, traced_smallest, config.headroom):
                 step, table, live, scratch, timeline, minimum = alternative.analysed
                 remat, chunked = alternative.remat, alternative.heads
         elif heads and infeasible:
@@ -246,11 +247,14 @@ class _Chunked:
     heads: tuple[ChunkedHead, ...]
     forced: bool  # the config names the chunk count
 
-    def chosen_over(self, remat: RecomputePlan, infeasible: bool) -> bool:
+    def chosen_over(self, remat: RecomputePlan, infeasible: bool, traced_smallest: int, headroom: float) -> bool:
         """This plan runs instead of ``remat`` (of the traced heads): the config says so, the traced step does not
-        fit (``infeasible``), or this one costs less, the logits computed twice included."""
-        if self.forced or infeasible:
+        fit (``infeasible``) and this one meets a smaller budget than its ``traced_smallest``, or this one costs
+        less, the logits computed twice included."""
+        if self.forced:
             return True
+        if infeasible:
+            return self.smallest_budget(headroom) < traced_smallest
         extra = sum(head.cost_s for head in self.heads)
         return self.remat.solution.status != "infeasible" and self.remat.solution.cost_s + extra < remat.solution.cost_s
 
