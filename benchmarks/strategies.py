@@ -314,6 +314,25 @@ def memopt_backend_budget(index: int, count: int = MEMOPT_BUDGETS) -> Callable[[
     return prepare
 
 
+def memopt_stepped(model: nn.Module, training: Training) -> Setup:
+    """memopt.compile (FX) at the smallest budget it meets with the optimizer step inside the backward as well
+    (`step_in_backward=True`: each parameter updated as soon as its gradient is final) and `CHUNK_LOSS`."""
+    options = {"chunk_loss": CHUNK_LOSS, "step_in_backward": True}
+    start = time.perf_counter()
+    try:
+        plan_step(model, training, budget=1, **options)
+    except memopt.BudgetInfeasibleError as error:
+        minimum, proven = error.minimum, error.proven_minimum
+    else:
+        raise AssertionError("memopt.plan met a budget of one byte")
+    range_seconds = time.perf_counter() - start
+    compiled = memopt.compile(model, budget=minimum, loss_fn=training.workload.loss_fn, optimizer=training.optimizer,
+                              device="cpu", **options)
+    return Setup(compiled, returns_loss=True, plan=lambda: compiled.plan, settings={
+        "budget_bytes": minimum, "solver": "memopt", "backend": "fx", "plan_seconds": None, **options,
+        "minimum_bytes": minimum, "proven_minimum_bytes": proven, "range_seconds": range_seconds})
+
+
 def memopt_at_peak_of(other: str) -> Callable[[nn.Module, Training], Setup]:
     """memopt.compile(backend="inductor") asked to peak no higher than the torch row `other` measured in this run:
     its budget is the smallest whose planned part (the budget less memopt's headroom) is that peak, so both rows
@@ -380,6 +399,7 @@ STRATEGIES: dict[str, Callable[[nn.Module, Training], Setup]] = {
     **{f"memopt-inductor@{index}": memopt_budget(index, backend="inductor") for index in range(MEMOPT_BUDGETS)},
     **{f"memopt-inductor={name}": memopt_at_peak_of(name) for name in SAME_PEAK_ROWS},
     **{f"memopt-backend@{index}": memopt_backend_budget(index) for index in range(MEMOPT_BUDGETS)},
+    "memopt-stepped@0": memopt_stepped,
 }
 
 

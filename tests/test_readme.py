@@ -44,7 +44,13 @@ HOW = {
     "python benchmarks/run.py": "not run by the tests (~77 min, then ~35 min of pairs); "
                                 "test_benchmarks_smoke runs its rows' code",
     "python benchmarks/pairs.py": "not run by the tests (~35 min); test_benchmarks_smoke times one pair (slow tier)",
-    "python benchmarks/run.py --quick": SLOW,  # ~10 min
+    "python benchmarks/run.py --quick --workloads gpt2,mlp --strategies eager,checkpoint,compile-amb-0.5,memopt@0,"
+    "memopt-inductor@0,memopt-inductor=compile-amb-0.5,memopt-backend@0": SLOW,  # ~7 min
+    "python benchmarks/run.py --workloads resnet_bn,bert_mlm,t5,gpt2,llama --pairs-rounds 0 --out benchmarks/issue17 "
+    "--strategies eager,checkpoint,compile-amb-1.0,compile-amb-0.5,compile-amb-0.2,compile-amb-0.0,compile-checkpoint,"
+    "whole-compile-amb-0.5,whole-compile-checkpoint,linear-ce-checkpoint,compile-linear-ce-checkpoint,"
+    "compile-autochunker,memopt@0,memopt-inductor@0,memopt-backend@0,memopt-stepped@0":
+        "not run by the tests (~2 h); test_benchmarks_smoke runs each of its rows' code",
     "python benchmarks/run.py --workloads mlp --strategies eager,checkpoint --repeats 3": SLOW,
 }
 
