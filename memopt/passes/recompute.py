@@ -204,15 +204,25 @@ def _replay(graph: fx.Graph, node: fx.Node, before: fx.Node, inputs) -> fx.Node:
 
 
 def fake_result(node: fx.Node) -> object:
-    """Run ``node``'s op on its inputs' fake values, in their fake mode."""
+    """Run ``node``'s op on its inputs' fake values, in their fake mode (the graph's, for an op that takes no
+    tensor: a ``zeros`` run outside it would make a real tensor, which the graph's metadata then holds as long
+    as the graph lives, memory no plan counts)."""
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: arg.meta["val"])
     leaves = pytree.tree_leaves((args, kwargs))
-    # getitem of a tuple and the like have no fake input and run as they are
-    mode = next((leaf.fake_mode for leaf in leaves if hasattr(leaf, "fake_mode")), None)
-    if mode is None:
+    mode = next((leaf.fake_mode for leaf in leaves if hasattr(leaf, "fake_mode")), None) or _graph_fake_mode(node.graph)
+    if mode is None:  # a graph of real values (none is traced so): the op runs as it is
         return node.target(*args, **kwargs)
     # a constant of the graph (AOTAutograd's lifted scalar tensors) holds a real tensor: it enters the fake mode
     args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t if hasattr(t, "fake_mode") else mode.from_tensor(t),
                                         (args, kwargs))
     with mode:
         return node.target(*args, **kwargs)
+
+
+def _graph_fake_mode(graph: fx.Graph) -> object | None:
+    """The fake mode of the first fake value in ``graph``, if any."""
+    for other in graph.nodes:
+        for leaf in pytree.tree_leaves(other.meta.get("val")):
+            if hasattr(leaf, "fake_mode"):
+                return leaf.fake_mode
+    return None
