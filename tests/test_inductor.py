@@ -98,6 +98,21 @@ def test_scratch_is_measured_on_real_tensors_like_the_fake_ones():
     assert 0 < attention < 3 * q.nbytes and add == 0
 
 
+def test_dropouts_backward_counts_the_float_copy_of_its_boolean_mask():
+    """AOTAutograd's graph (the backend's) keeps native_dropout_backward, which converts the boolean mask to the
+    gradient's dtype and multiplies in a temporary: two gradient-sized buffers no schema shows. A boolean argument
+    runs (all false); before, the op was skipped and the benchmark T5 measured 4.3 MB over its backend plan."""
+    from memopt.passes.scratch import measurable, measure_calls
+
+    with FakeTensorMode():
+        grad, mask = torch.empty(64, 1024), torch.empty(64, 1024, dtype=torch.bool)
+    call = (torch.ops.aten.native_dropout_backward.default, (grad, mask, 1.25), {})
+    assert measurable(call[1], call[2])
+    assert not measurable((grad, torch.empty(64, dtype=torch.int64, device="meta")), {})  # indices stay out
+    (scratch,) = measure_calls([call], torch.device("cpu"))
+    assert scratch >= grad.nbytes
+
+
 def test_scratch_is_not_measured_inside_another_profiler_and_says_so(caplog):
     from memopt.passes.scratch import measure_calls
 

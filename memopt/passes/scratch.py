@@ -8,8 +8,10 @@ strides, dtypes, other arguments) runs once on random tensors of its shapes on
 the step's device, under one profiler session, and the scratch is the highest
 the op's own allocations went minus what it still held when it returned.
 
-Only ops whose tensor arguments are all floating point are run (random
-integers could index out of range); the others count no scratch. Fake plans
+Only ops whose tensor arguments are all floating point or boolean are run
+(random integers could index out of range; a boolean mask runs all false:
+dropout's backward converts its mask to the gradient's dtype, a gradient-sized
+temporary); the others count no scratch. Fake plans
 (a meta-device model) have no real device to measure on and count none.
 
 ``measure_calls`` measures any list of op calls the same way: the replay of
@@ -69,10 +71,10 @@ def measure_scratch(graph: fx.GraphModule, device: torch.device) -> ScratchModel
 
 
 def measurable(args: Any, kwargs: Any) -> bool:
-    """Whether a call can run on random tensors like its own: it takes tensors, all floating point
+    """Whether a call can run on random tensors like its own: it takes tensors, all floating point or boolean
     (random integers could index out of range)."""
     tensors = [v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
-    return bool(tensors) and all(t.is_floating_point() for t in tensors)
+    return bool(tensors) and all(t.is_floating_point() or t.dtype == torch.bool for t in tensors)
 
 
 def measure_calls(calls: list[tuple[Any, tuple, dict]], device: torch.device) -> list[int]:
