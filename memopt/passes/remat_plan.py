@@ -53,6 +53,7 @@ class ActivationDecision:
     action: str  # "keep" | "recompute"
     cost_s: float  # seconds its recomputation takes (or would take)
     reason: str
+    replayed: bool = False  # recomputed by drawing again from the generator state the forward saved
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,8 @@ def _decisions(
         if i in chosen:
             level = level_of.get(i, "chosen by the solver")
             decisions.append(ActivationDecision(storage.node, storage.nbytes, "recompute", cost,
-                                                f"{level}; {REPLAYED_RANDOM}" if candidate.replays else level))
+                                                f"{level}; {REPLAYED_RANDOM}" if candidate.replays else level,
+                                                bool(candidate.replays)))
         else:
             decisions.append(ActivationDecision(storage.node, storage.nbytes, "keep", cost,
                                                 "the budget is met without recomputing it"))

@@ -40,6 +40,12 @@ class Decision:
     action: str  # "keep" | "recompute" | "offload"
     cost_s: float
     reason: str
+    replayed: bool = False  # recomputed by drawing again from the generator state the forward saved (random ops)
+
+    @property
+    def shown_action(self) -> str:
+        """The action as printed: a recomputation that replays the generator reads "replay"."""
+        return "replay" if self.replayed else self.action
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,10 +375,12 @@ class MemoryPlan:
             return f"the eager step fits the budget with {spare} to spare"
         solver = self.solver
         gap = "" if solver.gap is None else f", gap to the lower bound {solver.gap:.1%}"
+        replayed = sum(d.replayed for d in recomputed)
         return (f"recompute {len(recomputed)} of {len(self.decisions)} activations "
-                f"({format_bytes(sum(d.bytes for d in recomputed))}, about {solver.objective or 0.0:.3g} s on "
-                f"{self.device.name}): eager peak {format_bytes(self.eager_peak_bytes or 0)} -> "
-                f"{format_bytes(self.peak_bytes)}, {spare} to spare ({solver.name}: {solver.status}{gap})")
+                f"({format_bytes(sum(d.bytes for d in recomputed))}, "
+                + (f"{replayed} of them replayed from the generator state, " if replayed else "")
+                + f"about {solver.objective or 0.0:.3g} s on {self.device.name}): "
+                f"eager peak {format_bytes(self.eager_peak_bytes or 0)} -> {format_bytes(self.peak_bytes)}, {spare} to spare ({solver.name}: {solver.status}{gap})")
 
     def explain(self, top: int = 15) -> Report:
         """The largest tensors behind the peak, the optimizer's part, and the passes that ran."""
@@ -400,7 +408,7 @@ class MemoryPlan:
             lines.extend(f"  {c.loss:<36}{c.chunks:>4} chunks  {c.reason}" for c in self.chunked)
         if self.decisions:
             lines.append("\ndecisions:")
-            lines.extend(f"  {d.action:<10}{d.name:<36}{d.bytes:>14,}  {d.reason}" for d in self.decisions)
+            lines.extend(f"  {d.shown_action:<10}{d.name:<36}{d.bytes:>14,}  {d.reason}" for d in self.decisions)
         if self.compiles:
             lines.append("\nInductor compiles (plan made for, options, the code's peak):")
             lines.extend(f"  {format_bytes(c.target_bytes):>12}  {str(c.options or 'defaults'):<60}"

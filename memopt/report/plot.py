@@ -36,6 +36,24 @@ def byte_unit(largest_bytes: float) -> tuple[str, int]:
     return next(((name, size) for name, size in _UNITS if abs(largest_bytes) >= size), ("B", 1))
 
 
+def _marks(plan: MemoryPlan) -> dict[str, list[int]]:
+    """The nodes where the planned step replays a random op from its saved generator state, and where it
+    updates a parameter inside the backward (step_in_backward), by position on the timeline."""
+    from memopt.lower.rng_ops import RUN_WITH_RNG_STATE
+    from memopt.passes.step_in_backward import step_parameter
+
+    marks: dict[str, list[int]] = {"random op replayed": [], "parameter updated in the backward": []}
+    if plan.program is None:
+        return marks
+    position = {name: i for i, name in enumerate(plan.storages.node_names)}
+    for node in plan.program.graph.graph.nodes:
+        label = ("random op replayed" if node.target is RUN_WITH_RNG_STATE
+                 else "parameter updated in the backward" if node.target is step_parameter else None)
+        if label is not None and node.name in position:
+            marks[label].append(position[node.name])
+    return marks
+
+
 def plot_plan(
     plan: MemoryPlan, path: str, *, measured_timeline: Sequence[tuple[float, int]] | None = None
 ) -> str:
@@ -82,9 +100,14 @@ def plan_figure(plan: MemoryPlan, *, measured_timeline: Sequence[tuple[float, in
         n = len(timeline.totals)
         ax.plot([f * n for f, _ in measured_timeline], [b / scale for _, b in measured_timeline],
                 color="black", linewidth=0.8, label="measured")
+    for (label, positions), color in zip(_marks(plan).items(), ("#8c564b", "#9467bd")):
+        if positions:  # ticks along the floor where the plan does it
+            ax.plot(positions, [0] * len(positions), linestyle="", marker="|", markersize=14, color=color,
+                    clip_on=False, label=f"{label} ({len(positions)})")
     ax.set_xlabel("step of the training step (graph nodes, then optimizer)")
     ax.set_ylabel(f"live device memory ({unit})" + ("; host below 0" if any(host) else ""))
-    ax.set_title(f"memopt plan: predicted peak at {timeline.peak_label} ({plan.device.name})")
+    chunked = "".join(f"; loss head in {c.chunks} chunks" for c in plan.chunked if c.chunks > 1)
+    ax.set_title(f"memopt plan: predicted peak at {timeline.peak_label} ({plan.device.name}){chunked}")
     ax.set_xlim(0, max(len(timeline.totals), 1))
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
