@@ -57,7 +57,7 @@ def _plan(workload, model, inputs, budget, offload):
         "offloaded": o.get("tensors", 0),
         "bytes_to_host": o.get("bytes_to_host", 0),
         "host_peak_bytes": o.get("host_peak_bytes", 0),
-        "recomputed": sum(d.action == "recompute" for d in plan.decisions),
+        "recomputed": sum(d.recomputed for d in plan.decisions),
         "seconds": time.perf_counter() - started,
     }
 
@@ -148,8 +148,7 @@ def measure_one(name: str, position: str) -> dict:
     return {**row, "fits": True, "predicted_peak_bytes": plan.peak_bytes, "measured_peak_bytes": measured.peak_bytes,
             "measured_host_bytes": measured.host_bytes, "within_budget": measured.peak_bytes <= budget,
             "offloaded": summary["tensors"], "bytes_to_host": summary["bytes_to_host"],
-            "host_peak_bytes": summary["host_peak_bytes"], "recomputed": sum(d.action == "recompute"
-                                                                             for d in plan.decisions)}
+            "host_peak_bytes": summary["host_peak_bytes"], "recomputed": sum(d.recomputed for d in plan.decisions)}
 
 
 def measure() -> list[dict]:

@@ -46,7 +46,7 @@ def plan_once(layers: int) -> dict:
         "eager_peak_bytes": eager.peak_bytes, "peak_bytes": plan.peak_bytes, "total_s": total,
         "capture_s": passes.get("capture", 0.0), "planning_s": total - passes.get("capture", 0.0),
         "passes_s": passes, "solver": plan.solver.name, "status": plan.solver.status, "gap": plan.solver.gap,
-        "recomputed": sum(d.action == "recompute" for d in plan.decisions), "decisions": len(plan.decisions),
+        "recomputed": sum(d.recomputed for d in plan.decisions), "decisions": len(plan.decisions),
     }
 
 

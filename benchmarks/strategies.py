@@ -406,7 +406,7 @@ STRATEGIES: dict[str, Callable[[nn.Module, Training], Setup]] = {
 def memopt_summary(plan: memopt.MemoryPlan, compiled: Any = None) -> dict[str, Any]:
     """What the plan that ran says: predicted peak, what it recomputes, how the solver did (and, for a module
     memopt.compile compiled with Inductor, what Inductor compiled)."""
-    recomputed = [d for d in plan.decisions if d.action == "recompute"]
+    recomputed = [d for d in plan.decisions if d.recomputed]
     solver = plan.solver
     summary = {
         "predicted_peak_bytes": plan.peak_bytes,

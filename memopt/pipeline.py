@@ -147,8 +147,7 @@ def run_pipeline(
             found = plan.solution
             solver = SolverReport(f"{remat.solver}+offload", found.status, found.objective, found.lower_bound,
                                   _gap(found.objective, found.lower_bound), solution.seconds + found.seconds)
-            decisions = tuple(Decision(d.node, d.nbytes, d.action, d.cost_s, d.reason, d.replayed)
-                              for d in plan.decisions)
+            decisions = tuple(Decision(d.node, d.nbytes, d.action, d.cost_s, d.reason) for d in plan.decisions)
             offload = OffloadSummary(len(plan.specs), plan.bytes_to_host, plan.bytes_to_device, plan.host_peak_bytes,
                                      plan.predicted_stall_s, found.recompute_s,
                                      _host_timeline(timeline, plan, step), found.status)
@@ -160,8 +159,7 @@ def run_pipeline(
                 raise error
             solver = SolverReport(remat.solver + (" (cached)" if remat.cached else ""), solution.status,
                                   solution.cost_s, solution.lower_bound_s, solution.gap, solution.seconds)
-            decisions = tuple(Decision(d.node, d.nbytes, d.action, d.cost_s, d.reason, d.replayed)
-                              for d in remat.decisions)
+            decisions = tuple(Decision(d.node, d.nbytes, d.action, d.cost_s, d.reason) for d in remat.decisions)
             if remat.chosen:
                 # the step as it will run: chosen activations dropped after the forward, recomputed in the backward
                 graph = history.run("rewrite", apply_recompute, step.graph, step.backward_start, list(remat.chosen))

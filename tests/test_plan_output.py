@@ -183,7 +183,7 @@ def test_loss_fn_receives_the_output():
 
 def test_replayed_random_ops_and_updates_inside_the_backward_show_in_text_json_and_plot(tmp_path, saved_figures):
     """At its smallest budget a dropout MLP replays its noise; with step_in_backward each parameter updates in
-    the backward. The decisions read "replay", the JSON says so per tensor, and the plot ticks both along its floor
+    the backward. Those decisions' action is "replay" (text and JSON), and the plot ticks both along its floor
     at the nodes where they run."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Dropout(0.1),
@@ -194,12 +194,12 @@ def test_replayed_random_ops_and_updates_inside_the_backward_show_in_text_json_a
     with pytest.raises(memopt.BudgetInfeasibleError) as smallest:
         memopt.plan(model, inputs, budget=1, **options)
     plan = memopt.plan(model, inputs, budget=smallest.value.minimum, **options)
-    replayed = [d for d in plan.decisions if d.replayed]
-    assert replayed and all(d.action == "recompute" for d in replayed)
+    replayed = [d for d in plan.decisions if d.action == "replay"]
+    assert replayed and all(d.recomputed and "generator state" in d.reason for d in replayed)
     assert f"{len(replayed)} of them replayed from the generator state" in str(plan)
     assert any(line.lstrip().startswith("replay ") for line in str(plan.explain()).splitlines())
     data = json.loads(plan.to_json())
-    assert sum(d["replayed"] for d in data["decisions"]) == len(replayed)
+    assert sum(d["action"] == "replay" for d in data["decisions"]) == len(replayed)
     plan.plot(str(tmp_path / "plan.png"))
     (axes, *_), = [figure.axes for figure in saved_figures]
     labels = axes.get_legend_handles_labels()[1]

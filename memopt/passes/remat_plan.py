@@ -50,10 +50,9 @@ class Segment:
 class ActivationDecision:
     node: str
     nbytes: int
-    action: str  # "keep" | "recompute"
+    action: str  # "keep" | "recompute" | "replay" (a random op drawn again from the generator state saved for it)
     cost_s: float  # seconds its recomputation takes (or would take)
     reason: str
-    replayed: bool = False  # recomputed by drawing again from the generator state the forward saved
 
 
 @dataclass(frozen=True)
@@ -264,9 +263,11 @@ def _decisions(
         cost = sum(node_seconds(by_name[n], device) for n in candidate.nodes)
         if i in chosen:
             level = level_of.get(i, "chosen by the solver")
-            decisions.append(ActivationDecision(storage.node, storage.nbytes, "recompute", cost,
-                                                f"{level}; {REPLAYED_RANDOM}" if candidate.replays else level,
-                                                bool(candidate.replays)))
+            if candidate.replays:
+                decisions.append(ActivationDecision(storage.node, storage.nbytes, "replay", cost,
+                                                    f"{level}; {REPLAYED_RANDOM}"))
+            else:
+                decisions.append(ActivationDecision(storage.node, storage.nbytes, "recompute", cost, level))
         else:
             decisions.append(ActivationDecision(storage.node, storage.nbytes, "keep", cost,
                                                 "the budget is met without recomputing it"))

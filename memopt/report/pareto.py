@@ -171,7 +171,7 @@ def _point(planner: _Planner, budget: int, solver: str, step_seconds: float) -> 
     if planned.offload is not None:  # offload replaces some recomputation; its stall is overhead too
         overhead = planned.offload.recompute_s + planned.offload.predicted_stall_s
         offloaded = planned.offload.bytes_to_host
-    recomputed = [d for d in planned.decisions if d.action == "recompute"]
+    recomputed = [d for d in planned.decisions if d.recomputed]
     return ParetoPoint(solver, budget, planned.peak_bytes, overhead, overhead / step_seconds if step_seconds else None,
                        len(recomputed), sum(d.bytes for d in recomputed), offloaded, planned.solver.status,
                        planned.solver.gap, time.perf_counter() - started)

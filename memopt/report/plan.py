@@ -37,15 +37,14 @@ class Decision:
 
     name: str
     bytes: int
-    action: str  # "keep" | "recompute" | "offload"
+    action: str  # "keep" | "recompute" | "replay" (recomputed from the generator state saved for it) | "offload"
     cost_s: float
     reason: str
-    replayed: bool = False  # recomputed by drawing again from the generator state the forward saved (random ops)
 
     @property
-    def shown_action(self) -> str:
-        """The action as printed: a recomputation that replays the generator reads "replay"."""
-        return "replay" if self.replayed else self.action
+    def recomputed(self) -> bool:
+        """Made again in the backward: recomputed, or a random op replayed."""
+        return self.action in ("recompute", "replay")
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +260,8 @@ class MemoryPlan:
         if self.compiles:
             data["compiles"] = [dataclasses.asdict(c) for c in self.compiles]
         data["chunked"] = [dataclasses.asdict(c) for c in self.chunked]
+        # the design's key: per chunked region, its kind, its ops and the number of chunks
+        data["chunks"] = [{"region": "loss head", "ops": [c.loss], "chunks": c.chunks} for c in self.chunked]
         return data
 
     def _offload_dict(self) -> dict[str, Any]:
@@ -364,7 +365,7 @@ class MemoryPlan:
         if self.budget_bytes is None:
             return "no budget: this describes the eager step"
         spare = format_bytes(self.budget_bytes - self.peak_bytes)
-        recomputed = [d for d in self.decisions if d.action == "recompute"]
+        recomputed = [d for d in self.decisions if d.recomputed]
         offloaded = [d for d in self.decisions if d.action == "offload"]
         if offloaded:
             return (f"offload {len(offloaded)} and recompute {len(recomputed)} of {len(self.decisions)} activations "
@@ -375,7 +376,7 @@ class MemoryPlan:
             return f"the eager step fits the budget with {spare} to spare"
         solver = self.solver
         gap = "" if solver.gap is None else f", gap to the lower bound {solver.gap:.1%}"
-        replayed = sum(d.replayed for d in recomputed)
+        replayed = sum(d.action == "replay" for d in recomputed)
         return (f"recompute {len(recomputed)} of {len(self.decisions)} activations "
                 f"({format_bytes(sum(d.bytes for d in recomputed))}, "
                 + (f"{replayed} of them replayed from the generator state, " if replayed else "")
@@ -408,7 +409,7 @@ class MemoryPlan:
             lines.extend(f"  {c.loss:<36}{c.chunks:>4} chunks  {c.reason}" for c in self.chunked)
         if self.decisions:
             lines.append("\ndecisions:")
-            lines.extend(f"  {d.shown_action:<10}{d.name:<36}{d.bytes:>14,}  {d.reason}" for d in self.decisions)
+            lines.extend(f"  {d.action:<10}{d.name:<36}{d.bytes:>14,}  {d.reason}" for d in self.decisions)
         if self.compiles:
             lines.append("\nInductor compiles (plan made for, options, the code's peak):")
             lines.extend(f"  {format_bytes(c.target_bytes):>12}  {str(c.options or 'defaults'):<60}"
