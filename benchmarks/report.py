@@ -437,10 +437,10 @@ def lowest_peak_lines(by_workload: dict[str, list[dict[str, Any]]]) -> list[str]
     if not out:
         return []
     return ["## The least memory each side reached", "",
-            "Per workload: the lowest measured peak among all torch rows (eager, checkpointing, torch.compile, "
-            "linear_cross_entropy, the auto-chunker), and the lowest among memopt's rows that measured at or under "
-            "their budget; memopt − torch = (memopt − torch) / torch.", ""] + table(["workload"] + LOWEST_PEAK_HEADER,
-                                                                                   out) + [""]
+            ("Per workload: the lowest measured peak among all torch rows (eager, checkpointing, torch.compile, "
+             "linear_cross_entropy, the auto-chunker), and the lowest among memopt's rows that measured at or under "
+             "their budget; memopt − torch = (memopt − torch) / torch."), "",
+            *table(["workload", *LOWEST_PEAK_HEADER], out), ""]
 
 
 def plan_only_section(row: dict[str, Any]) -> list[str]:

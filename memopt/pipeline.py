@@ -33,7 +33,11 @@ from memopt.passes.order_plan import plan_order
 from memopt.passes.recompute import apply_recompute
 from memopt.passes.remat_plan import RecomputePlan, plan_recompute
 from memopt.passes.scratch import ScratchModel, measure_scratch
-from memopt.passes.step_in_backward import sink_steps, step_temporaries, steps_in_backward
+from memopt.passes.step_in_backward import (
+    sink_steps,
+    step_temporaries,
+    steps_in_backward,
+)
 from memopt.passes.storage import StorageTable, storage_table
 from memopt.report.plan import (
     ChunkedHead,
