@@ -381,7 +381,8 @@ class MemoryPlan:
                 f"({format_bytes(sum(d.bytes for d in recomputed))}, "
                 + (f"{replayed} of them replayed from the generator state, " if replayed else "")
                 + f"about {solver.objective or 0.0:.3g} s on {self.device.name}): "
-                f"eager peak {format_bytes(self.eager_peak_bytes or 0)} -> {format_bytes(self.peak_bytes)}, {spare} to spare ({solver.name}: {solver.status}{gap})")
+                f"eager peak {format_bytes(self.eager_peak_bytes or 0)} -> {format_bytes(self.peak_bytes)}, "
+                f"{spare} to spare ({solver.name}: {solver.status}{gap})")
 
     def explain(self, top: int = 15) -> Report:
         """The largest tensors behind the peak, the optimizer's part, and the passes that ran."""
