@@ -466,3 +466,41 @@ def test_offload_through_the_backend_fits_below_what_recomputation_reaches(compi
     assert plan.offload is not None and plan.offload.tensors > 0
     measured = memopt.measure_peak(steady_step(compiled, inputs, optimizer))
     assert measured_step_peak(plan, measured) <= budget
+
+
+class _SquaredMean(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).square().mean()
+
+
+def test_at_its_smallest_budget_the_backend_replays_dropout_and_trains_like_eager():
+    """AOTAutograd's graph keeps dropout as native_dropout; at the backend's own smallest budget its result is
+    drawn again in the backward from the generator state the forward saved: loss and gradients bitwise eager's,
+    the generator left where eager leaves it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 256), nn.ReLU(),
+                          nn.Dropout(0.1), nn.Linear(256, 1))
+    twin, x = copy.deepcopy(model), torch.randn(512, 64)
+    with pytest.raises(Exception) as raised:
+        torch.compile(_SquaredMean(model), backend="memopt",
+                      options={"budget": 1, "optimizer": torch.optim.SGD, "cache": False})(x)
+    torch._dynamo.reset()
+    options = {"budget": infeasible_behind(raised.value).minimum, "optimizer": torch.optim.SGD, "cache": False}
+    compiled = torch.compile(_SquaredMean(model), backend="memopt", options=options)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    loss = compiled(x)
+    loss.backward()
+    after = torch.get_rng_state()
+    torch.set_rng_state(state)
+    expected = _SquaredMean(twin)(x)
+    expected.backward()
+    assert torch.equal(after, torch.get_rng_state())
+    assert torch.equal(loss, expected)
+    for (name, a), b in zip(twin.named_parameters(), model.parameters()):
+        assert torch.equal(b.grad, a.grad), name
+    assert any(d.action == "replay" for d in plans(options)[-1].decisions)
