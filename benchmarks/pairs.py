@@ -40,9 +40,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.run import WARMUP_STEPS, make_workload, memopt_revision, timed, training_step  # noqa: E402
-from benchmarks.strategies import STRATEGIES, TORCH_STRATEGIES, Training, memopt_summary  # noqa: E402
+from benchmarks.strategies import SAME_PEAK_ROWS, STRATEGIES, Training, memopt_summary  # noqa: E402
 
-PAIRED = tuple(name for name in TORCH_STRATEGIES if name != "eager")
+# the torch rows that have a memopt-inductor=<row> to pair with (the whole-model, linear-ce and auto-chunker rows
+# have none yet)
+PAIRED = SAME_PEAK_ROWS
 
 
 def measure_pair(workload_name: str, torch_row: str, peaks: dict[str, int], *, rounds: int, threads: int,
