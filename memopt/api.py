@@ -37,6 +37,7 @@ def plan(
     layout: bool = False,
     solver: str | None = None,
     chunk_loss: int | str | None = None,
+    chunk_mlp: int | str | None = None,
     step_in_backward: bool | None = None,
     config: PlanConfig | None = None,
 ) -> MemoryPlan:
@@ -59,13 +60,17 @@ def plan(
     the tokens, so that the logits never exist whole, where that fits a budget the
     traced step cannot or costs less (``chunked``); a number forces that many slices,
     and 1 (the default) keeps the step bitwise eager: chunking changes the order of
-    the sums over the tokens. ``step_in_backward=True`` plans the optimizer's update
+    the sums over the tokens. ``chunk_mlp`` does the same for the feed-forward blocks
+    (up projections, activation, down projection, found in the graph): their wide
+    tensors exist one slice of the tokens at a time, forward and backward
+    (``chunked_mlp``). ``step_in_backward=True`` plans the optimizer's update
     of each parameter inside the backward, right after its gradient is final, which
     frees that gradient (``memopt.compile``'s option of the same name runs it). ``config`` sets every other knob
     (solver time limits, headroom). Nothing is run: the
     step is traced on fake tensors, and the model is left as it was.
     """
-    config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss, step_in_backward=step_in_backward)
+    config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss, chunk_mlp=chunk_mlp,
+                     step_in_backward=step_in_backward)
     budget_bytes = parse_budget(budget)
     plan_at = _planner(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, device=device,
                        offload=offload, fake=fake, config=config)
@@ -111,10 +116,12 @@ def _with_offload(config: PlanConfig, offload: bool | None, spec: DeviceSpec) ->
 
 
 def _config(config: PlanConfig | None, *, layout: bool, solver: str | None, chunk_loss: int | str | None,
-            step_in_backward: bool | None) -> PlanConfig:
+            chunk_mlp: int | str | None, step_in_backward: bool | None) -> PlanConfig:
     config = config or PlanConfig()
     if chunk_loss is not None:
         config = dataclasses.replace(config, chunk_loss=chunk_loss)
+    if chunk_mlp is not None:
+        config = dataclasses.replace(config, chunk_mlp=chunk_mlp)
     if step_in_backward is not None:
         if not isinstance(step_in_backward, bool):
             raise MemoptError(f"step_in_backward must be True or False, got {step_in_backward!r}")
@@ -142,6 +149,7 @@ def compile(
     config: PlanConfig | None = None,
     layout: bool = False,
     chunk_loss: int | str | None = None,
+    chunk_mlp: int | str | None = None,
     step_in_backward: bool | None = None,
 ) -> CompiledModule:
     """``model`` as a module whose training step runs memopt's plan for ``budget``.
@@ -173,7 +181,8 @@ def compile(
     ``config.offload``, and on for CUDA devices with the FX backend (not with Inductor).
 
     ``chunk_loss`` is ``memopt.plan``'s: "auto" or a number runs the loss head over
-    slices of the tokens (the plan's ``chunked``), within float tolerance of eager.
+    slices of the tokens (the plan's ``chunked``), within float tolerance of eager;
+    ``chunk_mlp`` likewise the feed-forward blocks (the plan's ``chunked_mlp``).
 
     ``step_in_backward=True`` (FX backend, an optimizer instance) updates each parameter
     inside the backward as soon as its gradient is final, with the optimizer's own
@@ -210,7 +219,8 @@ def compile(
         raise MemoptError("memopt.compile needs a budget, e.g. budget='24GB'")
     if layout:
         offload = False  # offload=None would turn it on for CUDA devices
-    config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss, step_in_backward=step_in_backward)
+    config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss, chunk_mlp=chunk_mlp,
+                     step_in_backward=step_in_backward)
     if config.step_in_backward:
         _check_step_in_backward(backend, layout, optimizer, model)
     return CompiledModule(model, budget=parse_budget(budget), loss_fn=loss_fn, optimizer=optimizer,

@@ -73,6 +73,8 @@ KNOWN_OPTIONS: dict[str, str] = {
     "chunk_loss": "1 (default): the loss head as traced, bitwise eager; 'auto': over slices of the tokens where "
                   "that fits a budget the traced head cannot, or costs less (exact up to the order of the sums over "
                   "the tokens); a number: that many slices (as memopt.plan(..., chunk_loss=...))",
+    "chunk_mlp": "1 (default): the MLP blocks as traced; 'auto' or a number: the up projection, activation and "
+                 "down projection over slices of the tokens, as chunk_loss (as memopt.plan(..., chunk_mlp=...))",
     "config": "a memopt.config.PlanConfig with every other knob (time limits, headroom)",
 }
 
@@ -131,8 +133,9 @@ class BackendOptions:
 
             cache = os.path.join(cache_dir(), "memopt")
         config = dataclasses.replace(config, cache_dir=cache or None)
-        if options.get("chunk_loss") is not None:
-            config = dataclasses.replace(config, chunk_loss=options["chunk_loss"])
+        for knob in ("chunk_loss", "chunk_mlp"):
+            if options.get(knob) is not None:
+                config = dataclasses.replace(config, **{knob: options[knob]})
         solver = options.get("solver")
         if solver is not None:
             if solver not in SOLVERS:
@@ -348,7 +351,8 @@ def _planner(joint: _Joint, inputs: list[GraphInput], example_inputs: list[Any],
                 f"graphs before it hold {format_bytes(held)} while it runs. With graph breaks memopt plans each "
                 "graph as it is compiled; torch.compile(..., fullgraph=True) plans the whole step at once and may "
                 "need less", proven=error.proven_minimum + held,
-                chunked_minimum=None if error.chunked_minimum is None else error.chunked_minimum + held) from error
+                chunked_minimum=None if error.chunked_minimum is None else error.chunked_minimum + held,
+                chunk_options=error.chunk_options) from error
 
     return plan_at
 

@@ -30,11 +30,16 @@ class PlanConfig:
     # "auto", as many as the recompute plan is cheapest with, and only when that beats the traced head; n: always n.
     # Exact up to the order of the sums over the tokens (the loss, the head's weight and bias gradients)
     chunk_loss: int | str = 1
+    # the feed-forward blocks (up projection, activation, down projection) over this many slices of the tokens,
+    # as chunk_loss: 1, never; "auto", when the recompute plan of the chunked step is cheaper or fits where the
+    # traced one does not; n: always n. Exact up to the order of the sums over the tokens (the weights' gradients)
+    chunk_mlp: int | str = 1
     # the optimizer updates each parameter inside the backward, as soon as its gradient is final (memopt.compile's
     # step_in_backward: the user's optimizer.step() then finds no gradient and does nothing)
     step_in_backward: bool = False
 
     def __post_init__(self) -> None:
-        chunks = self.chunk_loss
-        if chunks != "auto" and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
-            raise MemoptError(f"chunk_loss must be 1 (off), 'auto' or a number of chunks >= 2, got {chunks!r}")
+        for name in ("chunk_loss", "chunk_mlp"):
+            chunks = getattr(self, name)
+            if chunks != "auto" and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
+                raise MemoptError(f"{name} must be 1 (off), 'auto' or a number of chunks >= 2, got {chunks!r}")

@@ -58,17 +58,18 @@ class BudgetInfeasibleError(MemoptError):
     """No plan fits the budget; names the smallest budget memopt can prove is needed and where."""
 
     def __init__(self, budget: int, minimum: int, where: str, why: str = "", *, proven: int | None = None,
-                 chunked_minimum: int | None = None) -> None:
+                 chunked_minimum: int | None = None, chunk_options: str = "chunk_loss='auto'") -> None:
         # minimum: the smallest budget memopt can meet; proven: no keep/recompute plan of these ops needs less;
-        # chunked_minimum: the smallest with the loss head over slices of the tokens (chunk_loss='auto'), if lower
+        # chunked_minimum: the smallest with the loss head and the MLPs over slices of the tokens (chunk_options,
+        # which name the knobs that reach it), if lower
         self.budget, self.minimum, self.where, self.why = budget, minimum, where, why
         self.proven_minimum = minimum if proven is None else proven
-        self.chunked_minimum = chunked_minimum
+        self.chunked_minimum, self.chunk_options = chunked_minimum, chunk_options
         from memopt.budget import format_bytes
 
         chunked = ("" if chunked_minimum is None else
-                   f", or pass chunk_loss='auto' (the loss head over slices of the tokens: its logits never exist "
-                   f"whole; exact up to the order of the sums over the tokens), which meets "
+                   f", or pass {chunk_options} (over slices of the tokens: the loss head's logits, the MLPs' wide "
+                   f"tensors never exist whole; exact up to the order of the sums over the tokens), which meets "
                    f"{format_bytes(chunked_minimum)}")
         super().__init__(
             f"budget {budget:,} bytes ({format_bytes(budget)}) is below the smallest that can work, "

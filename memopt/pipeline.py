@@ -25,6 +25,7 @@ from memopt.passes.chunk_loss import (
     find_loss_heads,
     logits_seconds,
 )
+from memopt.passes.chunk_mlp import MLPRegion, chunk_mlp_step, find_mlp_regions
 from memopt.passes.liveness import Liveness, MemoryTimeline, liveness, memory_timeline
 from memopt.passes.offload import apply_offload
 from memopt.passes.offload_plan import OffloadPlan, plan_offload
@@ -41,6 +42,7 @@ from memopt.passes.step_in_backward import (
 from memopt.passes.storage import StorageTable, storage_table
 from memopt.report.plan import (
     ChunkedHead,
+    ChunkedMLP,
     Decision,
     MemoryPlan,
     OffloadSummary,
@@ -109,8 +111,11 @@ def run_pipeline(
     table, live, scratch, timeline, minimum = _analysed(history, step, opt, scratch_model)
     eager_peak = timeline.peak_bytes
     # loss heads (linear, log-softmax, NLL) that can run over slices of the tokens
-    heads = history.run("loss-heads", find_loss_heads, step.graph)
+    # and feed-forward blocks (up projections, activation, down projection) that can too
+    chunkable = _Chunkable(history.run("loss-heads", find_loss_heads, step.graph),
+                           history.run("mlp-blocks", find_mlp_regions, step))
     chunked: tuple[ChunkedHead, ...] = ()
+    chunked_mlp: tuple[ChunkedMLP, ...] = ()
     decisions: tuple[Decision, ...] = ()
     solver = SolverReport("none", "not-run", None, None, None, 0.0)
     offload: OffloadSummary | None = None
@@ -119,7 +124,8 @@ def run_pipeline(
         target = planned_part(budget_bytes, config.headroom)
         floor = max((t for t, phase in zip(timeline.totals, timeline.phases) if phase == "optimizer"), default=0)
 
-        def recompute_plan(step: CapturedStep, table: StorageTable, scratch: Any) -> RecomputePlan:
+        def recompute_plan(step: CapturedStep, table: StorageTable, scratch: Any, target: int = target
+                           ) -> RecomputePlan:
             return history.run("remat", plan_recompute, step, table, device, target, constant_bytes=opt.state_bytes,
                                floor_bytes=floor, scratch=scratch, solver=config.solver,
                                time_limit_s=config.remat_time_limit_s, cache_dir=config.cache_dir)
@@ -127,17 +133,18 @@ def run_pipeline(
         remat = recompute_plan(step, table, scratch)
         infeasible = budget_bytes < minimum.bytes or remat.solution.status == "infeasible"
         alternative = None
-        if heads and config.chunk_loss != 1 and (config.chunk_loss != "auto" or infeasible
-                                                 or remat.solution.cost_s > 0):
-            # the loss heads over slices of the tokens, when the recompute plan of that step costs less (the
-            # head's logits are computed twice) or fits where the traced step's does not
-            alternative = _chunked(history, step, heads, opt, scratch_model, config, device, recompute_plan)
+        if chunkable.wanted(config) and (chunkable.forced(config) or infeasible or remat.solution.cost_s > 0):
+            # the loss heads and MLP blocks over slices of the tokens, when the recompute plan of that step costs
+            # less (the heads' logits are computed twice) or fits where the traced step's does not
+            alternative = _chunked(history, step, chunkable, opt, scratch_model, config, device, recompute_plan)
             traced_smallest = max(minimum.bytes, budget_for_peak(remat.solution.peak_bytes, config.headroom))
             if alternative.chosen_over(remat, infeasible, traced_smallest, config.headroom):
                 step, table, live, scratch, timeline, minimum = alternative.analysed
-                remat, chunked = alternative.remat, alternative.heads
-        elif heads and infeasible:
-            alternative = _chunked(history, step, heads, opt, scratch_model, config, device, recompute_plan)
+                remat, chunked, chunked_mlp = alternative.remat, alternative.heads, alternative.mlps
+        if infeasible and not (chunked or chunked_mlp) and chunkable.off(config):
+            # what the knobs left off would reach, for the error's way out: the lowest-peak plans of that step
+            alternative = _chunked(history, step, chunkable, opt, scratch_model, chunkable.auto(config), device,
+                                   lambda *analysed: recompute_plan(*analysed, target=1), hint=chunkable.off(config))
         solution = remat.solution
         history.peaks("remat", eager_peak, solution.peak_bytes, changed=False)  # a decision; the rewrite changes the step
         # which activations go to host memory instead, after their last forward use and back before the backward's
@@ -158,7 +165,7 @@ def run_pipeline(
         else:
             if budget_bytes < minimum.bytes or solution.status == "infeasible":
                 error = _infeasible(budget_bytes, config.headroom, solution.peak_bytes, minimum, remat.solver)
-                if alternative is not None and not chunked:
+                if alternative is not None and alternative.hint:
                     error = _with_chunking_hint(error, alternative, config.headroom)
                 raise error
             solver = SolverReport(remat.solver + (" (cached)" if remat.cached else ""), solution.status,
@@ -210,6 +217,7 @@ def run_pipeline(
         offload=offload,
         program=step,
         chunked=chunked,
+        chunked_mlp=chunked_mlp,
         stepped=tuple(step.stepped),
     )
 
@@ -243,18 +251,48 @@ def _steps_sunk(step: CapturedStep) -> CapturedStep:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Chunkable:
+    """What can run over slices of the tokens: loss heads and MLP blocks, found in the traced step."""
+
+    heads: list[LossHead]
+    mlps: list[MLPRegion]
+
+    def _knobs(self, config: PlanConfig) -> list[tuple[str, int | str]]:
+        return [(name, getattr(config, name)) for name, found in (("chunk_loss", self.heads), ("chunk_mlp", self.mlps))
+                if found]
+
+    def wanted(self, config: PlanConfig) -> bool:
+        return any(setting != 1 for _, setting in self._knobs(config))
+
+    def forced(self, config: PlanConfig) -> bool:
+        """The config names a chunk count for something found: the chunked step runs."""
+        return any(isinstance(setting, int) and setting > 1 for _, setting in self._knobs(config))
+
+    def off(self, config: PlanConfig) -> str:
+        """The knobs left off for what was found, as the user would pass them "auto" ("" when none)."""
+        return " and ".join(f"{name}='auto'" for name, setting in self._knobs(config) if setting == 1)
+
+    def auto(self, config: PlanConfig) -> PlanConfig:
+        """``config`` with the knobs left off for what was found set to "auto"."""
+        return dataclasses.replace(config, **{name: "auto" for name, setting in self._knobs(config) if setting == 1})
+
+
+@dataclasses.dataclass(frozen=True)
 class _Chunked:
-    """The step with its loss heads over slices of the tokens: its analyses, its recompute plan, the heads."""
+    """The step with its loss heads and MLP blocks over slices of the tokens: its analyses, its recompute plan,
+    what was chunked."""
 
     analysed: tuple[CapturedStep, StorageTable, Liveness, tuple[int, ...], MemoryTimeline, LowerBound]
     remat: RecomputePlan
     heads: tuple[ChunkedHead, ...]
-    forced: bool  # the config names the chunk count
+    mlps: tuple[ChunkedMLP, ...]
+    forced: bool  # the config names a chunk count
+    hint: str  # the knobs, as the user would pass them, when this step was made for an error's way out only
 
     def chosen_over(self, remat: RecomputePlan, infeasible: bool, traced_smallest: int, headroom: float) -> bool:
-        """This plan runs instead of ``remat`` (of the traced heads): the config says so, the traced step does not
+        """This plan runs instead of ``remat`` (of the traced step): the config says so, the traced step does not
         fit (``infeasible``) and this one meets a smaller budget than its ``traced_smallest``, or this one costs
-        less, the logits computed twice included."""
+        less, the heads' logits computed twice included."""
         if self.forced:
             return True
         if infeasible:
@@ -267,49 +305,99 @@ class _Chunked:
         return max(self.analysed[-1].bytes, budget_for_peak(self.remat.solution.peak_bytes, headroom))
 
 
-def _chunked(history: _History, step: CapturedStep, heads: list[LossHead], opt: OptimizerMemory,
+def _chunked(history: _History, step: CapturedStep, chunkable: _Chunkable, opt: OptimizerMemory,
              scratch_model: ScratchModel | None, config: PlanConfig, device: DeviceSpec,
-             recompute_plan: Callable[[CapturedStep, StorageTable, tuple[int, ...]], RecomputePlan]) -> _Chunked:
-    """The step with its loss heads over ``config.chunk_loss`` slices, or as many as bring its smallest budget
-    to the lowest the chunk counts tried reach, and the recompute plan of that step."""
-    forced = isinstance(config.chunk_loss, int) and config.chunk_loss > 1
-    if forced:
-        count = config.chunk_loss
-        chunked, analysed = _chunked_step(history, step, heads, count, opt, scratch_model)
-        why = f"chunk_loss={count}"
-    else:
-        # doubling the chunks until the proven minimum stops falling by 1% or more
-        count, (chunked, analysed) = 2, _chunked_step(history, step, heads, 2, opt, scratch_model)
-        while min(head.rows for head in heads) // (2 * count) >= _FEWEST_TOKENS:
-            more = _chunked_step(history, step, heads, 2 * count, opt, scratch_model)
-            if more[1][-1].bytes > 0.99 * analysed[-1].bytes:
-                break
-            count, (chunked, analysed) = 2 * count, more
-        why = (f"chunk_loss='auto': the fewest chunks (a power of two) past which the smallest budget falls by "
-               f"less than 1% ({format_bytes(analysed[-1].bytes)})")
-    remat = recompute_plan(chunked, analysed[0], analysed[2])
-    described = tuple(ChunkedHead(head.loss, head.rows, head.vocab, count, head.logits_bytes, head.chunk_bytes(count),
-                                  logits_seconds(step.graph, head, device), why) for head in heads)
-    return _Chunked((chunked, *analysed), remat, described, forced)
+             recompute_plan: Callable[[CapturedStep, StorageTable, tuple[int, ...]], RecomputePlan],
+             hint: str = "") -> _Chunked:
+    """The step with its loss heads over ``config.chunk_loss`` slices and its MLP blocks over
+    ``config.chunk_mlp`` ("auto": as many as bring its smallest budget to the lowest the chunk counts tried
+    reach; the heads' count first), and the recompute plan of that step."""
+    heads = chunkable.heads if config.chunk_loss != 1 else []
+    mlps = chunkable.mlps if config.chunk_mlp != 1 else []
+    head_count = mlp_count = 1
+    found = head_why = mlp_why = None
+    if heads:
+        # the heads' logits are the step's floor: the proven minimum measures them
+        head_count, found, head_why = _chunk_count(
+            config.chunk_loss, "chunk_loss", min(head.rows for head in heads),
+            lambda k: _chunked_step(history, step, heads, k, mlps, 1, opt, scratch_model),
+            lambda candidate: candidate[1][-1].bytes, "the smallest budget falls")
+    remats: list[tuple[CapturedStep, RecomputePlan]] = []  # each step tried, its plan
+    if mlps:
+        # an MLP's wide tensors are transient, mostly above the proven minimum: the recompute plan measures them
+        def planned(candidate: tuple[CapturedStep, tuple]) -> tuple[bool, float]:
+            remat = recompute_plan(candidate[0], candidate[1][0], candidate[1][2])
+            remats.append((candidate[0], remat))
+            if remat.solution.status == "infeasible":
+                return True, budget_for_peak(remat.solution.peak_bytes, config.headroom)
+            return False, remat.solution.cost_s
+
+        mlp_count, found, mlp_why = _chunk_count(
+            config.chunk_mlp, "chunk_mlp", min(mlp.rows for mlp in mlps),
+            lambda k: _chunked_step(history, step, heads, head_count, mlps, k, opt, scratch_model),
+            planned, "the recompute plan's cost (or, where none fits, its peak) falls", most=_MOST_MLP_CHUNKS)
+    chunked, analysed = found
+    remat = next((plan for tried, plan in remats if tried is chunked), None) or \
+        recompute_plan(chunked, analysed[0], analysed[2])
+    described = tuple(ChunkedHead(head.loss, head.rows, head.vocab, head_count, head.logits_bytes,
+                                  head.chunk_bytes(head_count), logits_seconds(step.graph, head, device), head_why)
+                      for head in heads)
+    described_mlps = tuple(ChunkedMLP(mlp.down, mlp.rows, mlp.width, mlp_count, mlp.wide_bytes,
+                                      mlp.chunk_bytes(mlp_count), mlp_why) for mlp in mlps)
+    return _Chunked((chunked, *analysed), remat, described, described_mlps, chunkable.forced(config), hint)
+
+
+def _chunk_count(setting: int | str, name: str, rows: int, analyse: Callable[[int], tuple[CapturedStep, tuple]],
+                 score: Callable[[tuple[CapturedStep, tuple]], float | tuple[bool, float]], what: str,
+                 most: int | None = None) -> tuple[int, tuple[CapturedStep, tuple], str]:
+    """The number of slices ``setting`` asks for ("auto": doubling from 2, up to ``most``, until ``score``,
+    ``what`` it measures, stops falling by 1% or more; a score may be (worse kind, value)), the step analysed
+    with it, and why."""
+    if setting != "auto":
+        return int(setting), analyse(int(setting)), f"{name}={setting}"
+
+    def better(more: float | tuple[bool, float], best: float | tuple[bool, float]) -> bool:
+        (more_kind, more_value), (best_kind, best_value) = (x if isinstance(x, tuple) else (False, x)
+                                                            for x in (more, best))
+        return more_kind < best_kind or (more_kind == best_kind and more_value < 0.99 * best_value)
+
+    count, best = 2, analyse(2)
+    best_score = score(best)
+    while rows // (2 * count) >= _FEWEST_TOKENS and (most is None or 2 * count <= most):
+        more = analyse(2 * count)
+        more_score = score(more)
+        if not better(more_score, best_score):
+            break
+        count, best, best_score = 2 * count, more, more_score
+    return count, best, f"{name}='auto': the fewest chunks (a power of two) past which {what} by less than 1%"
 
 
 _FEWEST_TOKENS = 16  # "auto" never slices the tokens finer
+# "auto" tries an MLP in 2, 4 and 8 slices: at 8, a 4x-wide block's slice is half its input, and each count
+# tried costs a recompute plan
+_MOST_MLP_CHUNKS = 8
 
 
 def _with_chunking_hint(error: BudgetInfeasibleError, alternative: _Chunked, headroom: float
                         ) -> BudgetInfeasibleError:
-    """``error`` with the smallest budget the step meets with its loss head over slices of the tokens."""
+    """``error`` with the smallest budget the step meets with its loss heads and MLP blocks over slices of the
+    tokens."""
     smallest = alternative.smallest_budget(headroom)
     if smallest >= error.minimum:
         return error
     return BudgetInfeasibleError(error.budget, error.minimum, error.where, error.why, proven=error.proven_minimum,
-                                 chunked_minimum=smallest)
+                                 chunked_minimum=smallest, chunk_options=alternative.hint)
 
 
-def _chunked_step(history: _History, step: CapturedStep, heads: list[LossHead], count: int, opt: OptimizerMemory,
-                  scratch_model: ScratchModel | None) -> tuple[CapturedStep, tuple]:
-    chunked = _steps_sunk(history.run("chunk-loss", chunk_step, step, {head.loss: count for head in heads}))
-    return chunked, _analysed(history, chunked, opt, scratch_model)
+def _chunked_step(history: _History, step: CapturedStep, heads: list[LossHead], head_count: int,
+                  mlps: list[MLPRegion], mlp_count: int, opt: OptimizerMemory, scratch_model: ScratchModel | None
+                  ) -> tuple[CapturedStep, tuple]:
+    if heads and head_count > 1:
+        step = history.run("chunk-loss", chunk_step, step, {head.loss: head_count for head in heads})
+    if mlps and mlp_count > 1:
+        step = history.run("chunk-mlp", chunk_mlp_step, step, {mlp.down: mlp_count for mlp in mlps})
+    step = _steps_sunk(step)
+    return step, _analysed(history, step, opt, scratch_model)
 
 
 def _warn_no_optimizer(params: list[ParamInfo]) -> None:

@@ -150,7 +150,7 @@ def test_a_pareto_curve_of_kib_budgets_is_plotted_in_kib(tmp_path, saved_figures
 def test_history_records_every_pass(gpt2_plan):
     names = [record.name for record in gpt2_plan.history]
     assert names == ["capture", "optimizer-memory", "scratch", "storages", "liveness", "timeline", "lower-bound",
-                     "loss-heads", "remat", "order"]
+                     "loss-heads", "mlp-blocks", "remat", "order"]
     assert all(record.seconds >= 0 for record in gpt2_plan.history)
     remat = next(r for r in gpt2_plan.history if r.name == "remat")
     assert not remat.changed and remat.peak_before == remat.peak_after == gpt2_plan.eager_peak_bytes

@@ -17,7 +17,6 @@ partial sums, which changes only the order of the floating-point additions.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -28,13 +27,19 @@ from torch import fx
 from memopt.capture import CapturedStep
 from memopt.device import DeviceSpec
 from memopt.passes.costs import node_seconds
-from memopt.passes.order_plan import copy_graph
-from memopt.passes.recompute import fake_result
+from memopt.passes.graph_edit import (
+    CAST,
+    Builder,
+    erase_unused,
+    position,
+    rewritten_step,
+    sort_topologically,
+    token_bounds,
+)
 
 aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default,
           aten.detach.default}
-_CAST = aten._to_copy.default
 _TRANSPOSES = {aten.t.default, aten.permute.default, aten.transpose.int}
 MEAN, SUM = 1, 2  # nll_loss's reduction codes
 
@@ -73,40 +78,22 @@ def find_loss_heads(graph: fx.GraphModule) -> list[LossHead]:
     return [match.head for match in _matches(graph.graph)]
 
 
-def chunk_loss_heads(graph: fx.GraphModule, chunks: dict[str, int]
-                     ) -> tuple[fx.GraphModule, dict[str, str], set[str]]:
-    """A copy of ``graph`` whose loss heads named in ``chunks`` (by their ``LossHead.loss``) run over that many
-    slices of the tokens (a head given 1 chunk, or not named, is left as it is); the names of the nodes whose
-    values new nodes now hold (the loss, a gradient), and the names of the new nodes of the backward."""
-    new = fx.GraphModule(graph, copy_graph(graph.graph))
-    renamed: dict[str, str] = {}
-    backward: set[str] = set()
-    for match in _matches(new.graph):
-        k = min(chunks.get(match.head.loss, 1), match.head.rows)
-        if k > 1:
-            more, added = _rewrite(new.graph, match, k)
-            renamed |= more
-            backward |= added
-    new.graph.lint()
-    new.recompile()
-    return new, renamed, backward
-
-
 def chunk_step(step: CapturedStep, chunks: dict[str, int]) -> CapturedStep:
-    """``step`` with its loss heads chunked (``chunk_loss_heads``), its loss, outputs and backward's first node
-    named anew."""
-    nodes = [node.name for node in step.graph.graph.nodes]
-    old_backward = set(nodes[nodes.index(step.backward_start):])
-    graph, renamed, new_backward = chunk_loss_heads(step.graph, chunks)
-    start = next(node.name for node in graph.graph.nodes if node.name in old_backward | new_backward)
+    """``step`` with its loss heads named in ``chunks`` (by their ``LossHead.loss``) run over that many slices of
+    the tokens (a head given 1 chunk, or not named, is left as it is)."""
 
-    def name(old: str) -> str:
-        return renamed.get(old, old)
+    def rewrite(graph: fx.Graph) -> tuple[dict[str, str], set[str]]:
+        renamed: dict[str, str] = {}
+        backward: set[str] = set()
+        for match in _matches(graph):
+            k = min(chunks.get(match.head.loss, 1), match.head.rows)
+            if k > 1:
+                more, added = _rewrite(graph, match, k)
+                renamed |= more
+                backward |= added
+        return renamed, backward
 
-    return dataclasses.replace(step, graph=graph, loss_node=name(step.loss_node), backward_start=start,
-                               gradients={p: name(g) for p, g in step.gradients.items()},
-                               stepped={p: name(g) for p, g in step.stepped.items()},
-                               outputs=tuple(map(name, step.outputs)))
+    return rewritten_step(step, rewrite)
 
 
 def logits_seconds(graph: fx.GraphModule, head: LossHead, device: DeviceSpec) -> float:
@@ -139,7 +126,7 @@ def _row_preserving(node: fx.Node, vocab: int) -> bool:
         return False
     if node.target in _VIEWS:
         return True
-    return node.target is _CAST and set(node.kwargs) <= {"dtype"} and len(node.args) == 1
+    return node.target is CAST and set(node.kwargs) <= {"dtype"} and len(node.args) == 1
 
 
 def _match(forward: fx.Node) -> _Match | None:
@@ -158,7 +145,7 @@ def _match(forward: fx.Node) -> _Match | None:
     while isinstance(node, fx.Node) and node.target not in (aten.mm.default, aten.addmm.default):
         if not _row_preserving(node, vocab) or len(node.users) != 1:
             return None
-        if node.target is _CAST:
+        if node.target is CAST:
             if cast is not None:
                 return None
             cast = node.kwargs["dtype"]
@@ -245,7 +232,7 @@ def _gradient_readers(gradient: fx.Node, rows: int, vocab: int):
             if value is None:
                 return None, between
             if not transposed and _row_preserving(user, vocab):
-                if user.target is _CAST:
+                if user.target is CAST:
                     if cast is not None:
                         return None, between
                     stack.append((user, user.kwargs["dtype"], False))
@@ -280,35 +267,12 @@ def _transposes_2d(node: fx.Node) -> bool:
 
 # ------------------------------------------------------------------ the rewrite
 
-class _Builder:
-    """Adds call_function nodes before ``anchor``, each with its fake value."""
-
-    def __init__(self, graph: fx.Graph, anchor: fx.Node) -> None:
-        self.graph, self.anchor = graph, anchor
-        self.added: list[fx.Node] = []
-
-    def __call__(self, target, *args, **kwargs) -> fx.Node:
-        with self.graph.inserting_before(self.anchor):
-            node = self.graph.call_function(target, tuple(args), kwargs)
-        node.meta["val"] = fake_result(node)
-        self.added.append(node)
-        return node
-
-    def cast(self, node: fx.Node, dtype: torch.dtype | None) -> fx.Node:
-        return node if dtype is None else self(_CAST, node, dtype=dtype)
-
-
-def _bounds(rows: int, k: int) -> list[tuple[int, int]]:
-    size = math.ceil(rows / k)
-    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
-
-
 def _rewrite(graph: fx.Graph, match: _Match, k: int) -> tuple[dict[str, str], set[str]]:
     forward = match.forward
     reduction, ignore_index = forward.args[3], forward.args[4]
-    bounds = _bounds(match.head.rows, k)
+    bounds = token_bounds(match.head.rows, k)
 
-    def logits(build: _Builder, start: int, stop: int) -> tuple[fx.Node, fx.Node]:
+    def logits(build: Builder, start: int, stop: int) -> tuple[fx.Node, fx.Node]:
         rows = build(aten.slice.Tensor, match.inputs, 0, start, stop)
         product = (build(aten.mm.default, rows, match.weight_t) if match.bias is None
                    else build(aten.addmm.default, match.bias, rows, match.weight_t))
@@ -316,7 +280,7 @@ def _rewrite(graph: fx.Graph, match: _Match, k: int) -> tuple[dict[str, str], se
         return log_probs, build(aten.slice.Tensor, match.target, 0, start, stop)
 
     # the forward: each slice's summed loss and its count of counted tokens, then the step's loss
-    build = _Builder(graph, forward)
+    build = Builder(graph, forward)
     total = count = None
     for start, stop in bounds:
         log_probs, target = logits(build, start, stop)
@@ -332,23 +296,21 @@ def _rewrite(graph: fx.Graph, match: _Match, k: int) -> tuple[dict[str, str], se
         renamed[user.name] = results[user.args[1]].name
     backward = set()
     if match.backward is not None:
-        backward_build = _Builder(graph, _last_reader(match))
+        backward_build = Builder(graph, _last_reader(match))
         renamed |= _rewrite_backward(backward_build, match, bounds, logits, reduction, ignore_index)
         backward = {node.name for node in backward_build.added}
-    for node in _reverse_topological(match.region):
-        if not node.users:
-            graph.erase_node(node)
-    _sort_topologically(graph)
+    erase_unused(match.region)
+    sort_topologically(graph)
     return renamed, backward
 
 
 def _last_reader(match: _Match) -> fx.Node:
     """Where the backward's slices go: after the last reader of the logits' gradient (and so after their other
     operands), so that everything they read is defined."""
-    return max((reader for reader, *_ in match.readers), key=_position, default=match.gradient)
+    return max((reader for reader, *_ in match.readers), key=position, default=match.gradient)
 
 
-def _rewrite_backward(build: _Builder, match: _Match, bounds, logits, reduction: int,
+def _rewrite_backward(build: Builder, match: _Match, bounds, logits, reduction: int,
                       ignore_index: int) -> dict[str, str]:
     """Each slice's logits again, their gradient, and the slice's share of what the backward read from it."""
     backward, gradient = match.backward, match.gradient
@@ -384,47 +346,3 @@ def _rewrite_backward(build: _Builder, match: _Match, bounds, logits, reduction:
     return renamed
 
 
-def _position(node: fx.Node) -> int:
-    """A node's place in its graph (fx keeps no index)."""
-    for index, other in enumerate(node.graph.nodes):
-        if other is node:
-            return index
-    raise ValueError(node)
-
-
-def _reverse_topological(nodes: frozenset[fx.Node]) -> list[fx.Node]:
-    order = {node: index for index, node in enumerate(next(iter(nodes)).graph.nodes)} if nodes else {}
-    return sorted(nodes, key=lambda node: -order[node])
-
-
-def _sort_topologically(graph: fx.Graph) -> None:
-    """Moves each node that reads a later one to just after the last node it reads, keeping the rest in order
-    (the rewritten backward's results replace readers that came earlier)."""
-    placed: set[fx.Node] = set()
-    waiting: dict[fx.Node, list[fx.Node]] = {}  # node -> nodes blocked on it
-    order: list[fx.Node] = []
-
-    def place(node: fx.Node) -> None:
-        stack = [node]
-        while stack:
-            current = stack.pop()
-            order.append(current)
-            placed.add(current)
-            for blocked in waiting.pop(current, []):
-                if all(arg in placed for arg in blocked.all_input_nodes) and blocked not in placed:
-                    stack.append(blocked)
-
-    for node in list(graph.nodes):
-        missing = [arg for arg in node.all_input_nodes if arg not in placed]
-        if missing:
-            for arg in missing:
-                waiting.setdefault(arg, []).append(node)
-        else:
-            place(node)
-    if len(order) != len(graph.nodes):
-        raise AssertionError("chunk_loss: the rewritten graph has a cycle")
-    previous = None
-    for node in order:
-        if previous is not None and previous.next is not node:
-            previous.append(node)
-        previous = node

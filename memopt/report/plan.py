@@ -62,6 +62,19 @@ class ChunkedHead:
 
 
 @dataclass(frozen=True, slots=True)
+class ChunkedMLP:
+    """A feed-forward block (up projections, activation, down projection) that runs over slices of the tokens."""
+
+    down: str  # the traced down projection whose rows are joined
+    rows: int  # tokens
+    width: int  # elements per token of its widest tensor
+    chunks: int
+    wide_bytes: int  # one whole (tokens x width) tensor: the block's forward and backward make them a slice at a time
+    chunk_bytes: int  # one slice's
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class SolverReport:
     name: str
     status: str  # "optimal" | "feasible" | "infeasible" | "not-run"
@@ -151,6 +164,7 @@ class MemoryPlan:
     compiled_peak_bytes: int | None = None  # Inductor's code for the step, read from its wrapper (what runs)
     compiles: tuple[CompileAttempt, ...] = ()  # the Inductor compiles tried for it, in order
     chunked: tuple[ChunkedHead, ...] = ()  # loss heads run over slices of the tokens
+    chunked_mlp: tuple[ChunkedMLP, ...] = ()  # feed-forward blocks run over slices of the tokens
     stepped: tuple[str, ...] = ()  # parameters the optimizer updates inside the backward (step_in_backward)
     program: CapturedStep | None = dataclasses.field(default=None, compare=False, repr=False)  # what runs
 
@@ -261,7 +275,9 @@ class MemoryPlan:
             data["compiles"] = [dataclasses.asdict(c) for c in self.compiles]
         data["chunked"] = [dataclasses.asdict(c) for c in self.chunked]
         # the design's key: per chunked region, its kind, its ops and the number of chunks
+        data["chunked_mlp"] = [dataclasses.asdict(c) for c in self.chunked_mlp]
         data["chunks"] = [{"region": "loss head", "ops": [c.loss], "chunks": c.chunks} for c in self.chunked]
+        data["chunks"] += [{"region": "mlp", "ops": [c.down], "chunks": c.chunks} for c in self.chunked_mlp]
         return data
 
     def _offload_dict(self) -> dict[str, Any]:
@@ -352,6 +368,11 @@ class MemoryPlan:
                      f"tokens, logits {format_bytes(c.logits_bytes)} -> {format_bytes(c.chunk_bytes)} at a time, "
                      f"computed again in the backward (about {c.cost_s:.3g} s on {self.device.name})"
                      for c in self.chunked)
+        if self.chunked_mlp:
+            c = self.chunked_mlp[0]
+            lines.append(f"{len(self.chunked_mlp)} MLP blocks: {c.chunks} chunks of {math.ceil(c.rows / c.chunks)} of "
+                         f"their {c.rows} tokens, (tokens x {c.width}) tensors {format_bytes(c.wide_bytes)} -> "
+                         f"{format_bytes(c.chunk_bytes)} at a time")
         if self.offload is not None:
             o = self.offload
             lines.append(f"offload: {o.tensors} tensors, {format_bytes(o.bytes_to_host)} to host and "
@@ -408,6 +429,9 @@ class MemoryPlan:
         if self.chunked:
             lines.append("\nchunked loss heads:")
             lines.extend(f"  {c.loss:<36}{c.chunks:>4} chunks  {c.reason}" for c in self.chunked)
+        if self.chunked_mlp:
+            lines.append("\nchunked MLP blocks (by their down projection):")
+            lines.extend(f"  {c.down:<36}{c.chunks:>4} chunks  {c.reason}" for c in self.chunked_mlp)
         if self.decisions:
             lines.append("\ndecisions:")
             lines.extend(f"  {d.action:<10}{d.name:<36}{d.bytes:>14,}  {d.reason}" for d in self.decisions)

@@ -107,6 +107,8 @@ def plan_figure(plan: MemoryPlan, *, measured_timeline: Sequence[tuple[float, in
     ax.set_xlabel("step of the training step (graph nodes, then optimizer)")
     ax.set_ylabel(f"live device memory ({unit})" + ("; host below 0" if any(host) else ""))
     chunked = "".join(f"; loss head in {c.chunks} chunks" for c in plan.chunked if c.chunks > 1)
+    if plan.chunked_mlp:
+        chunked += f"; MLPs in {plan.chunked_mlp[0].chunks} chunks"
     ax.set_title(f"memopt plan: predicted peak at {timeline.peak_label} ({plan.device.name}){chunked}")
     ax.set_xlim(0, max(len(timeline.totals), 1))
     ax.legend(loc="upper left", fontsize=8)
