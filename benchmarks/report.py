@@ -258,6 +258,19 @@ def monotone_lines(budgeted: list[dict[str, Any]], label: str = "") -> list[str]
     return [f"- {name}{missing}: **no**: {pairs}"]
 
 
+def chunked_lines(mine: list[dict[str, Any]]) -> list[str]:
+    """What each memopt row ran over slices of the tokens (chunk_loss / chunk_mlp), as its plan says."""
+    parts = []
+    for row in mine:
+        if not ran(row):
+            continue
+        heads, blocks = row["memopt"].get("chunked", []), row["memopt"].get("chunked_mlp", [])
+        said = [f"loss head in {head['chunks']}" for head in heads]
+        said += [f"{len(blocks)} MLP blocks in {blocks[0]['chunks']}"] if blocks else []
+        parts.append(f"{row['strategy']}: {', '.join(said) or 'nothing'}")
+    return [f"- over slices of the tokens (chunks): {'; '.join(parts)}"] if parts else []
+
+
 def budget_range_lines(budgeted: list[dict[str, Any]]) -> list[str]:
     """The numbers each memopt@k row derived its budget from; every row computed them in its own process."""
     keys = ("minimum_bytes", "proven_minimum_bytes", "eager_predicted_bytes")
@@ -381,6 +394,7 @@ def memopt_section(rows: list[dict[str, Any]], eager: dict[str, Any] | None) -> 
     lines += table(header, [memopt_row(r, eager) for r in mine]) + [""]
     lines += [f"- measured ≤ budget: {len(fits)} of {len(mine)} memopt rows"
               + ("" if len(fits) == len(mine) else " (**not all**: see the rows marked NO or error)")]
+    lines += chunked_lines(mine)
     for prefix, _ in present_families(mine):
         lines += monotone_lines(family_rows(mine, prefix), family_name(prefix))
     lines += against_fx_lines(mine, "memopt-inductor@", "Inductor")

@@ -28,7 +28,8 @@ MEMOPT_BUDGETS = 5  # memopt@0 (the smallest budget memopt can meet) .. memopt@4
 # memopt-inductor=<torch row> compiles with Inductor at the peak that torch row measured earlier in the run
 
 
-CHUNK_LOSS = "auto"  # every budgeted memopt row may run a language model's loss head over slices of the tokens
+# every budgeted memopt row may run a language model's loss head and its MLP blocks over slices of the tokens
+CHUNKS = {"chunk_loss": "auto", "chunk_mlp": "auto"}
 
 
 class NotApplicable(Exception):
@@ -260,14 +261,14 @@ def plan_step(model: nn.Module, training: Training, **options: Any) -> memopt.Me
 
 
 def budget_range(model: nn.Module, training: Training) -> dict[str, Any]:
-    """The smallest budget memopt can meet (and the proven minimum below it), with the loss head over slices of
-    the tokens where that helps (`CHUNK_LOSS`), and eager's predicted peak.
+    """The smallest budget memopt can meet (and the proven minimum below it), with the loss head and the MLP blocks
+    over slices of the tokens where that helps (`CHUNKS`), and eager's predicted peak.
 
     The same model build and batch give the same numbers in every process that asks, so each memopt@k
     row computes its own budget and the report checks that the rows agree."""
     start = time.perf_counter()
     try:
-        plan_step(model, training, budget=1, chunk_loss=CHUNK_LOSS)
+        plan_step(model, training, budget=1, **CHUNKS)
     except memopt.BudgetInfeasibleError as error:
         minimum, proven = error.minimum, error.proven_minimum
     else:
@@ -291,7 +292,7 @@ def memopt_budget(index: int, count: int = MEMOPT_BUDGETS, *,
 
     def prepare(model: nn.Module, training: Training) -> Setup:
         budget, found = budget_at(model, training, index, count)
-        return memopt_setup(model, training, budget, solver=None, backend=backend, chunk_loss=CHUNK_LOSS,
+        return memopt_setup(model, training, budget, solver=None, backend=backend, chunks=CHUNKS,
                             budget_index=index, budget_count=count, **found)
 
     return prepare
@@ -304,11 +305,11 @@ def memopt_backend_budget(index: int, count: int = MEMOPT_BUDGETS) -> Callable[[
     def prepare(model: nn.Module, training: Training) -> Setup:
         budget, found = budget_at(model, training, index, count)
         options = {"budget": budget, "optimizer": training.optimizer, "device": "cpu", "cache": False,
-                   "chunk_loss": CHUNK_LOSS}
+                   **CHUNKS}
         compiled = torch.compile(LossOnly(model, training.workload), backend="memopt", options=options)
         return Setup(compiled, compiled=True, returns_loss=True, plan=lambda: memopt.backend.plans(options)[-1],
                      settings={"budget_bytes": budget, "solver": "memopt", "backend": "torch.compile(memopt)",
-                               "plan_seconds": None, "chunk_loss": CHUNK_LOSS, "budget_index": index, "budget_count": count,
+                               "plan_seconds": None, **CHUNKS, "budget_index": index, "budget_count": count,
                                **found})
 
     return prepare
@@ -316,8 +317,8 @@ def memopt_backend_budget(index: int, count: int = MEMOPT_BUDGETS) -> Callable[[
 
 def memopt_stepped(model: nn.Module, training: Training) -> Setup:
     """memopt.compile (FX) at the smallest budget it meets with the optimizer step inside the backward as well
-    (`step_in_backward=True`: each parameter updated as soon as its gradient is final) and `CHUNK_LOSS`."""
-    options = {"chunk_loss": CHUNK_LOSS, "step_in_backward": True}
+    (`step_in_backward=True`: each parameter updated as soon as its gradient is final) and `CHUNKS`."""
+    options = {**CHUNKS, "step_in_backward": True}
     start = time.perf_counter()
     try:
         plan_step(model, training, budget=1, **options)
@@ -344,7 +345,7 @@ def memopt_at_peak_of(other: str) -> Callable[[nn.Module, Training], Setup]:
                              f"(python benchmarks/run.py --strategies {other},memopt-inductor={other})")
         peak = training.peaks[other]
         budget = budget_for_peak(peak, PlanConfig().headroom)
-        return memopt_setup(model, training, budget, solver=None, backend="inductor", chunk_loss=CHUNK_LOSS,
+        return memopt_setup(model, training, budget, solver=None, backend="inductor", chunks=CHUNKS,
                             peak_of=other, peak_of_bytes=peak)
 
     return prepare
@@ -357,14 +358,16 @@ def memopt_blocks(model: nn.Module, training: Training) -> Setup:
 
 
 def memopt_setup(model: nn.Module, training: Training, budget: int, *, solver: str | None, backend: str = "fx",
-                 chunk_loss: int | str = 1, **settings: Any) -> Setup:
+                 chunks: dict[str, int | str] | None = None, **settings: Any) -> Setup:
     """memopt.compile(model) at `budget`, with the time memopt.plan takes for that budget measured apart
     (the compiled module plans again on its first call, and with backend="inductor" compiles there too:
     the first step's extra time says so). With Inductor the budget may be below every plan: memopt.compile
-    then runs the code of a plan just above it that fits (the time is then that of the refused plan)."""
+    then runs the code of a plan just above it that fits (the time is then that of the refused plan).
+    `chunks`: memopt's chunk_loss and chunk_mlp."""
+    chunks = chunks or {}
     start = time.perf_counter()
     try:
-        planned_peak = plan_step(model, training, budget=budget, solver=solver, chunk_loss=chunk_loss).peak_bytes
+        planned_peak = plan_step(model, training, budget=budget, solver=solver, **chunks).peak_bytes
     except memopt.BudgetInfeasibleError:
         if backend != "inductor":
             raise
@@ -372,10 +375,10 @@ def memopt_setup(model: nn.Module, training: Training, budget: int, *, solver: s
     plan_seconds = time.perf_counter() - start
     compiled = memopt.compile(model, budget=budget, loss_fn=training.workload.loss_fn,
                               optimizer=training.optimizer, device="cpu", solver=solver, backend=backend,
-                              chunk_loss=chunk_loss)
+                              **chunks)
     return Setup(compiled, returns_loss=True, plan=lambda: compiled.plan, settings={
         "budget_bytes": budget, "solver": solver or "memopt", "backend": backend, "plan_seconds": plan_seconds,
-        "planned_apart_peak_bytes": planned_peak, "chunk_loss": chunk_loss, **settings})
+        "planned_apart_peak_bytes": planned_peak, **chunks, **settings})
 
 
 # what a PyTorch user would run: eager, and the torch rows memopt is compared with at the same peak
@@ -417,6 +420,7 @@ def memopt_summary(plan: memopt.MemoryPlan, compiled: Any = None) -> dict[str, A
         "solver": {"name": solver.name, "status": solver.status, "objective_s": solver.objective,
                    "lower_bound_s": solver.lower_bound, "gap": solver.gap, "seconds": solver.seconds},
         "chunked": [dataclasses.asdict(head) for head in plan.chunked],  # loss heads run over slices of the tokens
+        "chunked_mlp": [dataclasses.asdict(block) for block in plan.chunked_mlp],  # and MLP blocks
     }
     if isinstance(compiled, memopt.CompiledModule) and compiled.backend == "inductor":
         summary["inductor"] = inductor_summary(compiled)

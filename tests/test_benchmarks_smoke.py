@@ -47,8 +47,10 @@ def test_eager_checkpoint_and_memopt_rows_measure_plan_and_agree_on_the_loss():
     # the peak counts what this process held before the row (earlier tests' leftovers); the budget does not
     assert summary["fits"] and planned["measured"]["peak_bytes"] - planned["foreign_bytes"] <= settings["budget_bytes"]
     assert planned["loss"] == eager["loss"]  # same seed, same weights: the planned step computes the same loss
-    # the budget comes from memopt.plan(..., chunk_loss="auto"); an MLP has no language-model head to chunk
-    assert settings["chunk_loss"] == "auto" and summary["chunked"] == []
+    # the budget comes from memopt.plan(..., chunk_loss="auto", chunk_mlp="auto"); this MLP has no language-model
+    # head and no block wider than its input to chunk
+    assert settings["chunk_loss"] == settings["chunk_mlp"] == "auto"
+    assert summary["chunked"] == summary["chunked_mlp"] == []
 
     results = {"date": "today", "machine": run.machine(), "versions": run.versions(), "total_wall_s": 1.0,
                "settings": {"repeats": 1, "quick": True}, "rows": rows}
