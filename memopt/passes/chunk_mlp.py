@@ -254,6 +254,9 @@ def _match(down: fx.Node, graph: _Graph) -> _Match | None:
     backward = _backward_region(forward, rows, narrow, graph)
     if backward is None:
         return None
+    if not all(_sliceable(arg, rows, graph) for node in forward | backward for arg in node.all_input_nodes
+               if arg not in forward and arg not in backward):
+        return None
     widest = max(forward, key=lambda node: _width(node, rows))
     wide = _val(widest)
     region = MLPRegion(down.name, rows, _width(widest, rows), wide.numel() * wide.element_size(), len(forward),
@@ -261,6 +264,15 @@ def _match(down: fx.Node, graph: _Graph) -> _Match | None:
     kinds = {node: _kind(node, rows, graph) for node in forward | backward}
     return _Match(region, down, tuple(sorted(forward, key=graph.order.__getitem__)),
                   tuple(sorted(backward, key=graph.order.__getitem__)), kinds, graph)
+
+
+def _sliceable(node: fx.Node, rows: int, graph: _Graph) -> bool:
+    """A value from outside the region that its slices can read without a copy: not per-token, columns, or
+    tokens first as (tokens x features) or contiguous (a view makes it so)."""
+    if not _per_token(node, rows, graph) or _columns(node, rows, graph):
+        return True
+    value = _val(node)
+    return value.shape[0] == rows or value.is_contiguous()
 
 
 def _forward_region(down: fx.Node, rows: int, narrow: int, graph: _Graph) -> set[fx.Node] | None:
