@@ -30,11 +30,13 @@ from memopt.passes.costs import node_seconds
 from memopt.passes.graph_edit import (
     CAST,
     Builder,
+    chunked_step,
     erase_unused,
     position,
-    rewritten_step,
     sort_topologically,
+    tensor_of,
     token_bounds,
+    transposes_2d,
 )
 
 aten = torch.ops.aten
@@ -82,18 +84,7 @@ def chunk_step(step: CapturedStep, chunks: dict[str, int]) -> CapturedStep:
     """``step`` with its loss heads named in ``chunks`` (by their ``LossHead.loss``) run over that many slices of
     the tokens (a head given 1 chunk, or not named, is left as it is)."""
 
-    def rewrite(graph: fx.Graph) -> tuple[dict[str, str], set[str]]:
-        renamed: dict[str, str] = {}
-        backward: set[str] = set()
-        for match in _matches(graph):
-            k = min(chunks.get(match.head.loss, 1), match.head.rows)
-            if k > 1:
-                more, added = _rewrite(graph, match, k)
-                renamed |= more
-                backward |= added
-        return renamed, backward
-
-    return rewritten_step(step, rewrite)
+    return chunked_step(step, _matches, lambda match: min(chunks.get(match.head.loss, 1), match.head.rows), _rewrite)
 
 
 def logits_seconds(graph: fx.GraphModule, head: LossHead, device: DeviceSpec) -> float:
@@ -113,15 +104,10 @@ def _matches(graph: fx.Graph) -> list[_Match]:
     return found
 
 
-def _val(node: object) -> torch.Tensor | None:
-    value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return value if isinstance(value, torch.Tensor) else None
-
-
 def _row_preserving(node: fx.Node, vocab: int) -> bool:
     """A view or dtype cast after which row r of the logits is still row r (last dimension ``vocab``, rows in
     order): a reshape of the leading dimensions of a contiguous tensor."""
-    value = _val(node)
+    value = tensor_of(node)
     if value is None or value.shape[-1] != vocab or not value.is_contiguous():
         return False
     if node.target in _VIEWS:
@@ -136,7 +122,7 @@ def _match(forward: fx.Node) -> _Match | None:
     if log_probs.target is not aten._log_softmax.default or log_probs.args[1] not in (1, -1) or log_probs.args[2]:
         return None
     logits = log_probs.args[0]
-    value = _val(logits)
+    value = tensor_of(logits)
     if value is None or value.dim() != 2:
         return None
     rows, vocab = value.shape
@@ -155,7 +141,7 @@ def _match(forward: fx.Node) -> _Match | None:
         return None
     product = node
     bias, inputs, weight_t = (None, *product.args) if product.target is aten.mm.default else product.args[:3]
-    if len(product.args) > 3 or _val(inputs) is None or _val(inputs).dim() != 2 or _val(inputs).shape[0] != rows:
+    if len(product.args) > 3 or tensor_of(inputs) is None or tensor_of(inputs).dim() != 2 or tensor_of(inputs).shape[0] != rows:
         return None
     # the forward's results go to getitem nodes only; the log-probabilities to the loss's backward only
     if any(user.target is not operator.getitem for user in forward.users):
@@ -170,7 +156,7 @@ def _match(forward: fx.Node) -> _Match | None:
     if backward is not None:
         region |= {backward, gradient, *_views_between(log_probs), *between}
         region |= {reader for reader, *_ in readers}
-    head = LossHead(forward.name, rows, vocab, rows * vocab * _val(log_probs).element_size(),
+    head = LossHead(forward.name, rows, vocab, rows * vocab * tensor_of(log_probs).element_size(),
                     (product.name, log_probs.name))
     return _Match(head, forward, inputs, weight_t, bias, cast, target, backward, gradient, tuple(readers),
                   frozenset(region))
@@ -228,7 +214,7 @@ def _gradient_readers(gradient: fx.Node, rows: int, vocab: int):
         node, cast, transposed = stack.pop()
         between.add(node)
         for user in node.users:
-            value = _val(user)
+            value = tensor_of(user)
             if value is None:
                 return None, between
             if not transposed and _row_preserving(user, vocab):
@@ -238,10 +224,10 @@ def _gradient_readers(gradient: fx.Node, rows: int, vocab: int):
                     stack.append((user, user.kwargs["dtype"], False))
                 else:
                     stack.append((user, cast, False))
-            elif user.target in _TRANSPOSES and not transposed and value.dim() == 2 and _val(node).dim() == 2 \
-                    and _transposes_2d(user):
+            elif user.target in _TRANSPOSES and not transposed and value.dim() == 2 and tensor_of(node).dim() == 2 \
+                    and transposes_2d(user):
                 stack.append((user, cast, True))
-            elif user.target is aten.mm.default and _val(node).dim() == 2:
+            elif user.target is aten.mm.default and tensor_of(node).dim() == 2:
                 left, right = user.args
                 if left is node and right is not node:
                     readers.append((user, "tokens-left" if transposed else "rows", cast, right))
@@ -249,20 +235,12 @@ def _gradient_readers(gradient: fx.Node, rows: int, vocab: int):
                     readers.append((user, "tokens-right", cast, left))
                 else:
                     return None, between
-            elif (user.target is aten.sum.dim_IntList and not transposed and _val(node).dim() == 2
+            elif (user.target is aten.sum.dim_IntList and not transposed and tensor_of(node).dim() == 2
                   and list(user.args[1]) in ([0], [-2]) and not user.kwargs.get("dtype")):
                 readers.append((user, "sum", cast, None))
             else:
                 return None, between
     return readers, between
-
-
-def _transposes_2d(node: fx.Node) -> bool:
-    if node.target is aten.t.default:
-        return True
-    if node.target is aten.permute.default:
-        return list(node.args[1]) == [1, 0]
-    return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
 
 
 # ------------------------------------------------------------------ the rewrite

@@ -31,11 +31,13 @@ from memopt.capture import CapturedStep
 from memopt.passes.graph_edit import (
     CAST,
     Builder,
+    chunked_step,
     erase_unused,
     position,
-    rewritten_step,
     sort_topologically,
+    tensor_of,
     token_bounds,
+    transposes_2d,
 )
 
 aten = torch.ops.aten
@@ -79,19 +81,8 @@ def chunk_mlp_step(step: CapturedStep, chunks: dict[str, int]) -> CapturedStep:
     """``step`` with the blocks named in ``chunks`` (by their ``MLPRegion.down``) run over that many slices of
     the tokens (a block given 1 chunk, or not named, is left as it is)."""
     static, start = _static_names(step), step.backward_start
-
-    def rewrite(graph: fx.Graph) -> tuple[dict[str, str], set[str]]:
-        renamed: dict[str, str] = {}
-        backward: set[str] = set()
-        for match in _matches(graph, static, start):
-            k = min(chunks.get(match.region.down, 1), match.region.rows)
-            if k > 1:
-                more, added = _rewrite(graph, match, k)
-                renamed |= more
-                backward |= added
-        return renamed, backward
-
-    return rewritten_step(step, rewrite)
+    return chunked_step(step, lambda graph: _matches(graph, static, start),
+                        lambda match: min(chunks.get(match.region.down, 1), match.region.rows), _rewrite)
 
 
 def _static_names(step: CapturedStep) -> frozenset[str]:
@@ -125,15 +116,10 @@ class _Graph:
         return self._static[node]
 
 
-def _val(node: object) -> torch.Tensor | None:
-    value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return value if isinstance(value, torch.Tensor) else None
-
-
 def _lead(node: object, rows: int) -> int | None:
     """How many leading dimensions of ``node``'s tensor make up the ``rows`` tokens (the fewest whose product
     is ``rows``), or None when none do."""
-    value = _val(node)
+    value = tensor_of(node)
     if value is None:
         return None
     product = 1
@@ -152,23 +138,12 @@ def _per_token(node: object, rows: int, graph: _Graph) -> bool:
 
 def _columns(node: object, rows: int, graph: _Graph) -> bool:
     """A 2-D per-token tensor transposed: (features x tokens)."""
-    return (isinstance(node, fx.Node) and node.target in _TRANSPOSES and _transposes_2d(node)
-            and _per_token(node.args[0], rows, graph) and _val(node.args[0]).dim() == 2)
-
-
-def _transposes_2d(node: fx.Node) -> bool:
-    value = _val(node)
-    if value is None or value.dim() != 2:
-        return False
-    if node.target is aten.t.default:
-        return True
-    if node.target is aten.permute.default:
-        return list(node.args[1]) == [1, 0]
-    return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
+    return (isinstance(node, fx.Node) and node.target in _TRANSPOSES and transposes_2d(node)
+            and _per_token(node.args[0], rows, graph) and tensor_of(node.args[0]).dim() == 2)
 
 
 def _width(node: fx.Node, rows: int) -> int:
-    value = _val(node)
+    value = tensor_of(node)
     return value.numel() // rows if value is not None else 0
 
 
@@ -186,22 +161,22 @@ def _kind(node: fx.Node, rows: int, graph: _Graph) -> str | None:
         return "transpose"
     if target is aten.mm.default:
         left, right = node.args
-        if _columns(left, rows, graph) and _per_token(right, rows, graph) and _val(right).dim() == 2:
+        if _columns(left, rows, graph) and _per_token(right, rows, graph) and tensor_of(right).dim() == 2:
             return "sum-mm"
-        if _per_token(left, rows, graph) and _val(left).dim() == 2 and not _per_token(right, rows, graph) \
+        if _per_token(left, rows, graph) and tensor_of(left).dim() == 2 and not _per_token(right, rows, graph) \
                 and not _columns(right, rows, graph):
             return "project"
         return None
     if target is aten.addmm.default:
         bias, left, right = node.args[:3]
-        if _per_token(left, rows, graph) and _val(left).dim() == 2 and graph.static(right) and graph.static(bias):
+        if _per_token(left, rows, graph) and tensor_of(left).dim() == 2 and graph.static(right) and graph.static(bias):
             return "project"
         return None
     if target is aten.sum.dim_IntList:
         source = node.args[0]
         if not _per_token(source, rows, graph) or "dtype" in node.kwargs:
             return None
-        dims = sorted(int(d) % _val(source).dim() for d in node.args[1])
+        dims = sorted(int(d) % tensor_of(source).dim() for d in node.args[1])
         return "sum" if dims == list(range(_lead(source, rows))) else None
     if not _per_token(node, rows, graph):
         return None
@@ -217,7 +192,7 @@ def _broadcasts(arg: fx.Node, node: fx.Node, rows: int, graph: _Graph) -> bool:
     those the tokens take in the result, are ones or absent)."""
     if _per_token(arg, rows, graph):
         return True
-    value, result = _val(arg), _val(node)
+    value, result = tensor_of(arg), tensor_of(node)
     if value is None:
         return True
     lead = _lead(node, rows)
@@ -241,7 +216,7 @@ def _matches(graph: fx.Graph, static_names: frozenset[str], backward_start: str)
 
 
 def _match(down: fx.Node, graph: _Graph) -> _Match | None:
-    value = _val(down)
+    value = tensor_of(down)
     if value is None or value.dim() != 2:
         return None
     rows = value.shape[0]
@@ -258,7 +233,7 @@ def _match(down: fx.Node, graph: _Graph) -> _Match | None:
                if arg not in forward and arg not in backward):
         return None
     widest = max(forward, key=lambda node: _width(node, rows))
-    wide = _val(widest)
+    wide = tensor_of(widest)
     region = MLPRegion(down.name, rows, _width(widest, rows), wide.numel() * wide.element_size(), len(forward),
                        len(backward))
     kinds = {node: _kind(node, rows, graph) for node in forward | backward}
@@ -271,7 +246,7 @@ def _sliceable(node: fx.Node, rows: int, graph: _Graph) -> bool:
     tokens first as (tokens x features) or contiguous (a view makes it so)."""
     if not _per_token(node, rows, graph) or _columns(node, rows, graph):
         return True
-    value = _val(node)
+    value = tensor_of(node)
     return value.shape[0] == rows or value.is_contiguous()
 
 
@@ -389,7 +364,7 @@ class _Slices:
         if _columns(node, self.rows, self.graph):
             piece = self.build(aten.slice.Tensor, node, 1, self.start, self.stop)
         elif _per_token(node, self.rows, self.graph):
-            value = _val(node)
+            value = tensor_of(node)
             rest = list(value.shape[_lead(node, self.rows):])
             whole = node if list(value.shape) == [self.rows, *rest] else self.build(aten.view.default, node,
                                                                                     [self.rows, *rest])
@@ -403,7 +378,7 @@ class _Slices:
         """A pointwise op's input on the slice; one that broadcasts over the tokens loses their dimensions."""
         if not isinstance(arg, fx.Node) or _per_token(arg, self.rows, self.graph) or arg in self.copies:
             return self[arg]
-        value, result = _val(arg), _val(node)
+        value, result = tensor_of(arg), tensor_of(node)
         rest = result.dim() - _lead(node, self.rows)
         if value is None or value.dim() <= rest:
             return arg
@@ -415,8 +390,8 @@ def _copy(node: fx.Node, kind: str, piece: _Slices) -> fx.Node:
     build, rows = piece.build, piece.rows
     if kind == "view":
         source = piece[node.args[0]]
-        shape = [piece.stop - piece.start, *_val(node).shape[_lead(node, rows):]]
-        return source if list(_val(source).shape) == shape else build(aten.view.default, source, shape)
+        shape = [piece.stop - piece.start, *tensor_of(node).shape[_lead(node, rows):]]
+        return source if list(tensor_of(source).shape) == shape else build(aten.view.default, source, shape)
     if kind == "same":
         args = [piece.broadcast(arg, node) for arg in node.args]
         return build(node.target, *args, **node.kwargs)
@@ -466,8 +441,8 @@ def _rewrite(graph: fx.Graph, match: _Match, k: int) -> tuple[dict[str, str], se
     renamed = {match.down.name: joined.name}
     results = {node: sums[node] if node in sums else build(aten.cat.default, rows_of[node], 0) for node in exits}
     for node, result in results.items():
-        shape = list(_val(node).shape)
-        if list(_val(result).shape) != shape:
+        shape = list(tensor_of(node).shape)
+        if list(tensor_of(result).shape) != shape:
             result = build(aten.view.default, result, shape)
         node.replace_all_uses_with(result)
         renamed[node.name] = result.name

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import fx
@@ -14,7 +15,26 @@ from memopt.capture import CapturedStep
 from memopt.passes.order_plan import copy_graph
 from memopt.passes.recompute import fake_result
 
-CAST = torch.ops.aten._to_copy.default
+aten = torch.ops.aten
+CAST = aten._to_copy.default
+
+
+def tensor_of(node: object) -> torch.Tensor | None:
+    """The (fake) tensor a node holds, if it holds one."""
+    found = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return found if isinstance(found, torch.Tensor) else None
+
+
+def transposes_2d(node: fx.Node) -> bool:
+    """A t, transpose or permute that swaps the two dimensions of a 2-D tensor."""
+    found = tensor_of(node)
+    if found is None or found.dim() != 2:
+        return False
+    if node.target is aten.t.default:
+        return True
+    if node.target is aten.permute.default:
+        return list(node.args[1]) == [1, 0]
+    return node.target is aten.transpose.int and sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
 
 
 class Builder:
@@ -92,15 +112,23 @@ def sort_topologically(graph: fx.Graph) -> None:
         previous = node
 
 
-Rewrite = Callable[[fx.Graph], tuple[dict[str, str], set[str]]]
+Match = TypeVar("Match")
 
 
-def rewritten_step(step: CapturedStep, rewrite: Rewrite) -> CapturedStep:
-    """``step`` with a copy of its graph changed by ``rewrite`` (which returns the names of the nodes whose values
-    new nodes now hold, and the names of the new nodes of the backward); its loss, gradients, outputs and
-    backward's first node named anew."""
+def chunked_step(step: CapturedStep, matches: Callable[[fx.Graph], list[Match]], chunks: Callable[[Match], int],
+                 rewrite: Callable[[fx.Graph, Match, int], tuple[dict[str, str], set[str]]]) -> CapturedStep:
+    """``step`` with a copy of its graph in which each region ``matches`` finds and ``chunks`` gives more than one
+    slice is changed by ``rewrite`` (which returns the names of the nodes whose values new nodes now hold, and
+    the names of its new nodes of the backward); its loss, gradients, outputs and backward's first node named
+    anew."""
     new = fx.GraphModule(step.graph, copy_graph(step.graph.graph))
-    renamed, new_backward = rewrite(new.graph)
+    renamed: dict[str, str] = {}
+    new_backward: set[str] = set()
+    for match in matches(new.graph):
+        if chunks(match) > 1:
+            more, added = rewrite(new.graph, match, chunks(match))
+            renamed |= more
+            new_backward |= added
     new.graph.lint()
     new.recompile()
     nodes = [node.name for node in step.graph.graph.nodes]
