@@ -11,7 +11,7 @@ from torch.utils import _pytree as pytree
 
 from memopt.budget import Budget, parse_budget
 from memopt.capture import capture
-from memopt.config import PlanConfig
+from memopt.config import PlanConfig, check_lowering
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import MemoptError
 from memopt.fit import fit
@@ -200,13 +200,6 @@ def compile(
     memopt plans more recomputation (``memopt.fit``, down to the smallest plan).
     """
     layout = layout or (config is not None and config.layout)
-    if layout and backend == "inductor":
-        raise MemoptError("layout=True runs the arena on backend='fx' only: Inductor plans its own buffers "
-                          "(and reuses them) inside the code it writes; use backend='fx' with layout=True, "
-                          "or layout=False with Inductor")
-    if layout and offload:
-        raise MemoptError("layout=True with offload=True is not supported in this version (host copies would "
-                          "have to stay outside the arena); choose one, or offload=False")
     if backend not in ("fx", "inductor"):
         raise MemoptError(f"unknown backend {backend!r}; choose 'fx' (plain FX graphs) or 'inductor'")
     if offload is not None and not isinstance(offload, bool):
@@ -217,26 +210,20 @@ def compile(
         offload = config is not None and config.offload
     if budget is None:
         raise MemoptError("memopt.compile needs a budget, e.g. budget='24GB'")
-    if layout:
-        offload = False  # offload=None would turn it on for CUDA devices
     config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss, chunk_mlp=chunk_mlp,
                      step_in_backward=step_in_backward)
+    check_lowering(config, inductor=backend == "inductor", offload=bool(offload), optimizer=optimizer,
+                   fx_name="backend='fx'", inductor_name="backend='inductor'")
+    if layout:
+        offload = False  # offload=None would turn it on for CUDA devices
     if config.step_in_backward:
-        _check_step_in_backward(backend, layout, optimizer, model)
+        _check_optimizer_holds(optimizer, model)
     return CompiledModule(model, budget=parse_budget(budget), loss_fn=loss_fn, optimizer=optimizer,
                           device=device, config=config, backend=backend,
                           inductor_options=inductor_options, offload=offload, layout=layout)
 
 
-def _check_step_in_backward(backend: str, layout: bool, optimizer: Any, model: nn.Module) -> None:
-    if backend != "fx" or layout:
-        raise MemoptError("step_in_backward=True runs with backend='fx' and layout=False in this version (Inductor "
-                          "would have to call the optimizer from its compiled backward, and the arena's order pass "
-                          "does not keep a parameter's readers before its update); use backend='fx', or "
-                          "step_in_backward=False")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise MemoptError(f"step_in_backward=True updates parameters with the optimizer itself: pass the optimizer "
-                          f"instance (optimizer=opt), not {optimizer!r}")
+def _check_optimizer_holds(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
     trained = {id(p) for p in model.parameters() if p.requires_grad}
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if not trained & held:

@@ -15,6 +15,13 @@ budget leaves after the rest of the model (its parameters, gradients, optimizer
 state) and what the graphs compiled before it keep, and the user is told; a
 recompile for new shapes re-plans that graph. Graphs with dynamic shapes are
 specialized: each distinct shape is traced and planned on its first call.
+
+With ``compiler="eager"`` the arena (``layout``) and the optimizer step inside the
+backward (``step_in_backward``) run as they do under ``memopt.compile``: the arena is
+allocated by the forward and handed to the backward as a saved tensor, so one
+layout spans both programs; each ``step_parameter`` node of the backward is bound
+to the optimizer's update of its parameter, and AOTAutograd returns no gradient
+for it.
 """
 
 from __future__ import annotations
@@ -39,15 +46,18 @@ from torch.utils import _pytree as pytree
 from memopt.budget import Budget, format_bytes, parse_budget
 from memopt.capture import CapturedStep
 from memopt.capture.aot import GraphInput, graph_inputs, joint_step, partition
-from memopt.config import PlanConfig
+from memopt.config import PlanConfig, check_lowering
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import BudgetInfeasibleError, MemoptError, MemoptWarning
 from memopt.fit import fit
 from memopt.lower.fusion import inductor_patches
 from memopt.lower.inductor import WrapperMemory
 from memopt.lower.lowering import Lowered, predicted_infeasible
+from memopt.lower.optimizer_step import InBackwardSteps
 from memopt.passes.optimizer_memory import ParamInfo, optimizer_groups, optimizer_memory
+from memopt.passes.order_plan import copy_graph
 from memopt.passes.remat_plan import SOLVERS
+from memopt.passes.step_in_backward import step_parameter
 from memopt.passes.storage import BUFFERS, GRADIENTS, OPTIMIZER_STATE, PARAMETERS
 from memopt.pipeline import run_pipeline
 from memopt.report.plan import CompileAttempt, MemoryPlan
@@ -75,6 +85,11 @@ KNOWN_OPTIONS: dict[str, str] = {
                   "the tokens); a number: that many slices (as memopt.plan(..., chunk_loss=...))",
     "chunk_mlp": "1 (default): the MLP blocks as traced; 'auto' or a number: the up projection, activation and "
                  "down projection over slices of the tokens, as chunk_loss (as memopt.plan(..., chunk_mlp=...))",
+    "layout": "True: the graph's intermediates run in one arena, the forward's and the backward's alike (as "
+              "memopt.compile(..., layout=True)); compiler='eager' only",
+    "step_in_backward": "True: each parameter is updated inside the backward as soon as its gradient is final, by "
+                        "the optimizer instance given as 'optimizer' (as memopt.compile(..., step_in_backward=True)); "
+                        "call optimizer.step() after each backward as usual; compiler='eager' only",
     "config": "a memopt.config.PlanConfig with every other knob (time limits, headroom)",
 }
 
@@ -119,14 +134,14 @@ class BackendOptions:
             if not isinstance(offload, bool):
                 raise MemoptError(f"offload must be True, False or None, got {offload!r}")
             config = dataclasses.replace(config, offload=offload)
-        if config.layout:
-            raise MemoptError("the memopt backend does not lay out an arena (AOTAutograd runs the forward and the "
-                              "backward as two programs, and the arena spans both): memopt.compile(..., layout=True) "
-                              "does; pass a config without layout")
-        if config.step_in_backward:
-            raise MemoptError("the memopt backend does not update parameters inside the backward (AOTAutograd "
-                              "hands the gradients to autograd, which fills .grad); memopt.compile(..., "
-                              "step_in_backward=True) does; pass a config without step_in_backward")
+        for knob in ("layout", "step_in_backward"):
+            if options.get(knob) is not None:
+                if not isinstance(options[knob], bool):
+                    raise MemoptError(f"{knob} must be True or False, got {options[knob]!r}")
+                config = dataclasses.replace(config, **{knob: options[knob]})
+        check_lowering(config, inductor=compiler == "inductor", offload=config.offload,
+                       optimizer=options.get("optimizer"), fx_name="compiler='eager'",
+                       inductor_name="compiler='inductor'")
         cache = options.get("cache", True)
         if cache is True:
             from torch._inductor.runtime.cache_dir_utils import cache_dir
@@ -270,7 +285,12 @@ def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs:
     lifted = len(inputs) - len(example_inputs)
     shapes = tuple(tuple(v.shape) for info, v in zip(inputs[lifted:], example_inputs)
                    if info.role == "input" and isinstance(v, torch.Tensor))
-    lowering = _AOTLowering(gm, example_inputs, options)
+    steps = None
+    if options.config.step_in_backward:
+        values = _lifted(traced.graph, inputs, example_inputs)
+        steps = InBackwardSteps(options.optimizer, {i.name: v for i, v in zip(inputs, values)
+                                                     if i.role == "parameter" and i.requires_grad})
+    lowering = _AOTLowering(gm, example_inputs, options, steps)
     # Dynamo can compile the same graph again for the same shapes (a guard on something else failed): the plan
     # that runs is the same, so it is compiled again as it is, without planning
     again = state.same_graph(frame, shapes, traced.code)
@@ -365,13 +385,17 @@ class _AOTLowering:
     gm: fx.GraphModule
     example_inputs: list[Any]
     options: BackendOptions
+    steps: InBackwardSteps | None = None  # binds the updates of a plan that steps parameters in the backward
     name: str = "aot"
-    reclaims: bool = False  # the step's peak counts the plan's own (see ``lower``): a larger plan never fits
     replans: int = 2
 
     @property
     def reads_code(self) -> bool:
         return self.options.compiler == "inductor"
+
+    @property
+    def reclaims(self) -> bool:
+        return self.reads_code  # Inductor's code can hold less than its plan; eager's kernels hold the plan
 
     @property
     def variants(self) -> tuple[dict[str, Any], ...]:
@@ -389,16 +413,19 @@ class _AOTLowering:
             # AOTAutograd traced the same joint graph again: the plan's rewrite of the first is cut instead
             program = plan.program
             assert program is not None
-            forward, backward = partition(program.graph, program.backward_start, num_fwd_outputs)
+            graph = _with_steps_as_gradients(program.graph, num_fwd_outputs) if program.stepped else program.graph
+            forward, backward = partition(graph, program.backward_start, num_fwd_outputs)
             memories.dropped_bytes = _dropped_output_bytes(forward, num_fwd_outputs, program)
+            if program.stepped:
+                assert self.steps is not None
+                _bind_steps(backward, program, self.steps)
             return forward, backward
 
-        compiled = _aot_compile(self.gm, self.example_inputs, self.options, cut, options, memories)
+        check = None if self.steps is None else self.steps.check_before_forward
+        compiled = _aot_compile(self.gm, self.example_inputs, self.options, cut, options, memories, check)
         if self.reads_code:
             forward, backward = memories.peaks(plan)
-            # the plan's own peak too: the replay does not see what the runtime around the code allocates (a
-            # gradient autograd copies into its parameter's layout)
-            peak = max(forward, backward, plan.optimizer_peak_bytes, plan.peak_bytes)
+            peak = max(forward, backward, plan.optimizer_peak_bytes)
         else:
             (forward, backward), peak = plan.phase_peaks, plan.peak_bytes
         return Lowered(plan, None, compiled, forward, backward, peak, dict(options), time.perf_counter() - started)
@@ -413,8 +440,10 @@ class _AOTLowering:
 
 
 def _aot_compile(gm: fx.GraphModule, example_inputs: list[Any], options: BackendOptions, partition_fn: Any,
-                 inductor: dict[str, Any], memories: _Memories) -> Callable[..., Any]:
-    """``gm`` through AOTAutograd with ``partition_fn`` and memopt's compilers for the forward and backward."""
+                 inductor: dict[str, Any], memories: _Memories, before_forward: Callable[[], None] | None = None
+                 ) -> Callable[..., Any]:
+    """``gm`` through AOTAutograd with ``partition_fn`` and memopt's compilers for the forward and backward;
+    ``before_forward`` runs before each forward."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch import config as functorch_config
 
@@ -426,7 +455,7 @@ def _aot_compile(gm: fx.GraphModule, example_inputs: list[Any], options: Backend
 
         with inductor_patches({**DEFAULT_OPTIONS, **inductor}) as patches, torch._inductor.config.patch(patches):
             decompositions = select_decomp_table()  # without the random ops' with fallback_random
-    reentry = _Reentry()
+    reentry = _Reentry(before_forward)
     forward = partial(_compile_program, compiler=options.compiler, inductor=inductor, memories=memories,
                       part="forward")
     backward = partial(_compile_program, compiler=options.compiler, inductor=inductor, memories=memories,
@@ -449,6 +478,9 @@ class _Memories:
     backward: WrapperMemory | None = None
     tangent_bytes: int = 0
     dropped_bytes: int = 0  # outputs the caller drops after the forward (hold_outputs=False), not saved
+    # the forward's outputs that are views of its inputs (a parameter's transpose saved for the backward): the
+    # backward deleting them frees nothing, since the caller holds what they view
+    input_views: frozenset[str] = frozenset()
 
     def peaks(self, plan: MemoryPlan) -> tuple[int, int]:
         """The forward's and the backward's peaks with the plan's entry bytes live as the step starts."""
@@ -467,12 +499,15 @@ class _Reentry:
     it, and the budget around it, as running once: the user is told.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, before_forward: Callable[[], None] | None = None) -> None:
         self.live = 0
         self.told = False
+        self.before_forward = before_forward
 
     def forward(self, program: Callable[[list], Any]) -> Callable[[list], Any]:
         def run(args: list) -> Any:
+            if self.before_forward is not None:
+                self.before_forward()
             self.live += 1
             if self.live > 1 and not self.told:
                 self.told = True
@@ -493,6 +528,31 @@ class _Reentry:
 
         run._boxed_call = True  # type: ignore[attr-defined]
         return run
+
+
+def _with_steps_as_gradients(joint: fx.GraphModule, num_fwd_outputs: int) -> fx.GraphModule:
+    """A copy of ``joint`` whose output returns each ``step_parameter`` node (None when it runs) as its
+    parameter's gradient: the partition keeps only what reaches the output, and autograd gets no gradient
+    for a parameter the backward has updated."""
+    graph = copy_graph(joint.graph)
+    primals = graph.find_nodes(op="placeholder")
+    output = graph.output_node()
+    outputs = list(output.args[0])
+    for node in graph.find_nodes(op="call_function", target=step_parameter):
+        slot = num_fwd_outputs + primals.index(node.args[0])
+        assert outputs[slot] is None, f"the gradient of {node.args[0].name} is still an output"
+        outputs[slot] = node
+    output.args = (outputs,)
+    return fx.GraphModule(joint, graph)
+
+
+def _bind_steps(backward: fx.GraphModule, program: CapturedStep, steps: InBackwardSteps) -> None:
+    """Each ``step_parameter`` node of the backward calls the optimizer's update of its parameter (the saved
+    primal keeps the joint graph's placeholder name)."""
+    parameter_of = {p.node: p.name for p in program.placeholders if p.role == "parameter"}
+    for node in backward.graph.find_nodes(op="call_function", target=step_parameter):
+        node.target = steps.update_of(parameter_of[node.args[0].name])
+    backward.recompile()
 
 
 def _dropped_output_bytes(forward: fx.GraphModule, num_fwd_outputs: int, step: CapturedStep) -> int:
@@ -605,9 +665,13 @@ def _compile_program(gm: fx.GraphModule, example_inputs: Sequence[Any], *, compi
                 mock.patch.object(GraphLowering, "save_output_code", sources.append):
             compiled = compile_fx_inner(gm, example_inputs)
         if part != "inference" and len(sources) == 1:
-            # the caller holds the forward's inputs and the backward's primals; the rest die in the program
+            # the caller holds the forward's inputs, and so the backward's primals and views of the forward's
+            # inputs; the rest die in the program
             placeholders = gm.graph.find_nodes(op="placeholder")
-            held = [part == "forward" or node.name.startswith("primals") for node in placeholders]
+            if part == "forward":
+                memories.input_views = _input_views(gm)
+            held = [part == "forward" or node.name.startswith("primals") or node.name in memories.input_views
+                    for node in placeholders]
             device = next((v.device for v in example_inputs if isinstance(v, torch.Tensor)), torch.device("cpu"))
             setattr(memories, part, wrapper_memory(sources[0], list(example_inputs), held,
                                                    scratch=partial(measure_calls, device=device)))
@@ -621,6 +685,17 @@ def _compile_program(gm: fx.GraphModule, example_inputs: Sequence[Any], *, compi
     gm.graph.set_codegen(_BoxedCodeGen())  # the generated code drops each input after its last reader
     gm.recompile()
     return gm
+
+
+def _input_views(forward: fx.GraphModule) -> frozenset[str]:
+    """The names of ``forward``'s outputs whose storage is one of its inputs' (their fake values share it)."""
+    def storage(node: Any) -> StorageWeakRef | None:
+        value = node.meta.get("val") if isinstance(node, fx.Node) else None
+        return StorageWeakRef(value.untyped_storage()) if isinstance(value, torch.Tensor) else None
+
+    inputs = {storage(node) for node in forward.graph.find_nodes(op="placeholder")} - {None}
+    outputs = pytree.arg_tree_leaves(*forward.graph.output_node().args)
+    return frozenset(node.name for node in outputs if storage(node) in inputs)
 
 
 def _frame_id(gm: fx.GraphModule) -> str:

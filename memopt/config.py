@@ -43,3 +43,32 @@ class PlanConfig:
             chunks = getattr(self, name)
             if chunks != "auto" and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
                 raise MemoptError(f"{name} must be 1 (off), 'auto' or a number of chunks >= 2, got {chunks!r}")
+
+
+def check_lowering(config: PlanConfig, *, inductor: bool, offload: bool, optimizer: object, fx_name: str,
+                   inductor_name: str) -> None:
+    """Refuses knobs the chosen lowering cannot run, naming the way out.
+
+    ``fx_name`` and ``inductor_name`` are how the caller's own argument picks the FX
+    lowering and Inductor (``backend='fx'`` on ``memopt.compile``, ``compiler='eager'``
+    on the torch.compile backend).
+    """
+    if config.layout and inductor:
+        raise MemoptError(f"layout=True runs the arena with {fx_name} only: Inductor plans its own buffers (and "
+                          f"reuses them) inside the code it writes; use {fx_name} with layout=True, or layout=False "
+                          f"with {inductor_name}")
+    if config.layout and offload:
+        raise MemoptError("layout=True with offload=True is not supported in this version (host copies would have "
+                          "to stay outside the arena); choose one, or offload=False")
+    if not config.step_in_backward:
+        return
+    if inductor or config.layout:
+        raise MemoptError(f"step_in_backward=True runs with {fx_name} and layout=False in this version (Inductor "
+                          "would have to call the optimizer from its compiled backward, and the arena's order pass "
+                          f"does not keep a parameter's readers before its update); use {fx_name}, or "
+                          "step_in_backward=False")
+    import torch
+
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise MemoptError(f"step_in_backward=True updates parameters with the optimizer itself: pass the optimizer "
+                          f"instance (optimizer=opt), not {optimizer!r}")
