@@ -52,7 +52,7 @@ from memopt.errors import BudgetInfeasibleError, MemoptError, MemoptWarning
 from memopt.fit import fit
 from memopt.lower.fusion import inductor_patches
 from memopt.lower.inductor import WrapperMemory
-from memopt.lower.lowering import Lowered, predicted_infeasible
+from memopt.lower.lowering import FXLowering, Lowered, predicted_infeasible
 from memopt.lower.optimizer_step import InBackwardSteps
 from memopt.passes.optimizer_memory import ParamInfo, optimizer_groups, optimizer_memory
 from memopt.passes.order_plan import copy_graph
@@ -387,11 +387,16 @@ class _AOTLowering:
     options: BackendOptions
     steps: InBackwardSteps | None = None  # binds the updates of a plan that steps parameters in the backward
     name: str = "aot"
-    replans: int = 2
 
     @property
     def reads_code(self) -> bool:
         return self.options.compiler == "inductor"
+
+    @property
+    def replans(self) -> int:
+        # each Inductor compile costs a minute: two; eager's kernels compile at once: as many as the FX lowering,
+        # which the arena's span needs to come back to the smallest plan it reported
+        return 2 if self.reads_code else FXLowering.replans
 
     @property
     def reclaims(self) -> bool:

@@ -18,6 +18,19 @@ def square_mean(output: torch.Tensor) -> torch.Tensor:
     return output.square().mean()
 
 
+class LossOnly(nn.Module):
+    """``model`` returning only its loss (``loss_fn(output)``, or the output's ``.loss``): how a careful user
+    compiles with torch.compile, so that no output but the loss gets a gradient."""
+
+    def __init__(self, model: nn.Module, loss_fn=None) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, *args, **kwargs):
+        output = self.model(*args, **kwargs)
+        return self.loss_fn(output) if self.loss_fn else output.loss
+
+
 def steady_step(model, inputs, optimizer, loss_fn=None):
     """A training step function, warmed up so that optimizer state exists, with gradients set to None.
 
@@ -88,3 +101,24 @@ def infeasible_behind(error):
         error = error.__cause__ or error.__context__
     assert error is not None, "no BudgetInfeasibleError behind the error"
     return error
+
+
+def assert_steps_in_backward_like_eager(compiled, model, optimizer, eager, eager_optimizer, inputs, loss_fn,
+                                        steps: int = 3) -> None:
+    """``compiled`` (updating ``model`` inside its backward) trains like ``eager`` with its own optimizer step:
+    bitwise the same loss and parameters after each backward, no gradient left for the user's
+    ``optimizer.step()``, which then changes nothing."""
+    for _ in range(steps):
+        expected = loss_fn(eager(*inputs))
+        expected.backward()
+        eager_optimizer.step()
+        eager_optimizer.zero_grad()
+        loss = compiled(*inputs)
+        loss.backward()
+        assert torch.equal(loss.detach(), expected.detach())
+        # the backward updated every parameter and left no gradient: the user's step has nothing to apply
+        assert all(p.grad is None for p in model.parameters())
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), eager.parameters()))
+        optimizer.step()
+        optimizer.zero_grad()
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), eager.parameters()))

@@ -15,7 +15,13 @@ import weakref
 
 import pytest
 import torch
-from conftest import infeasible_behind, measured_step_peak, steady_step
+from conftest import (
+    LossOnly,
+    assert_steps_in_backward_like_eager,
+    infeasible_behind,
+    measured_step_peak,
+    steady_step,
+)
 from torch import nn
 
 import memopt
@@ -455,16 +461,8 @@ def test_offload_through_the_backend_fits_below_what_recomputation_reaches(compi
     torch.manual_seed(1)
     eager_loss = workload.loss_fn(copy.deepcopy(model)(*inputs)).item()
 
-    class LossOnly(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return workload.loss_fn(self.model(x))
-
     options = {"budget": budget, "optimizer": optimizer, "offload": True, "compiler": compiler, "cache": False}
-    compiled = torch.compile(LossOnly(), backend="memopt", options=options)
+    compiled = torch.compile(LossOnly(model, workload.loss_fn), backend="memopt", options=options)
     torch.manual_seed(1)
     loss = compiled(*inputs).item()
     assert loss == eager_loss if compiler == "eager" else abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)
@@ -513,19 +511,6 @@ def test_at_its_smallest_budget_the_backend_replays_dropout_and_trains_like_eage
     assert any(d.action == "replay" for d in plans(options)[-1].decisions)
 
 
-def _loss_only(model: nn.Module, loss_fn) -> nn.Module:
-    class LossOnly(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, *args, **kwargs):
-            output = self.model(*args, **kwargs)
-            return loss_fn(output) if loss_fn else output.loss
-
-    return LossOnly()
-
-
 def test_the_arena_spans_the_backends_forward_and_backward_bitwise_eager_and_as_planned():
     from memopt.examples import gpt2
     from memopt.passes.arena_plan import ARENA_NODE
@@ -538,7 +523,7 @@ def test_the_arena_spans_the_backends_forward_and_backward_bitwise_eager_and_as_
     optimizer = torch.optim.SGD(twin.parameters(), lr=0.0)  # no state: the step's peak is the graph's
     options = {"budget": budget, "layout": True, "optimizer": optimizer, "cache": False,
                "config": memopt.config.PlanConfig(remat_time_limit_s=1.0)}
-    compiled = torch.compile(_loss_only(twin, None), backend="memopt", options=options)
+    compiled = torch.compile(LossOnly(twin), backend="memopt", options=options)
     for seed in (1, 2):  # dropout on: the same noise as eager
         torch.manual_seed(seed)
         expected = model(**inputs).loss
@@ -582,20 +567,8 @@ def test_the_backend_steps_the_optimizer_inside_the_backward_like_eager_and_unde
     gradient_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert minimums[True] <= minimums[False] - gradient_bytes // 2, minimums
     options = {"budget": minimums[True], "optimizer": optimizer, "step_in_backward": True, "cache": False}
-    compiled = torch.compile(_loss_only(model, workload.loss_fn), backend="memopt", options=options)
-    for _ in range(3):
-        expected = workload.loss_fn(eager(*inputs))
-        expected.backward()
-        eager_optimizer.step()
-        eager_optimizer.zero_grad()
-        loss = compiled(*inputs)
-        loss.backward()
-        assert torch.equal(loss.detach(), expected.detach())
-        # updated inside the backward, no gradient left: the user's step applies nothing twice
-        assert all(p.grad is None for p in model.parameters())
-        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), eager.parameters()))
-        optimizer.step()
-        optimizer.zero_grad()
+    compiled = torch.compile(LossOnly(model, workload.loss_fn), backend="memopt", options=options)
+    assert_steps_in_backward_like_eager(compiled, model, optimizer, eager, eager_optimizer, inputs, workload.loss_fn)
     (plan,) = plans(options)
     assert "optimizer" not in plan.timeline.phases and len(plan.stepped) == len(list(model.parameters()))
     peak = measured_step_peak(plan, memopt.measure_peak(steady_step(compiled, inputs, optimizer)))

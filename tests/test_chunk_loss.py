@@ -4,7 +4,7 @@ up to the order of the sums over the tokens, and through every entry point."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import measured_step_peak, steady_step
+from conftest import LossOnly, measured_step_peak, steady_step
 from torch import nn
 
 import memopt
@@ -134,16 +134,8 @@ def test_the_backend_chunks_the_head_of_a_module_that_returns_the_loss():
         memopt.plan(model, batch, optimizer=optimizer, budget=1)
     budget = traced.value.chunked_minimum
 
-    class LossOnly(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-            return self.model(**batch).loss
-
     options = {"budget": budget, "optimizer": optimizer, "chunk_loss": "auto", "cache": False}
-    compiled = torch.compile(LossOnly(), backend="memopt", options=options)
+    compiled = torch.compile(LossOnly(model), backend="memopt", options=options)
     torch.testing.assert_close(compiled(**batch), workload.build()(**batch).loss, rtol=1e-6, atol=0)
     (plan,) = memopt.backend.plans(options)
     assert plan.chunked and plan.chunked[0].chunks >= 2

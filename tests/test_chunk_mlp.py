@@ -4,7 +4,7 @@ points."""
 
 import pytest
 import torch
-from conftest import measured_step_peak, steady_step
+from conftest import LossOnly, measured_step_peak, steady_step
 from torch import nn
 
 import memopt
@@ -127,16 +127,8 @@ def test_below_the_traced_minimum_the_error_names_chunk_mlp_and_the_fx_step_trai
 def test_the_backend_chunks_the_blocks_of_a_module_that_returns_the_loss():
     workload, model, batch, optimizer = _workload("llama")
 
-    class LossOnly(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-            return self.model(**batch).loss
-
     options = {"budget": "1GB", "optimizer": optimizer, "chunk_mlp": 2, "cache": False}
-    compiled = torch.compile(LossOnly(), backend="memopt", options=options)
+    compiled = torch.compile(LossOnly(model), backend="memopt", options=options)
     torch.testing.assert_close(compiled(**batch), workload.build()(**batch).loss, rtol=1e-6, atol=0)
     (plan,) = memopt.backend.plans(options)
     assert len(plan.chunked_mlp) == LAYERS and plan.chunked_mlp[0].chunks == 2

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import assert_runs_like_eager, infeasible_behind, square_mean
+from conftest import LossOnly, assert_runs_like_eager, infeasible_behind, square_mean
 from torch import nn
 
 from memopt import examples
@@ -179,18 +179,10 @@ def test_batch_norm_is_recomputed_from_the_batch_and_its_running_statistics_upda
     if entry == "compile":
         compiled = memopt.compile(twin, budget=smallest.value.minimum, loss_fn=loss_fn, optimizer=torch.optim.SGD)
     else:
-        class LossOnly(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = twin
-
-            def forward(self, x):
-                return loss_fn(self.model(x))
-
         def compiled_at(budget):
             torch._dynamo.reset()
             options = {"budget": budget, "optimizer": torch.optim.SGD, "cache": False}
-            return torch.compile(LossOnly(), backend="memopt", options=options), options
+            return torch.compile(LossOnly(twin, loss_fn), backend="memopt", options=options), options
 
         compiled, options = compiled_at(1)
         with pytest.raises(Exception) as raised:  # the backend's own smallest (AOTAutograd's joint graph)

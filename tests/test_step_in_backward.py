@@ -5,7 +5,11 @@ import copy
 
 import pytest
 import torch
-from conftest import measured_step_peak, steady_step
+from conftest import (
+    assert_steps_in_backward_like_eager,
+    measured_step_peak,
+    steady_step,
+)
 
 import memopt
 from memopt import examples
@@ -36,20 +40,7 @@ def test_parameters_and_state_after_each_step_equal_eagers_bitwise(optimizer_cla
     inputs = workload.inputs()
     compiled = memopt.compile(model, budget="1GB", loss_fn=workload.loss_fn, optimizer=optimizer,
                               step_in_backward=True)
-    for _ in range(3):
-        expected = workload.loss_fn(eager(*inputs))
-        expected.backward()
-        eager_optimizer.step()
-        eager_optimizer.zero_grad()
-        loss = compiled(*inputs)
-        loss.backward()
-        # the backward updated every parameter and left no gradient: the user's step has nothing to apply
-        assert all(p.grad is None for p in model.parameters())
-        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), eager.parameters()))
-        optimizer.step()
-        optimizer.zero_grad()
-        assert torch.equal(loss, expected)
-        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), eager.parameters()))
+    assert_steps_in_backward_like_eager(compiled, model, optimizer, eager, eager_optimizer, inputs, workload.loss_fn)
     for p, q in zip(model.parameters(), eager.parameters()):
         for key, value in eager_optimizer.state[q].items():
             assert torch.equal(optimizer.state[p][key], value), key

@@ -293,11 +293,18 @@ def _backward_region(forward: set[fx.Node], rows: int, narrow: int, graph: _Grap
     """The backward's ops that read the forward region, the wide tensors they lead to and the sums over the
     tokens that end them, and what only they read; None when one of them cannot run on slices, the region would
     read what it computes through an op outside it, or it hands on columns."""
+    kinds: dict[fx.Node, str | None] = {}  # the loop below asks again for the same nodes
+
+    def kind_of(node: fx.Node) -> str | None:
+        if node not in kinds:
+            kinds[node] = _kind(node, rows, graph)
+        return kinds[node]
+
     region: set[fx.Node] = set()
     for node in forward:
         for user in node.users:
             if graph.backward(user):
-                if _kind(user, rows, graph) is None:
+                if kind_of(user) is None:
                     return None
                 region.add(user)
 
@@ -312,25 +319,25 @@ def _backward_region(forward: set[fx.Node], rows: int, narrow: int, graph: _Grap
             for arg in node.all_input_nodes:
                 if arg in region or arg in forward or not graph.backward(arg):
                     continue
-                kind = _kind(arg, rows, graph)
+                kind = kind_of(arg)
                 if kind in ("view", "transpose", "same", "project") and (wide(arg) or kind in ("view", "transpose")) \
                         and all(user in region for user in arg.users):
                     region.add(arg)
                     grown = True
             # the readers of its wide tensors, and the sums over the tokens that end it
-            if _kind(node, rows, graph) in ("sum", "sum-mm"):
+            if kind_of(node) in ("sum", "sum-mm"):
                 continue
             for user in node.users:
                 if user in region:
                     continue
-                kind = _kind(user, rows, graph)
+                kind = kind_of(user)
                 if kind is not None and (wide(node) or kind in ("sum", "sum-mm")):
                     region.add(user)
                     grown = True
     if not region:
         return None
     for node in region:
-        if _kind(node, rows, graph) == "transpose" and any(user not in region for user in node.users):
+        if kind_of(node) == "transpose" and any(user not in region for user in node.users):
             return None
     # convex: nothing outside the region reads a value of it and feeds it back
     inputs = {arg for node in region for arg in node.all_input_nodes if arg not in region and arg not in forward}
