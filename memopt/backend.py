@@ -394,8 +394,8 @@ class _AOTLowering:
 
     @property
     def replans(self) -> int:
-        # each Inductor compile costs a minute: two; eager's kernels compile at once: as many as the FX lowering,
-        # which the arena's span needs to come back to the smallest plan it reported
+        # Inductor compiles are slow: two; eager's kernels compile at once: as many as the FX lowering, which the
+        # arena's span needs to come back to the smallest plan it reported
         return 2 if self.reads_code else FXLowering.replans
 
     @property

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from memopt.errors import MemoptError
 
 
@@ -67,8 +69,6 @@ def check_lowering(config: PlanConfig, *, inductor: bool, offload: bool, optimiz
                           "would have to call the optimizer from its compiled backward, and the arena's order pass "
                           f"does not keep a parameter's readers before its update); use {fx_name}, or "
                           "step_in_backward=False")
-    import torch
-
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise MemoptError(f"step_in_backward=True updates parameters with the optimizer itself: pass the optimizer "
                           f"instance (optimizer=opt), not {optimizer!r}")

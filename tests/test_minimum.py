@@ -34,8 +34,9 @@ def _compiled(lowering, model, workload, optimizer, budget):
     if lowering.startswith("backend"):
         options = {"budget": budget, "optimizer": optimizer, **LOWERINGS[lowering]}
         # the loss inside the compiled module: what an eager loss allocates between the graph's forward and
-        # backward is outside every plan (the arena, held whole there, has no headroom left for it). Not yet
-        # with Inductor: with the loss inside, its step measures 4 B over the code's peak it reported
+        # backward is outside every plan (the arena, held whole there, has no headroom left for it). With
+        # Inductor the loss stays outside: with it inside, the step measures a few bytes over the code peak it
+        # reports, a gap not yet explained
         inside = lowering != "backend-inductor"
         module = LossOnly(model, workload.loss_fn) if inside else model
         return torch.compile(module, backend="memopt", options=options), options
