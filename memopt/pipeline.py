@@ -323,19 +323,37 @@ def _chunked(history: _History, step: CapturedStep, chunkable: _Chunkable, opt: 
             lambda k: _chunked_step(history, step, heads, k, mlps, 1, opt, scratch_model),
             lambda candidate: candidate[1][-1].bytes, "the smallest budget falls")
     remats: list[tuple[CapturedStep, RecomputePlan]] = []  # each step tried, its plan
-    if mlps:
-        # an MLP's wide tensors are transient, mostly above the proven minimum: the recompute plan measures them
-        def planned(candidate: tuple[CapturedStep, tuple]) -> tuple[bool, float]:
+
+    def planned(candidate: tuple[CapturedStep, tuple]) -> tuple[bool, float]:
+        remat = next((plan for tried, plan in remats if tried is candidate[0]), None)
+        if remat is None:
             remat = recompute_plan(candidate[0], candidate[1][0], candidate[1][2])
             remats.append((candidate[0], remat))
-            if remat.solution.status == "infeasible":
-                return True, budget_for_peak(remat.solution.peak_bytes, config.headroom)
-            return False, remat.solution.cost_s
+        if remat.solution.status == "infeasible":
+            return True, budget_for_peak(remat.solution.peak_bytes, config.headroom)
+        return False, remat.solution.cost_s
 
+    if mlps:
+        # an MLP's wide tensors are transient, mostly above the proven minimum: the recompute plan measures them
         mlp_count, found, mlp_why = _chunk_count(
             config.chunk_mlp, "chunk_mlp", min(mlp.rows for mlp in mlps),
             lambda k: _chunked_step(history, step, heads, head_count, mlps, k, opt, scratch_model),
             planned, "the recompute plan's cost (or, where none fits, its peak) falls", most=_MOST_MLP_CHUNKS)
+    if heads and config.chunk_loss == "auto":
+        # past the count where the proven minimum stops falling, the heads' slices may still be at the plan's
+        # peak (the proven minimum's floor moved elsewhere, the plan's did not): more while the plan's score falls
+        more, found, _ = _chunk_count(
+            "auto", "chunk_loss", min(head.rows for head in heads),
+            lambda k: _chunked_step(history, step, heads, k, mlps, mlp_count, opt, scratch_model),
+            planned, "", start=(head_count, found))
+        if more != head_count:
+            head_count, head_why = more, (f"{head_why}, then more while the recompute plan's cost (or, where none "
+                                          "fits, its peak) falls by 1% or more")
+            if mlps and config.chunk_mlp == "auto":  # and the MLP blocks' count again, with the heads' new one
+                mlp_count, found, _ = _chunk_count(
+                    "auto", "chunk_mlp", min(mlp.rows for mlp in mlps),
+                    lambda k: _chunked_step(history, step, heads, head_count, mlps, k, opt, scratch_model),
+                    planned, "", most=_MOST_MLP_CHUNKS, start=(mlp_count, found))
     chunked, analysed = found
     remat = next((plan for tried, plan in remats if tried is chunked), None) or \
         recompute_plan(chunked, analysed[0], analysed[2])
@@ -349,10 +367,11 @@ def _chunked(history: _History, step: CapturedStep, chunkable: _Chunkable, opt: 
 
 def _chunk_count(setting: int | str, name: str, rows: int, analyse: Callable[[int], tuple[CapturedStep, tuple]],
                  score: Callable[[tuple[CapturedStep, tuple]], float | tuple[bool, float]], what: str,
-                 most: int | None = None) -> tuple[int, tuple[CapturedStep, tuple], str]:
-    """The number of slices ``setting`` asks for ("auto": doubling from 2, up to ``most``, until ``score``,
-    ``what`` it measures, stops falling by 1% or more; a score may be (worse kind, value)), the step analysed
-    with it, and why."""
+                 most: int | None = None, start: tuple[int, tuple[CapturedStep, tuple]] | None = None
+                 ) -> tuple[int, tuple[CapturedStep, tuple], str]:
+    """The number of slices ``setting`` asks for ("auto": doubling from 2, or from ``start``'s count and step, up
+    to ``most``, until ``score``, ``what`` it measures, stops falling by 1% or more; a score may be (worse kind,
+    value)), the step analysed with it, and why."""
     if setting != "auto":
         return int(setting), analyse(int(setting)), f"{name}={setting}"
 
@@ -361,7 +380,7 @@ def _chunk_count(setting: int | str, name: str, rows: int, analyse: Callable[[in
                                                             for x in (more, best))
         return more_kind < best_kind or (more_kind == best_kind and more_value < 0.99 * best_value)
 
-    count, best = 2, analyse(2)
+    count, best = start or (2, analyse(2))
     best_score = score(best)
     while rows // (2 * count) >= _FEWEST_TOKENS and (most is None or 2 * count <= most):
         more = analyse(2 * count)

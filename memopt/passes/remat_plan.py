@@ -14,6 +14,7 @@ Baselines by name: ``none``, ``blocks`` (every block checkpointed) and
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,7 +70,8 @@ class RecomputePlan:
 
 
 def find_segments(step: CapturedStep, table: StorageTable) -> tuple[Segment, ...]:
-    """The forward cut at the repeated layers of the model's largest ModuleList."""
+    """The forward cut at the repeated layers of the model's ModuleLists (the outermost ones: an encoder's and a
+    decoder's blocks, each block one segment)."""
     nodes = list(step.graph.graph.nodes)
     bs = table.backward_start
     qualified = {p.node: p.name for p in step.placeholders if p.role != "input"}
@@ -79,29 +81,50 @@ def find_segments(step: CapturedStep, table: StorageTable) -> tuple[Segment, ...
             if arg.name in qualified:
                 first_use.setdefault(qualified[arg.name], i)
     layers: dict[str, dict[int, int]] = {}  # container -> layer index -> first forward use
+    owns: dict[tuple[str, int], set[str]] = {}  # (container, layer index) -> its parameters' names inside it
     for name, pos in first_use.items():
         parts = name.split(".")
         for k, part in enumerate(parts[:-1]):
             if part.isdigit():
-                layer = layers.setdefault(".".join(parts[:k]), {})
+                container = ".".join(parts[:k])
+                layer = layers.setdefault(container, {})
                 layer[int(part)] = min(layer.get(int(part), pos), pos)
+                owns.setdefault((container, int(part)), set()).add(".".join(parts[k + 1:]))
     loss = next(i for i, node in enumerate(nodes) if node.name == step.loss_node)
-    if not layers or max(len(v) for v in layers.values()) < 2:
+    # a container is repeated when two of its layers hold mostly parameters of the same names (a T5's first
+    # block holds the position bias as well; a stem's conv and norm are not repeats)
+    repeated = [c for c in layers if any(2 * len(owns[c, a] & owns[c, b]) > len(owns[c, a] | owns[c, b])
+                                         for a, b in itertools.combinations(layers[c], 2))]
+    if not repeated:
         # no repeated layers: about sqrt(n) even stretches of the forward
         count = max(1, math.isqrt(loss + 1))
         cuts = [round(k * (loss + 1) / count) for k in range(count + 1)]
         return tuple(Segment(f"stretch {k}", cuts[k], cuts[k + 1]) for k in range(count) if cuts[k] < cuts[k + 1])
-    container = max(layers, key=lambda c: (len(layers[c]), -c.count(".")))
-    starts = sorted(set(layers[container].values()))
-    outside = [pos for name, pos in first_use.items() if not name.startswith(container + ".") and pos > starts[-1]]
-    stop = min(outside, default=loss + 1)
-    prefix = container or "layers"
-    segments = [Segment("before the blocks", 0, starts[0])] if starts[0] > 0 else []
-    bounds = [*starts, stop]
-    segments += [Segment(f"{prefix}[{k}]", bounds[k], bounds[k + 1]) for k in range(len(starts))]
-    if stop < loss + 1:
-        segments.append(Segment("after the blocks", stop, loss + 1))
+    # every repeated container that is not inside a layer of another (an encoder's and a decoder's blocks, not
+    # the sublayers of each block)
+    top = [c for c in repeated if not any(_inside_layer(c, other) for other in repeated if other != c)]
+    bounds: list[tuple[int, str | None]] = []  # (position, the block starting there; None: outside the blocks)
+    for container in top:
+        starts = sorted(set(layers[container].values()))
+        outside = [pos for name, pos in first_use.items()
+                   if not name.startswith(container + ".") and pos > starts[-1]]
+        prefix = container or "layers"
+        bounds += [(start, f"{prefix}[{k}]") for k, start in enumerate(starts)]
+        bounds.append((min(outside, default=loss + 1), None))
+    bounds.sort(key=lambda bound: (bound[0], bound[1] is not None))  # a block starting where another ends wins
+    first, last = bounds[0][0], max(pos for pos, name in bounds if name is not None)
+    segments = [Segment("before the blocks", 0, first)] if first > 0 else []
+    for (start, name), (end, _) in zip(bounds, [*bounds[1:], (loss + 1, None)]):
+        if start < end:
+            where = "after the blocks" if start > last else "between the blocks"
+            segments.append(Segment(name or where, start, end))
     return tuple(segments)
+
+
+def _inside_layer(container: str, other: str) -> bool:
+    """Whether ``container`` lies inside one layer of the repeated container ``other``."""
+    rest = container[len(other) + 1:] if other else container
+    return (not other or container.startswith(other + ".")) and rest.split(".")[0].isdigit()
 
 
 def plan_recompute(

@@ -25,6 +25,7 @@ knapsack) in ``remat_bounds``; their names are re-exported here.
 
 from __future__ import annotations
 
+import difflib
 import random
 import time
 from collections.abc import Collection, Sequence
@@ -135,19 +136,47 @@ def solve_blocks(
 
 def lower_peak(problem: RecomputeProblem, options: Sequence[Sequence[Collection[int]]], start: RecomputeSolution,
                *, time_limit_s: float) -> RecomputeSolution:
-    """No plan fits the budget: from ``start`` (the lowest peak found), take one candidate in or out while that
-    lowers the peak, so the smallest budget memopt reports is as low as its search reaches (a prologue's result
-    every block reads, say, that no block's option recomputes)."""
+    """No plan fits the budget: from ``start`` (the lowest peak found), take one candidate in or out (or the
+    same one of every repeated block) while that lowers the peak, so the smallest budget memopt reports is as low
+    as its search reaches (a prologue's result every block reads, say, that no block's option recomputes)."""
     started = time.perf_counter()
     search = _Search(problem, 0, range(len(problem.candidates)), started + time_limit_s)
     search.evaluate(frozenset(start.chosen))
-    search.lower_peak()
+    search.lower_peak(mirrors(problem, options))
     sim, chosen = search.least  # type: ignore[misc]
     if sim.peak_bytes >= start.peak_bytes:
         return start
     return RecomputeSolution("infeasible", tuple(sorted(chosen)), _levels(options, chosen), sim.peak_bytes,
                              sim.cost_s, start.lower_bound_s, start.seconds + time.perf_counter() - started,
                              start.simulations + search.simulations)
+
+
+def mirrors(problem: RecomputeProblem, options: Sequence[Sequence[Collection[int]]]) -> list[tuple[int, ...]]:
+    """Candidates that play the same part in repeated blocks: per family of blocks alike (their candidates, those
+    of the last option, mostly of the same sizes and costs in the same order: a first block that also makes a
+    position bias is one of the family), the candidates each block aligns with the family's first."""
+    def key(i: int) -> tuple[int, float]:
+        candidate = problem.candidates[i]
+        return problem.sizes[candidate.storage], problem.node_costs[candidate.nodes[0]]
+
+    families: list[tuple[list[int], list[dict[int, int]]]] = []  # first block's candidates, each other's alignment
+    for block in options:
+        inside = sorted(block[-1], key=lambda i: problem.candidates[i].nodes[0]) if block else []
+        if not inside:
+            continue
+        for first, aligned in families:
+            matcher = difflib.SequenceMatcher(None, [key(i) for i in first], [key(i) for i in inside], autojunk=False)
+            if matcher.ratio() >= _ALIKE:
+                aligned.append({first[a + k]: inside[b + k] for a, b, size in matcher.get_matching_blocks()
+                                for k in range(size)})
+                break
+        else:
+            families.append((inside, []))
+    return [(i, *(each[i] for each in aligned if i in each)) for first, aligned in families if aligned
+            for i in first if any(i in each for each in aligned)]
+
+
+_ALIKE = 0.8  # blocks whose candidates align this well (difflib's ratio) are repeats of one another
 
 
 def _levels(options: Sequence[Sequence[Collection[int]]], chosen: Collection[int]) -> tuple[int, ...]:
@@ -561,19 +590,24 @@ class _Search:
                     chosen, improved = trial, True
                     break
 
-    def lower_peak(self) -> None:
-        """From the lowest peak found (no plan fits), one candidate in (the largest first) or out, while that
-        lowers it."""
+    def lower_peak(self, mirrors: Sequence[tuple[int, ...]] = ()) -> None:
+        """From the lowest peak found (no plan fits), one candidate in (the largest first) or out, or one group of
+        ``mirrors`` all in or all out, while that lowers it. Repeated blocks make plateaus that only a group
+        crosses: a block's input kept for its own backward lowers that block's peak, not the step's while the
+        other blocks reach it (and adds to theirs)."""
         improved = True
         while improved and not self.out_of_time():
             improved = False
             sim, chosen = self.least  # type: ignore[misc]
-            flips = sorted((i for i in self.pool if i not in chosen), key=lambda i: (-self.size[self.index[i]], i))
-            flips += sorted(chosen)
-            for i in flips:
+            flips = [chosen ^ {i} for i in sorted((i for i in self.pool if i not in chosen),
+                                                  key=lambda i: (-self.size[self.index[i]], i))]
+            flips += [chosen ^ {i} for i in sorted(chosen)]
+            flips += [trial for group in mirrors for trial in (chosen | set(group), chosen - set(group))
+                      if trial != chosen]
+            for trial in flips:
                 if self.out_of_time():
                     return
-                if self.evaluate(chosen ^ {i}).peak_bytes < sim.peak_bytes:
+                if self.evaluate(trial).peak_bytes < sim.peak_bytes:
                     improved = True
                     break
 
