@@ -21,7 +21,8 @@ from memopt.lower.runner import Executor, StepRunner, run_step
 from memopt.passes.optimizer_memory import ParamInfo, optimizer_groups
 from memopt.passes.remat_plan import SOLVERS
 from memopt.pipeline import run_pipeline
-from memopt.report.plan import MemoryPlan
+from memopt.report.plan import MemoryPlan, UpdatePlan
+from memopt.sparse_update import backward_nodes, check_update, choose_update
 
 
 def plan(
@@ -39,6 +40,8 @@ def plan(
     chunk_loss: int | str | None = None,
     chunk_mlp: int | str | None = None,
     step_in_backward: bool | None = None,
+    update: str = "full",
+    calibration: list | tuple | None = None,
     config: PlanConfig | None = None,
 ) -> MemoryPlan:
     """The memory plan of one steady-state training step of ``model`` on ``example_inputs``.
@@ -65,13 +68,24 @@ def plan(
     tensors exist one slice of the tokens at a time, forward and backward
     (``chunked_mlp``). ``step_in_backward=True`` plans the optimizer's update
     of each parameter inside the backward, right after its gradient is final, which
-    frees that gradient (``memopt.compile``'s option of the same name runs it). ``config`` sets every other knob
-    (solver time limits, headroom). Nothing is run: the
+    frees that gradient (``memopt.compile``'s option of the same name runs it).
+    ``update="sparse"`` (with a budget and ``calibration``, a few batches of the fine-tuning data) trains only the
+    parameter tensors whose contribution, scored on those batches, is the largest a step within the budget can
+    hold; the others are frozen, so the backward computes no gradient for them and nothing below the deepest
+    tensor trained (``memopt.sparse_update``; the plan's ``update``). Parameters the user froze stay frozen.
+    The calibration batches run eagerly, through the model, to score; ``config`` sets every other knob
+    (solver time limits, headroom). Otherwise nothing is run: the
     step is traced on fake tensors, and the model is left as it was.
     """
     config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss, chunk_mlp=chunk_mlp,
                      step_in_backward=step_in_backward)
     budget_bytes = parse_budget(budget)
+    check_update(update, calibration)
+    if update == "sparse":
+        if budget_bytes is None:
+            raise MemoptError("update='sparse' chooses what to train under a budget: pass budget=...")
+        return _sparse_plan(model, example_inputs, calibration, loss_fn=loss_fn, optimizer=optimizer,
+                            device=device, offload=offload, fake=fake, config=config, budget_bytes=budget_bytes)
     plan_at = _planner(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, device=device,
                        offload=offload, fake=fake, config=config)
     if budget_bytes is None:
@@ -80,13 +94,36 @@ def plan(
     return fit(plan_at, Budget(budget_bytes, config.headroom), FXLowering(arena=config.layout)).plan
 
 
+def _sparse_plan(model: nn.Module, example_inputs: tuple | list | dict | torch.Tensor, calibration: Any, *,
+                 loss_fn: Callable[[Any], torch.Tensor] | None, optimizer: Any, device: str | DeviceSpec | None,
+                 offload: bool | None, fake: bool | None, config: PlanConfig, budget_bytes: int) -> MemoryPlan:
+    """The plan of the sparse update that fits ``budget_bytes`` (the FX lowering's, as ``plan`` makes)."""
+    spec = get_device(device, default=_device_of(model))
+
+    def plan_for(trainable: frozenset[str]) -> MemoryPlan:
+        plan_at = _planner(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, device=spec,
+                           offload=offload, fake=fake, config=config, trainable=trainable)
+        return fit(plan_at, Budget(budget_bytes, config.headroom), FXLowering(arena=config.layout)).plan
+
+    def backward_of(trainable: frozenset[str] | None) -> int:
+        return backward_nodes(capture(model, example_inputs, loss_fn=loss_fn, fake=fake, trainable=trainable))
+
+    inputs = [leaf for leaf in pytree.tree_leaves(example_inputs) if isinstance(leaf, torch.Tensor)]
+    static = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers(), *inputs))
+    return choose_update(model, calibration, loss_fn=loss_fn, optimizer=optimizer, budget_bytes=budget_bytes,
+                         static_bytes=static, device_is_cuda=spec.is_cuda, plan_for=plan_for,
+                         backward_of=backward_of)
+
+
 def _planner(model: nn.Module, example_inputs: tuple | list | dict | torch.Tensor, *,
              loss_fn: Callable[[Any], torch.Tensor] | None, optimizer: Any, device: str | DeviceSpec | None,
-             offload: bool | None, fake: bool | None, config: PlanConfig) -> Callable[[int | None], MemoryPlan]:
-    """The step traced once, and the function that plans it for a target number of bytes (None: no budget)."""
+             offload: bool | None, fake: bool | None, config: PlanConfig,
+             trainable: frozenset[str] | None = None) -> Callable[[int | None], MemoryPlan]:
+    """The step traced once (training ``trainable``, by default what requires grad), and the function that plans
+    it for a target number of bytes (None: no budget)."""
     spec = get_device(device, default=_device_of(model))
     config = _with_offload(config, offload, spec)
-    step = capture(model, example_inputs, loss_fn=loss_fn, fake=fake)
+    step = capture(model, example_inputs, loss_fn=loss_fn, fake=fake, trainable=trainable)
     named = dict(model.named_parameters())
     params = [ParamInfo(name, tuple(named[name].shape), named[name].element_size()) for name in step.gradients]
     groups_of = optimizer_groups(optimizer, named)
@@ -151,6 +188,8 @@ def compile(
     chunk_loss: int | str | None = None,
     chunk_mlp: int | str | None = None,
     step_in_backward: bool | None = None,
+    update: str = "full",
+    calibration: list | tuple | None = None,
 ) -> CompiledModule:
     """``model`` as a module whose training step runs memopt's plan for ``budget``.
 
@@ -191,6 +230,11 @@ def compile(
     nothing. Gradient accumulation and clipping by the global norm cannot compose with
     it (a forward after a backward with no ``optimizer.step()`` between is refused).
 
+    ``update="sparse"`` with ``calibration`` batches is ``memopt.plan``'s: on the first call the tensors to train
+    are chosen under the budget (with the FX lowering's plans) and the others frozen in ``model``
+    (``requires_grad_(False)``, as a user freezes by hand), so the optimizer holds no state for them and
+    leaves them unchanged; ``.plan.update`` says what was chosen.
+
     ``layout=True`` (FX backend) runs the step's intermediates in one arena allocated
     at the first planned op and freed after the last one: each planned op writes
     through its ``out=`` overload into a view at its planned offset, in the order the
@@ -218,9 +262,11 @@ def compile(
         offload = False  # offload=None would turn it on for CUDA devices
     if config.step_in_backward:
         _check_optimizer_holds(optimizer, model)
+    check_update(update, calibration)
     return CompiledModule(model, budget=parse_budget(budget), loss_fn=loss_fn, optimizer=optimizer,
                           device=device, config=config, backend=backend,
-                          inductor_options=inductor_options, offload=offload, layout=layout)
+                          inductor_options=inductor_options, offload=offload, layout=layout,
+                          calibration=calibration if update == "sparse" else None)
 
 
 def _check_optimizer_holds(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
@@ -236,8 +282,10 @@ class CompiledModule(nn.Module):
     def __init__(self, model: nn.Module, *, budget: int, loss_fn: Callable[[Any], torch.Tensor] | None,
                  optimizer: Any, device: str | DeviceSpec | None, config: PlanConfig, backend: str = "fx",
                  inductor_options: dict[str, Any] | None = None, offload: bool | None = None,
-                 layout: bool = False) -> None:
+                 layout: bool = False, calibration: list | tuple | None = None) -> None:
         super().__init__()
+        self._calibration = calibration  # update="sparse": the batches that score what to train
+        self.update: UpdatePlan | None = None  # the sparse update chosen on the first call
         self._offload = offload
         self.layout = layout
         self.model = model
@@ -272,6 +320,8 @@ class CompiledModule(nn.Module):
                               "its own gradient, which memopt does not plan: pass it detached, or make it a parameter")
         if self._in_backward is not None:
             self._in_backward.check_before_forward()
+        if self._calibration is not None and self.update is None:
+            self._choose_update(inputs)
         key = _signature(self.model, inputs)
         if key not in self._steps:
             self._steps[key] = self._lower(inputs)
@@ -279,6 +329,18 @@ class CompiledModule(nn.Module):
         _, runner, executor = self._last
         values = [*self.model.parameters(), *self.model.buffers(), *leaves]
         return run_step(runner, values, executor)
+
+    def _choose_update(self, inputs: tuple | dict) -> None:
+        """The sparse update for this budget; what it does not train is frozen in the model."""
+        plan = _sparse_plan(self.model, inputs, self._calibration, loss_fn=self._loss_fn, optimizer=self._optimizer,
+                            device=self._device, offload=self._offload, fake=None, config=self._config,
+                            budget_bytes=self.budget_bytes)
+        assert plan.update is not None
+        frozen = {t.name for t in plan.update.tensors if t.option == "frozen"}
+        for name, parameter in self.model.named_parameters():
+            if name in frozen:
+                parameter.requires_grad_(False)
+        self.update = plan.update
 
     def _lower(self, inputs: tuple | dict) -> tuple[MemoryPlan, StepRunner, Executor]:
         if self.backend == "inductor":
@@ -293,7 +355,8 @@ class CompiledModule(nn.Module):
         runner = fitted.lowered.runner
         if runner.stepped:
             runner.bind_steps(self._in_backward.update_of)
-        return fitted.plan, runner, fitted.lowered.executor
+        plan = fitted.plan if self.update is None else dataclasses.replace(fitted.plan, update=self.update)
+        return plan, runner, fitted.lowered.executor
 
 
 def _split(inputs: tuple | dict) -> tuple[tuple, dict]:

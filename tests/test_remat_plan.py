@@ -42,6 +42,47 @@ def test_segments_are_the_model_layers(name):
     assert segments[0].start == 0 and segments[-1].end <= table.backward_start
 
 
+def test_segments_of_an_encoder_decoder_and_of_a_network_with_a_stem():
+    """Every outermost repeated ModuleList is cut into its blocks: T5's encoder and decoder (its first blocks also
+    hold the position bias), not the sublayers inside each block; a stem's conv and norm are no blocks."""
+    t5 = examples.t5(layers=2, width=64, d_ff=256, heads=2, seq=64, target_seq=16, batch=2, vocab=256)
+    step = capture(t5.build(), t5.inputs())
+    segments = remat_plan.find_segments(step, storage_table(step))
+    assert [s.name for s in segments] == ["before the blocks", "encoder.block[0]", "encoder.block[1]",
+                                          "between the blocks", "decoder.block[0]", "decoder.block[1]",
+                                          "after the blocks"]
+    assert all(a.end == b.start for a, b in zip(segments, segments[1:]))
+    resnet = examples.resnet_bn(batch=4, image=16, widths=(8, 16), blocks_per_stage=2)
+    step = capture(resnet.build(), resnet.inputs(), loss_fn=resnet.loss_fn)
+    names = [s.name for s in remat_plan.find_segments(step, storage_table(step))]
+    assert names == ["before the blocks", *(f"blocks[{k}]" for k in range(4)), "after the blocks"]
+
+
+def test_the_smallest_peak_crosses_the_plateau_of_repeated_blocks(monkeypatch):
+    """Keeping one BERT layer's MLP input lowers that layer's peak but not the step's while the other layers
+    reach it: no single flip pays, the same flip in every layer at once does. Without those moves the search
+    stops higher."""
+    bert = examples.bert_mlm(layers=3, width=64, heads=2, intermediate=256, seq=64, batch=2, vocab=256)
+    step = capture(bert.build(), bert.inputs(), loss_fn=bert.loss_fn)
+    table = storage_table(step)
+
+    def smallest():
+        plan = remat_plan.plan_recompute(step, table, get_device("cpu"), 1, constant_bytes=0, floor_bytes=0)
+        assert remat_fast.simulate(plan.problem, plan.solution.chosen).peak_bytes == plan.solution.peak_bytes
+        return plan
+
+    plan = smallest()
+    groups = remat_fast.mirrors(plan.problem, remat_plan._options(
+        plan.problem, list(step.graph.graph.nodes), plan.segments, "memopt")[1])
+    assert groups and all(len(group) == 3 for group in groups)  # one candidate of each layer
+    chosen = set(plan.solution.chosen)
+    for group in groups:  # no group in or out lowers it further
+        for trial in (chosen | set(group), chosen - set(group)):
+            assert remat_fast.simulate(plan.problem, sorted(trial)).peak_bytes >= plan.solution.peak_bytes
+    monkeypatch.setattr(remat_fast, "mirrors", lambda problem, options: [])
+    assert plan.solution.peak_bytes < smallest().solution.peak_bytes
+
+
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_simulated_peak_is_the_rewritten_graphs_peak(name):
     """The solver prices a choice without rewriting; the rewrite must agree to the byte."""

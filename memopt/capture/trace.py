@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from functools import partial
 from dataclasses import dataclass, field
+from collections.abc import Collection
 from typing import Any, Callable, Literal
 
 import torch
@@ -64,12 +65,16 @@ def capture(
     *,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     fake: bool | None = None,
+    trainable: Collection[str] | None = None,
 ) -> CapturedStep:
     """Trace the training step of ``model`` on ``example_inputs`` into a joint ATen graph.
 
     ``example_inputs`` is a tuple of positional arguments or a dict of keyword
     arguments. Without ``loss_fn`` the model's output must be a scalar loss or have
-    a ``.loss`` (Hugging Face outputs). The model is never modified.
+    a ``.loss`` (Hugging Face outputs). ``trainable`` names the parameters the step
+    trains (a sparse update's choice; by default every one that requires grad): the
+    others are traced frozen, so the backward computes no gradient for them and
+    nothing that only they need. The model is never modified.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"memopt plans an nn.Module; got {type(model).__name__}")
@@ -86,7 +91,9 @@ def capture(
 
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    trainable = [name for name, p in params.items() if p.requires_grad]
+    wanted_names = set(params) if trainable is None else set(trainable)
+    trainable = [name for name, p in params.items() if p.requires_grad and name in wanted_names]
+    trained = set(trainable)
     if not trainable:
         raise CaptureError("the model has no parameter that requires grad, so there is no training step to plan")
 
@@ -113,7 +120,7 @@ def capture(
     # the ones a real step runs, not the meta device's reference decompositions.
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_of = partial(_fake, mode)
-    param_inputs = [fake_of(p).requires_grad_(p.requires_grad) for p in params.values()]
+    param_inputs = [fake_of(p).requires_grad_(name in trained) for name, p in params.items()]
     buffer_inputs = [fake_of(b) for b in buffers.values()]
     inputs = pytree.tree_map_only(torch.Tensor, fake_of, (args, kwargs))
     was_training = model.training
@@ -126,7 +133,7 @@ def capture(
 
     placeholder_nodes = [n for n in graph.graph.nodes if n.op == "placeholder"]
     roles: list[tuple[InputRole, str, bool]] = (
-        [("parameter", name, p.requires_grad) for name, p in params.items()]
+        [("parameter", name, name in trained) for name in params]
         + [("buffer", name, False) for name in buffers]
         + [("input", pytree.keystr(path), False) for path, _ in pytree.tree_flatten_with_path((args, kwargs))[0]]
     )

@@ -75,6 +75,48 @@ class ChunkedMLP:
 
 
 @dataclass(frozen=True, slots=True)
+class TensorUpdate:
+    """What a sparse update does with one parameter tensor."""
+
+    name: str
+    option: str  # "whole" | "frozen" | "frozen by the user"
+    score: float  # its contribution (``UpdatePlan.proxy``), from the calibration batches
+    nbytes: int  # what updating it adds to the step: its gradient and its optimizer state
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    """A sparse update: which tensors train, chosen under the budget by their contribution, and what the
+    backward no longer computes."""
+
+    proxy: str  # how a tensor's contribution is scored
+    tensors: tuple[TensorUpdate, ...]
+    score: float  # of the tensors updated
+    bound: float  # no choice within the same capacity scores more
+    status: str  # the knapsack's: "optimal" | "feasible"
+    capacity_bytes: int  # gradient and optimizer-state bytes the last round allowed
+    rounds: int  # knapsacks solved and plans made until the step fit
+    backward_nodes: int  # the pruned step's backward
+    full_backward_nodes: int  # the backward when every trainable tensor is updated
+
+    @property
+    def updated(self) -> tuple[TensorUpdate, ...]:
+        return tuple(t for t in self.tensors if t.option == "whole")
+
+    @property
+    def gap(self) -> float:
+        return 0.0 if self.bound <= 0 else max(0.0, (self.bound - self.score) / self.bound)
+
+    def summary(self) -> str:
+        updated = self.updated
+        frozen = len(self.tensors) - len(updated)
+        return (f"sparse update: {len(updated)} of {len(self.tensors)} parameter tensors trained "
+                f"({format_bytes(sum(t.nbytes for t in updated))} of gradients and optimizer state), {frozen} "
+                f"frozen; score {self.score:.4g} of at most {self.bound:.4g} ({self.status}, {self.proxy}); "
+                f"backward {self.full_backward_nodes} -> {self.backward_nodes} nodes")
+
+
+@dataclass(frozen=True, slots=True)
 class SolverReport:
     name: str
     status: str  # "optimal" | "feasible" | "infeasible" | "not-run"
@@ -166,6 +208,7 @@ class MemoryPlan:
     chunked: tuple[ChunkedHead, ...] = ()  # loss heads run over slices of the tokens
     chunked_mlp: tuple[ChunkedMLP, ...] = ()  # feed-forward blocks run over slices of the tokens
     stepped: tuple[str, ...] = ()  # parameters the optimizer updates inside the backward (step_in_backward)
+    update: UpdatePlan | None = None  # the sparse update the step trains (update="sparse")
     program: CapturedStep | None = dataclasses.field(default=None, compare=False, repr=False)  # what runs
 
     # -- the numbers --------------------------------------------------------
@@ -278,6 +321,11 @@ class MemoryPlan:
         data["chunked_mlp"] = [dataclasses.asdict(c) for c in self.chunked_mlp]
         data["chunks"] = [{"region": "loss head", "ops": [c.loss], "chunks": c.chunks} for c in self.chunked]
         data["chunks"] += [{"region": "mlp", "ops": [c.down], "chunks": c.chunks} for c in self.chunked_mlp]
+        if self.update is not None:
+            data["update"] = {**{key: value for key, value in dataclasses.asdict(self.update).items()
+                                 if key != "tensors"},
+                              "gap": self.update.gap,
+                              "tensors": [dataclasses.asdict(t) for t in self.update.tensors]}
         return data
 
     def _offload_dict(self) -> dict[str, Any]:
@@ -355,6 +403,8 @@ class MemoryPlan:
                         f"is final (step_in_backward)" if self.stepped else ""))
         lines.append(f"smallest budget any recompute plan can meet: {format_bytes(self.minimum.bytes)} "
                      f"(at {self.minimum.where})")
+        if self.update is not None:
+            lines.append(self.update.summary())
         if self.order is not None:
             order = self._order_dict()
             lines.append(f"order: {'changed' if order['changed'] else 'unchanged'} ({order['method']}), graph peak "
@@ -432,6 +482,10 @@ class MemoryPlan:
         if self.chunked_mlp:
             lines.append("\nchunked MLP blocks (by their down projection):")
             lines.extend(f"  {c.down:<36}{c.chunks:>4} chunks  {c.reason}" for c in self.chunked_mlp)
+        if self.update is not None:
+            lines.append(f"\nsparse update ({self.update.proxy}):")
+            lines.append(f"  {'parameter':<44}{'update':<20}{'score':>12}{'bytes':>14}")
+            lines.extend(f"  {t.name:<44}{t.option:<20}{t.score:>12.4g}{t.nbytes:>14,}" for t in self.update.tensors)
         if self.decisions:
             lines.append("\ndecisions:")
             lines.extend(f"  {d.action:<10}{d.name:<36}{d.bytes:>14,}  {d.reason}" for d in self.decisions)
