@@ -13,7 +13,7 @@ from memopt.budget import Budget, parse_budget
 from memopt.capture import capture
 from memopt.config import PlanConfig, check_lowering
 from memopt.device import DeviceSpec, get_device
-from memopt.errors import MemoptError
+from memopt.errors import BudgetInfeasibleError, MemoptError
 from memopt.fit import fit
 from memopt.lower.lowering import FXLowering, Lowering
 from memopt.lower.optimizer_step import InBackwardSteps
@@ -22,7 +22,12 @@ from memopt.passes.optimizer_memory import ParamInfo, optimizer_groups
 from memopt.passes.remat_plan import SOLVERS
 from memopt.pipeline import run_pipeline
 from memopt.report.plan import MemoryPlan, UpdatePlan
-from memopt.sparse_update import backward_nodes, check_update, choose_update
+from memopt.sparse_update import (
+    backward_nodes,
+    check_update,
+    choose_update,
+    forward_uses,
+)
 
 
 def plan(
@@ -108,10 +113,18 @@ def _sparse_plan(model: nn.Module, example_inputs: tuple | list | dict | torch.T
     def backward_of(trainable: frozenset[str] | None) -> int:
         return backward_nodes(capture(model, example_inputs, loss_fn=loss_fn, fake=fake, trainable=trainable))
 
-    inputs = [leaf for leaf in pytree.tree_leaves(example_inputs) if isinstance(leaf, torch.Tensor)]
-    static = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers(), *inputs))
+    def minimum_for(trainable: frozenset[str]) -> int:
+        plan_at = _planner(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, device=spec,
+                           offload=offload, fake=fake, config=config, trainable=trainable)
+        try:
+            fit(plan_at, Budget(1, config.headroom), FXLowering(arena=config.layout))
+        except BudgetInfeasibleError as error:
+            return error.minimum
+        raise AssertionError("a step met a budget of one byte")
+
+    uses = forward_uses(capture(model, example_inputs, loss_fn=loss_fn, fake=fake))
     return choose_update(model, calibration, loss_fn=loss_fn, optimizer=optimizer, budget_bytes=budget_bytes,
-                         static_bytes=static, device_is_cuda=spec.is_cuda, plan_for=plan_for,
+                         device_is_cuda=spec.is_cuda, uses=uses, minimum_for=minimum_for, plan_for=plan_for,
                          backward_of=backward_of)
 
 

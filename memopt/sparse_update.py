@@ -1,14 +1,14 @@
 """Sparse update: which parameter tensors a fine-tuning step trains under a byte budget.
 
 Each trainable tensor is scored from a few calibration batches by the first-order loss decrease of one optimizer
-step on that tensor alone (``PROXY``), and costs its gradient and its optimizer state. A multiple-choice
-knapsack (``memopt.solvers.update``) picks the tensors of the largest summed score within a capacity; the step
-that trains them is traced with the others frozen, so its backward computes no gradient for a frozen tensor and
-nothing below the deepest tensor it trains, and is planned under the budget with recomputation like any step.
-What that plan needs beyond the gradients and state is not additive per tensor (activations kept for weight
-gradients, the backward's depth), so the capacity is found by planning: the first capacity is what the budget
-leaves beside the parameters and buffers; a step that does not fit lowers it by its shortfall, one that fits
-raises it halfway to the last that did not, for a few rounds.
+step on that tensor alone (``PROXY``), and costs its gradient and its optimizer state. The step that trains a set
+of tensors is traced with the others frozen, so its backward computes no gradient for a frozen tensor and runs
+no deeper than the deepest layer it trains, and is planned under the budget with recomputation like any step.
+What such a step needs beside the gradients and state is set mostly by that depth, so it is measured per depth
+(the smallest budget of training one cheap tensor of the layer), and for each depth a multiple-choice knapsack
+(``memopt.solvers.update``) picks the tensors at or above it of the largest summed score within what the budget
+leaves. The best choice over all depths is planned; one that does not fit lowers its depth's capacity by the
+shortfall and the choice is made again.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from memopt.capture.trace import CapturedStep, _loss_of, _split_inputs
 from memopt.errors import BudgetInfeasibleError, MemoptError
@@ -29,12 +29,18 @@ from memopt.passes.optimizer_memory import (
     optimizer_memory,
 )
 from memopt.report.plan import MemoryPlan, TensorUpdate, UpdatePlan
-from memopt.solvers.update import UpdateOption, UpdateProblem, solve_update
+from memopt.solvers.update import (
+    UpdateOption,
+    UpdateProblem,
+    UpdateSolution,
+    solve_update,
+)
 
 PROXY = ("first-order loss decrease of one optimizer step on the tensor alone: lr x |g|_2^2 for SGD, lr x |g|_1 "
          "for Adam and AdamW (their first step moves each element by lr), mean over the calibration batches")
-_ROUNDS = 6  # plans made while the capacity is searched
-_CLOSE = 0.02  # of the budget: a capacity search that brackets the best this closely stops
+_ROUNDS = 6  # choices planned until one fits
+_DEPTHS = 8  # layers at which the backward's own need is measured (a plan each)
+_FROZEN = UpdateOption("frozen", 0, 0.0)
 
 
 def check_update(update: str, calibration: Any) -> None:
@@ -83,15 +89,16 @@ def contribution_scores(model: nn.Module, calibration: Sequence[Any], *, loss_fn
 
 
 def choose_update(model: nn.Module, calibration: Sequence[Any], *, loss_fn: Callable[[Any], torch.Tensor] | None,
-                  optimizer: Any, budget_bytes: int, static_bytes: int, device_is_cuda: bool,
-                  plan_for: Callable[[frozenset[str]], MemoryPlan],
+                  optimizer: Any, budget_bytes: int, device_is_cuda: bool, uses: dict[str, tuple[int, int]],
+                  minimum_for: Callable[[frozenset[str]], int], plan_for: Callable[[frozenset[str]], MemoryPlan],
                   backward_of: Callable[[frozenset[str] | None], int]) -> MemoryPlan:
     """The plan of the step that trains the tensors of the largest summed score whose step fits ``budget_bytes``.
 
-    ``plan_for(trainable)`` plans the step training ``trainable`` under the budget (raising
-    ``BudgetInfeasibleError`` when it cannot); ``backward_of(trainable)`` counts the nodes of the traced
-    backward (None: training every trainable tensor); ``static_bytes`` is what the step holds whatever it trains
-    (the parameters, buffers and inputs)."""
+    ``uses`` gives each parameter's first use in the forward and the bytes of what that use reads beside it
+    (``forward_uses``); ``minimum_for(trainable)`` is the smallest budget
+    of the step training ``trainable``; ``plan_for(trainable)`` plans it under the budget (raising
+    ``BudgetInfeasibleError`` when it cannot); ``backward_of(trainable)`` counts the nodes of its traced backward
+    (None: training every trainable tensor)."""
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     user_frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     scores = contribution_scores(model, calibration, loss_fn=loss_fn, optimizer=optimizer, names=names)
@@ -99,56 +106,64 @@ def choose_update(model: nn.Module, calibration: Sequence[Any], *, loss_fn: Call
     infos = [ParamInfo(name, tuple(named[name].shape), named[name].element_size()) for name in names]
     state = optimizer_memory(optimizer, infos, device_is_cuda=device_is_cuda,
                              groups_of=optimizer_groups(optimizer, named)).state_by_param
-    costs = {p.name: p.nbytes + state.get(p.name, 0) for p in infos}
-    options = tuple((UpdateOption("frozen", 0, 0.0), UpdateOption("whole", costs[name], scores[name]))
-                    for name in names)
-    capacity, fits, fails = budget_bytes - static_bytes, None, None
-    best: tuple[MemoryPlan, Any, int] | None = None
-    shortfall: BudgetInfeasibleError | None = None
-    for rounds in range(1, _ROUNDS + 1):
-        solution = solve_update(UpdateProblem(tuple(names), options, max(capacity, 0)))
+    # a tensor's gradient and optimizer state, and for a weight the activation its gradient reads (kept, or
+    # recomputed, for the backward; a bias's gradient reads none)
+    costs = {p.name: p.nbytes + state.get(p.name, 0) + (uses[p.name][1] if len(p.shape) > 1 else 0) for p in infos}
+    depth = {name: uses[name][0] for name in names}
+    # the layers (a tensor's module), the one the forward reaches last first: training down to layer i runs
+    # the backward down to it, whatever is trained above
+    layer_of = {name: name.rsplit(".", 1)[0] for name in names}
+    layers = sorted(set(layer_of.values()), key=lambda layer: -min(depth[n] for n in names if layer_of[n] == layer))
+    index_of = {layer: i for i, layer in enumerate(layers)}
+    # what a step training down to layer i needs beside the gradients and state of what it trains: the
+    # smallest budget of training the layer's cheapest tensor alone, less that tensor's own bytes; measured at a
+    # few layers, and taken from the next one measured below for the layers between
+    probed: dict[int, int] = {}
+    for i in _spread(len(layers), _DEPTHS):
+        cheapest = min((n for n in names if layer_of[n] == layers[i]), key=costs.__getitem__)
+        probed[i] = minimum_for(frozenset({cheapest})) - costs[cheapest]
+    base = [probed[min(j for j in probed if j >= i)] for i in range(len(layers))]
+
+    def solved(i: int, capacity: int) -> UpdateSolution:
+        options = tuple((_FROZEN, UpdateOption("whole", costs[n], scores[n])) if index_of[layer_of[n]] <= i
+                        else (_FROZEN,) for n in names)
+        return solve_update(UpdateProblem(tuple(names), options, max(capacity, 0)))
+
+    capacity = {i: budget_bytes - base[i] for i in range(len(layers)) if budget_bytes > base[i]}
+    solutions = {i: solved(i, room) for i, room in capacity.items()}
+    rounds = 0
+    while solutions and rounds < _ROUNDS:
+        i = max(solutions, key=lambda k: (solutions[k].score, -k))  # the best score, the shallowest backward
+        solution = solutions.pop(i)
         trained = frozenset(name for name, j in zip(names, solution.chosen) if j == 1)
-        if trained:
-            try:
-                plan = plan_for(trained)
-            except BudgetInfeasibleError as error:
-                shortfall, fails = error, capacity
-            else:
-                if best is None or solution.score > best[1].score:
-                    best = (plan, solution, capacity)
-                fits = capacity
-        else:
-            fails = capacity
-        if fails is None:  # every tensor fits
-            break
-        if fits is None:  # lower by the shortfall, at least a tenth
-            over = shortfall.minimum - budget_bytes if shortfall is not None and trained else 0
-            capacity = min(capacity - max(over, 1), capacity * 9 // 10)
-        elif fails - fits <= _CLOSE * budget_bytes:
-            break
-        else:
-            capacity = (fits + fails) // 2
-        if capacity <= 0 and fits is None:
-            break
-    if best is None:
-        cheapest = min(costs.values(), default=0)
-        minimum = shortfall.minimum if shortfall is not None else budget_bytes + cheapest
-        raise BudgetInfeasibleError(
-            budget_bytes, minimum, "sparse update",
-            f"no sparse update fits: the cheapest tensor alone adds {cheapest:,} bytes of gradient and optimizer "
-            "state, and no step training the tensors chosen fits; raise the budget")
-    plan, solution, capacity = best
-    tensors = [TensorUpdate(name, "whole" if j == 1 else "frozen", scores[name], costs[name])
-               for name, j in zip(names, solution.chosen)]
-    tensors += [TensorUpdate(name, "frozen by the user", 0.0, 0) for name in user_frozen]
-    trained = frozenset(t.name for t in tensors if t.option == "whole")
-    report = UpdatePlan(PROXY, tuple(tensors), solution.score, solution.bound, solution.status, capacity, rounds,
-                        backward_of(trained), backward_of(None))
-    return _with_update(plan, report)
+        if not trained:
+            continue
+        rounds += 1
+        try:
+            plan = plan_for(trained)
+        except BudgetInfeasibleError as error:  # what the estimate missed: that much less for this depth
+            capacity[i] -= max(error.minimum - budget_bytes, 1)
+            if capacity[i] > 0:
+                solutions[i] = solved(i, capacity[i])
+            continue
+        tensors = [TensorUpdate(name, "whole" if name in trained else "frozen", scores[name], costs[name])
+                   for name in names]
+        tensors += [TensorUpdate(name, "frozen by the user", 0.0, 0) for name in user_frozen]
+        report = UpdatePlan(PROXY, tuple(tensors), solution.score, solution.bound, solution.status, capacity[i],
+                            rounds, backward_of(trained), backward_of(None))
+        return dataclasses.replace(plan, update=report)
+    smallest = min(base[i] + min(costs[n] for n in names if layer_of[n] == layers[i]) for i in probed)
+    raise BudgetInfeasibleError(
+        budget_bytes, max(smallest, budget_bytes + 1), "sparse update",
+        "no sparse update fits: training even the cheapest tensor of the last layer needs more (its gradient, "
+        "its optimizer state and the backward down to it)")
 
 
-def _with_update(plan: MemoryPlan, report: UpdatePlan) -> MemoryPlan:
-    return dataclasses.replace(plan, update=report)
+def _spread(count: int, most: int) -> list[int]:
+    """Up to ``most`` indices of ``range(count)`` spread evenly, the first and the last among them."""
+    if count <= most:
+        return list(range(count))
+    return sorted({round(k * (count - 1) / (most - 1)) for k in range(most)})
 
 
 def backward_nodes(step: CapturedStep) -> int:
@@ -156,3 +171,41 @@ def backward_nodes(step: CapturedStep) -> int:
     nodes = [node.name for node in step.graph.graph.nodes]
     return len(nodes) - nodes.index(step.backward_start)
 
+
+def forward_uses(step: CapturedStep) -> dict[str, tuple[int, int]]:
+    """Per parameter: its first use in the captured step (a position among the graph's nodes), and the bytes of
+    the activations that use reads beside it, which its gradient needs (a linear layer's input; through views
+    and casts of the parameter, to the first op that reads something else as well)."""
+    nodes = list(step.graph.graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    by_name = {node.name: node for node in nodes}
+    parameters = {by_name[p.node] for p in step.placeholders if p.role == "parameter"}
+    uses = {}
+    for p in step.placeholders:
+        if p.role != "parameter":
+            continue
+        node, seen = by_name[p.node], []
+        while node.users:
+            user = min(node.users, key=position.__getitem__)
+            seen.append(user)
+            if len(user.all_input_nodes) > 1:
+                break
+            node = user
+        first = position[seen[0]] if seen else len(nodes)
+        reader = seen[-1] if seen else None
+        read = 0 if reader is None else sum(_nbytes(arg) for arg in reader.all_input_nodes
+                                            if not _from_parameters(arg, parameters))
+        uses[p.name] = (first, read)
+    return uses
+
+
+def _from_parameters(node: fx.Node, parameters: set[fx.Node]) -> bool:
+    """Whether ``node`` is a parameter, or made from one alone through ops of one input (a view, a cast)."""
+    while node not in parameters and len(node.all_input_nodes) == 1:
+        node = node.all_input_nodes[0]
+    return node in parameters
+
+
+def _nbytes(node: fx.Node) -> int:
+    value = node.meta.get("val")
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0

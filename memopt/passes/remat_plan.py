@@ -193,7 +193,7 @@ def plan_recompute(
                                                seconds=solution.seconds)
                 segments, options, names = other
         if solution.status == "infeasible":  # nothing fits: the smallest budget is as low as the search can take it
-            solution = remat_fast.lower_peak(problem, options, solution, time_limit_s=time_limit_s / 2)
+            solution = remat_fast.lowest_peak(problem, options, solution, time_limit_s=time_limit_s)
             if solution.peak_bytes <= budget_bytes:  # and low enough for this budget
                 solution = dataclasses.replace(solution, status="feasible")
     else:  # a baseline: its one option per segment, whatever the budget

@@ -81,7 +81,7 @@ class TensorUpdate:
     name: str
     option: str  # "whole" | "frozen" | "frozen by the user"
     score: float  # its contribution (``UpdatePlan.proxy``), from the calibration batches
-    nbytes: int  # what updating it adds to the step: its gradient and its optimizer state
+    nbytes: int  # what updating it adds to the step: gradient, optimizer state, the activation its gradient reads
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,8 @@ class UpdatePlan:
     score: float  # of the tensors updated
     bound: float  # no choice within the same capacity scores more
     status: str  # the knapsack's: "optimal" | "feasible"
-    capacity_bytes: int  # gradient and optimizer-state bytes the last round allowed
-    rounds: int  # knapsacks solved and plans made until the step fit
+    capacity_bytes: int  # gradient and optimizer-state bytes the choice was allowed at its depth
+    rounds: int  # choices planned until one fit
     backward_nodes: int  # the pruned step's backward
     full_backward_nodes: int  # the backward when every trainable tensor is updated
 

@@ -25,6 +25,7 @@ knapsack) in ``remat_bounds``; their names are re-exported here.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import random
 import time
@@ -149,6 +150,32 @@ def lower_peak(problem: RecomputeProblem, options: Sequence[Sequence[Collection[
     return RecomputeSolution("infeasible", tuple(sorted(chosen)), _levels(options, chosen), sim.peak_bytes,
                              sim.cost_s, start.lower_bound_s, start.seconds + time.perf_counter() - started,
                              start.simulations + search.simulations)
+
+
+def lowest_peak(problem: RecomputeProblem, options: Sequence[Sequence[Collection[int]]], start: RecomputeSolution,
+                *, time_limit_s: float) -> RecomputeSolution:
+    """No plan fits the budget: the lowest peak the search reaches. From ``start``, flips (``lower_peak``); then
+    budgets between the problem's floor and the peak found, halving the gap, each searched as a budget (covering
+    only what is over a budget finds plans that flips from a plan recomputing everything do not reach); then
+    flips again from the lowest."""
+    best = lower_peak(problem, options, start, time_limit_s=time_limit_s / 4)
+    low = problem.floor_bytes
+    for _ in range(_HALVINGS):
+        if best.peak_bytes - low <= _CLOSE_ENOUGH * best.peak_bytes:
+            break
+        target = (low + best.peak_bytes) // 2
+        found = solve_blocks(problem, options, target, time_limit_s=time_limit_s / 2 / _HALVINGS)
+        if found.status == "infeasible":
+            low = target  # (as far as this search goes)
+        else:
+            best = dataclasses.replace(found, status="infeasible", lower_bound_s=best.lower_bound_s,
+                                       seconds=best.seconds + found.seconds,
+                                       simulations=best.simulations + found.simulations)
+    return lower_peak(problem, options, best, time_limit_s=time_limit_s / 4)
+
+
+_HALVINGS = 5  # budgets searched below the lowest peak the flips reach
+_CLOSE_ENOUGH = 0.005  # of the peak: a gap to the floor this small is not searched
 
 
 def mirrors(problem: RecomputeProblem, options: Sequence[Sequence[Collection[int]]]) -> list[tuple[int, ...]]:
