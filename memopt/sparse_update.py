@@ -99,8 +99,10 @@ def choose_update(model: nn.Module, calibration: Sequence[Any], *, loss_fn: Call
     of the step training ``trainable``; ``plan_for(trainable)`` plans it under the budget (raising
     ``BudgetInfeasibleError`` when it cannot); ``backward_of(trainable)`` counts the nodes of its traced backward
     (None: training every trainable tensor)."""
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    # (a parameter the forward never reads has no gradient to train: it stays as it is)
+    names = [name for name, p in model.named_parameters() if p.requires_grad and name in uses]
     user_frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    unread = [name for name, p in model.named_parameters() if p.requires_grad and name not in uses]
     scores = contribution_scores(model, calibration, loss_fn=loss_fn, optimizer=optimizer, names=names)
     named = dict(model.named_parameters())
     infos = [ParamInfo(name, tuple(named[name].shape), named[name].element_size()) for name in names]
@@ -149,7 +151,10 @@ def choose_update(model: nn.Module, calibration: Sequence[Any], *, loss_fn: Call
         tensors = [TensorUpdate(name, "whole" if name in trained else "frozen", scores[name], costs[name])
                    for name in names]
         tensors += [TensorUpdate(name, "frozen by the user", 0.0, 0) for name in user_frozen]
-        report = UpdatePlan(PROXY, tuple(tensors), solution.score, solution.bound, solution.status, capacity[i],
+        tensors += [TensorUpdate(name, "frozen", 0.0, 0) for name in unread]
+        # no choice within any depth's capacity scores more
+        bound = max([solution.bound, *(other.bound for other in solutions.values())])
+        report = UpdatePlan(PROXY, tuple(tensors), solution.score, bound, solution.status, capacity[i],
                             rounds, backward_of(trained), backward_of(None))
         return dataclasses.replace(plan, update=report)
     smallest = min(base[i] + min(costs[n] for n in names if layer_of[n] == layers[i]) for i in probed)
@@ -173,16 +178,16 @@ def backward_nodes(step: CapturedStep) -> int:
 
 
 def forward_uses(step: CapturedStep) -> dict[str, tuple[int, int]]:
-    """Per parameter: its first use in the captured step (a position among the graph's nodes), and the bytes of
-    the activations that use reads beside it, which its gradient needs (a linear layer's input; through views
-    and casts of the parameter, to the first op that reads something else as well)."""
+    """Per parameter the step reads: its first use (a position among the graph's nodes), and the bytes of the
+    activations that use reads beside it, which its gradient needs (a linear layer's input; through views and
+    casts of the parameter, to the first op that reads something else as well)."""
     nodes = list(step.graph.graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
     by_name = {node.name: node for node in nodes}
     parameters = {by_name[p.node] for p in step.placeholders if p.role == "parameter"}
     uses = {}
     for p in step.placeholders:
-        if p.role != "parameter":
+        if p.role != "parameter" or not by_name[p.node].users:
             continue
         node, seen = by_name[p.node], []
         while node.users:
@@ -191,11 +196,8 @@ def forward_uses(step: CapturedStep) -> dict[str, tuple[int, int]]:
             if len(user.all_input_nodes) > 1:
                 break
             node = user
-        first = position[seen[0]] if seen else len(nodes)
-        reader = seen[-1] if seen else None
-        read = 0 if reader is None else sum(_nbytes(arg) for arg in reader.all_input_nodes
-                                            if not _from_parameters(arg, parameters))
-        uses[p.name] = (first, read)
+        read = sum(_nbytes(arg) for arg in seen[-1].all_input_nodes if not _from_parameters(arg, parameters))
+        uses[p.name] = (position[seen[0]], read)
     return uses
 
 

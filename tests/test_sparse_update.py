@@ -12,9 +12,11 @@ from conftest import measured_step_peak, steady_step
 
 import memopt
 from memopt import examples
+from memopt.capture import capture
+from memopt.config import PlanConfig
 from memopt.errors import MemoptError
 from memopt.solvers.update import UpdateOption, UpdateProblem, solve_update
-from memopt.sparse_update import contribution_scores
+from memopt.sparse_update import contribution_scores, forward_uses
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -34,8 +36,11 @@ def test_the_knapsack_is_optimal_against_brute_force(seed):
     assert solution.bound >= solution.score
 
 
+FAST = PlanConfig(remat_time_limit_s=1.0)  # each sparse update plans the step several times
+
+
 def _workload():
-    workload = examples.mlp(width=128, depth=6, batch=256)
+    workload = examples.mlp(width=64, depth=4, batch=128)
     torch.manual_seed(0)
     model = workload.build()
     calibration = [workload.inputs() for _ in range(2)]
@@ -62,10 +67,10 @@ def test_the_plan_trains_what_fits_below_full_fine_tunings_smallest_budget():
     inputs = workload.inputs()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with pytest.raises(memopt.BudgetInfeasibleError) as full:
-        memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=1)
+        memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=1, config=FAST)
     budget = full.value.minimum * 3 // 4
     plan = memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=budget,
-                       update="sparse", calibration=calibration)
+                       update="sparse", calibration=calibration, config=FAST)
     update = plan.update
     assert plan.peak_bytes <= budget
     trained = {t.name for t in update.updated}
@@ -91,10 +96,10 @@ def test_compiled_sparse_update_trains_like_eager_frozen_the_same_way_under_the_
     with pytest.raises(MemoptError, match="calibration"):
         memopt.compile(model, budget="1GB", loss_fn=workload.loss_fn, optimizer=optimizer, update="sparse")
     with pytest.raises(memopt.BudgetInfeasibleError) as full:
-        memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=1)
+        memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=1, config=FAST)
     budget = full.value.minimum * 3 // 4
     compiled = memopt.compile(model, budget=budget, loss_fn=workload.loss_fn, optimizer=optimizer,
-                              update="sparse", calibration=calibration)
+                              update="sparse", calibration=calibration, config=FAST)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     step = steady_step(compiled, inputs, optimizer)  # two steps: the first chooses and plans
     peak = measured_step_peak(compiled.plan, memopt.measure_peak(step))
@@ -112,3 +117,15 @@ def test_compiled_sparse_update_trains_like_eager_frozen_the_same_way_under_the_
     eager()  # as the compiled model's measured step
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_each_weight_costs_the_activation_its_gradient_reads():
+    """A linear layer's weight is first read with the layer's input, which its gradient needs; a parameter the
+    forward never reads is not listed (nothing to train)."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    model.unused = torch.nn.Parameter(torch.zeros(3))
+    x = torch.randn(8, 16)
+    uses = forward_uses(capture(model, (x,), loss_fn=lambda out: out.sum()))
+    assert set(uses) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert uses["0.weight"][1] == 8 * 16 * 4 and uses["2.weight"][1] == 8 * 32 * 4
+    assert uses["0.weight"][0] < uses["2.weight"][0]
