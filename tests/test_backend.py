@@ -440,7 +440,16 @@ def test_a_language_model_at_its_smallest_budget_runs_through_the_backend_like_e
         minimum = error.minimum
     options = {"budget": minimum, "optimizer": optimizer, "hold_outputs": False, "cache": False}
     compiled = torch.compile(model, backend="memopt", options=options)
-    assert compiled(**batch).loss.item() == eager_loss
+    try:
+        loss = compiled(**batch).loss.item()
+    except BudgetInfeasibleError as error:  # the backend's joint graph (AOTAutograd's) has its own smallest budget
+        assert error.minimum <= minimum * 1.05, (error.minimum, minimum)
+        minimum = error.minimum
+        options = {**options, "budget": minimum}
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="memopt", options=options)
+        loss = compiled(**batch).loss.item()
+    assert loss == eager_loss
     (plan,) = plans(options)
     assert any(d.action == "recompute" for d in plan.decisions)
     step = steady_step(compiled, batch, optimizer)
