@@ -52,6 +52,8 @@ HOW = {
     "compile-autochunker,memopt@0,memopt-inductor@0,memopt-backend@0,memopt-stepped@0":
         "not run by the tests (~2 h); test_benchmarks_smoke runs each of its rows' code",
     "python benchmarks/run.py --workloads mlp --strategies eager,checkpoint --repeats 3": SLOW,
+    "python benchmarks/sparse_update.py": "not run by the tests (~10 min); test_sparse_update plans, compiles and "
+                                          "trains with update='sparse' as it does",
 }
 
 
@@ -141,7 +143,9 @@ def readme_snippet_namespace():
 
 
 @pytest.mark.parametrize("number", [
-    pytest.param(n, marks=[pytest.mark.slow] if "memopt.pareto" in block else [], id=f"python-block-{n}")
+    # the Pareto curve plans the step at several budgets, the sparse update at several depths: the slow tier
+    pytest.param(n, marks=[pytest.mark.slow] if "memopt.pareto" in block or 'update="sparse"' in block else [],
+                 id=f"python-block-{n}")
     for n, block in enumerate(readme_blocks("python"))
 ])
 def test_readme_python_snippet_runs(number, tmp_path, monkeypatch):
