@@ -103,6 +103,10 @@ def _sparse_plan(model: nn.Module, example_inputs: tuple | list | dict | torch.T
                  loss_fn: Callable[[Any], torch.Tensor] | None, optimizer: Any, device: str | DeviceSpec | None,
                  offload: bool | None, fake: bool | None, config: PlanConfig, budget_bytes: int) -> MemoryPlan:
     """The plan of the sparse update that fits ``budget_bytes`` (the FX lowering's, as ``plan`` makes)."""
+    if fake or any(t.device.type == "meta" for t in model.parameters()):
+        raise MemoptError("update='sparse' scores each tensor by running the calibration batches through the "
+                          "model's weights, which a model planned from shapes alone (fake=True, or on the meta "
+                          "device) does not have: load the weights, or plan with update='full'")
     spec = get_device(device, default=_device_of(model))
 
     def plan_for(trainable: frozenset[str]) -> MemoryPlan:

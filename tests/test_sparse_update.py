@@ -95,6 +95,9 @@ def test_compiled_sparse_update_trains_like_eager_frozen_the_same_way_under_the_
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with pytest.raises(MemoptError, match="calibration"):
         memopt.compile(model, budget="1GB", loss_fn=workload.loss_fn, optimizer=optimizer, update="sparse")
+    with pytest.raises(MemoptError, match="shapes alone"):
+        memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget="1GB", update="sparse",
+                    calibration=calibration, fake=True)
     with pytest.raises(memopt.BudgetInfeasibleError) as full:
         memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=1, config=FAST)
     budget = full.value.minimum * 3 // 4
