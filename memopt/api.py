@@ -114,7 +114,11 @@ def _sparse_plan(model: nn.Module, example_inputs: tuple | list | dict | torch.T
                            offload=offload, fake=fake, config=config, trainable=trainable)
         return fit(plan_at, Budget(budget_bytes, config.headroom), FXLowering(arena=config.layout)).plan
 
+    full = capture(model, example_inputs, loss_fn=loss_fn, fake=fake)
+
     def backward_of(trainable: frozenset[str] | None) -> int:
+        if trainable is None:
+            return backward_nodes(full)
         return backward_nodes(capture(model, example_inputs, loss_fn=loss_fn, fake=fake, trainable=trainable))
 
     def minimum_for(trainable: frozenset[str]) -> int:
@@ -126,7 +130,7 @@ def _sparse_plan(model: nn.Module, example_inputs: tuple | list | dict | torch.T
             return error.minimum
         raise AssertionError("a step met a budget of one byte")
 
-    uses = forward_uses(capture(model, example_inputs, loss_fn=loss_fn, fake=fake))
+    uses = forward_uses(full)
     return choose_update(model, calibration, loss_fn=loss_fn, optimizer=optimizer, budget_bytes=budget_bytes,
                          device_is_cuda=spec.is_cuda, uses=uses, minimum_for=minimum_for, plan_for=plan_for,
                          backward_of=backward_of)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import random
 import time
 from collections.abc import Collection, Sequence
@@ -136,14 +137,14 @@ def solve_blocks(
 
 
 def lower_peak(problem: RecomputeProblem, options: Sequence[Sequence[Collection[int]]], start: RecomputeSolution,
-               *, time_limit_s: float) -> RecomputeSolution:
+               *, time_limit_s: float, groups: Sequence[tuple[int, ...]] | None = None) -> RecomputeSolution:
     """No plan fits the budget: from ``start`` (the lowest peak found), take one candidate in or out (or the
     same one of every repeated block) while that lowers the peak, so the smallest budget memopt reports is as low
     as its search reaches (a prologue's result every block reads, say, that no block's option recomputes)."""
     started = time.perf_counter()
     search = _Search(problem, 0, range(len(problem.candidates)), started + time_limit_s)
     search.evaluate(frozenset(start.chosen))
-    search.lower_peak(mirrors(problem, options))
+    search.lower_peak(groups if groups is not None else mirrors(problem, options))
     sim, chosen = search.least  # type: ignore[misc]
     if sim.peak_bytes >= start.peak_bytes:
         return start
@@ -158,7 +159,8 @@ def lowest_peak(problem: RecomputeProblem, options: Sequence[Sequence[Collection
     budgets between the problem's floor and the peak found, halving the gap, each searched as a budget (covering
     only what is over a budget finds plans that flips from a plan recomputing everything do not reach); then
     flips again from the lowest."""
-    best = lower_peak(problem, options, start, time_limit_s=time_limit_s / 4)
+    groups = mirrors(problem, options)
+    best = lower_peak(problem, options, start, time_limit_s=time_limit_s / 4, groups=groups)
     low = problem.floor_bytes
     for _ in range(_HALVINGS):
         if best.peak_bytes - low <= _CLOSE_ENOUGH * best.peak_bytes:
@@ -171,7 +173,7 @@ def lowest_peak(problem: RecomputeProblem, options: Sequence[Sequence[Collection
             best = dataclasses.replace(found, status="infeasible", lower_bound_s=best.lower_bound_s,
                                        seconds=best.seconds + found.seconds,
                                        simulations=best.simulations + found.simulations)
-    return lower_peak(problem, options, best, time_limit_s=time_limit_s / 4)
+    return lower_peak(problem, options, best, time_limit_s=time_limit_s / 4, groups=groups)
 
 
 _HALVINGS = 5  # budgets searched below the lowest peak the flips reach
@@ -626,11 +628,10 @@ class _Search:
         while improved and not self.out_of_time():
             improved = False
             sim, chosen = self.least  # type: ignore[misc]
-            flips = [chosen ^ {i} for i in sorted((i for i in self.pool if i not in chosen),
-                                                  key=lambda i: (-self.size[self.index[i]], i))]
-            flips += [chosen ^ {i} for i in sorted(chosen)]
-            flips += [trial for group in mirrors for trial in (chosen | set(group), chosen - set(group))
-                      if trial != chosen]
+            ins = sorted((i for i in self.pool if i not in chosen), key=lambda i: (-self.size[self.index[i]], i))
+            flips = itertools.chain((chosen | {i} for i in ins), (chosen - {i} for i in sorted(chosen)),
+                                    (trial for group in mirrors for trial in (chosen | set(group), chosen - set(group))
+                                     if trial != chosen))  # made one at a time: the first that pays is taken
             for trial in flips:
                 if self.out_of_time():
                     return
