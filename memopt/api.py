@@ -20,6 +20,7 @@ from memopt.lower.optimizer_step import InBackwardSteps
 from memopt.lower.runner import Executor, StepRunner, run_step
 from memopt.passes.optimizer_memory import ParamInfo, optimizer_groups
 from memopt.passes.remat_plan import SOLVERS
+from memopt.passes.row_slices import rows_name, slice_rows, split_rows
 from memopt.pipeline import run_pipeline
 from memopt.report.plan import MemoryPlan, UpdatePlan
 from memopt.sparse_update import (
@@ -119,7 +120,9 @@ def _sparse_plan(model: nn.Module, example_inputs: tuple | list | dict | torch.T
     def backward_of(trainable: frozenset[str] | None) -> int:
         if trainable is None:
             return backward_nodes(full)
-        return backward_nodes(capture(model, example_inputs, loss_fn=loss_fn, fake=fake, trainable=trainable))
+        names, rows = split_rows(trainable)
+        return backward_nodes(slice_rows(capture(model, example_inputs, loss_fn=loss_fn, fake=fake,
+                                                 trainable=names), rows))
 
     def minimum_for(trainable: frozenset[str]) -> int:
         plan_at = _planner(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, device=spec,
@@ -131,23 +134,30 @@ def _sparse_plan(model: nn.Module, example_inputs: tuple | list | dict | torch.T
         raise AssertionError("a step met a budget of one byte")
 
     uses = forward_uses(full)
+    # (an update inside the backward steps whole parameters only)
     return choose_update(model, calibration, loss_fn=loss_fn, optimizer=optimizer, budget_bytes=budget_bytes,
                          device_is_cuda=spec.is_cuda, uses=uses, minimum_for=minimum_for, plan_for=plan_for,
-                         backward_of=backward_of)
+                         backward_of=backward_of, slices=not config.step_in_backward)
 
 
 def _planner(model: nn.Module, example_inputs: tuple | list | dict | torch.Tensor, *,
              loss_fn: Callable[[Any], torch.Tensor] | None, optimizer: Any, device: str | DeviceSpec | None,
              offload: bool | None, fake: bool | None, config: PlanConfig,
              trainable: frozenset[str] | None = None) -> Callable[[int | None], MemoryPlan]:
-    """The step traced once (training ``trainable``, by default what requires grad), and the function that plans
-    it for a target number of bytes (None: no budget)."""
+    """The step traced once (training ``trainable``, by default what requires grad; a name may be a row slice,
+    ``rows_name``), and the function that plans it for a target number of bytes (None: no budget)."""
     spec = get_device(device, default=_device_of(model))
     config = _with_offload(config, offload, spec)
-    step = capture(model, example_inputs, loss_fn=loss_fn, fake=fake, trainable=trainable)
+    names, rows = split_rows(trainable) if trainable is not None else (None, {})
+    step = slice_rows(capture(model, example_inputs, loss_fn=loss_fn, fake=fake, trainable=names), rows)
     named = dict(model.named_parameters())
-    params = [ParamInfo(name, tuple(named[name].shape), named[name].element_size()) for name in step.gradients]
+    by_node = {node.name: node for node in step.graph.graph.nodes}
+    gradient = {name: by_node[node].meta["val"] for name, node in step.gradients.items()}
+    params = [ParamInfo(name, tuple(gradient[name].shape), gradient[name].element_size()) for name in step.gradients]
     groups_of = optimizer_groups(optimizer, named)
+    if groups_of is not None:  # a row slice is in its tensor's group
+        groups_of = {**groups_of, **{rows_name(name, k): groups_of[name] for name, k in rows.items()
+                                     if name in groups_of}}
 
     def plan_at(target: int | None) -> MemoryPlan:
         return run_pipeline(step, params=params, optimizer=optimizer, groups_of=groups_of, device=spec,
@@ -254,7 +264,9 @@ def compile(
     ``update="sparse"`` with ``calibration`` batches is ``memopt.plan``'s: on the first call the tensors to train
     are chosen under the budget (with the FX lowering's plans) and the others frozen in ``model``
     (``requires_grad_(False)``, as a user freezes by hand), so the optimizer holds no state for them and
-    leaves them unchanged; ``.plan.update`` says what was chosen.
+    leaves them unchanged; ``.plan.update`` says what was chosen. A weight trained on its first rows gets no
+    gradient itself: those rows become a parameter of their own (a view of them, in ``.rows`` and added to the
+    optimizer instance's group of the weight), so the optimizer updates them alone.
 
     ``layout=True`` (FX backend) runs the step's intermediates in one arena allocated
     at the first planned op and freed after the last one: each planned op writes
@@ -307,6 +319,9 @@ class CompiledModule(nn.Module):
         super().__init__()
         self._calibration = calibration  # update="sparse": the batches that score what to train
         self.update: UpdatePlan | None = None  # the sparse update chosen on the first call
+        self._trainable: frozenset[str] | None = None  # what it trains (tensor names and row slices)
+        # the row slices it trains: parameters of their own, views of their tensors' first rows
+        self.rows = nn.ParameterDict()
         self._offload = offload
         self.layout = layout
         self.model = model
@@ -349,6 +364,7 @@ class CompiledModule(nn.Module):
         self._last = self._steps[key]
         _, runner, executor = self._last
         values = [*self.model.parameters(), *self.model.buffers(), *leaves]
+        values += [self.rows[_key(runner.parameter_of[node.name])] for node in runner.placeholders[len(values):]]
         return run_step(runner, values, executor)
 
     def _choose_update(self, inputs: tuple | dict) -> None:
@@ -358,10 +374,27 @@ class CompiledModule(nn.Module):
                             budget_bytes=self.budget_bytes)
         assert plan.update is not None
         frozen = {t.name for t in plan.update.tensors if t.option == "frozen"}
-        for name, parameter in self.model.named_parameters():
-            if name in frozen:
-                parameter.requires_grad_(False)
+        named = dict(self.model.named_parameters())
+        for name in frozen:
+            named[name].requires_grad_(False)
+        for tensor in plan.update.updated:
+            if tensor.option == "rows":
+                self._add_rows(named[tensor.name], rows_name(tensor.name, tensor.rows), tensor.rows)
+        self._trainable = frozenset(rows_name(t.name, t.rows) if t.option == "rows" else t.name
+                                    for t in plan.update.updated)
         self.update = plan.update
+
+    def _add_rows(self, tensor: nn.Parameter, name: str, rows: int) -> None:
+        """Trains the first ``rows`` rows of ``tensor`` as a parameter of their own (a view: what the optimizer
+        writes to it lands in ``tensor``), in ``self.rows`` and in the optimizer's group of ``tensor``; the step
+        computes no gradient for ``tensor`` itself, so the optimizer leaves the rest of it as it is."""
+        self.rows[_key(name)] = view = nn.Parameter(tensor.detach()[:rows])
+        if isinstance(self._optimizer, torch.optim.Optimizer):
+            for group in self._optimizer.param_groups:
+                if any(p is tensor for p in group["params"]):
+                    self._optimizer.add_param_group(
+                        {**{key: value for key, value in group.items() if key != "params"}, "params": [view]})
+                    break
 
     def _lower(self, inputs: tuple | dict) -> tuple[MemoryPlan, StepRunner, Executor]:
         if self.backend == "inductor":
@@ -371,13 +404,18 @@ class CompiledModule(nn.Module):
         else:
             lowering = FXLowering(arena=self.layout)  # config.layout: plans are of the step as it runs in the arena
         plan_at = _planner(self.model, inputs, loss_fn=self._loss_fn, optimizer=self._optimizer, device=self._device,
-                           offload=self._offload, fake=None, config=self._config)
+                           offload=self._offload, fake=None, config=self._config, trainable=self._trainable)
         fitted = fit(plan_at, Budget(self.budget_bytes, self._config.headroom), lowering)
         runner = fitted.lowered.runner
         if runner.stepped:
             runner.bind_steps(self._in_backward.update_of)
         plan = fitted.plan if self.update is None else dataclasses.replace(fitted.plan, update=self.update)
         return plan, runner, fitted.lowered.executor
+
+
+def _key(name: str) -> str:
+    """``CompiledModule.rows``'s key of a row slice (a module's names hold no dots)."""
+    return name.replace(".", "/")
 
 
 def _split(inputs: tuple | dict) -> tuple[tuple, dict]:

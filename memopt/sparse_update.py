@@ -1,7 +1,9 @@
 """Sparse update: which parameter tensors a fine-tuning step trains under a byte budget.
 
-Each trainable tensor is scored from a few calibration batches by the first-order loss decrease of one optimizer
-step on that tensor alone (``PROXY``), and costs its gradient and its optimizer state. The step that trains a set
+Each trainable tensor is trained whole, on its first half, quarter or eighth of rows (a weight's first output
+channels: ``memopt.passes.row_slices``, which computes only those rows' gradient), or not at all. Each option is
+scored from a few calibration batches by the first-order loss decrease of one optimizer step on that tensor (or
+those rows) alone (``PROXY``), and costs its gradient and its optimizer state. The step that trains a set
 of tensors is traced with the others frozen, so its backward computes no gradient for a frozen tensor and runs
 no deeper than the deepest layer it trains, and is planned under the budget with recomputation like any step.
 What such a step needs beside the gradients and state is set mostly by that depth, so it is measured per depth
@@ -28,6 +30,7 @@ from memopt.passes.optimizer_memory import (
     optimizer_groups,
     optimizer_memory,
 )
+from memopt.passes.row_slices import rows_name, split_rows
 from memopt.report.plan import MemoryPlan, TensorUpdate, UpdatePlan
 from memopt.solvers.update import (
     UpdateOption,
@@ -41,6 +44,7 @@ PROXY = ("first-order loss decrease of one optimizer step on the tensor alone: l
 _ROUNDS = 6  # choices planned until one fits
 _DEPTHS = 8  # layers at which the backward's own need is measured (a plan each)
 _FROZEN = UpdateOption("frozen", 0, 0.0)
+_ROW_PARTS = (2, 4, 8)  # a weight may train its first half, quarter or eighth of rows
 
 
 def check_update(update: str, calibration: Any) -> None:
@@ -54,19 +58,23 @@ def check_update(update: str, calibration: Any) -> None:
 
 def contribution_scores(model: nn.Module, calibration: Sequence[Any], *, loss_fn: Callable[[Any], torch.Tensor] | None,
                         optimizer: Any, names: Sequence[str]) -> dict[str, float]:
-    """Each named tensor's score (``PROXY``) on the calibration batches, in training mode.
+    """Each named tensor's score (``PROXY``) on the calibration batches, in training mode; a name may be a row
+    slice (``rows_name``), scored on those rows of its tensor's gradient.
 
     The model is left as it was: gradients come from ``torch.autograd.grad`` (no ``.grad`` is written), buffers
     (batch norms' running statistics) are restored, and random ops draw from a forked generator."""
     named = dict(model.named_parameters())
+    tensor_names, _ = split_rows(set(names))
+    tensor_names = sorted(tensor_names)
+    rows = {name: split_rows({name}) for name in names}
     cls, settings = normalize_optimizer(optimizer)
     if isinstance(settings, dict):
-        rates = {name: settings.get("lr", 1.0) for name in names}
+        rates = {name: settings.get("lr", 1.0) for name in tensor_names}
     else:
         group_of = optimizer_groups(optimizer, named) or {}
-        rates = {name: settings[group_of[name]]["lr"] if name in group_of else 0.0 for name in names}
+        rates = {name: settings[group_of[name]]["lr"] if name in group_of else 0.0 for name in tensor_names}
     first_norm = cls is not None and cls.__name__ in ("Adam", "AdamW")
-    tensors = [named[name] for name in names]
+    tensors = [named[name] for name in tensor_names]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     totals = dict.fromkeys(names, 0.0)
     was_training = model.training
@@ -76,10 +84,14 @@ def contribution_scores(model: nn.Module, calibration: Sequence[Any], *, loss_fn
             for batch in calibration:
                 args, kwargs = _split_inputs(batch)
                 loss = _loss_of(model(*args, **kwargs), loss_fn)
-                for name, grad in zip(names, torch.autograd.grad(loss, tensors, allow_unused=True)):
+                grads = dict(zip(tensor_names, torch.autograd.grad(loss, tensors, allow_unused=True)))
+                for name in names:
+                    (tensor_name,), cut = rows[name]
+                    grad = grads[tensor_name]
                     if grad is not None:
+                        grad = grad[:cut[tensor_name]] if cut else grad
                         norm = grad.abs().sum() if first_norm else grad.pow(2).sum()
-                        totals[name] += float(norm) * float(rates[name])
+                        totals[name] += float(norm) * float(rates[tensor_name])
     finally:
         model.train(was_training)
         with torch.no_grad():
@@ -88,29 +100,48 @@ def contribution_scores(model: nn.Module, calibration: Sequence[Any], *, loss_fn
     return {name: total / len(calibration) for name, total in totals.items()}
 
 
+def row_options(shape: Sequence[int]) -> list[int]:
+    """The row counts a tensor of ``shape`` may be trained on: 1/2, 1/4 and 1/8 of its rows (a weight's first
+    output channels), for a tensor of two or more dimensions."""
+    if len(shape) < 2:
+        return []
+    return sorted({shape[0] // part for part in _ROW_PARTS if 0 < shape[0] // part < shape[0]}, reverse=True)
+
+
 def choose_update(model: nn.Module, calibration: Sequence[Any], *, loss_fn: Callable[[Any], torch.Tensor] | None,
                   optimizer: Any, budget_bytes: int, device_is_cuda: bool, uses: dict[str, tuple[int, int]],
                   minimum_for: Callable[[frozenset[str]], int], plan_for: Callable[[frozenset[str]], MemoryPlan],
-                  backward_of: Callable[[frozenset[str] | None], int]) -> MemoryPlan:
+                  backward_of: Callable[[frozenset[str] | None], int], slices: bool = True) -> MemoryPlan:
     """The plan of the step that trains the tensors of the largest summed score whose step fits ``budget_bytes``.
 
     ``uses`` gives each parameter's first use in the forward and the bytes of what that use reads beside it
-    (``forward_uses``); ``minimum_for(trainable)`` is the smallest budget
-    of the step training ``trainable``; ``plan_for(trainable)`` plans it under the budget (raising
-    ``BudgetInfeasibleError`` when it cannot); ``backward_of(trainable)`` counts the nodes of its traced backward
-    (None: training every trainable tensor)."""
+    (``forward_uses``); ``minimum_for(trainable)`` is the smallest budget of the step training ``trainable``
+    (tensor names, and row slices named by ``rows_name``); ``plan_for(trainable)`` plans it under the budget
+    (raising ``BudgetInfeasibleError`` when it cannot); ``backward_of(trainable)`` counts the nodes of its traced
+    backward (None: training every trainable tensor). ``slices=False`` offers whole tensors only."""
     # (a parameter the forward never reads has no gradient to train: it stays as it is)
     names = [name for name, p in model.named_parameters() if p.requires_grad and name in uses]
     user_frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     unread = [name for name, p in model.named_parameters() if p.requires_grad and name not in uses]
-    scores = contribution_scores(model, calibration, loss_fn=loss_fn, optimizer=optimizer, names=names)
     named = dict(model.named_parameters())
-    infos = [ParamInfo(name, tuple(named[name].shape), named[name].element_size()) for name in names]
+    # per tensor, what training it adds: the whole of it, then its row slices (largest first)
+    variants = {name: [(name, tuple(named[name].shape))] + ([
+        (rows_name(name, k), (k, *named[name].shape[1:])) for k in row_options(named[name].shape)] if slices else [])
+        for name in names}
+    keys = [key for name in names for key, _ in variants[name]]
+    scores = contribution_scores(model, calibration, loss_fn=loss_fn, optimizer=optimizer, names=keys)
+    infos = [ParamInfo(key, shape, named[name].element_size()) for name in names for key, shape in variants[name]]
+    groups = optimizer_groups(optimizer, named)
     state = optimizer_memory(optimizer, infos, device_is_cuda=device_is_cuda,
-                             groups_of=optimizer_groups(optimizer, named)).state_by_param
+                             groups_of=None if groups is None else {
+                                 key: groups[name] for name in names if name in groups for key, _ in variants[name]}
+                             ).state_by_param
     # a tensor's gradient and optimizer state, and for a weight the activation its gradient reads (kept, or
-    # recomputed, for the backward; a bias's gradient reads none)
-    costs = {p.name: p.nbytes + state.get(p.name, 0) + (uses[p.name][1] if len(p.shape) > 1 else 0) for p in infos}
+    # recomputed, for the backward; a bias's gradient reads none); a row slice's gradient reads all of it
+    costs = {p.name: p.nbytes + state.get(p.name, 0) for p in infos}
+    for name in names:
+        for key, _ in variants[name]:
+            costs[key] += uses[name][1] if named[name].dim() > 1 else 0
     depth = {name: uses[name][0] for name in names}
     # the layers (a tensor's module), the one the forward reaches last first: training down to layer i runs
     # the backward down to it, whatever is trained above
@@ -126,8 +157,11 @@ def choose_update(model: nn.Module, calibration: Sequence[Any], *, loss_fn: Call
         probed[i] = minimum_for(frozenset({cheapest})) - costs[cheapest]
     base = [probed[min(j for j in probed if j >= i)] for i in range(len(layers))]
 
+    def option(key: str) -> UpdateOption:
+        return UpdateOption(key, costs[key], scores[key])
+
     def solved(i: int, capacity: int) -> UpdateSolution:
-        options = tuple((_FROZEN, UpdateOption("whole", costs[n], scores[n])) if index_of[layer_of[n]] <= i
+        options = tuple((_FROZEN, *(option(key) for key, _ in variants[n])) if index_of[layer_of[n]] <= i
                         else (_FROZEN,) for n in names)
         return solve_update(UpdateProblem(tuple(names), options, max(capacity, 0)))
 
@@ -137,10 +171,11 @@ def choose_update(model: nn.Module, calibration: Sequence[Any], *, loss_fn: Call
     while solutions and rounds < _ROUNDS:
         i = max(solutions, key=lambda k: (solutions[k].score, -k))  # the best score, the shallowest backward
         solution = solutions.pop(i)
-        trained = frozenset(name for name, j in zip(names, solution.chosen) if j == 1)
-        if not trained:
+        taken = {name: variants[name][j - 1][0] for name, j in zip(names, solution.chosen) if j > 0}
+        if not taken:
             continue
         rounds += 1
+        trained = frozenset(taken.values())
         try:
             plan = plan_for(trained)
         except BudgetInfeasibleError as error:  # what the estimate missed: that much less for this depth
@@ -148,8 +183,7 @@ def choose_update(model: nn.Module, calibration: Sequence[Any], *, loss_fn: Call
             if capacity[i] > 0:
                 solutions[i] = solved(i, capacity[i])
             continue
-        tensors = [TensorUpdate(name, "whole" if name in trained else "frozen", scores[name], costs[name])
-                   for name in names]
+        tensors = [_chosen(name, taken.get(name), scores, costs) for name in names]
         tensors += [TensorUpdate(name, "frozen by the user", 0.0, 0) for name in user_frozen]
         tensors += [TensorUpdate(name, "frozen", 0.0, 0) for name in unread]
         # no choice within any depth's capacity scores more
@@ -162,6 +196,14 @@ def choose_update(model: nn.Module, calibration: Sequence[Any], *, loss_fn: Call
         budget_bytes, max(smallest, budget_bytes + 1), "sparse update",
         "no sparse update fits: training even the cheapest tensor of the last layer needs more (its gradient, "
         "its optimizer state and the backward down to it)")
+
+
+def _chosen(name: str, key: str | None, scores: dict[str, float], costs: dict[str, int]) -> TensorUpdate:
+    """What the update does with tensor ``name``, trained as ``key`` (itself, or a row slice of it; None: not)."""
+    if key is None:
+        return TensorUpdate(name, "frozen", scores[name], costs[name])
+    _, rows = split_rows({key})
+    return TensorUpdate(name, "rows" if rows else "whole", scores[key], costs[key], rows.get(name, 0))
 
 
 def _spread(count: int, most: int) -> list[int]:

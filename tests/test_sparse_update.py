@@ -15,6 +15,8 @@ from memopt import examples
 from memopt.capture import capture
 from memopt.config import PlanConfig
 from memopt.errors import MemoptError
+from memopt.lower.runner import StepRunner, run_step
+from memopt.passes.row_slices import rows_name, slice_rows
 from memopt.solvers.update import UpdateOption, UpdateProblem, solve_update
 from memopt.sparse_update import contribution_scores, forward_uses
 
@@ -73,15 +75,16 @@ def test_the_plan_trains_what_fits_below_full_fine_tunings_smallest_budget():
                        update="sparse", calibration=calibration, config=FAST)
     update = plan.update
     assert plan.peak_bytes <= budget
-    trained = {t.name for t in update.updated}
+    trained = {rows_name(t.name, t.rows) if t.option == "rows" else t.name for t in update.updated}
     assert 0 < len(trained) < len(update.tensors)
-    # the traced step computes gradients for what it trains, and nothing for the rest
+    # the traced step computes gradients for what it trains (a row slice's for its rows), and nothing for the rest
     assert set(plan.program.gradients) == trained
     assert update.backward_nodes < update.full_backward_nodes
     assert sum(t.nbytes for t in update.updated) <= update.capacity_bytes
     assert update.score <= update.bound + 1e-12
     data = plan.to_dict()["update"]
-    assert {t["name"] for t in data["tensors"] if t["option"] == "whole"} == trained
+    assert {rows_name(t["name"], t["rows"]) if t["rows"] else t["name"] for t in data["tensors"]
+            if t["option"] in ("whole", "rows")} == trained
     assert "sparse update:" in str(plan) and "sparse update (" in str(plan.explain())
     assert all(p.requires_grad for p in model.parameters())  # planning froze nothing
 
@@ -100,26 +103,90 @@ def test_compiled_sparse_update_trains_like_eager_frozen_the_same_way_under_the_
                     calibration=calibration, fake=True)
     with pytest.raises(memopt.BudgetInfeasibleError) as full:
         memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=1, config=FAST)
-    budget = full.value.minimum * 3 // 4
+    budget = full.value.minimum * 6 // 10  # (where a row slice is worth its bytes)
     compiled = memopt.compile(model, budget=budget, loss_fn=workload.loss_fn, optimizer=optimizer,
                               update="sparse", calibration=calibration, config=FAST)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     step = steady_step(compiled, inputs, optimizer)  # two steps: the first chooses and plans
     peak = measured_step_peak(compiled.plan, memopt.measure_peak(step))
     assert peak <= budget, f"measured {peak:,} B over the budget {budget:,} B"
-    trained = {t.name for t in compiled.update.updated}
-    assert trained and not trained & user_frozen
+    trained = {t.name: t.rows for t in compiled.update.updated}  # rows 0: the whole tensor
+    assert trained and not set(trained) & user_frozen
+    assert any(trained.values()), "the budget should make a row slice worth training"
     for name, p in model.named_parameters():
-        assert torch.equal(p, before[name]) == (name not in trained), name
+        rows = trained.get(name)
+        if rows is None:
+            assert torch.equal(p, before[name]), name
+        elif rows:  # its first rows train, the rest stays bitwise
+            assert not torch.equal(p[:rows], before[name][:rows]) and torch.equal(p[rows:], before[name][rows:])
+        else:
+            assert not torch.equal(p, before[name]), name
     assert {t.name for t in compiled.update.tensors if t.option == "frozen by the user"} == user_frozen
-    # eager, frozen the same way, from the same weights: the same parameters after the same steps
-    for name, p in reference.named_parameters():
+    assert {key.replace("/", ".") for key in compiled.rows} == {rows_name(n, k) for n, k in trained.items() if k}
+    # eager from the same weights, trained the same way (a row slice: its tensor's eager gradient cut to the
+    # rows, stepped as a parameter of its own): the same parameters after the same steps
+    named = dict(reference.named_parameters())
+    for name, p in named.items():
         p.requires_grad_(name in trained)
-    eager_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3)
-    eager = steady_step(lambda *a, **k: workload.loss_fn(reference(*a, **k)), inputs, eager_optimizer)
-    eager()  # as the compiled model's measured step
+    views = {name: torch.nn.Parameter(named[name].detach()[:rows]) for name, rows in trained.items() if rows}
+    eager_optimizer = torch.optim.AdamW([*(named[n] for n, k in trained.items() if not k), *views.values()], lr=1e-3)
+
+    def eager():
+        workload.loss_fn(reference(*inputs)).backward()
+        for name, view in views.items():
+            view.grad, named[name].grad = named[name].grad[: len(view)].clone(), None
+        eager_optimizer.step()
+        eager_optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # as the compiled model's: two warm-up steps and the measured one
+        eager()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_a_row_slice_computes_only_its_rows_gradient_equal_to_eagers_rows():
+    """Linear layers on 2-D and 3-D inputs, a convolution and a weight read twice: each sliced gradient is
+    computed from the rows' part of the incoming gradient (no node of the backward holds a whole weight's
+    gradient) and equals eager's rows bitwise (on these shapes; the matmul library may pick another kernel
+    for a narrower slice)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(32, 64), torch.nn.Linear(64, 48)
+            self.conv, self.head = torch.nn.Conv2d(3, 16, 3), torch.nn.Linear(16 * 6 * 6, 64)
+
+        def forward(self, x, image):
+            tokens = self.b(torch.relu(self.a(x)))  # (4, 5, 48): linear layers over 3-D inputs
+            features = self.head(torch.relu(self.conv(image)).flatten(1))  # (4, 64)
+            twice = torch.nn.functional.linear(features, self.a.weight.t())  # a.weight read a second time
+            return tokens.square().mean() + twice.square().mean()
+
+    torch.manual_seed(0)
+    model = Net()
+    inputs = (torch.randn(4, 5, 32), torch.randn(4, 3, 8, 8))
+    rows = {"a.weight": 16, "b.weight": 24, "conv.weight": 8, "head.weight": 32}
+    step = slice_rows(capture(model, inputs), rows)
+    whole = {name: tuple(p.shape) for name, p in model.named_parameters() if name in rows}
+    nodes = list(step.graph.graph.nodes)
+    backward = nodes[[n.name for n in nodes].index(step.backward_start):]
+    made = {tuple(n.meta["val"].shape) for n in backward
+            if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)}
+    assert not made & set(whole.values()), "a whole weight's gradient was computed"
+    assert set(step.gradients) == {rows_name(n, k) for n, k in rows.items()} | {
+        name for name, _ in model.named_parameters() if name.endswith("bias")}
+    named = dict(model.named_parameters())
+    views = [named[name].detach()[:k].requires_grad_() for name, k in rows.items()]
+    for name in rows:
+        named[name].requires_grad_(False)
+    loss = run_step(StepRunner(step), [*model.parameters(), *inputs, *views])
+    loss.backward()
+    for name in rows:
+        named[name].requires_grad_(True)
+    expected = torch.autograd.grad(model(*inputs), [named[name] for name in rows])
+    assert loss.item() == model(*inputs).item()
+    for (name, k), view, grad in zip(rows.items(), views, expected):
+        assert torch.equal(view.grad, grad[:k]), name
 
 
 def test_each_weight_costs_the_activation_its_gradient_reads():

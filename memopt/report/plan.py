@@ -79,9 +79,14 @@ class TensorUpdate:
     """What a sparse update does with one parameter tensor."""
 
     name: str
-    option: str  # "whole" | "frozen" | "frozen by the user"
+    option: str  # "whole" | "rows" (its first ``rows`` rows) | "frozen" | "frozen by the user"
     score: float  # its contribution (``UpdatePlan.proxy``), from the calibration batches
     nbytes: int  # what updating it adds to the step: gradient, optimizer state, the activation its gradient reads
+    rows: int = 0  # option "rows": how many of the tensor's first rows (output channels) are trained
+
+    @property
+    def label(self) -> str:
+        return f"rows [:{self.rows}]" if self.option == "rows" else self.option
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,7 @@ class UpdatePlan:
 
     @property
     def updated(self) -> tuple[TensorUpdate, ...]:
-        return tuple(t for t in self.tensors if t.option == "whole")
+        return tuple(t for t in self.tensors if t.option in ("whole", "rows"))
 
     @property
     def gap(self) -> float:
@@ -110,7 +115,9 @@ class UpdatePlan:
     def summary(self) -> str:
         updated = self.updated
         frozen = len(self.tensors) - len(updated)
+        sliced = sum(t.option == "rows" for t in updated)
         return (f"sparse update: {len(updated)} of {len(self.tensors)} parameter tensors trained "
+                f"{f'({sliced} of them on their first rows only) ' if sliced else ''}"
                 f"({format_bytes(sum(t.nbytes for t in updated))} of gradients and optimizer state), {frozen} "
                 f"frozen; score {self.score:.4g} of at most {self.bound:.4g} ({self.status}, {self.proxy}); "
                 f"backward {self.full_backward_nodes} -> {self.backward_nodes} nodes")
@@ -485,7 +492,7 @@ class MemoryPlan:
         if self.update is not None:
             lines.append(f"\nsparse update ({self.update.proxy}):")
             lines.append(f"  {'parameter':<44}{'update':<20}{'score':>12}{'bytes':>14}")
-            lines.extend(f"  {t.name:<44}{t.option:<20}{t.score:>12.4g}{t.nbytes:>14,}" for t in self.update.tensors)
+            lines.extend(f"  {t.name:<44}{t.label:<20}{t.score:>12.4g}{t.nbytes:>14,}" for t in self.update.tensors)
         if self.decisions:
             lines.append("\ndecisions:")
             lines.extend(f"  {d.action:<10}{d.name:<36}{d.bytes:>14,}  {d.reason}" for d in self.decisions)
