@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 import memopt
 from memopt import examples
+from memopt.report.plan import TensorUpdate
 from memopt.sparse_update import contribution_scores
 
 HERE = Path(__file__).parent
@@ -125,14 +126,18 @@ def run(base: nn.Sequential, task: Task, budget: int, trainable: list[str] | Non
         else:
             train_step()
         optimizer.zero_grad(set_to_none=True)
-    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    # (a weight trained on its first rows keeps requires_grad; its rows are a parameter of their own)
+    named = dict(model.named_parameters())
+    elements = {name: p.numel() for name, p in named.items() if p.requires_grad}
+    if compiled.update is not None:
+        elements = {t.name: t.rows * named[t.name][0].numel() if t.rows else named[t.name].numel()
+                    for t in compiled.update.updated}
     row = {"measured_peak_bytes": measured, "predicted_peak_bytes": compiled.plan.peak_bytes,
-           "accuracy": accuracy(model.model, task), "trained_tensors": len(trained),
-           "trained_elements": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           "seconds": time.perf_counter() - started}
+           "accuracy": accuracy(model.model, task), "trained_tensors": len(elements),
+           "trained_elements": sum(elements.values()), "seconds": time.perf_counter() - started}
     if compiled.update is not None:
         row["update"] = {"score": compiled.update.score, "bound": compiled.update.bound,
-                         "rounds": compiled.update.rounds, "trained": [t.name for t in compiled.update.updated],
+                         "rounds": compiled.update.rounds, "trained": [label(t) for t in compiled.update.updated],
                          "backward_nodes": compiled.update.backward_nodes,
                          "full_backward_nodes": compiled.update.full_backward_nodes}
     return row
@@ -167,6 +172,11 @@ def full_peak(base: nn.Module, task: Task) -> int:
     step()
     optimizer.zero_grad(set_to_none=True)
     return step_peak(memopt.measure_peak(step), model, optimizer, (x, y))
+
+
+def label(tensor: TensorUpdate) -> str:
+    """A trained tensor's name, with the rows trained where only its first rows are."""
+    return f"{tensor.name}[:{tensor.rows}]" if tensor.option == "rows" else tensor.name
 
 
 def proxy_check(base: nn.Sequential, task: Task) -> list[dict]:
@@ -208,7 +218,7 @@ def gpt2_sparse_plan() -> dict:
     update = plan.update
     return {"workload": workload.description, "full_minimum_bytes": minimum, "budget_bytes": budget,
             "predicted_peak_bytes": plan.peak_bytes, "plan_seconds": time.perf_counter() - started,
-            "trained": [t.name for t in update.updated], "tensors": len(update.tensors), "score": update.score,
+            "trained": [label(t) for t in update.updated], "tensors": len(update.tensors), "score": update.score,
             "bound": update.bound, "backward_nodes": update.backward_nodes,
             "full_backward_nodes": update.full_backward_nodes}
 

@@ -29,8 +29,10 @@ class PlanConfig:
     offload_time_limit_s: float = 5.0
     offload_max_items: int = 64  # the largest activations the offload solver considers
     # the loss head (linear, log-softmax, NLL) over this many slices of the tokens: 1, never (bitwise eager);
-    # "auto", as many as the recompute plan is cheapest with, and only when that beats the traced head; n: always n.
-    # Exact up to the order of the sums over the tokens (the loss, the head's weight and bias gradients)
+    # "auto", as many as the recompute plan is cheapest with, and only when that beats the traced head (on a CUDA
+    # device, or memopt's fused kernel where its plan scores better); n: always n; "kernel": memopt's fused
+    # linear + cross-entropy (memopt.lower.kernels), no logits in the graph. Exact up to the order of the sums over
+    # the tokens (the loss, the head's weight and bias gradients; the kernel's over the classes too)
     chunk_loss: int | str = 1
     # the feed-forward blocks (up projection, activation, down projection) over this many slices of the tokens,
     # as chunk_loss: 1, never; "auto", when the recompute plan of the chunked step is cheaper or fits where the
@@ -43,8 +45,11 @@ class PlanConfig:
     def __post_init__(self) -> None:
         for name in ("chunk_loss", "chunk_mlp"):
             chunks = getattr(self, name)
+            if chunks == "kernel" and name == "chunk_loss":
+                continue
             if chunks != "auto" and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
-                raise MemoptError(f"{name} must be 1 (off), 'auto' or a number of chunks >= 2, got {chunks!r}")
+                kernel = ", 'kernel' (memopt's fused linear + cross-entropy)" if name == "chunk_loss" else ""
+                raise MemoptError(f"{name} must be 1 (off), 'auto'{kernel} or a number of chunks >= 2, got {chunks!r}")
 
 
 def check_lowering(config: PlanConfig, *, inductor: bool, offload: bool, optimizer: object, fx_name: str,

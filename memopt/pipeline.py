@@ -17,12 +17,15 @@ from memopt.capture import CapturedStep
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec
 from memopt.errors import BudgetInfeasibleError, MemoptWarning
+from memopt.lower.kernels import LSE_BYTES_PER_TOKEN, kernel_scratch
 from memopt.passes.arena_plan import arena_step
 from memopt.passes.bounds import LowerBound, minimum_budget
 from memopt.passes.chunk_loss import (
     LossHead,
     chunk_step,
     find_loss_heads,
+    fuse_step,
+    fused_heads,
     logits_seconds,
 )
 from memopt.passes.chunk_mlp import MLPRegion, chunk_mlp_step, find_mlp_regions
@@ -113,7 +116,8 @@ def run_pipeline(
     # loss heads (linear, log-softmax, NLL) that can run over slices of the tokens
     # and feed-forward blocks (up projections, activation, down projection) that can too
     chunkable = _Chunkable(history.run("loss-heads", find_loss_heads, step.graph),
-                           history.run("mlp-blocks", find_mlp_regions, step))
+                           history.run("mlp-blocks", find_mlp_regions, step),
+                           frozenset(head.loss for head in fused_heads(step.graph)))
     chunked: tuple[ChunkedHead, ...] = ()
     chunked_mlp: tuple[ChunkedMLP, ...] = ()
     decisions: tuple[Decision, ...] = ()
@@ -237,6 +241,11 @@ def _scratch(step: CapturedStep, scratch_model: ScratchModel | None, opt: Optimi
     """Per node: the workspace its kernel allocates inside itself (measured), and a parameter update's
     temporaries where the optimizer steps inside the backward."""
     measured = scratch_model.per_node(step.graph) if scratch_model else ()
+    # memopt's own kernels say what they allocate inside themselves (their integer arguments keep them from
+    # being measured)
+    declared = tuple(kernel_scratch(node) for node in step.graph.graph.nodes)
+    if any(declared):
+        measured = tuple(a + b for a, b in zip(measured or (0,) * len(declared), declared))
     if not step.stepped:
         return measured
     updates = step_temporaries(step.graph, step, opt)
@@ -256,6 +265,7 @@ class _Chunkable:
 
     heads: list[LossHead]
     mlps: list[MLPRegion]
+    fusable: frozenset[str] = frozenset()  # the heads the fused kernel can run (by their loss)
 
     def _knobs(self, config: PlanConfig) -> list[tuple[str, int | str]]:
         return [(name, getattr(config, name)) for name, found in (("chunk_loss", self.heads), ("chunk_mlp", self.mlps))
@@ -266,7 +276,8 @@ class _Chunkable:
 
     def forced(self, config: PlanConfig) -> bool:
         """The config names a chunk count for something found: the chunked step runs."""
-        return any(isinstance(setting, int) and setting > 1 for _, setting in self._knobs(config))
+        return any((isinstance(setting, int) and setting > 1) or setting == "kernel"
+                   for _, setting in self._knobs(config))
 
     def off(self, config: PlanConfig) -> str:
         """The knobs left off for what was found, as the user would pass them "auto" ("" when none)."""
@@ -314,13 +325,23 @@ def _chunked(history: _History, step: CapturedStep, chunkable: _Chunkable, opt: 
     reach; the heads' count first), and the recompute plan of that step."""
     heads = chunkable.heads if config.chunk_loss != 1 else []
     mlps = chunkable.mlps if config.chunk_mlp != 1 else []
+    if heads and config.chunk_loss == "kernel":
+        heads = [head for head in heads if head.loss in chunkable.fusable]
     head_count = mlp_count = 1
     found = head_why = mlp_why = None
-    if heads:
+
+    def analyse(head_count: int, mlp_count: int) -> tuple[CapturedStep, tuple]:
+        return _chunked_step(history, step, heads, head_count, mlps, mlp_count, opt, scratch_model,
+                             use_triton=device.is_cuda)
+
+    kernel = f"memopt::linear_cross_entropy ({'Triton' if device.is_cuda else 'its torch path on the CPU'})"
+    if heads and config.chunk_loss == "kernel":
+        head_count, found = _KERNEL, analyse(_KERNEL, 1)
+        head_why = f"chunk_loss='kernel': {kernel}"
+    elif heads:
         # the heads' logits are the step's floor: the proven minimum measures them
         head_count, found, head_why = _chunk_count(
-            config.chunk_loss, "chunk_loss", min(head.rows for head in heads),
-            lambda k: _chunked_step(history, step, heads, k, mlps, 1, opt, scratch_model),
+            config.chunk_loss, "chunk_loss", min(head.rows for head in heads), lambda k: analyse(k, 1),
             lambda candidate: candidate[1][-1].bytes, "the smallest budget falls")
     remats: list[tuple[CapturedStep, RecomputePlan]] = []  # each step tried, its plan
 
@@ -336,29 +357,35 @@ def _chunked(history: _History, step: CapturedStep, chunkable: _Chunkable, opt: 
     if mlps:
         # an MLP's wide tensors are transient, mostly above the proven minimum: the recompute plan measures them
         mlp_count, found, mlp_why = _chunk_count(
-            config.chunk_mlp, "chunk_mlp", min(mlp.rows for mlp in mlps),
-            lambda k: _chunked_step(history, step, heads, head_count, mlps, k, opt, scratch_model),
+            config.chunk_mlp, "chunk_mlp", min(mlp.rows for mlp in mlps), lambda k: analyse(head_count, k),
             planned, "the recompute plan's cost (or, where none fits, its peak) falls", most=_MOST_MLP_CHUNKS)
     if heads and config.chunk_loss == "auto":
         # past the count where the proven minimum stops falling, the heads' slices may still be at the plan's
         # peak (the proven minimum's floor moved elsewhere, the plan's did not): more while the plan's score falls
         more, found, _ = _chunk_count(
-            "auto", "chunk_loss", min(head.rows for head in heads),
-            lambda k: _chunked_step(history, step, heads, k, mlps, mlp_count, opt, scratch_model),
+            "auto", "chunk_loss", min(head.rows for head in heads), lambda k: analyse(k, mlp_count),
             planned, "", start=(head_count, found))
         if more != head_count:
             head_count, head_why = more, (f"{head_why}, then more while the recompute plan's cost (or, where none "
                                           "fits, its peak) falls by 1% or more")
             if mlps and config.chunk_mlp == "auto":  # and the MLP blocks' count again, with the heads' new one
                 mlp_count, found, _ = _chunk_count(
-                    "auto", "chunk_mlp", min(mlp.rows for mlp in mlps),
-                    lambda k: _chunked_step(history, step, heads, head_count, mlps, k, opt, scratch_model),
+                    "auto", "chunk_mlp", min(mlp.rows for mlp in mlps), lambda k: analyse(head_count, k),
                     planned, "", most=_MOST_MLP_CHUNKS, start=(mlp_count, found))
-    chunked, analysed = found
+        if device.is_cuda and all(head.loss in chunkable.fusable for head in heads):
+            # the fused kernel instead of the chunked graph unless the chunked graph's plan scores better: the
+            # kernel holds no slice of logits, and reads its tiles of them from on-chip memory
+            fused = analyse(_KERNEL, mlp_count)
+            if not _better(planned(found), planned(fused)):
+                head_count, found, head_why = _KERNEL, fused, (f"chunk_loss='auto': {kernel}, whose recompute plan "
+                                                               f"scores no worse than {head_count} chunks'")
+    chunked, analysed = found or analyse(1, 1)  # ("kernel" with no head it can run, and no MLP block)
     remat = next((plan for tried, plan in remats if tried is chunked), None) or \
         recompute_plan(chunked, analysed[0], analysed[2])
-    described = tuple(ChunkedHead(head.loss, head.rows, head.vocab, head_count, head.logits_bytes,
-                                  head.chunk_bytes(head_count), logits_seconds(step.graph, head, device), head_why)
+    described = tuple(ChunkedHead(head.loss, head.rows, head.vocab, max(head_count, 1), head.logits_bytes,
+                                  head.rows * LSE_BYTES_PER_TOKEN if head_count == _KERNEL
+                                  else head.chunk_bytes(head_count), logits_seconds(step.graph, head, device),
+                                  head_why, kernel if head_count == _KERNEL else "")
                       for head in heads)
     described_mlps = tuple(ChunkedMLP(mlp.down, mlp.rows, mlp.width, mlp_count, mlp.wide_bytes,
                                       mlp.chunk_bytes(mlp_count), mlp_why) for mlp in mlps)
@@ -375,23 +402,25 @@ def _chunk_count(setting: int | str, name: str, rows: int, analyse: Callable[[in
     if setting != "auto":
         return int(setting), analyse(int(setting)), f"{name}={setting}"
 
-    def better(more: float | tuple[bool, float], best: float | tuple[bool, float]) -> bool:
-        (more_kind, more_value), (best_kind, best_value) = (x if isinstance(x, tuple) else (False, x)
-                                                            for x in (more, best))
-        return more_kind < best_kind or (more_kind == best_kind and more_value < 0.99 * best_value)
-
     count, best = start or (2, analyse(2))
     best_score = score(best)
     while rows // (2 * count) >= _FEWEST_TOKENS and (most is None or 2 * count <= most):
         more = analyse(2 * count)
         more_score = score(more)
-        if not better(more_score, best_score):
+        if not _better(more_score, best_score):
             break
         count, best, best_score = 2 * count, more, more_score
     return count, best, f"{name}='auto': the fewest chunks (a power of two) past which {what} by less than 1%"
 
 
+def _better(more: float | tuple[bool, float], best: float | tuple[bool, float]) -> bool:
+    """A score (or (worse kind, value)) 1% or more below another."""
+    (more_kind, more_value), (best_kind, best_value) = (x if isinstance(x, tuple) else (False, x) for x in (more, best))
+    return more_kind < best_kind or (more_kind == best_kind and more_value < 0.99 * best_value)
+
+
 _FEWEST_TOKENS = 16  # "auto" never slices the tokens finer
+_KERNEL = 0  # a head count: the heads run by the fused kernel
 # "auto" tries an MLP in 2, 4 and 8 slices: at 8, a 4x-wide block's slice is half its input, and each count
 # tried costs a recompute plan
 _MOST_MLP_CHUNKS = 8
@@ -409,9 +438,13 @@ def _with_chunking_hint(error: BudgetInfeasibleError, alternative: _Chunked, hea
 
 
 def _chunked_step(history: _History, step: CapturedStep, heads: list[LossHead], head_count: int,
-                  mlps: list[MLPRegion], mlp_count: int, opt: OptimizerMemory, scratch_model: ScratchModel | None
-                  ) -> tuple[CapturedStep, tuple]:
-    if heads and head_count > 1:
+                  mlps: list[MLPRegion], mlp_count: int, opt: OptimizerMemory, scratch_model: ScratchModel | None,
+                  *, use_triton: bool) -> tuple[CapturedStep, tuple]:
+    """The step with its heads over ``head_count`` slices (``_KERNEL``: by the fused kernel, its Triton code
+    where ``use_triton``) and its MLP blocks over ``mlp_count``, analysed."""
+    if heads and head_count == _KERNEL:
+        step = history.run("fuse-loss", fuse_step, step, {head.loss for head in heads}, use_triton=use_triton)
+    elif heads and head_count > 1:
         step = history.run("chunk-loss", chunk_step, step, {head.loss: head_count for head in heads})
     if mlps and mlp_count > 1:
         step = history.run("chunk-mlp", chunk_mlp_step, step, {mlp.down: mlp_count for mlp in mlps})

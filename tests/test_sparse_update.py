@@ -17,6 +17,7 @@ from memopt.config import PlanConfig
 from memopt.errors import MemoptError
 from memopt.lower.runner import StepRunner, run_step
 from memopt.passes.row_slices import rows_name, slice_rows
+from memopt.passes.storage import shares_storage
 from memopt.solvers.update import UpdateOption, UpdateProblem, solve_update
 from memopt.sparse_update import contribution_scores, forward_uses
 
@@ -147,8 +148,8 @@ def test_compiled_sparse_update_trains_like_eager_frozen_the_same_way_under_the_
 def test_a_row_slice_computes_only_its_rows_gradient_equal_to_eagers_rows():
     """Linear layers on 2-D and 3-D inputs, a convolution and a weight read twice: each sliced gradient is
     computed from the rows' part of the incoming gradient (no node of the backward holds a whole weight's
-    gradient) and equals eager's rows bitwise (on these shapes; the matmul library may pick another kernel
-    for a narrower slice)."""
+    gradient) and equals eager's rows: bitwise for the linear layers on these shapes (the matmul library may pick
+    another kernel for a narrower slice), within float tolerance for the convolution."""
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -170,8 +171,10 @@ def test_a_row_slice_computes_only_its_rows_gradient_equal_to_eagers_rows():
     whole = {name: tuple(p.shape) for name, p in model.named_parameters() if name in rows}
     nodes = list(step.graph.graph.nodes)
     backward = nodes[[n.name for n in nodes].index(step.backward_start):]
-    made = {tuple(n.meta["val"].shape) for n in backward
-            if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)}
+    inputs_of = [n.meta["val"] for n in nodes if n.op == "placeholder"]
+    made = {tuple(n.meta["val"].shape) for n in backward  # (views of the weights themselves left out)
+            if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
+            and not any(shares_storage(n.meta["val"], value) for value in inputs_of)}
     assert not made & set(whole.values()), "a whole weight's gradient was computed"
     assert set(step.gradients) == {rows_name(n, k) for n, k in rows.items()} | {
         name for name, _ in model.named_parameters() if name.endswith("bias")}
@@ -186,7 +189,10 @@ def test_a_row_slice_computes_only_its_rows_gradient_equal_to_eagers_rows():
     expected = torch.autograd.grad(model(*inputs), [named[name] for name in rows])
     assert loss.item() == model(*inputs).item()
     for (name, k), view, grad in zip(rows.items(), views, expected):
-        assert torch.equal(view.grad, grad[:k]), name
+        if name == "conv.weight":  # oneDNN's convolution backward sums 8 channels in another order than 16
+            torch.testing.assert_close(view.grad, grad[:k], rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(view.grad, grad[:k]), name
 
 
 def test_each_weight_costs_the_activation_its_gradient_reads():

@@ -38,6 +38,7 @@ from memopt.passes.graph_edit import (
     token_bounds,
     transposes_2d,
 )
+from memopt.passes.storage import shares_storage
 
 aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.alias.default,
@@ -85,6 +86,25 @@ def chunk_step(step: CapturedStep, chunks: dict[str, int]) -> CapturedStep:
     the tokens (a head given 1 chunk, or not named, is left as it is)."""
 
     return chunked_step(step, _matches, lambda match: min(chunks.get(match.head.loss, 1), match.head.rows), _rewrite)
+
+
+def fuse_step(step: CapturedStep, losses: set[str], *, use_triton: bool) -> CapturedStep:
+    """``step`` with its loss heads named in ``losses`` run by memopt's fused linear + cross-entropy kernel
+    (``memopt.lower.kernels``): the graph holds no logits at all, the kernel 8 bytes per token; ``use_triton``:
+    its Triton code (CUDA), else its torch path over slices of the tokens (``torch_chunk_tokens``)."""
+    def matches(graph: fx.Graph) -> list[_Match]:
+        return [match for match in _matches(graph) if match.head.loss in losses and _fusable(match)]
+
+    def rewrite(graph: fx.Graph, match: _Match, _: int) -> tuple[dict[str, str], set[str]]:
+        return _fuse(graph, match, use_triton)
+
+    # (chunked_step rewrites the matches given more than one slice)
+    return chunked_step(step, matches, lambda match: 2, rewrite)
+
+
+def fused_heads(graph: fx.GraphModule) -> list[LossHead]:
+    """The loss heads of ``graph`` that ``fuse_step`` can rewrite."""
+    return [match.head for match in _matches(graph.graph) if _fusable(match)]
 
 
 def logits_seconds(graph: fx.GraphModule, head: LossHead, device: DeviceSpec) -> float:
@@ -324,3 +344,71 @@ def _rewrite_backward(build: Builder, match: _Match, bounds, logits, reduction: 
     return renamed
 
 
+
+
+# ------------------------------------------------------------------ the fused kernel
+
+def _fusable(match: _Match) -> bool:
+    """The backward reads the logits' gradient only with the head's own input and weight (the kernel makes
+    the gradients of those two and of the bias, nothing else)."""
+    inputs, weight_t = tensor_of(match.inputs), tensor_of(match.weight_t)
+    for _, how, _, other in match.readers:
+        value = tensor_of(other) if isinstance(other, fx.Node) else None
+        if how == "sum":
+            continue
+        if value is None:
+            return False
+        ours = weight_t if how == "rows" else inputs
+        if not shares_storage(value, ours) or sorted(value.shape) != sorted(ours.shape):
+            return False
+    return match.backward is not None or not match.readers
+
+
+def _fuse(graph: fx.Graph, match: _Match, use_triton: bool) -> tuple[dict[str, str], set[str]]:
+    from memopt.lower.kernels.cross_entropy import torch_chunk_tokens
+
+    forward = match.forward
+    reduction, ignore_index = forward.args[3], forward.args[4]
+    chunk = torch_chunk_tokens(match.head.vocab)
+    dtype = tensor_of(match.forward.args[0]).dtype  # the loss's, as nll_loss gives it
+    build = Builder(graph, forward)
+    weight = build(aten.t.default, match.weight_t)  # (classes, features), as the kernel takes it
+    pair = build(torch.ops.memopt.linear_cross_entropy_forward.default, match.inputs, weight, match.bias,
+                 match.target, ignore_index, use_triton, chunk)
+    losses, lse = build(operator.getitem, pair, 0), build(operator.getitem, pair, 1)
+    valid = build(aten.ne.Scalar, match.target, ignore_index)
+    count = build(aten.sum.default, valid, dtype=dtype)
+    total = build.cast(build(aten.sum.default, losses), dtype)
+    loss = build(aten.div.Tensor, total, count) if reduction == MEAN else total
+    results = {0: loss, 1: count}
+    renamed = {}
+    for user in list(forward.users):
+        user.replace_all_uses_with(results[user.args[1]])
+        renamed[user.name] = results[user.args[1]].name
+    added: set[str] = set()
+    if match.backward is not None:
+        build = Builder(graph, _last_reader(match))
+        grad_output, total_weight = match.backward.args[0], match.backward.args[6]
+        share = build(aten.div.Tensor, grad_output, total_weight) if reduction == MEAN else grad_output
+        scale = build(aten.mul.Tensor, build(CAST, valid, dtype=torch.float32), build.cast(share, torch.float32))
+        grads = build(torch.ops.memopt.linear_cross_entropy_backward.default, match.inputs, weight, match.bias,
+                      match.target, lse, scale, use_triton, chunk)
+        grad_x, grad_weight, grad_bias = (build(operator.getitem, grads, i) for i in range(3))
+        for reader, how, _, _ in match.readers:
+            if how == "rows":
+                result = grad_x
+            elif how == "tokens-left":
+                result = grad_weight
+            elif how == "tokens-right":
+                result = build(aten.t.default, grad_weight)
+            else:
+                keep = reader.args[2] if len(reader.args) > 2 else reader.kwargs.get("keepdim", False)
+                result = build(aten.unsqueeze.default, grad_bias, 0) if keep else grad_bias
+            result = build.cast(result, tensor_of(reader).dtype) if tensor_of(result).dtype != \
+                tensor_of(reader).dtype else result
+            reader.replace_all_uses_with(result)
+            renamed[reader.name] = result.name
+        added = {node.name for node in build.added}
+    erase_unused(match.region)
+    sort_topologically(graph)
+    return renamed, added

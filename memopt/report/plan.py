@@ -56,9 +56,10 @@ class ChunkedHead:
     vocab: int
     chunks: int
     logits_bytes: int  # one whole (tokens x vocabulary) tensor: none exists in the chunked step
-    chunk_bytes: int  # one slice's
+    chunk_bytes: int  # one slice's (the fused kernel's: its 8 bytes per token)
     cost_s: float  # the backward computes the head's logits again, slice by slice
     reason: str
+    kernel: str = ""  # the fused kernel that runs the head instead (no logits in the graph), if one does
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +327,8 @@ class MemoryPlan:
         data["chunked"] = [dataclasses.asdict(c) for c in self.chunked]
         # the design's key: per chunked region, its kind, its ops and the number of chunks
         data["chunked_mlp"] = [dataclasses.asdict(c) for c in self.chunked_mlp]
-        data["chunks"] = [{"region": "loss head", "ops": [c.loss], "chunks": c.chunks} for c in self.chunked]
+        data["chunks"] = [{"region": "loss head", "ops": [c.loss], "chunks": c.chunks, "kernel": c.kernel}
+                          for c in self.chunked]
         data["chunks"] += [{"region": "mlp", "ops": [c.down], "chunks": c.chunks} for c in self.chunked_mlp]
         if self.update is not None:
             data["update"] = {**{key: value for key, value in dataclasses.asdict(self.update).items()
@@ -421,7 +423,10 @@ class MemoryPlan:
             lines.append(f"arena: {format_bytes(layout['arena_bytes'])} for {layout['planned']} tensors, lower bound "
                          f"{format_bytes(layout['lower_bound_bytes'])}, fragmentation {layout['fragmentation']:.2%}; "
                          f"{len(layout['unplanned'])} ops allocate outside it (no out= overload)")
-        lines.extend(f"loss head {c.loss}: {c.chunks} chunks of {math.ceil(c.rows / c.chunks)} of its {c.rows} "
+        lines.extend(f"loss head {c.loss}: {c.kernel}, logits {format_bytes(c.logits_bytes)} -> "
+                     f"{format_bytes(c.chunk_bytes)} (the log-sum-exp per token), computed again in the backward "
+                     f"(about {c.cost_s:.3g} s on {self.device.name})" if c.kernel else
+                     f"loss head {c.loss}: {c.chunks} chunks of {math.ceil(c.rows / c.chunks)} of its {c.rows} "
                      f"tokens, logits {format_bytes(c.logits_bytes)} -> {format_bytes(c.chunk_bytes)} at a time, "
                      f"computed again in the backward (about {c.cost_s:.3g} s on {self.device.name})"
                      for c in self.chunked)
@@ -485,7 +490,8 @@ class MemoryPlan:
             lines.extend(f"  {name:<52}{nbytes:>14,}" for name, nbytes in unplanned[:top])
         if self.chunked:
             lines.append("\nchunked loss heads:")
-            lines.extend(f"  {c.loss:<36}{c.chunks:>4} chunks  {c.reason}" for c in self.chunked)
+            lines.extend(f"  {c.loss:<36}{'kernel' if c.kernel else f'{c.chunks:>4} chunks'}  {c.reason}"
+                         for c in self.chunked)
         if self.chunked_mlp:
             lines.append("\nchunked MLP blocks (by their down projection):")
             lines.extend(f"  {c.down:<36}{c.chunks:>4} chunks  {c.reason}" for c in self.chunked_mlp)
