@@ -16,6 +16,7 @@ from memopt import examples
 from memopt.errors import MemoptError
 from memopt.lower.kernels import (
     LSE_BYTES_PER_TOKEN,
+    compress,
     linear_cross_entropy,
     linear_cross_entropy_blocks,
     linear_cross_entropy_reference,
@@ -151,3 +152,39 @@ def test_inductor_runs_a_step_planned_with_the_kernel_within_float_tolerance():
     torch.testing.assert_close(loss, expected, **TOLERANCE)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, **TOLERANCE, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(1000,), (7, 300), (4, 64)])
+def test_int8_packing_under_triton_equals_its_reference_and_errs_at_most_half_a_step(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3
+    x.view(-1)[:compress.BLOCK] = 0  # a block of zeros: scale 0, unpacked to zeros
+    payload, scales = compress.pack(x, "int8", use_triton=True)
+    expected_payload, expected_scales = compress.pack_reference(x, "int8")
+    assert torch.equal(payload, expected_payload) and torch.equal(scales, expected_scales)
+    assert payload.numel() + 4 * scales.numel() == compress.packed_bytes(x.numel(), "int8")
+    unpacked = compress.unpack(payload, scales, x.shape, x.dtype, "int8", use_triton=True)
+    assert torch.equal(unpacked, compress.unpack_reference(payload, scales, list(x.shape), x.dtype))
+    step = scales.repeat_interleave(compress.BLOCK)[: x.numel()].view(x.shape)
+    assert ((unpacked - x).abs() <= step / 2 * (1 + 1e-6)).all()
+    assert not unpacked.view(-1)[: compress.BLOCK].any()
+
+
+def test_fp8_packing_errs_within_e4m3s_precision():
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
+    payload, scales = compress.pack(x, "fp8")
+    assert payload.dtype == torch.float8_e4m3fn
+    unpacked = compress.unpack(payload, scales, x.shape, x.dtype, "fp8")
+    step = scales.repeat_interleave(compress.BLOCK)[: x.numel()]
+    # e4m3 keeps 3 mantissa bits: half a unit in the last place is 1/16 of a value; below its smallest normal
+    # (2^-6 of the scale) the spacing is fixed; bfloat16's own rounding on top
+    bound = torch.maximum(x.float().abs() / 16, step * 2.0**-10) + x.float().abs() / 128
+    assert ((unpacked.float() - x.float()).abs() <= bound).all()
+
+
+def test_bad_compression_settings_are_refused():
+    with pytest.raises(MemoptError, match="one of int8, fp8"):
+        compress.pack(torch.ones(4), "int4")
+    with pytest.raises(MemoptError, match="power of two"):
+        compress.pack(torch.ones(4), "int8", block=100)
+    with pytest.raises(MemoptError, match="floating-point"):
+        compress.pack(torch.ones(4, dtype=torch.int64), "int8")

@@ -1,0 +1,115 @@
+"""Compressed tensors: a saved activation packed to int8 or fp8 with one fp32 scale per block of values, and
+unpacked back to its dtype before the backward reads it.
+
+Each block of ``block`` consecutive values (the last one possibly shorter) is divided by its scale, its largest
+magnitude over the format's largest value (127 for int8, 448 for fp8 e4m3), and rounded: to the nearest
+integer for int8 (an error of at most half a scale per value), to the nearest e4m3 value for fp8 (a relative
+error of at most 2^-4 for values above e4m3's smallest normal, times the scale). A block of zeros has scale 0 and
+unpacks to zeros. The payload is one byte per value, the scales 4 bytes per block: ``packed_bytes``.
+
+Triton packs and unpacks int8 on CUDA (and under ``TRITON_INTERPRET=1``); elsewhere, and for fp8 everywhere
+(torch's own cast to e4m3 is one fused kernel on CUDA, and Triton's interpreter does not cast to fp8 as CUDA
+does), the torch reference of the same math runs. Both are torch custom ops (``memopt::pack``,
+``memopt::unpack``), so a graph can hold them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from memopt.errors import MemoptError
+from memopt.lower.kernels.cross_entropy import triton_runs
+
+FORMATS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
+BLOCK = 256  # values per scale
+
+
+def packed_bytes(numel: int, format: str, block: int = BLOCK) -> int:
+    """Bytes of a packed tensor of ``numel`` values: its payload and its scales."""
+    return numel + 4 * -(-numel // block)
+
+
+def pack(x: torch.Tensor, format: str, *, block: int = BLOCK, use_triton: bool | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as (payload, scales): one byte per value and one fp32 scale per block of ``block`` values."""
+    _check(format, block)
+    if not x.is_floating_point():
+        raise MemoptError(f"only floating-point tensors are packed, got {x.dtype}")
+    use_triton = triton_runs(x) if use_triton is None else use_triton
+    return torch.ops.memopt.pack(x, format, block, use_triton)
+
+
+def unpack(payload: torch.Tensor, scales: torch.Tensor, shape: list[int] | torch.Size, dtype: torch.dtype,
+           format: str, *, block: int = BLOCK, use_triton: bool | None = None) -> torch.Tensor:
+    """The tensor ``pack`` packed, of ``shape`` and ``dtype`` (within the format's error)."""
+    _check(format, block)
+    use_triton = triton_runs(payload) if use_triton is None else use_triton
+    return torch.ops.memopt.unpack(payload, scales, list(shape), dtype, format, block, use_triton)
+
+
+def pack_reference(x: torch.Tensor, format: str, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packing in torch: the math the Triton kernel computes."""
+    kind, largest = FORMATS[format]
+    flat = x.detach().reshape(-1).float()
+    padded = torch.nn.functional.pad(flat, (0, -flat.numel() % block)).view(-1, block)
+    scales = padded.abs().amax(1) / largest
+    scaled = padded / torch.where(scales > 0, scales, 1.0)[:, None]
+    payload = (scaled.round().clamp(-largest, largest) if kind is torch.int8 else scaled).to(kind)
+    return payload.reshape(-1)[: flat.numel()], scales
+
+
+def unpack_reference(payload: torch.Tensor, scales: torch.Tensor, shape: list[int], dtype: torch.dtype,
+                     block: int = BLOCK) -> torch.Tensor:
+    """The unpacking in torch."""
+    values = torch.nn.functional.pad(payload.float(), (0, -payload.numel() % block)).view(-1, block)
+    return (values * scales[:, None]).reshape(-1)[: payload.numel()].to(dtype).reshape(shape)
+
+
+def _check(format: str, block: int) -> None:
+    if format not in FORMATS:
+        raise MemoptError(f"compression format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if block < 16 or block & (block - 1):
+        raise MemoptError(f"a block of values per scale must be a power of two of at least 16, got {block}")
+
+
+@torch.library.custom_op("memopt::pack", mutates_args=())
+def _pack_op(x: torch.Tensor, format: str, block: int, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not use_triton or format != "int8":
+        return pack_reference(x, format, block)
+    flat = x.detach().contiguous().reshape(-1)
+    blocks = -(-flat.numel() // block)
+    payload = torch.empty(flat.numel(), dtype=torch.int8, device=x.device)
+    scales = torch.empty(blocks, dtype=torch.float32, device=x.device)
+    _triton().pack_int8[(blocks,)](flat, payload, scales, flat.numel(), BLOCK=block)
+    return payload, scales
+
+
+@_pack_op.register_fake
+def _(x, format, block, use_triton):
+    return (x.new_empty(x.numel(), dtype=FORMATS[format][0]),
+            x.new_empty(-(-x.numel() // block), dtype=torch.float32))
+
+
+@torch.library.custom_op("memopt::unpack", mutates_args=())
+def _unpack_op(payload: torch.Tensor, scales: torch.Tensor, shape: list[int], dtype: torch.dtype, format: str,
+               block: int, use_triton: bool) -> torch.Tensor:
+    if not use_triton or format != "int8":
+        return unpack_reference(payload, scales, shape, dtype, block)
+    out = torch.empty(payload.numel(), dtype=dtype, device=payload.device)
+    _triton().unpack_int8[(scales.numel(),)](payload, scales, out, payload.numel(), BLOCK=block)
+    return out.view(shape)
+
+
+@_unpack_op.register_fake
+def _(payload, scales, shape, dtype, format, block, use_triton):
+    return payload.new_empty(shape, dtype=dtype)
+
+
+@functools.cache
+def _triton():
+    """The module of Triton kernels (imported once, when first needed)."""
+    from memopt.lower.kernels import _compress_triton
+
+    return _compress_triton
