@@ -69,12 +69,12 @@ def report(results: dict) -> str:
     mib = 2**20
     traced = results["rows"]["traced head"]
     lines = ["# The fused loss kernel against the chunked graph (predicted, H100 preset)", "",
-             f"Written by `python benchmarks/loss_kernel.py`. {results['workload']}, AdamW, planned from shapes on "
-             "the h100 preset. Peaks and budgets are memopt's plans (the CPU path of the kernel is measured against "
-             "its plan in tests/test_kernels.py); step times are memopt's roofline model of the preset, not "
-             "measurements: no GPU was used.", "",
-             "| variant | step's own peak (MiB) | smallest budget (MiB) | head holds at once (MiB) | predicted step "
-             "(ms) | vs traced |", "|---|---|---|---|---|---|"]
+             (f"Written by `python benchmarks/loss_kernel.py`. {results['workload']}, AdamW, planned from shapes on "
+              "the h100 preset. Peaks and budgets are memopt's plans (the CPU path of the kernel is measured against "
+              "its plan in tests/test_kernels.py); step times are memopt's roofline model of the preset, not "
+              "measurements: no GPU was used."), "",
+             ("| variant | step's own peak (MiB) | smallest budget (MiB) | head holds at once (MiB) | predicted step "
+              "(ms) | vs traced |"), "|---|---|---|---|---|---|"]
     for name, row in results["rows"].items():
         held = row["head_bytes_at_once"] if row["head_bytes_at_once"] is not None else None
         lines.append(f"| {name} | {row['peak_bytes'] / mib:.1f} | {row['smallest_budget_bytes'] / mib:.1f} | "

@@ -10,11 +10,12 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from memopt.budget import Budget, parse_budget
-from memopt.capture import capture
+from memopt.capture import CapturedStep, capture
 from memopt.config import PlanConfig, check_lowering
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import BudgetInfeasibleError, MemoptError
 from memopt.fit import fit
+from memopt.lower.kernels.compress import measure_errors
 from memopt.lower.lowering import FXLowering, Lowering
 from memopt.lower.optimizer_step import InBackwardSteps
 from memopt.lower.runner import Executor, StepRunner, run_step
@@ -48,6 +49,7 @@ def plan(
     step_in_backward: bool | None = None,
     update: str = "full",
     calibration: list | tuple | None = None,
+    compress: str | None = None,
     config: PlanConfig | None = None,
 ) -> MemoryPlan:
     """The memory plan of one steady-state training step of ``model`` on ``example_inputs``.
@@ -84,7 +86,7 @@ def plan(
     step is traced on fake tensors, and the model is left as it was.
     """
     config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss, chunk_mlp=chunk_mlp,
-                     step_in_backward=step_in_backward)
+                     step_in_backward=step_in_backward, compress=compress)
     budget_bytes = parse_budget(budget)
     check_update(update, calibration)
     if update == "sparse":
@@ -159,11 +161,42 @@ def _planner(model: nn.Module, example_inputs: tuple | list | dict | torch.Tenso
         groups_of = {**groups_of, **{rows_name(name, k): groups_of[name] for name, k in rows.items()
                                      if name in groups_of}}
 
+    errors: dict[str, tuple[float, float]] = {}  # of each tensor a plan packs, on the example inputs
+
     def plan_at(target: int | None) -> MemoryPlan:
-        return run_pipeline(step, params=params, optimizer=optimizer, groups_of=groups_of, device=spec,
+        plan = run_pipeline(step, params=params, optimizer=optimizer, groups_of=groups_of, device=spec,
                             budget_bytes=target, config=config)
+        if not plan.compressed or step.fake:
+            return plan
+        if any(c.node not in errors for c in plan.compressed):
+            errors.update(measure_errors(plan.program.graph, plan.program.backward_start,
+                                         _values(model, plan.program, example_inputs)))
+        return dataclasses.replace(plan, compressed=tuple(
+            dataclasses.replace(c, max_abs_error=errors[c.node][0], max_rel_error=errors[c.node][1])
+            for c in plan.compressed))
 
     return plan_at
+
+
+def _values(model: nn.Module, step: CapturedStep, example_inputs: tuple | list | dict | torch.Tensor
+            ) -> list[torch.Tensor]:
+    """The inputs of ``step``'s graph from ``model`` and ``example_inputs``: parameters (a row slice as a view),
+    copies of the buffers (the forward may write them), the inputs."""
+    named = dict(model.named_parameters())
+    buffers = iter([b.detach().clone() for b in model.buffers()])
+    inputs = iter(pytree.tree_leaves(_split(example_inputs if not isinstance(example_inputs, torch.Tensor)
+                                            else (example_inputs,))))
+    values = []
+    for placeholder in step.placeholders:
+        if placeholder.role == "parameter":
+            names, rows = split_rows({placeholder.name})
+            (name,) = names
+            values.append(named[name].detach()[: rows[name]] if rows else named[name].detach())
+        elif placeholder.role == "buffer":
+            values.append(next(buffers))
+        else:
+            values.append(next(inputs))
+    return values
 
 
 def _device_of(model: nn.Module) -> str:
@@ -184,8 +217,10 @@ def _with_offload(config: PlanConfig, offload: bool | None, spec: DeviceSpec) ->
 
 
 def _config(config: PlanConfig | None, *, layout: bool, solver: str | None, chunk_loss: int | str | None,
-            chunk_mlp: int | str | None, step_in_backward: bool | None) -> PlanConfig:
+            chunk_mlp: int | str | None, step_in_backward: bool | None, compress: str | None = None) -> PlanConfig:
     config = config or PlanConfig()
+    if compress is not None:
+        config = dataclasses.replace(config, compress=compress)
     if chunk_loss is not None:
         config = dataclasses.replace(config, chunk_loss=chunk_loss)
     if chunk_mlp is not None:
@@ -221,6 +256,7 @@ def compile(
     step_in_backward: bool | None = None,
     update: str = "full",
     calibration: list | tuple | None = None,
+    compress: str | None = None,
 ) -> CompiledModule:
     """``model`` as a module whose training step runs memopt's plan for ``budget``.
 
@@ -288,7 +324,7 @@ def compile(
     if budget is None:
         raise MemoptError("memopt.compile needs a budget, e.g. budget='24GB'")
     config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss, chunk_mlp=chunk_mlp,
-                     step_in_backward=step_in_backward)
+                     step_in_backward=step_in_backward, compress=compress)
     check_lowering(config, inductor=backend == "inductor", offload=bool(offload), optimizer=optimizer,
                    fx_name="backend='fx'", inductor_name="backend='inductor'")
     if layout:

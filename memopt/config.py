@@ -41,8 +41,14 @@ class PlanConfig:
     # the optimizer updates each parameter inside the backward, as soon as its gradient is final (memopt.compile's
     # step_in_backward: the user's optimizer.step() then finds no gradient and does nothing)
     step_in_backward: bool = False
+    # saved activations packed to "int8" or "fp8" (one fp32 scale per 256 values) between their last forward use
+    # and their first backward use, where that plan fits a budget the exact one cannot or costs less: approximate,
+    # so off (None) unless asked for
+    compress: str | None = None
 
     def __post_init__(self) -> None:
+        if self.compress not in (None, "int8", "fp8"):
+            raise MemoptError(f"compress must be None (exact), 'int8' or 'fp8', got {self.compress!r}")
         for name in ("chunk_loss", "chunk_mlp"):
             chunks = getattr(self, name)
             if chunks == "kernel" and name == "chunk_loss":

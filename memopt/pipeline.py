@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
+from torch import fx
 
 from memopt.budget import budget_for_peak, format_bytes, planned_part
 from memopt.capture import CapturedStep
@@ -18,6 +19,7 @@ from memopt.config import PlanConfig
 from memopt.device import DeviceSpec
 from memopt.errors import BudgetInfeasibleError, MemoptWarning
 from memopt.lower.kernels import LSE_BYTES_PER_TOKEN, kernel_scratch
+from memopt.lower.kernels.compress import kernel_scratch as packing_scratch
 from memopt.passes.arena_plan import arena_step
 from memopt.passes.bounds import LowerBound, minimum_budget
 from memopt.passes.chunk_loss import (
@@ -29,8 +31,9 @@ from memopt.passes.chunk_loss import (
     logits_seconds,
 )
 from memopt.passes.chunk_mlp import MLPRegion, chunk_mlp_step, find_mlp_regions
+from memopt.passes.costs import node_seconds
 from memopt.passes.liveness import Liveness, MemoryTimeline, liveness, memory_timeline
-from memopt.passes.offload import apply_offload
+from memopt.passes.offload import apply_compress, apply_offload
 from memopt.passes.offload_plan import OffloadPlan, plan_offload
 from memopt.passes.optimizer_memory import OptimizerMemory, ParamInfo, optimizer_memory
 from memopt.passes.order_plan import plan_order
@@ -42,10 +45,11 @@ from memopt.passes.step_in_backward import (
     step_temporaries,
     steps_in_backward,
 )
-from memopt.passes.storage import StorageTable, storage_table
+from memopt.passes.storage import ACTIVATIONS, StorageTable, storage_table
 from memopt.report.plan import (
     ChunkedHead,
     ChunkedMLP,
+    CompressedTensor,
     Decision,
     MemoryPlan,
     OffloadSummary,
@@ -120,6 +124,7 @@ def run_pipeline(
                            frozenset(head.loss for head in fused_heads(step.graph)))
     chunked: tuple[ChunkedHead, ...] = ()
     chunked_mlp: tuple[ChunkedMLP, ...] = ()
+    compressed: tuple[CompressedTensor, ...] = ()
     decisions: tuple[Decision, ...] = ()
     solver = SolverReport("none", "not-run", None, None, None, 0.0)
     offload: OffloadSummary | None = None
@@ -145,6 +150,15 @@ def run_pipeline(
             if alternative.chosen_over(remat, infeasible, traced_smallest, config.headroom):
                 step, table, live, scratch, timeline, minimum = alternative.analysed
                 remat, chunked, chunked_mlp = alternative.remat, alternative.heads, alternative.mlps
+        if config.compress is not None:
+            # saved activations packed to int8/fp8 between forward and backward, where that plan fits a budget
+            # the exact one cannot, or costs less (the packing included)
+            packed = _compressed(history, step, table, opt, scratch_model, config, device, recompute_plan)
+            exact_infeasible = budget_bytes < minimum.bytes or remat.solution.status == "infeasible"
+            if packed is not None and packed.chosen_over(remat, exact_infeasible, minimum.bytes, config.headroom):
+                step, table, live, scratch, timeline, minimum = packed.analysed
+                remat, compressed = packed.remat, packed.tensors
+                infeasible = budget_bytes < minimum.bytes or remat.solution.status == "infeasible"
         if infeasible and not (chunked or chunked_mlp) and chunkable.off(config):
             # what the knobs left off would reach, for the error's way out: the lowest-peak plans of that step
             alternative = _chunked(history, step, chunkable, opt, scratch_model, chunkable.auto(config), device,
@@ -222,6 +236,7 @@ def run_pipeline(
         program=step,
         chunked=chunked,
         chunked_mlp=chunked_mlp,
+        compressed=compressed,
         stepped=tuple(step.stepped),
     )
 
@@ -243,7 +258,7 @@ def _scratch(step: CapturedStep, scratch_model: ScratchModel | None, opt: Optimi
     measured = scratch_model.per_node(step.graph) if scratch_model else ()
     # memopt's own kernels say what they allocate inside themselves (their integer arguments keep them from
     # being measured)
-    declared = tuple(kernel_scratch(node) for node in step.graph.graph.nodes)
+    declared = tuple(kernel_scratch(node) + packing_scratch(node) for node in step.graph.graph.nodes)
     if any(declared):
         measured = tuple(a + b for a, b in zip(measured or (0,) * len(declared), declared))
     if not step.stepped:
@@ -390,6 +405,63 @@ def _chunked(history: _History, step: CapturedStep, chunkable: _Chunkable, opt: 
     described_mlps = tuple(ChunkedMLP(mlp.down, mlp.rows, mlp.width, mlp_count, mlp.wide_bytes,
                                       mlp.chunk_bytes(mlp_count), mlp_why) for mlp in mlps)
     return _Chunked((chunked, *analysed), remat, described, described_mlps, chunkable.forced(config), hint)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Compressed:
+    """The step with its larger saved activations packed between forward and backward: its analyses, its
+    recompute plan, what was packed."""
+
+    analysed: tuple[CapturedStep, StorageTable, Liveness, tuple[int, ...], MemoryTimeline, LowerBound]
+    remat: RecomputePlan
+    tensors: tuple[CompressedTensor, ...]
+
+    def chosen_over(self, remat: RecomputePlan, infeasible: bool, exact_smallest: int, headroom: float) -> bool:
+        """This plan runs instead of the exact ``remat``: that one does not fit and this one meets a smaller
+        budget, or this one costs less, its packing included."""
+        fits = self.remat.solution.status != "infeasible"
+        if infeasible:
+            smallest = max(self.analysed[-1].bytes, budget_for_peak(self.remat.solution.peak_bytes, headroom))
+            return fits or smallest < max(exact_smallest, budget_for_peak(remat.solution.peak_bytes, headroom))
+        packing = sum(t.seconds for t in self.tensors)
+        return fits and self.remat.solution.cost_s + packing < remat.solution.cost_s
+
+
+_LEAST_PACKED = 16 * 1024  # bytes: a smaller saved activation is not worth two more ops
+
+
+def _compressed(history: _History, step: CapturedStep, table: StorageTable, opt: OptimizerMemory,
+                scratch_model: ScratchModel | None, config: PlanConfig, device: DeviceSpec,
+                recompute_plan: Callable[[CapturedStep, StorageTable, tuple[int, ...]], RecomputePlan]
+                ) -> _Compressed | None:
+    """The step with every floating-point saved activation of at least ``_LEAST_PACKED`` bytes packed to
+    ``config.compress`` (what is still kept whole then is the recompute plan's choice), or None when none is."""
+    from memopt.lower.kernels.compress import packed_bytes
+
+    nodes = list(step.graph.graph.nodes)
+    saved = {s.index for s in table.by_category(ACTIVATIONS) if s.nbytes >= _LEAST_PACKED and 0 <= s.defined_at}
+    bases: dict[int, fx.Node] = {}  # per storage, the node holding it whole
+    for position, node in enumerate(nodes[:table.backward_start]):
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or not value.is_contiguous():
+            continue
+        for index in table.values[position] if position < len(table.values) else ():
+            if index in saved and index not in bases and value.storage_offset() == 0 \
+                    and value.numel() * value.element_size() == table.storages[index].nbytes:
+                bases[index] = node
+    if not bases:
+        return None
+    names = [node.name for node in bases.values()]
+    graph, made = history.run("compress", apply_compress, step.graph, step.backward_start, names, config.compress,
+                              use_triton=device.is_cuda)
+    packed = _steps_sunk(dataclasses.replace(step, graph=graph))
+    analysed = _analysed(history, packed, opt, scratch_model)
+    by_name = {node.name: node for node in graph.graph.nodes}
+    tensors = tuple(CompressedTensor(name, table.storages[index].nbytes,
+                                     packed_bytes(by_name[name].meta["val"].numel(), config.compress),
+                                     config.compress, sum(node_seconds(by_name[op], device) for op in made[name]))
+                    for (index, node), name in zip(bases.items(), names))
+    return _Compressed((packed, *analysed), recompute_plan(packed, analysed[0], analysed[2]), tensors)
 
 
 def _chunk_count(setting: int | str, name: str, rows: int, analyse: Callable[[int], tuple[CapturedStep, tuple]],

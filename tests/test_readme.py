@@ -54,6 +54,10 @@ HOW = {
     "python benchmarks/run.py --workloads mlp --strategies eager,checkpoint --repeats 3": SLOW,
     "python benchmarks/sparse_update.py": "not run by the tests (~10 min); test_sparse_update plans, compiles and "
                                           "trains with update='sparse' as it does",
+    "python benchmarks/compress.py": "not run by the tests (~3 min); test_compress plans, compiles, measures and "
+                                     "trains with compress='int8' as it does",
+    "python benchmarks/loss_kernel.py": "not run by the tests (~5 min); test_kernels plans the fused kernel on the "
+                                        "h100 preset and runs it as it does",
 }
 
 

@@ -12,6 +12,7 @@ reads are made again from the reload.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from dataclasses import dataclass
 
@@ -74,33 +75,7 @@ def apply_offload(graph: fx.GraphModule, backward_start: str, specs: list[Offloa
         reload.meta["val"] = fake_result(reload)
         with new.graph.inserting_before(first):
             new.graph.call_function(torch.ops.memopt.reload_wait.default, (reload, key, spec.offset))
-        # backward readers of the base or a same-shaped alias read the reload; views are made again from it
-        replacement: dict[fx.Node, fx.Node] = {}
-        for holder in _needed(holders, bs, position):
-            if _same_view(holder.meta["val"], value):
-                replacement[holder] = reload
-                continue
-            with new.graph.inserting_before(first):
-                copy = new.graph.node_copy(holder, lambda arg: replacement.get(arg, arg))
-            if any(arg in holders and arg not in replacement for arg in copy.all_input_nodes):
-                raise ValueError(f"cannot remake the view {holder.format_node()} from the reload of {spec.base}")
-            copy.meta["val"] = fake_result(copy)
-            replacement[holder] = copy
-        inserted = {host, reload, *replacement.values()}
-        old_val: dict[fx.Node, object] = {}  # backward views re-made over the reload: what they held
-        for node in list(new.graph.nodes):
-            if node.op != "call_function" or node in inserted or position.get(node, 0) <= bs:
-                continue
-            changed = []
-            for arg in list(node.all_input_nodes):
-                if arg in replacement:
-                    node.replace_input_with(arg, replacement[arg])
-                    changed.append(arg.meta["val"])
-                elif arg in old_val:
-                    changed.append(old_val[arg])
-            if changed and any(shares_storage(node.meta.get("val"), v) for v in changed):
-                old_val[node] = node.meta["val"]
-                node.meta["val"] = fake_result(node)
+        _reroute(new.graph, holders, value, reload, first, bs, position, inserted={host, reload})
         offloads.append(host.name)
         reloads.append(reload.name)
     new.graph.lint()
@@ -124,3 +99,80 @@ def _needed(holders: list[fx.Node], bs: int, position: dict[fx.Node, int]) -> li
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.shape == b.shape and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()
             and a.dtype == b.dtype)
+
+
+def _reroute(graph: fx.Graph, holders: list[fx.Node], value: torch.Tensor, source: fx.Node, first: fx.Node, bs: int,
+             position: dict[fx.Node, int], inserted: set[fx.Node]) -> None:
+    """Backward readers of the base (``value``, held by ``holders``) or of a same-shaped alias read ``source``
+    instead; views of it the backward reads are made again from ``source``, before ``first``."""
+    replacement: dict[fx.Node, fx.Node] = {}
+    for holder in _needed(holders, bs, position):
+        if _same_view(holder.meta["val"], value):
+            replacement[holder] = source
+            continue
+        with graph.inserting_before(first):
+            copy = graph.node_copy(holder, lambda arg: replacement.get(arg, arg))
+        if any(arg in holders and arg not in replacement for arg in copy.all_input_nodes):
+            raise ValueError(f"cannot remake the view {holder.format_node()} from {source.name}")
+        copy.meta["val"] = fake_result(copy)
+        replacement[holder] = copy
+    inserted = inserted | set(replacement.values())
+    old_val: dict[fx.Node, object] = {}  # backward views re-made over the source: what they held
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node in inserted or position.get(node, 0) <= bs:
+            continue
+        changed = []
+        for arg in list(node.all_input_nodes):
+            if arg in replacement:
+                node.replace_input_with(arg, replacement[arg])
+                changed.append(arg.meta["val"])
+            elif arg in old_val:
+                changed.append(old_val[arg])
+        if changed and any(shares_storage(node.meta.get("val"), v) for v in changed):
+            old_val[node] = node.meta["val"]
+            node.meta["val"] = fake_result(node)
+
+
+def apply_compress(graph: fx.GraphModule, backward_start: str, bases: list[str], format: str, *,
+                   use_triton: bool) -> tuple[fx.GraphModule, dict[str, tuple[str, str]]]:
+    """A copy of ``graph`` in which each of ``bases`` (saved for the backward) is packed to ``format`` after its
+    last forward reader and unpacked before its first backward reader (``memopt.lower.kernels.compress``), so
+    that only the packed bytes live between; and per base, its pack and unpack nodes."""
+    from memopt.lower.kernels import compress
+
+    new = fx.GraphModule(graph, copy_graph(graph.graph))
+    by_name = {node.name: node for node in new.graph.nodes}
+    made = {}
+    for name in bases:
+        nodes = list(new.graph.nodes)
+        position = {node: i for i, node in enumerate(nodes)}
+        bs = position[by_name[backward_start]]
+        base = by_name[name]
+        value = base.meta["val"]
+        holders = [n for n in nodes[:bs] if shares_storage(n.meta.get("val"), value)]
+        last = max((position[u] for h in holders for u in h.users if position[u] < bs), default=position[base])
+        users = sorted({u for h in holders for u in h.users if position[u] > bs}, key=position.__getitem__)
+        if not users:
+            raise ValueError(f"{name} has no backward reader: nothing to compress")
+        first = users[0]
+        with new.graph.inserting_after(nodes[last]):
+            packed = new.graph.call_function(torch.ops.memopt.pack.default, (base, format, compress.BLOCK,
+                                                                               use_triton))
+        packed.meta["val"] = fake_result(packed)
+        with new.graph.inserting_after(packed):
+            payload = new.graph.call_function(operator.getitem, (packed, 0))
+            payload.meta["val"] = fake_result(payload)
+        with new.graph.inserting_after(payload):
+            scales = new.graph.call_function(operator.getitem, (packed, 1))
+            scales.meta["val"] = fake_result(scales)
+        with new.graph.inserting_before(first):
+            unpacked = new.graph.call_function(torch.ops.memopt.unpack.default, (
+                payload, scales, list(value.shape), value.dtype, format, compress.BLOCK, use_triton))
+        unpacked.meta["val"] = fake_result(unpacked)
+        if not _same_view(unpacked.meta["val"], value):
+            raise ValueError(f"{name} is not a contiguous tensor of its own: it cannot be packed and made again")
+        _reroute(new.graph, holders, value, unpacked, first, bs, position, inserted={packed, payload, scales, unpacked})
+        made[name] = (packed.name, unpacked.name)
+    new.graph.lint()
+    new.recompile()
+    return new, made

@@ -63,6 +63,19 @@ class ChunkedHead:
 
 
 @dataclass(frozen=True, slots=True)
+class CompressedTensor:
+    """A saved activation packed between its last forward use and its first backward use: approximate."""
+
+    node: str  # the node that makes it
+    nbytes: int  # its bytes
+    packed_bytes: int  # the payload and scales kept instead
+    format: str  # "int8" | "fp8"
+    seconds: float  # packing and unpacking, on the plan's device
+    max_abs_error: float | None = None  # on the first step (None: not measured, a plan from shapes alone)
+    max_rel_error: float | None = None  # largest |error| / largest |value|
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkedMLP:
     """A feed-forward block (up projections, activation, down projection) that runs over slices of the tokens."""
 
@@ -215,6 +228,7 @@ class MemoryPlan:
     compiles: tuple[CompileAttempt, ...] = ()  # the Inductor compiles tried for it, in order
     chunked: tuple[ChunkedHead, ...] = ()  # loss heads run over slices of the tokens
     chunked_mlp: tuple[ChunkedMLP, ...] = ()  # feed-forward blocks run over slices of the tokens
+    compressed: tuple[CompressedTensor, ...] = ()  # saved activations packed to int8 or fp8 (compress=): approximate
     stepped: tuple[str, ...] = ()  # parameters the optimizer updates inside the backward (step_in_backward)
     update: UpdatePlan | None = None  # the sparse update the step trains (update="sparse")
     program: CapturedStep | None = dataclasses.field(default=None, compare=False, repr=False)  # what runs
@@ -325,6 +339,7 @@ class MemoryPlan:
         if self.compiles:
             data["compiles"] = [dataclasses.asdict(c) for c in self.compiles]
         data["chunked"] = [dataclasses.asdict(c) for c in self.chunked]
+        data["compressed"] = [dataclasses.asdict(c) for c in self.compressed]
         # the design's key: per chunked region, its kind, its ops and the number of chunks
         data["chunked_mlp"] = [dataclasses.asdict(c) for c in self.chunked_mlp]
         data["chunks"] = [{"region": "loss head", "ops": [c.loss], "chunks": c.chunks, "kernel": c.kernel}
@@ -414,6 +429,12 @@ class MemoryPlan:
                      f"(at {self.minimum.where})")
         if self.update is not None:
             lines.append(self.update.summary())
+        if self.compressed:
+            kept = sum(c.packed_bytes for c in self.compressed)
+            lines.append(f"approximate: {len(self.compressed)} saved activations packed to "
+                         f"{self.compressed[0].format} between forward and backward "
+                         f"({format_bytes(sum(c.nbytes for c in self.compressed))} -> {format_bytes(kept)}, "
+                         f"compress=)")
         if self.order is not None:
             order = self._order_dict()
             lines.append(f"order: {'changed' if order['changed'] else 'unchanged'} ({order['method']}), graph peak "
@@ -499,6 +520,13 @@ class MemoryPlan:
             lines.append(f"\nsparse update ({self.update.proxy}):")
             lines.append(f"  {'parameter':<44}{'update':<20}{'score':>12}{'bytes':>14}")
             lines.extend(f"  {t.name:<44}{t.label:<20}{t.score:>12.4g}{t.nbytes:>14,}" for t in self.update.tensors)
+        if self.compressed:
+            lines.append("\ncompressed saved activations (approximate; error on the first step):")
+            lines.append(f"  {'node':<36}{'bytes':>12}{'kept':>12}{'max |error|':>14}{'relative':>10}")
+            lines.extend(f"  {c.node:<36}{c.nbytes:>12,}{c.packed_bytes:>12,}"
+                         f"{'-' if c.max_abs_error is None else f'{c.max_abs_error:.3g}':>14}"
+                         f"{'-' if c.max_rel_error is None else f'{c.max_rel_error:.3g}':>10}"
+                         for c in self.compressed)
         if self.decisions:
             lines.append("\ndecisions:")
             lines.extend(f"  {d.action:<10}{d.name:<36}{d.bytes:>14,}  {d.reason}" for d in self.decisions)

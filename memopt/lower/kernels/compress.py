@@ -24,6 +24,7 @@ from memopt.lower.kernels.cross_entropy import triton_runs
 
 FORMATS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 BLOCK = 256  # values per scale
+_SLICE = 1 << 16  # values the torch path works on at a time
 
 
 def packed_bytes(numel: int, format: str, block: int = BLOCK) -> int:
@@ -50,21 +51,62 @@ def unpack(payload: torch.Tensor, scales: torch.Tensor, shape: list[int] | torch
 
 
 def pack_reference(x: torch.Tensor, format: str, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packing in torch: the math the Triton kernel computes."""
+    """The packing in torch, the math the Triton kernel computes: ``_SLICE`` values at a time, so that what it
+    holds beside its input and results is two fp32 copies of one slice (``torch_scratch_bytes``)."""
     kind, largest = FORMATS[format]
-    flat = x.detach().reshape(-1).float()
-    padded = torch.nn.functional.pad(flat, (0, -flat.numel() % block)).view(-1, block)
-    scales = padded.abs().amax(1) / largest
-    scaled = padded / torch.where(scales > 0, scales, 1.0)[:, None]
-    payload = (scaled.round().clamp(-largest, largest) if kind is torch.int8 else scaled).to(kind)
-    return payload.reshape(-1)[: flat.numel()], scales
+    flat = x.detach().reshape(-1)
+    count = -(-flat.numel() // block)
+    payload = torch.empty(flat.numel(), dtype=kind, device=x.device)
+    scales = torch.empty(count, dtype=torch.float32, device=x.device)
+    step = max(_SLICE // block, 1) * block
+    for start in range(0, flat.numel(), step):
+        values = flat[start:start + step].to(torch.float32, copy=True)  # worked on in place
+        if values.numel() % block:  # the last block, shorter: padded with zeros
+            values = torch.nn.functional.pad(values, (0, block - values.numel() % block))
+        rows = values.view(-1, block)
+        first = start // block
+        scale = scales[first:first + rows.shape[0]]
+        torch.amax(rows.abs(), 1, out=scale)
+        scale.div_(largest)
+        scaled = rows.div_(torch.where(scale > 0, scale, 1.0)[:, None])
+        if kind is torch.int8:
+            scaled.round_().clamp_(-largest, largest)
+        end = min(start + step, flat.numel())
+        payload[start:end] = scaled.view(-1)[: end - start]
+        del values, rows, scaled  # before the next slice's are made
+    return payload, scales
 
 
 def unpack_reference(payload: torch.Tensor, scales: torch.Tensor, shape: list[int], dtype: torch.dtype,
                      block: int = BLOCK) -> torch.Tensor:
-    """The unpacking in torch."""
-    values = torch.nn.functional.pad(payload.float(), (0, -payload.numel() % block)).view(-1, block)
-    return (values * scales[:, None]).reshape(-1)[: payload.numel()].to(dtype).reshape(shape)
+    """The unpacking in torch, ``_SLICE`` values at a time."""
+    out = torch.empty(payload.numel(), dtype=dtype, device=payload.device)
+    step = max(_SLICE // block, 1) * block
+    for start in range(0, payload.numel(), step):
+        values = payload[start:start + step].float()
+        first = start // block
+        rows = -(-values.numel() // block)
+        factors = scales[first:first + rows].repeat_interleave(block)[: values.numel()]
+        out[start:start + values.numel()] = values.mul_(factors)
+        del values, factors
+    return out.view(shape)
+
+
+def torch_scratch_bytes(numel: int) -> int:
+    """What the torch path of packing or unpacking holds beside its input and results: one slice's fp32 values
+    and one more of its size (the magnitudes, or the scales spread over the values)."""
+    return 8 * min(numel, max(_SLICE // BLOCK, 1) * BLOCK) + 4 * BLOCK
+
+
+def kernel_scratch(node: object) -> int:
+    """What a pack or unpack node allocates inside itself (0 for any other node, and for Triton's int8 path)."""
+    target = getattr(node, "target", None)
+    if target not in (torch.ops.memopt.pack.default, torch.ops.memopt.unpack.default):
+        return 0
+    format, use_triton = node.args[1 if target is torch.ops.memopt.pack.default else 4], node.args[-1]
+    if use_triton and format == "int8":
+        return 0
+    return torch_scratch_bytes(node.args[0].meta["val"].numel())
 
 
 def _check(format: str, block: int) -> None:
@@ -113,3 +155,39 @@ def _triton():
     from memopt.lower.kernels import _compress_triton
 
     return _compress_triton
+
+
+class _Stop(Exception):
+    """The backward's first node: the forward has run."""
+
+
+def measure_errors(graph: torch.fx.GraphModule, backward_start: str, values: list[torch.Tensor]
+                   ) -> dict[str, tuple[float, float]]:
+    """Per tensor a step's graph packs (by the node that makes it): the largest absolute error of packing and
+    unpacking it on ``values`` (the graph's inputs, in placeholder order), and that over its largest magnitude.
+    The forward alone runs, without gradients and with random ops drawing from a forked generator; the caller
+    passes copies of what the forward writes in place (batch norms' running statistics)."""
+    errors: dict[str, tuple[float, float]] = {}
+
+    class Forward(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node):
+            if node.name == backward_start:
+                raise _Stop
+            if node.target is not torch.ops.memopt.pack.default:
+                return super().run_node(node)
+            original = self.env[node.args[0]]
+            payload, scales = result = super().run_node(node)
+            _, format, block, use_triton = node.args
+            again = torch.ops.memopt.unpack(payload, scales, list(original.shape), original.dtype, format, block,
+                                            use_triton)
+            error = float((again.float() - original.float()).abs().max())
+            largest = float(original.float().abs().max())
+            errors[node.args[0].name] = (error, error / largest if largest > 0 else 0.0)
+            return result
+
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        try:
+            Forward(graph).run(*values)
+        except _Stop:
+            pass
+    return errors

@@ -1,0 +1,65 @@
+"""compress=: saved activations packed to int8 or fp8 between forward and backward, planned like the other
+levers, measured against the plan, and reported as approximate with each tensor's error on the first step."""
+
+import copy
+
+import pytest
+import torch
+from conftest import measured_step_peak, steady_step
+
+import memopt
+from memopt import examples
+from memopt.errors import MemoptError
+
+
+def _workload():
+    """An MLP whose saved activations outweigh its weights: what packing them can lower."""
+    workload = examples.mlp(width=256, depth=4, batch=1024)
+    torch.manual_seed(0)
+    return workload, workload.build(), workload.inputs()
+
+
+def _smallest(model, inputs, workload, optimizer, **options) -> int:
+    with pytest.raises(memopt.BudgetInfeasibleError) as error:
+        memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=1, **options)
+    return error.value.minimum
+
+
+def test_int8_packing_meets_a_budget_below_the_exact_minimum_and_measures_as_planned():
+    workload, model, inputs = _workload()
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    exact = _smallest(model, inputs, workload, optimizer)
+    budget = _smallest(model, inputs, workload, optimizer, compress="int8")
+    assert budget < exact
+    compiled = memopt.compile(model, budget=budget, loss_fn=workload.loss_fn, optimizer=optimizer, compress="int8")
+    loss = compiled(*inputs)
+    expected = workload.loss_fn(reference(*inputs))
+    loss.backward()
+    expected.backward()
+    assert loss.item() == expected.item()  # the forward is exact: only the backward reads packed values
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0.05, atol=1e-3)  # approximate: int8 saved inputs
+    optimizer.zero_grad(set_to_none=True)
+    plan = compiled.plan
+    assert plan.compressed and all(c.format == "int8" and c.packed_bytes < c.nbytes / 3 for c in plan.compressed)
+    # each tensor's error on the first step: at most half a step of its block's scale, so under 1/254 of its
+    # largest magnitude
+    assert all(0 < c.max_rel_error <= 1 / 254 + 1e-6 and c.max_abs_error > 0 for c in plan.compressed)
+    assert "approximate" in str(plan) and "compressed saved activations" in str(plan.explain())
+    assert {c["node"] for c in plan.to_dict()["compressed"]} == {c.node for c in plan.compressed}
+    step = steady_step(compiled, inputs, optimizer)
+    peak = measured_step_peak(plan, memopt.measure_peak(step))
+    assert peak <= budget, f"measured {peak:,} B over the budget {budget:,} B"
+    # below the exact minimum by at least 80% of what the plan predicts packing saves
+    assert exact - peak >= 0.8 * (exact - plan.peak_bytes), (exact, plan.peak_bytes, peak)
+
+
+def test_without_compress_nothing_is_packed_and_bad_formats_are_refused():
+    workload, model, inputs = _workload()
+    plan = memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       budget=_smallest(model, inputs, workload, None) + 1)
+    assert not plan.compressed
+    assert not any("memopt.pack" in str(node.target) for node in plan.program.graph.graph.nodes)
+    with pytest.raises(MemoptError, match="compress must be None"):
+        memopt.plan(model, inputs, loss_fn=workload.loss_fn, budget="1GB", compress="int4")
