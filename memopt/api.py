@@ -15,7 +15,7 @@ from memopt.config import PlanConfig, check_lowering
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import BudgetInfeasibleError, MemoptError
 from memopt.fit import fit
-from memopt.lower.kernels.compress import measure_errors
+from memopt.lower.kernels.compress import with_errors
 from memopt.lower.lowering import FXLowering, Lowering
 from memopt.lower.optimizer_step import InBackwardSteps
 from memopt.lower.runner import Executor, StepRunner, run_step
@@ -168,12 +168,7 @@ def _planner(model: nn.Module, example_inputs: tuple | list | dict | torch.Tenso
                             budget_bytes=target, config=config)
         if not plan.compressed or step.fake:
             return plan
-        if any(c.node not in errors for c in plan.compressed):
-            errors.update(measure_errors(plan.program.graph, plan.program.backward_start,
-                                         _values(model, plan.program, example_inputs)))
-        return dataclasses.replace(plan, compressed=tuple(
-            dataclasses.replace(c, max_abs_error=errors[c.node][0], max_rel_error=errors[c.node][1])
-            for c in plan.compressed))
+        return with_errors(plan, _values(model, plan.program, example_inputs), errors)
 
     return plan_at
 

@@ -52,6 +52,7 @@ from memopt.errors import BudgetInfeasibleError, MemoptError, MemoptWarning
 from memopt.fit import fit
 from memopt.lower.fusion import inductor_patches
 from memopt.lower.inductor import WrapperMemory
+from memopt.lower.kernels.compress import with_errors
 from memopt.lower.lowering import FXLowering, Lowered, predicted_infeasible
 from memopt.lower.optimizer_step import InBackwardSteps
 from memopt.passes.optimizer_memory import ParamInfo, optimizer_groups, optimizer_memory
@@ -80,9 +81,12 @@ KNOWN_OPTIONS: dict[str, str] = {
                     "memopt plan for less",
     "cache": "True (default): keep remat plans on disk and reuse them for the same graph, shapes, budget and "
              "options (under torch's Inductor cache folder); False: plan every compile; or a folder",
-    "chunk_loss": "1 (default): the loss head as traced, bitwise eager; 'auto': over slices of the tokens where "
+    "chunk_loss": "1 (default): the loss head as traced, bitwise eager; 'kernel': memopt's fused linear + "
+                  "cross-entropy; 'auto': over slices of the tokens where "
                   "that fits a budget the traced head cannot, or costs less (exact up to the order of the sums over "
                   "the tokens); a number: that many slices (as memopt.plan(..., chunk_loss=...))",
+    "compress": "None (default): exact; 'int8' or 'fp8': saved activations packed between forward and backward "
+                "where that fits a budget the exact plan cannot or costs less (as memopt.plan(..., compress=...))",
     "chunk_mlp": "1 (default): the MLP blocks as traced; 'auto' or a number: the up projection, activation and "
                  "down projection over slices of the tokens, as chunk_loss (as memopt.plan(..., chunk_mlp=...))",
     "layout": "True: the graph's intermediates run in one arena, the forward's and the backward's alike (as "
@@ -148,7 +152,7 @@ class BackendOptions:
 
             cache = os.path.join(cache_dir(), "memopt")
         config = dataclasses.replace(config, cache_dir=cache or None)
-        for knob in ("chunk_loss", "chunk_mlp"):
+        for knob in ("chunk_loss", "chunk_mlp", "compress"):
             if options.get(knob) is not None:
                 config = dataclasses.replace(config, **{knob: options[knob]})
         solver = options.get("solver")
@@ -357,10 +361,15 @@ def _planner(joint: _Joint, inputs: list[GraphInput], example_inputs: list[Any],
     spec = get_device(options.device, default="h100" if step.device.type == "cuda" else "cpu")
     held = budget.held_elsewhere_bytes
 
+    errors: dict[str, tuple[float, float]] = {}  # of each tensor a plan packs, on the example inputs
+
     def plan_at(target: int) -> MemoryPlan:
         try:
-            return run_pipeline(step, params=params, optimizer=options.optimizer, groups_of=groups_of, device=spec,
+            plan = run_pipeline(step, params=params, optimizer=options.optimizer, groups_of=groups_of, device=spec,
                                 budget_bytes=target, config=options.config)
+            # (the joint graph's tangents are read by the backward only, which the measurement does not run)
+            values = [*_lifted(joint.graph, inputs, example_inputs), *([None] * (len(step.placeholders) - len(inputs)))]
+            return with_errors(plan, values, errors)
         except BudgetInfeasibleError as error:
             if not held:
                 raise

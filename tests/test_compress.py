@@ -63,3 +63,24 @@ def test_without_compress_nothing_is_packed_and_bad_formats_are_refused():
     assert not any("memopt.pack" in str(node.target) for node in plan.program.graph.graph.nodes)
     with pytest.raises(MemoptError, match="compress must be None"):
         memopt.plan(model, inputs, loss_fn=workload.loss_fn, budget="1GB", compress="int4")
+
+
+def test_the_backend_packs_with_the_same_option_and_measures_each_tensors_error():
+    workload, model, inputs = _workload()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    budget = _smallest(model, inputs, workload, optimizer, compress="int8")
+
+    class WithLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            return workload.loss_fn(self.model(*args))
+
+    options = {"budget": budget, "optimizer": optimizer, "compress": "int8"}
+    loss = torch.compile(WithLoss(), backend="memopt", options=options)(*inputs)
+    loss.backward()
+    (plan,) = memopt.backend.plans(options)
+    assert plan.compressed and all(0 < c.max_rel_error <= 1 / 254 + 1e-6 for c in plan.compressed)
+    assert plan.peak_bytes <= budget

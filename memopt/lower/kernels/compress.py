@@ -15,6 +15,7 @@ does), the torch reference of the same math runs. Both are torch custom ops (``m
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -191,3 +192,15 @@ def measure_errors(graph: torch.fx.GraphModule, backward_start: str, values: lis
         except _Stop:
             pass
     return errors
+
+
+def with_errors(plan, values: list[torch.Tensor | None], known: dict[str, tuple[float, float]]):
+    """``plan`` (a MemoryPlan) with each packed tensor's error on ``values`` (its program's inputs), measured
+    once per tensor into ``known``."""
+    if not plan.compressed or any(isinstance(v, torch._subclasses.FakeTensor) for v in values):
+        return plan  # (nothing packed, or no real value to pack: the errors stay unmeasured)
+    if any(c.node not in known for c in plan.compressed):
+        known.update(measure_errors(plan.program.graph, plan.program.backward_start, values))
+    return dataclasses.replace(plan, compressed=tuple(
+        dataclasses.replace(c, max_abs_error=known[c.node][0], max_rel_error=known[c.node][1])
+        for c in plan.compressed))
