@@ -1,7 +1,7 @@
 """compress=: the budget packing saved activations reaches, its measured peak, and training with it.
 
 An MLP whose saved activations outweigh its weights learns a fixed random teacher's labels for a few hundred
-SGD steps twice from the same weights and batches: exact at memopt's exact minimum, and with
+AdamW steps twice from the same weights and batches: exact at memopt's exact minimum, and with
 ``compress="int8"`` (then ``"fp8"``) at its own, lower, minimum. The table gives each run's budget, measured
 peak (one steady step) and final loss; the loss curves are plotted side by side (compress.png).
 
@@ -23,7 +23,7 @@ from torch import nn
 import memopt
 
 HERE = Path(__file__).parent
-WIDTH, DEPTH, INPUTS, CLASSES, BATCH, STEPS, LR = 256, 6, 64, 10, 2048, 300, 0.05
+WIDTH, DEPTH, INPUTS, CLASSES, BATCH, STEPS, LR = 256, 6, 64, 10, 2048, 300, 1e-3
 
 
 def classifier() -> nn.Sequential:
@@ -55,7 +55,7 @@ def batches(teacher: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def smallest(model: nn.Module, example: tuple, compress: str | None) -> int:
     try:
-        memopt.plan(model, example, optimizer=torch.optim.SGD(model.parameters(), lr=LR), budget=1,
+        memopt.plan(model, example, optimizer=torch.optim.AdamW(model.parameters(), lr=LR), budget=1,
                     compress=compress)
     except memopt.BudgetInfeasibleError as error:
         return error.minimum
@@ -63,9 +63,9 @@ def smallest(model: nn.Module, example: tuple, compress: str | None) -> int:
 
 
 def train(base: nn.Module, data: list, compress: str | None) -> dict:
-    """SGD on ``data`` at the smallest budget memopt meets with ``compress``; a steady step measured."""
+    """AdamW on ``data`` at the smallest budget memopt meets with ``compress``; a steady step measured."""
     model = WithLoss(copy.deepcopy(base))
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     budget = smallest(model, data[0], compress)
     compiled = memopt.compile(model, budget=budget, optimizer=optimizer, compress=compress)
     losses: list[float] = []
@@ -107,7 +107,7 @@ def main() -> None:
         print(compress, {k: v for k, v in runs[compress or "exact"].items() if k not in ("losses", "compressed")},
               flush=True)
     results = {"settings": {"width": WIDTH, "depth": DEPTH, "batch": BATCH, "steps": STEPS, "lr": LR,
-                            "optimizer": "SGD"}, "runs": runs, "machine": platform.platform(),
+                            "optimizer": "AdamW"}, "runs": runs, "machine": platform.platform(),
                "versions": {"torch": torch.__version__}}
     out = Path(args.out)
     (out / "compress.json").write_text(json.dumps(results, indent=2))
@@ -119,9 +119,9 @@ def report(results: dict) -> str:
     mib = 2**20
     exact = results["runs"]["exact"]
     lines = ["# compress=: packed saved activations, measured and trained", "",
-             f"Written by `python benchmarks/compress.py`: an MLP ({results['settings']['depth']} layers, width "
-             f"{results['settings']['width']}, batch {results['settings']['batch']}) learns a random teacher's "
-             (f"labels for {results['settings']['steps']} SGD steps from the same weights and batches, each run at "
+             (f"Written by `python benchmarks/compress.py`: an MLP ({results['settings']['depth']} layers, width "
+              f"{results['settings']['width']}, batch {results['settings']['batch']}) learns a random teacher's "
+              f"labels for {results['settings']['steps']} AdamW steps from the same weights and batches, each run at "
               "the smallest budget memopt meets with its setting. Peaks are measured (one steady step, from the "
               "plan's entry state); the final loss is the mean of the last 20 steps. Loss curves: compress.png."), "",
              ("| run | budget (MiB) | predicted peak (MiB) | measured peak (MiB) | below exact's minimum, measured / "
