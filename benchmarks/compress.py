@@ -17,30 +17,20 @@ import platform
 import time
 from pathlib import Path
 
+import sparse_update
 import torch
+from sparse_update import (  # the same network (benchmarks/ is on the path)
+    CLASSES,
+    INPUTS,
+    WithLoss,
+    classifier,
+)
 from torch import nn
 
 import memopt
 
 HERE = Path(__file__).parent
-WIDTH, DEPTH, INPUTS, CLASSES, BATCH, STEPS, LR = 256, 6, 64, 10, 2048, 300, 1e-3
-
-
-def classifier() -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Linear(INPUTS, WIDTH), nn.ReLU()]
-    for _ in range(DEPTH - 2):
-        layers += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
-    layers.append(nn.Linear(WIDTH, CLASSES))
-    return nn.Sequential(*layers)
-
-
-class WithLoss(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(self.model(x), y)
+BATCH, STEPS, LR = 2048, 300, 1e-3
 
 
 def batches(teacher: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -106,7 +96,7 @@ def main() -> None:
         runs[compress or "exact"] = train(base, data, compress)
         print(compress, {k: v for k, v in runs[compress or "exact"].items() if k not in ("losses", "compressed")},
               flush=True)
-    results = {"settings": {"width": WIDTH, "depth": DEPTH, "batch": BATCH, "steps": STEPS, "lr": LR,
+    results = {"settings": {"width": sparse_update.WIDTH, "depth": sparse_update.DEPTH, "batch": BATCH, "steps": STEPS, "lr": LR,
                             "optimizer": "AdamW"}, "runs": runs, "machine": platform.platform(),
                "versions": {"torch": torch.__version__}}
     out = Path(args.out)

@@ -287,11 +287,7 @@ def _rewrite(graph: fx.Graph, match: _Match, k: int) -> tuple[dict[str, str], se
         total = part if total is None else build(aten.add.Tensor, total, part)
         count = weight if count is None else build(aten.add.Tensor, count, weight)
     loss = build(aten.div.Tensor, total, count) if reduction == MEAN else total
-    results = {0: loss, 1: count}
-    renamed = {}
-    for user in list(forward.users):
-        user.replace_all_uses_with(results[user.args[1]])
-        renamed[user.name] = results[user.args[1]].name
+    renamed = _replace_results(forward, loss, count)
     backward = set()
     if match.backward is not None:
         backward_build = Builder(graph, _last_reader(match))
@@ -300,6 +296,15 @@ def _rewrite(graph: fx.Graph, match: _Match, k: int) -> tuple[dict[str, str], se
     erase_unused(match.region)
     sort_topologically(graph)
     return renamed, backward
+
+
+def _replace_results(forward: fx.Node, loss: fx.Node, count: fx.Node) -> dict[str, str]:
+    """``nll_loss_forward``'s readers read ``loss`` and ``count`` instead; the names of what they held -> now."""
+    results, renamed = {0: loss, 1: count}, {}
+    for user in list(forward.users):
+        user.replace_all_uses_with(results[user.args[1]])
+        renamed[user.name] = results[user.args[1]].name
+    return renamed
 
 
 def _last_reader(match: _Match) -> fx.Node:
@@ -380,11 +385,7 @@ def _fuse(graph: fx.Graph, match: _Match, use_triton: bool) -> tuple[dict[str, s
     count = build(aten.sum.default, valid, dtype=dtype)
     total = build.cast(build(aten.sum.default, losses), dtype)
     loss = build(aten.div.Tensor, total, count) if reduction == MEAN else total
-    results = {0: loss, 1: count}
-    renamed = {}
-    for user in list(forward.users):
-        user.replace_all_uses_with(results[user.args[1]])
-        renamed[user.name] = results[user.args[1]].name
+    renamed = _replace_results(forward, loss, count)
     added: set[str] = set()
     if match.backward is not None:
         build = Builder(graph, _last_reader(match))

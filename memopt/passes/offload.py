@@ -54,18 +54,8 @@ def apply_offload(graph: fx.GraphModule, backward_start: str, specs: list[Offloa
     by_name = {node.name: node for node in new.graph.nodes}
     offloads, reloads = [], []
     for spec in specs:
-        nodes = list(new.graph.nodes)
-        position = {node: i for i, node in enumerate(nodes)}
-        bs = position[by_name[backward_start]]
-        base = by_name[spec.base]
-        value = base.meta["val"]
-        holders = [n for n in nodes[:bs] if shares_storage(n.meta.get("val"), value)]
-        last = max((position[u] for h in holders for u in h.users if position[u] < bs), default=position[base])
-        users = sorted({u for h in holders for u in h.users if position[u] > bs}, key=position.__getitem__)
-        if not users:
-            raise ValueError(f"{spec.base} has no backward reader: nothing to offload")
-        first = users[0]
-        with new.graph.inserting_after(nodes[last]):
+        base, value, holders, last, first, bs, position = _window(new.graph, by_name[spec.base], by_name[backward_start])
+        with new.graph.inserting_after(last):
             host = new.graph.call_function(torch.ops.memopt.offload.default, (base, key, spec.offset))
         host.meta["val"] = fake_result(host)
         prefetch = by_name[spec.prefetch]
@@ -99,6 +89,21 @@ def _needed(holders: list[fx.Node], bs: int, position: dict[fx.Node, int]) -> li
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.shape == b.shape and a.stride() == b.stride() and a.storage_offset() == b.storage_offset()
             and a.dtype == b.dtype)
+
+
+def _window(graph: fx.Graph, base: fx.Node, backward_start: fx.Node):
+    """Where a storage (made by ``base``) is between the passes: its value, the forward nodes holding it, its last
+    forward reader, its first backward reader, the backward's first position, and every node's position."""
+    nodes = list(graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    bs = position[backward_start]
+    value = base.meta["val"]
+    holders = [n for n in nodes[:bs] if shares_storage(n.meta.get("val"), value)]
+    last = max((position[u] for h in holders for u in h.users if position[u] < bs), default=position[base])
+    users = sorted({u for h in holders for u in h.users if position[u] > bs}, key=position.__getitem__)
+    if not users:
+        raise ValueError(f"{base.name} has no backward reader: nothing to move out of the way")
+    return base, value, holders, nodes[last], users[0], bs, position
 
 
 def _reroute(graph: fx.Graph, holders: list[fx.Node], value: torch.Tensor, source: fx.Node, first: fx.Node, bs: int,
@@ -144,18 +149,8 @@ def apply_compress(graph: fx.GraphModule, backward_start: str, bases: list[str],
     by_name = {node.name: node for node in new.graph.nodes}
     made = {}
     for name in bases:
-        nodes = list(new.graph.nodes)
-        position = {node: i for i, node in enumerate(nodes)}
-        bs = position[by_name[backward_start]]
-        base = by_name[name]
-        value = base.meta["val"]
-        holders = [n for n in nodes[:bs] if shares_storage(n.meta.get("val"), value)]
-        last = max((position[u] for h in holders for u in h.users if position[u] < bs), default=position[base])
-        users = sorted({u for h in holders for u in h.users if position[u] > bs}, key=position.__getitem__)
-        if not users:
-            raise ValueError(f"{name} has no backward reader: nothing to compress")
-        first = users[0]
-        with new.graph.inserting_after(nodes[last]):
+        base, value, holders, last, first, bs, position = _window(new.graph, by_name[name], by_name[backward_start])
+        with new.graph.inserting_after(last):
             packed = new.graph.call_function(torch.ops.memopt.pack.default, (base, format, compress.BLOCK,
                                                                                use_triton))
         packed.meta["val"] = fake_result(packed)
