@@ -150,11 +150,11 @@ def run_pipeline(
             if alternative.chosen_over(remat, infeasible, traced_smallest, config.headroom):
                 step, table, live, scratch, timeline, minimum = alternative.analysed
                 remat, chunked, chunked_mlp = alternative.remat, alternative.heads, alternative.mlps
-        if config.compress is not None:
+        exact_infeasible = budget_bytes < minimum.bytes or remat.solution.status == "infeasible"
+        if config.compress is not None and (exact_infeasible or remat.solution.cost_s > 0):
             # saved activations packed to int8/fp8 between forward and backward, where that plan fits a budget
             # the exact one cannot, or costs less (the packing included)
             packed = _compressed(history, step, table, opt, scratch_model, config, device, recompute_plan)
-            exact_infeasible = budget_bytes < minimum.bytes or remat.solution.status == "infeasible"
             if packed is not None and packed.chosen_over(remat, exact_infeasible, minimum.bytes, config.headroom):
                 step, table, live, scratch, timeline, minimum = packed.analysed
                 remat, compressed = packed.remat, packed.tensors
