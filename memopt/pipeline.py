@@ -428,6 +428,9 @@ class _Compressed:
 
 
 _LEAST_PACKED = 16 * 1024  # bytes: a smaller saved activation is not worth two more ops
+# log-probabilities: their backward exponentiates them, so a packing's absolute error becomes a relative error of
+# every probability (int8 drifts a classifier's training within a few hundred steps: benchmarks/COMPRESS.md)
+_NOT_PACKED = {torch.ops.aten._log_softmax.default}
 
 
 def _compressed(history: _History, step: CapturedStep, table: StorageTable, opt: OptimizerMemory,
@@ -440,6 +443,8 @@ def _compressed(history: _History, step: CapturedStep, table: StorageTable, opt:
 
     nodes = list(step.graph.graph.nodes)
     saved = {s.index for s in table.by_category(ACTIVATIONS) if s.nbytes >= _LEAST_PACKED and 0 <= s.defined_at}
+    saved -= {index for position, node in enumerate(nodes[:table.backward_start]) if node.target in _NOT_PACKED
+              for index in (table.values[position] if position < len(table.values) else ())}
     bases: dict[int, fx.Node] = {}  # per storage, the node holding it whole
     for position, node in enumerate(nodes[:table.backward_start]):
         value = node.meta.get("val")
