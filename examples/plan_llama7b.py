@@ -48,14 +48,17 @@ def plan_or_none(made: examples.Workload, model: torch.nn.Module, budget: str, d
         return None
 
 
-def largest_batch(seq: int, dtype: str, train_last: int, budget: str, device: str, limit: int = 256) -> int:
-    """The largest batch whose step memopt can plan under ``budget`` (0: not even one)."""
+def largest_batch(seq: int, dtype: str, train_last: int, budget: str, device: str, limit: int = 256):
+    """The largest batch whose step memopt can plan under ``budget``, and its plan (0 and None: not even one)."""
+    found = {}
+
     def fits(batch: int) -> bool:
         made = workload(seq, batch, dtype, train_last)
-        return plan_or_none(made, made.build(), budget, device) is not None
+        found[batch] = plan_or_none(made, made.build(), budget, device)
+        return found[batch] is not None
 
     if not fits(1):
-        return 0
+        return 0, None
     low = 1
     while low < limit and fits(2 * low):
         low *= 2
@@ -63,7 +66,7 @@ def largest_batch(seq: int, dtype: str, train_last: int, budget: str, device: st
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
+    return low, found[low]  # (the plan the search made: planned again, a time-limited search may land elsewhere)
 
 
 def describe(plan: memopt.MemoryPlan, device: str) -> str:
@@ -107,10 +110,7 @@ def main() -> None:
         print("  batch 1 does not fit either")
         return
     print(f"  batch 1: {describe(plan, args.device)}")
-    best = largest_batch(args.seq, "bfloat16", args.train_last, args.budget, args.device)
-    made = workload(args.seq, best, "bfloat16", args.train_last)
-    plan = plan_or_none(made, made.build(), args.budget, args.device)
-    assert plan is not None
+    best, plan = largest_batch(args.seq, "bfloat16", args.train_last, args.budget, args.device)
     print(f"  largest batch that fits: {best}: {describe(plan, args.device)}")
     print(f"\nplanned in {time.perf_counter() - started:.1f} s, peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")

@@ -179,10 +179,10 @@ def test_demo_plans_runs_and_plots(tmp_path):
     assert png.stat().st_size > 10_000
 
 
-@pytest.mark.slow  # about a minute: eight 7B-shaped plans for the batch search
+@pytest.mark.slow  # about five minutes on 2 cores: a dozen 7B-shaped plans for the batch search
 def test_llama7b_example_runs(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "examples/plan_llama7b.py"), "--seq", "512"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     # the full fine-tune does not fit 24 GB and says what would; the bf16 partial one does, with its largest batch
     assert "does not fit" in done.stdout and "raise the budget to at least" in done.stdout
