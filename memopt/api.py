@@ -11,6 +11,7 @@ from torch.utils import _pytree as pytree
 
 from memopt.budget import Budget, parse_budget
 from memopt.capture import CapturedStep, capture
+from memopt.capture.trace import _split_inputs
 from memopt.config import PlanConfig, check_lowering
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import BudgetInfeasibleError, MemoptError
@@ -179,8 +180,7 @@ def _values(model: nn.Module, step: CapturedStep, example_inputs: tuple | list |
     copies of the buffers (the forward may write them), the inputs."""
     named = dict(model.named_parameters())
     buffers = iter([b.detach().clone() for b in model.buffers()])
-    inputs = iter(pytree.tree_leaves(_split(example_inputs if not isinstance(example_inputs, torch.Tensor)
-                                            else (example_inputs,))))
+    inputs = iter(pytree.tree_leaves(_split_inputs(example_inputs)))
     values = []
     for placeholder in step.placeholders:
         if placeholder.role == "parameter":

@@ -19,7 +19,6 @@ from memopt.config import PlanConfig
 from memopt.device import DeviceSpec
 from memopt.errors import BudgetInfeasibleError, MemoptWarning
 from memopt.lower.kernels import LSE_BYTES_PER_TOKEN, kernel_scratch
-from memopt.lower.kernels.compress import kernel_scratch as packing_scratch
 from memopt.passes.arena_plan import arena_step
 from memopt.passes.bounds import LowerBound, minimum_budget
 from memopt.passes.chunk_loss import (
@@ -258,7 +257,7 @@ def _scratch(step: CapturedStep, scratch_model: ScratchModel | None, opt: Optimi
     measured = scratch_model.per_node(step.graph) if scratch_model else ()
     # memopt's own kernels say what they allocate inside themselves (their integer arguments keep them from
     # being measured)
-    declared = tuple(kernel_scratch(node) + packing_scratch(node) for node in step.graph.graph.nodes)
+    declared = tuple(kernel_scratch(node) for node in step.graph.graph.nodes)
     if any(declared):
         measured = tuple(a + b for a, b in zip(measured or (0,) * len(declared), declared))
     if not step.stepped:
@@ -429,7 +428,7 @@ class _Compressed:
 
 _LEAST_PACKED = 16 * 1024  # bytes: a smaller saved activation is not worth two more ops
 # log-probabilities: their backward exponentiates them, so a packing's absolute error becomes a relative error of
-# every probability (int8 drifts a classifier's training within a few hundred steps: benchmarks/COMPRESS.md)
+# every probability
 _NOT_PACKED = {torch.ops.aten._log_softmax.default}
 
 
@@ -441,16 +440,15 @@ def _compressed(history: _History, step: CapturedStep, table: StorageTable, opt:
     ``config.compress`` (what is still kept whole then is the recompute plan's choice), or None when none is."""
     from memopt.lower.kernels.compress import packed_bytes
 
-    nodes = list(step.graph.graph.nodes)
+    forward = list(zip(step.graph.graph.nodes, table.values))[:table.backward_start]  # (node, its storages)
     saved = {s.index for s in table.by_category(ACTIVATIONS) if s.nbytes >= _LEAST_PACKED and 0 <= s.defined_at}
-    saved -= {index for position, node in enumerate(nodes[:table.backward_start]) if node.target in _NOT_PACKED
-              for index in (table.values[position] if position < len(table.values) else ())}
+    saved -= {index for node, indices in forward if node.target in _NOT_PACKED for index in indices}
     bases: dict[int, fx.Node] = {}  # per storage, the node holding it whole
-    for position, node in enumerate(nodes[:table.backward_start]):
+    for node, indices in forward:
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or not value.is_contiguous():
             continue
-        for index in table.values[position] if position < len(table.values) else ():
+        for index in indices:
             if index in saved and index not in bases and value.storage_offset() == 0 \
                     and value.numel() * value.element_size() == table.storages[index].nbytes:
                 bases[index] = node
@@ -462,10 +460,10 @@ def _compressed(history: _History, step: CapturedStep, table: StorageTable, opt:
     packed = _steps_sunk(dataclasses.replace(step, graph=graph))
     analysed = _analysed(history, packed, opt, scratch_model)
     by_name = {node.name: node for node in graph.graph.nodes}
-    tensors = tuple(CompressedTensor(name, table.storages[index].nbytes,
-                                     packed_bytes(by_name[name].meta["val"].numel(), config.compress),
-                                     config.compress, sum(node_seconds(by_name[op], device) for op in made[name]))
-                    for (index, node), name in zip(bases.items(), names))
+    tensors = tuple(CompressedTensor(node.name, table.storages[index].nbytes,
+                                     packed_bytes(node.meta["val"].numel(), config.compress), config.compress,
+                                     sum(node_seconds(by_name[op], device) for op in made[node.name]))
+                    for index, node in bases.items())
     return _Compressed((packed, *analysed), recompute_plan(packed, analysed[0], analysed[2]), tensors)
 
 

@@ -88,7 +88,7 @@ def test_the_backend_packs_with_the_same_option_and_measures_each_tensors_error(
 
 def test_log_probabilities_are_never_packed():
     """Their backward exponentiates them, so an absolute packing error becomes a relative error of every
-    probability: with them packed to int8, benchmarks/compress.py's classifier drifted after ~150 steps."""
+    probability."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512), torch.nn.ReLU(),
                                 torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 100))
