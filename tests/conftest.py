@@ -2,6 +2,10 @@ import os
 
 # memopt's Triton kernels run on CPU through Triton's interpreter, which Triton reads when it is first imported
 os.environ.setdefault("TRITON_INTERPRET", "1")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # one test per core (pytest -n 2): each worker's torch, and the subprocesses its tests start, on one thread,
+    # so that OpenMP threads of two workers do not contend for the same cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch

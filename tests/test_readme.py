@@ -27,7 +27,7 @@ HOW = {
     # README.md
     'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e ".[dev]" && '
     'python -m memopt.demo': ".ci/run installs the same way from scratch; test_demo_plans_runs_and_plots runs the demo",
-    ". .venv/bin/activate && python -m pytest && python -m pytest -m slow": "the suite itself (.ci/run runs it)",
+    ". .venv/bin/activate && python -m pytest -n 2 && python -m pytest -m slow -n 2": "the suite itself (.ci/run runs it)",
     "memopt plan memopt.examples:gpt2 --arg layers=12 --budget 24GB --device h100 --png plan.png": RUN,
     "memopt explain memopt.examples:llama7b --json": RUN,
     "memopt plan examples/vision_bn.py:workload --arg blocks=6 --budget 90MiB --png plan.png": RUN,
@@ -35,7 +35,8 @@ HOW = {
     # examples/*.py docstrings (the [optional] arguments given); smaller runs in tests/test_examples.py
     "python examples/finetune_gpt2.py [--budget 60MiB] [--steps 4] [--layers 4]": SLOW,
     "memopt plan examples/finetune_gpt2.py:workload --arg layers=4 --budget 60MiB --png plan.png": RUN,
-    "python examples/plan_llama7b.py [--budget 24GB] [--device rtx4090] [--seq 4096] [--train-last 4]": SLOW,
+    "python examples/plan_llama7b.py [--budget 24GB] [--device rtx4090] [--seq 4096] [--train-last 4]":
+        "test_llama7b_example_runs runs it as written and checks what it prints",
     "memopt plan examples/plan_llama7b.py:workload --arg seq=4096 --device h100 --png plan.png": SLOW,  # ~18 s
     "python examples/vision_bn.py [--budget 90MiB] [--blocks 6]": SLOW,
     "memopt plan examples/vision_bn.py:workload --arg blocks=6 --budget 90MiB --png plan.png (docstring)":
@@ -44,8 +45,8 @@ HOW = {
     "python benchmarks/run.py": "not run by the tests (~77 min, then ~35 min of pairs); "
                                 "test_benchmarks_smoke runs its rows' code",
     "python benchmarks/pairs.py": "not run by the tests (~35 min); test_benchmarks_smoke times one pair (slow tier)",
-    "python benchmarks/run.py --quick --workloads gpt2,mlp --strategies eager,checkpoint,compile-amb-0.5,memopt@0,"
-    "memopt-inductor@0,memopt-inductor=compile-amb-0.5,memopt-backend@0": SLOW,  # ~7 min
+    "python benchmarks/run.py --quick --workloads mlp --strategies eager,checkpoint,compile-amb-0.5,memopt@0,"
+    "memopt-inductor@0,memopt-inductor=compile-amb-0.5,memopt-backend@0": SLOW,  # ~2 min
     "python benchmarks/run.py --workloads resnet_bn,bert_mlm,t5,gpt2,llama --pairs-rounds 0 --out benchmarks/issue17 "
     "--strategies eager,checkpoint,compile-amb-1.0,compile-amb-0.5,compile-amb-0.2,compile-amb-0.0,compile-checkpoint,"
     "whole-compile-amb-0.5,whole-compile-checkpoint,linear-ce-checkpoint,compile-linear-ce-checkpoint,"
@@ -179,10 +180,12 @@ def test_demo_plans_runs_and_plots(tmp_path):
     assert png.stat().st_size > 10_000
 
 
-@pytest.mark.slow  # about five minutes on 2 cores: a dozen 7B-shaped plans for the batch search
+@pytest.mark.slow  # about four minutes on 2 cores: the 7B-shaped plans of the batch search
 def test_llama7b_example_runs(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "examples/plan_llama7b.py"), "--seq", "512"],
-                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    command = next(c for c in HOW if c.startswith("python examples/plan_llama7b.py"))
+    argv = shlex.split(re.sub(r"\[(.*?)\]", r"\1", command))
+    done = subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:]], capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     # the full fine-tune does not fit 24 GB and says what would; the bf16 partial one does, with its largest batch
     assert "does not fit" in done.stdout and "raise the budget to at least" in done.stdout

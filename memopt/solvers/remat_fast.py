@@ -80,6 +80,14 @@ def solve_blocks(
                 levels[j] = level
                 chain.append(tuple(levels))
     points = [frozenset(i for j, level in enumerate(point) for i in options[j][level]) for point in chain]
+    if bound == INFINITY:  # the covering knapsack says no plan of these candidates fits: nothing to search
+        # (the lower peak of two plans that recompute much, for a search of the lowest peak to start from)
+        for chosen in (points[-1], frozenset(pool)):
+            search.evaluate(chosen)
+    if bound == INFINITY and search.best is None:
+        sim, chosen = search.least  # type: ignore[misc]
+        return RecomputeSolution("infeasible", tuple(sorted(chosen)), _levels(options, chosen), sim.peak_bytes,
+                                 sim.cost_s, bound, time.perf_counter() - started, search.simulations)
     fit_levels = None
     for point, chosen in zip(chain, points):
         if search.may_fit(chosen) and search.evaluate(chosen).peak_bytes <= budget_bytes:
