@@ -315,23 +315,28 @@ def memopt_backend_budget(index: int, count: int = MEMOPT_BUDGETS) -> Callable[[
     return prepare
 
 
-def memopt_stepped(model: nn.Module, training: Training) -> Setup:
-    """memopt.compile (FX) at the smallest budget it meets with the optimizer step inside the backward as well
-    (`step_in_backward=True`: each parameter updated as soon as its gradient is final) and `CHUNKS`."""
-    options = {**CHUNKS, "step_in_backward": True}
-    start = time.perf_counter()
-    try:
-        plan_step(model, training, budget=1, **options)
-    except memopt.BudgetInfeasibleError as error:
-        minimum, proven = error.minimum, error.proven_minimum
-    else:
-        raise AssertionError("memopt.plan met a budget of one byte")
-    range_seconds = time.perf_counter() - start
-    compiled = memopt.compile(model, budget=minimum, loss_fn=training.workload.loss_fn, optimizer=training.optimizer,
-                              device="cpu", **options)
-    return Setup(compiled, returns_loss=True, plan=lambda: compiled.plan, settings={
-        "budget_bytes": minimum, "solver": "memopt", "backend": "fx", "plan_seconds": None, **options,
-        "minimum_bytes": minimum, "proven_minimum_bytes": proven, "range_seconds": range_seconds})
+def memopt_smallest(**levers: Any) -> Callable[[nn.Module, Training], Setup]:
+    """memopt.compile (FX) at the smallest budget it meets with `levers` on as well as `CHUNKS`:
+    `step_in_backward=True` (each parameter updated as soon as its gradient is final) or `compress="int8"` (the
+    larger saved activations packed between forward and backward: approximate)."""
+
+    def prepare(model: nn.Module, training: Training) -> Setup:
+        options = {**CHUNKS, **levers}
+        start = time.perf_counter()
+        try:
+            plan_step(model, training, budget=1, **options)
+        except memopt.BudgetInfeasibleError as error:
+            minimum, proven = error.minimum, error.proven_minimum
+        else:
+            raise AssertionError("memopt.plan met a budget of one byte")
+        range_seconds = time.perf_counter() - start
+        compiled = memopt.compile(model, budget=minimum, loss_fn=training.workload.loss_fn,
+                                  optimizer=training.optimizer, device="cpu", **options)
+        return Setup(compiled, returns_loss=True, plan=lambda: compiled.plan, settings={
+            "budget_bytes": minimum, "solver": "memopt", "backend": "fx", "plan_seconds": None, **options,
+            "minimum_bytes": minimum, "proven_minimum_bytes": proven, "range_seconds": range_seconds})
+
+    return prepare
 
 
 def memopt_at_peak_of(other: str) -> Callable[[nn.Module, Training], Setup]:
@@ -402,7 +407,8 @@ STRATEGIES: dict[str, Callable[[nn.Module, Training], Setup]] = {
     **{f"memopt-inductor@{index}": memopt_budget(index, backend="inductor") for index in range(MEMOPT_BUDGETS)},
     **{f"memopt-inductor={name}": memopt_at_peak_of(name) for name in SAME_PEAK_ROWS},
     **{f"memopt-backend@{index}": memopt_backend_budget(index) for index in range(MEMOPT_BUDGETS)},
-    "memopt-stepped@0": memopt_stepped,
+    "memopt-stepped@0": memopt_smallest(step_in_backward=True),
+    "memopt-int8@0": memopt_smallest(compress="int8"),
 }
 
 
@@ -421,6 +427,7 @@ def memopt_summary(plan: memopt.MemoryPlan, compiled: Any = None) -> dict[str, A
                    "lower_bound_s": solver.lower_bound, "gap": solver.gap, "seconds": solver.seconds},
         "chunked": [dataclasses.asdict(head) for head in plan.chunked],  # loss heads run over slices of the tokens
         "chunked_mlp": [dataclasses.asdict(block) for block in plan.chunked_mlp],  # and MLP blocks
+        "compressed": [dataclasses.asdict(tensor) for tensor in plan.compressed],  # saved activations packed
     }
     if isinstance(compiled, memopt.CompiledModule) and compiled.backend == "inductor":
         summary["inductor"] = inductor_summary(compiled)

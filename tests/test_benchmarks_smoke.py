@@ -60,6 +60,16 @@ def test_eager_checkpoint_and_memopt_rows_measure_plan_and_agree_on_the_loss():
     assert "measured ≤ budget: 1 of 1 memopt rows" in text
 
 
+def test_the_int8_row_trains_at_the_smallest_budget_it_plans_with_compress_allowed():
+    eager, packed = (run.run_one("mlp", strategy, repeats=1, quick=True) for strategy in ("eager", "memopt-int8@0"))
+    assert "error" not in packed, packed.get("traceback")
+    settings, summary = packed["settings"], packed["memopt"]
+    assert settings["compress"] == "int8" and settings["budget_bytes"] == settings["minimum_bytes"]
+    assert summary["fits"] and summary["predicted_peak_bytes"] <= settings["budget_bytes"]
+    # the quick MLP's saved activations are under the 16 KiB memopt packs at least: its plan is the exact one
+    assert summary["compressed"] == [] and packed["loss"] == eager["loss"]
+
+
 @pytest.mark.slow
 def test_the_memopt_inductor_row_compiles_fits_and_records_the_compiled_peak():
     eager, compiled = (run.run_one("mlp", strategy, repeats=1, quick=True)
