@@ -105,8 +105,10 @@ def plan(
 
 def _sparse_plan(model: nn.Module, example_inputs: tuple | list | dict | torch.Tensor, calibration: Any, *,
                  loss_fn: Callable[[Any], torch.Tensor] | None, optimizer: Any, device: str | DeviceSpec | None,
-                 offload: bool | None, fake: bool | None, config: PlanConfig, budget_bytes: int) -> MemoryPlan:
-    """The plan of the sparse update that fits ``budget_bytes`` (the FX lowering's, as ``plan`` makes)."""
+                 offload: bool | None, fake: bool | None, config: PlanConfig, budget_bytes: int,
+                 slices: bool = True) -> MemoryPlan:
+    """The plan of the sparse update that fits ``budget_bytes`` (the FX lowering's, as ``plan`` makes);
+    ``slices=False`` trains whole tensors only."""
     if fake or any(t.device.type == "meta" for t in model.parameters()):
         raise MemoptError("update='sparse' scores each tensor by running the calibration batches through the "
                           "model's weights, which a model planned from shapes alone (fake=True, or on the meta "
@@ -140,7 +142,7 @@ def _sparse_plan(model: nn.Module, example_inputs: tuple | list | dict | torch.T
     # (an update inside the backward steps whole parameters only)
     return choose_update(model, calibration, loss_fn=loss_fn, optimizer=optimizer, budget_bytes=budget_bytes,
                          device_is_cuda=spec.is_cuda, uses=uses, minimum_for=minimum_for, plan_for=plan_for,
-                         backward_of=backward_of, slices=not config.step_in_backward)
+                         backward_of=backward_of, slices=slices and not config.step_in_backward)
 
 
 def _planner(model: nn.Module, example_inputs: tuple | list | dict | torch.Tensor, *,

@@ -61,7 +61,8 @@ from memopt.passes.remat_plan import SOLVERS
 from memopt.passes.step_in_backward import step_parameter
 from memopt.passes.storage import BUFFERS, GRADIENTS, OPTIMIZER_STATE, PARAMETERS
 from memopt.pipeline import run_pipeline
-from memopt.report.plan import CompileAttempt, MemoryPlan
+from memopt.report.plan import CompileAttempt, MemoryPlan, UpdatePlan
+from memopt.sparse_update import check_update
 
 KNOWN_OPTIONS: dict[str, str] = {
     "budget": "the step's byte budget: an int or a string such as '24GB' or '512MiB' (required)",
@@ -91,6 +92,13 @@ KNOWN_OPTIONS: dict[str, str] = {
                  "down projection over slices of the tokens, as chunk_loss (as memopt.plan(..., chunk_mlp=...))",
     "layout": "True: the graph's intermediates run in one arena, the forward's and the backward's alike (as "
               "memopt.compile(..., layout=True)); compiler='eager' only",
+    "update": "'full' (default): train every parameter that requires grad; 'sparse' (with 'calibration'): train "
+              "the tensors of the largest summed contribution that fit the budget, chosen on the first compile from "
+              "the compiled module and the calibration batches, and freeze the rest in the model (as "
+              "memopt.compile(..., update='sparse'); whole tensors, no row slices)",
+    "calibration": "update='sparse': a few batches of the fine-tuning data, each as the compiled module takes its "
+                   "inputs (a tuple of positional arguments or a dict of keyword arguments); its output is the loss "
+                   "or has a .loss",
     "step_in_backward": "True: each parameter is updated inside the backward as soon as its gradient is final, by "
                         "the optimizer instance given as 'optimizer' (as memopt.compile(..., step_in_backward=True)); "
                         "call optimizer.step() after each backward as usual; compiler='eager' only",
@@ -107,6 +115,8 @@ class BackendOptions:
     inductor_options: dict[str, Any] = field(default_factory=dict)
     config: PlanConfig = PlanConfig()
     hold_outputs: bool = True
+    update: str = "full"
+    calibration: tuple = ()  # update="sparse": the batches that score what to train
 
     @property
     def optimizer(self) -> Any:
@@ -160,11 +170,14 @@ class BackendOptions:
             if solver not in SOLVERS:
                 raise MemoptError(f"unknown remat solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
             config = dataclasses.replace(config, solver=solver)
+        update, calibration = options.get("update", "full"), options.get("calibration")
+        check_update(update, calibration)
         optimizer = options.get("optimizer")
         if isinstance(optimizer, torch.optim.Optimizer):
             optimizer = weakref.ref(optimizer)
         return cls(parse_budget(options["budget"]), optimizer, options.get("device"), compiler,
-                   dict(options.get("inductor_options") or {}), config, bool(options.get("hold_outputs", True)))
+                   dict(options.get("inductor_options") or {}), config, bool(options.get("hold_outputs", True)),
+                   update, tuple(calibration or ()) if update == "sparse" else ())
 
 
 @dataclass(frozen=True)
@@ -187,6 +200,7 @@ class Session:
     def __init__(self, options: BackendOptions) -> None:
         self.options = options
         self.graphs: list[GraphPlan] = []
+        self.update: UpdatePlan | None = None  # update="sparse": what the first compile chose to train
 
     def carried_before(self, frame: tuple) -> int:
         """What the graphs that run before a graph of ``frame`` leave on the device while it runs.
@@ -266,6 +280,8 @@ def memopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: d
                    ) -> Callable[..., Any]:
     """The torch.compile backend (``backend="memopt"``); ``options`` as ``KNOWN_OPTIONS`` lists them."""
     state = session(options)
+    if state.options.update == "sparse" and state.update is None:
+        state.update = _choose_update(gm, state.options)
     # a recompile of one frame for other shapes replaces its graph; another graph (a graph break, or the
     # same code run on other parameters) adds one
     frame = (_frame_id(gm), tuple(id(v) for v in example_inputs if isinstance(v, torch.nn.Parameter)))
@@ -275,6 +291,32 @@ def memopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: d
     if any(_is_symbolic(value) for value in example_inputs) or _has_symbolic_shapes(gm):
         return _PerShape(gm, inputs, state, frame, rest)
     return _compile_graph(gm, inputs, list(example_inputs), state, frame, rest)
+
+
+def _choose_update(gm: fx.GraphModule, options: BackendOptions) -> UpdatePlan:
+    """update="sparse": the tensors the compiled module trains under the budget, chosen as ``memopt.compile``
+    chooses them (whole tensors) on its calibration batches; the rest is frozen in the module before AOTAutograd
+    traces, so no graph of this compile computes their gradients. Dynamo's guards on their ``requires_grad`` then
+    recompile the graph once, and the plan made here is reused."""
+    from memopt.api import _sparse_plan
+
+    roots = _root_modules(gm)
+    if len(roots) != 1:
+        raise MemoptError("update='sparse' through the backend chooses what to train from the module "
+                          "torch.compile compiled, and this graph's parameters come from "
+                          f"{len(roots) or 'no'} module(s) of the compiled frame: compile the model itself "
+                          "(torch.compile(model, backend='memopt', options=...)), or use "
+                          "memopt.compile(model, update='sparse', calibration=[...])")
+    model = roots[0]
+    plan = _sparse_plan(model, options.calibration[0], list(options.calibration), loss_fn=None,
+                        optimizer=options.optimizer, device=options.device, offload=options.config.offload,
+                        fake=None, config=options.config, budget_bytes=options.budget_bytes, slices=False)
+    assert plan.update is not None
+    named = dict(model.named_parameters())
+    for tensor in plan.update.tensors:
+        if tensor.option == "frozen":
+            named[tensor.name].requires_grad_(False)
+    return plan.update
 
 
 def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs: list[Any], state: Session,
@@ -311,8 +353,9 @@ def _compile_graph(gm: fx.GraphModule, inputs: list[GraphInput], example_inputs:
                           "plans the whole step, or raise the budget")
     fitted = fit(plan_at, budget, lowering)
     chosen = next(a for a in fitted.attempts if a.chosen)
-    state.add(GraphPlan(frame, budget.available_bytes, _carried_bytes(fitted.plan), fitted.plan, shapes,
-                        fitted.plan.compiled_peak_bytes, traced.code, chosen.options))
+    plan = fitted.plan if state.update is None else dataclasses.replace(fitted.plan, update=state.update)
+    state.add(GraphPlan(frame, budget.available_bytes, _carried_bytes(plan), plan, shapes,
+                        plan.compiled_peak_bytes, traced.code, chosen.options))
     return fitted.lowered.executor
 
 

@@ -8,10 +8,11 @@ import random
 
 import pytest
 import torch
-from conftest import measured_step_peak, steady_step
+from conftest import LossOnly, measured_step_peak, steady_step
 
 import memopt
 from memopt import examples
+from memopt.backend import BackendOptions
 from memopt.capture import capture
 from memopt.config import PlanConfig
 from memopt.errors import MemoptError
@@ -143,6 +144,46 @@ def test_compiled_sparse_update_trains_like_eager_frozen_the_same_way_under_the_
         eager()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_the_backend_trains_what_the_sparse_update_chose_frozen_in_the_model_like_eager_under_the_budget():
+    workload, model, calibration = _workload()
+    inputs = workload.inputs()
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(memopt.BudgetInfeasibleError) as full:
+        memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=1, config=FAST)
+    budget = full.value.minimum * 6 // 10
+    with pytest.raises(MemoptError, match="calibration"):
+        BackendOptions.parse({"budget": budget, "update": "sparse"})
+    options = {"budget": budget, "optimizer": optimizer, "update": "sparse", "calibration": calibration,
+               "config": FAST, "cache": False}
+    compiled = torch.compile(LossOnly(model, workload.loss_fn), backend="memopt", options=options)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    try:
+        step = steady_step(compiled, inputs, optimizer)  # two steps: the first chooses, freezes and plans
+        measured = memopt.measure_peak(step)
+    finally:
+        torch._dynamo.reset()
+    plan = memopt.backend.plans(options)[-1]
+    assert plan.update is not None and all(t.option != "rows" for t in plan.update.tensors)  # whole tensors
+    assert measured_step_peak(plan, measured) <= budget
+    trained = {t.name.removeprefix("model.") for t in plan.update.updated}
+    assert 0 < len(trained) < len(before)
+    assert len(plan.program.gradients) == len(trained)  # the graph computes no gradient for a frozen tensor
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (name in trained), name  # frozen in the model
+        assert torch.equal(p, before[name]) != (name in trained), name
+    # eager from the same weights, with the same tensors trained, after the same three steps
+    for name, p in reference.named_parameters():
+        p.requires_grad_(name in trained)
+    eager_optimizer = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(3):
+        workload.loss_fn(reference(*inputs)).backward()
+        eager_optimizer.step()
+        eager_optimizer.zero_grad(set_to_none=True)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_row_slice_computes_only_its_rows_gradient_equal_to_eagers_rows():

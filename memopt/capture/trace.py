@@ -143,7 +143,10 @@ def capture(
         Placeholder(node.name, role, name, grad) for node, (role, name, grad) in zip(placeholder_nodes, roles)
     )
     output_node = graph.graph.output_node()
-    loss_node, grad_nodes = pytree.tree_unflatten(list(output_node.args[0]), graph._out_spec)
+    # (from the graph's code generator: under a torch.compile backend make_fx returns a lazy GraphModule, whose
+    # _out_spec is set only when its code is first generated)
+    out_spec = graph.graph._codegen.pytree_info.out_spec  # type: ignore[attr-defined]
+    loss_node, grad_nodes = pytree.tree_unflatten(list(output_node.args[0]), out_spec)
     gradients = {name: node.name for name, node in zip(trainable, grad_nodes) if node is not None}
     device = _step_device(param_inputs + buffer_inputs + pytree.tree_leaves(inputs))
     return CapturedStep(
