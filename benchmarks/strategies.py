@@ -260,6 +260,15 @@ def plan_step(model: nn.Module, training: Training, **options: Any) -> memopt.Me
                        device="cpu", **options)
 
 
+def smallest_budget(model: nn.Module, training: Training, **options: Any) -> tuple[int, int]:
+    """The smallest budget memopt meets with `options`, and the proven minimum below it."""
+    try:
+        plan_step(model, training, budget=1, **options)
+    except memopt.BudgetInfeasibleError as error:
+        return error.minimum, error.proven_minimum
+    raise AssertionError("memopt.plan met a budget of one byte")
+
+
 def budget_range(model: nn.Module, training: Training) -> dict[str, Any]:
     """The smallest budget memopt can meet (and the proven minimum below it), with the loss head and the MLP blocks
     over slices of the tokens where that helps (`CHUNKS`), and eager's predicted peak.
@@ -267,12 +276,7 @@ def budget_range(model: nn.Module, training: Training) -> dict[str, Any]:
     The same model build and batch give the same numbers in every process that asks, so each memopt@k
     row computes its own budget and the report checks that the rows agree."""
     start = time.perf_counter()
-    try:
-        plan_step(model, training, budget=1, **CHUNKS)
-    except memopt.BudgetInfeasibleError as error:
-        minimum, proven = error.minimum, error.proven_minimum
-    else:
-        raise AssertionError("memopt.plan met a budget of one byte")
+    minimum, proven = smallest_budget(model, training, **CHUNKS)
     eager_peak = plan_step(model, training).peak_bytes
     return {"minimum_bytes": minimum, "proven_minimum_bytes": proven, "eager_predicted_bytes": eager_peak,
             "range_seconds": time.perf_counter() - start}
@@ -323,12 +327,7 @@ def memopt_smallest(**levers: Any) -> Callable[[nn.Module, Training], Setup]:
     def prepare(model: nn.Module, training: Training) -> Setup:
         options = {**CHUNKS, **levers}
         start = time.perf_counter()
-        try:
-            plan_step(model, training, budget=1, **options)
-        except memopt.BudgetInfeasibleError as error:
-            minimum, proven = error.minimum, error.proven_minimum
-        else:
-            raise AssertionError("memopt.plan met a budget of one byte")
+        minimum, proven = smallest_budget(model, training, **options)
         range_seconds = time.perf_counter() - start
         compiled = memopt.compile(model, budget=minimum, loss_fn=training.workload.loss_fn,
                                   optimizer=training.optimizer, device="cpu", **options)
