@@ -105,18 +105,20 @@ def test_a_step_equals_eager_and_its_measured_peak_fits_the_budget(name, lowerin
     torch.manual_seed(3)  # the same dropout masks, if drawn in eager's order
     expected = twin(**inputs).loss
     expected.backward()
-    torch.manual_seed(3)
-    try:
-        loss = compiled(**inputs)  # plans and lowers the step, then runs it
-    except Exception as error:
-        if not LOWERINGS[lowering].get("layout"):
-            raise
-        # the arena is held for the whole span of what it places: its own smallest budget (the error's, before
-        # anything ran) can be above the halfway one, and it must meet it
-        budget = infeasible_behind(error).minimum
-        compiled, options = compiled_at(budget)
+    # the arena is held for the whole span of what it places: its own smallest budget (the error's, before anything
+    # ran) can be above the halfway one, and it must meet it. That smallest budget comes from time-limited searches,
+    # which can land a little higher when planned again (seen once, under load: 1.81 MiB, then 1.84): a second
+    # error's budget is taken too
+    for attempt in range(3):
         torch.manual_seed(3)
-        loss = compiled(**inputs)
+        try:
+            loss = compiled(**inputs)  # plans and lowers the step, then runs it
+            break
+        except Exception as error:
+            if not LOWERINGS[lowering].get("layout") or attempt == 2:
+                raise
+            budget = infeasible_behind(error).minimum
+            compiled, options = compiled_at(budget)
     loss.backward()
     plans = memopt.backend.plans(options) if options else [compiled.plan]
     assert any(d.action == "recompute" for plan in plans for d in plan.decisions)
