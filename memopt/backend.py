@@ -296,8 +296,8 @@ def memopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: d
 def _choose_update(gm: fx.GraphModule, options: BackendOptions) -> UpdatePlan:
     """update="sparse": the tensors the compiled module trains under the budget, chosen as ``memopt.compile``
     chooses them (whole tensors) on its calibration batches; the rest is frozen in the module before AOTAutograd
-    traces, so no graph of this compile computes their gradients. Dynamo's guards on their ``requires_grad`` then
-    recompile the graph once, and the plan made here is reused."""
+    traces, so no graph of this compile computes their gradients (where Dynamo's guards on their ``requires_grad``
+    compile the frame again, the joint graph is the same and its plan is reused: ``Session.same_graph``)."""
     from memopt.api import _sparse_plan
 
     roots = _root_modules(gm)
