@@ -107,8 +107,7 @@ def test_a_step_equals_eager_and_its_measured_peak_fits_the_budget(name, lowerin
     expected.backward()
     # the arena is held for the whole span of what it places: its own smallest budget (the error's, before anything
     # ran) can be above the halfway one, and it must meet it. That smallest budget comes from time-limited searches,
-    # which can land a little higher when planned again (seen once, under load: 1.81 MiB, then 1.84): a second
-    # error's budget is taken too
+    # which can land a little higher when planned again: a second error's budget is taken too
     for attempt in range(3):
         torch.manual_seed(3)
         try:
