@@ -5,6 +5,7 @@
     model = memopt.compile(model, budget="24GB", optimizer=opt)  # trains with the plan: model(x).backward()
     torch.compile(model, backend="memopt", options={"budget": "24GB"})  # memopt.backend.plans(options)
     memopt.measure_peak(step_fn)  # the real peak of one call
+    memopt.plan(model, rank_batch, optimizer=opt, budget="80GB", world_size=8)  # one rank of 8 under FSDP2
 """
 
 from memopt import backend
@@ -23,7 +24,8 @@ from memopt.errors import (
     ModelForwardError,
     UnsupportedOptimizerError,
 )
-from memopt.measure import MeasuredPeak, measure_peak
+from memopt.largest import Largest, largest_fitting
+from memopt.measure import MeasuredPeak, measure_peak, measure_steady_peak
 from memopt.report.pareto import ParetoCurve, ParetoPoint, pareto
 from memopt.report.plan import MemoryPlan
 
@@ -31,6 +33,7 @@ __all__ = [
     "DEVICES", "backend", "BudgetInfeasibleError", "BudgetParseError", "CaptureError", "CompiledModule", "DeviceSpec",
     "LossNotScalarError", "compile",
     "MeasuredPeak", "MemoptError", "MemoptWarning", "MemoryPlan", "ModelForwardError", "UnsupportedOptimizerError",
-    "format_bytes", "get_device", "measure_peak", "parse_budget", "plan",
+    "format_bytes", "get_device", "Largest", "largest_fitting", "measure_peak", "measure_steady_peak", "parse_budget",
+    "plan",
     "ParetoCurve", "ParetoPoint", "pareto",
 ]

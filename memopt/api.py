@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from memopt.lower.runner import Executor, StepRunner, run_step
 from memopt.passes.optimizer_memory import ParamInfo, optimizer_groups
 from memopt.passes.remat_plan import SOLVERS
 from memopt.passes.row_slices import rows_name, slice_rows, split_rows
+from memopt.passes.sharding import default_sharding, sharding_of, without_fsdp_hooks
 from memopt.pipeline import run_pipeline
 from memopt.report.plan import MemoryPlan, UpdatePlan
 from memopt.sparse_update import (
@@ -51,6 +53,7 @@ def plan(
     update: str = "full",
     calibration: list | tuple | None = None,
     compress: str | None = None,
+    world_size: int | None = None,
     config: PlanConfig | None = None,
 ) -> MemoryPlan:
     """The memory plan of one steady-state training step of ``model`` on ``example_inputs``.
@@ -82,6 +85,11 @@ def plan(
     parameter tensors whose contribution, scored on those batches, is the largest a step within the budget can
     hold; the others are frozen, so the backward computes no gradient for them and nothing below the deepest
     tensor trained (``memopt.sparse_update``; the plan's ``update``). Parameters the user froze stay frozen.
+    ``world_size=N`` plans one rank of N under FSDP2 (``fully_shard`` on every block of the model's layer
+    lists, then on the root, as torchtitan wraps): parameters, gradients and optimizer state as dim-0 shards, plus
+    what the engine gathers (each unit's parameters for its forward and backward, the all-gather outputs it
+    prefetches, the reduce-scatter inputs), in the ledger as ``gathered``; ``example_inputs`` is one rank's
+    batch and ``budget`` one rank's (``memopt.passes.sharding``).
     The calibration batches run eagerly, through the model, to score; ``config`` sets every other knob
     (solver time limits, headroom). Otherwise nothing is run: the
     step is traced on fake tensors, and the model is left as it was.
@@ -90,13 +98,15 @@ def plan(
                      step_in_backward=step_in_backward, compress=compress)
     budget_bytes = parse_budget(budget)
     check_update(update, calibration)
+    if world_size is not None or sharding_of(model) is not None:
+        _check_sharded(world_size, config, update)
     if update == "sparse":
         if budget_bytes is None:
             raise MemoptError("update='sparse' chooses what to train under a budget: pass budget=...")
         return _sparse_plan(model, example_inputs, calibration, loss_fn=loss_fn, optimizer=optimizer,
                             device=device, offload=offload, fake=fake, config=config, budget_bytes=budget_bytes)
     plan_at = _planner(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, device=device,
-                       offload=offload, fake=fake, config=config)
+                       offload=offload, fake=fake, config=config, world_size=world_size)
     if budget_bytes is None:
         return plan_at(None)
     # the plan of the step as the FX lowering runs it (a rewrite over its target is planned again for less)
@@ -148,17 +158,31 @@ def _sparse_plan(model: nn.Module, example_inputs: tuple | list | dict | torch.T
 def _planner(model: nn.Module, example_inputs: tuple | list | dict | torch.Tensor, *,
              loss_fn: Callable[[Any], torch.Tensor] | None, optimizer: Any, device: str | DeviceSpec | None,
              offload: bool | None, fake: bool | None, config: PlanConfig,
-             trainable: frozenset[str] | None = None) -> Callable[[int | None], MemoryPlan]:
+             trainable: frozenset[str] | None = None, world_size: int | None = None
+             ) -> Callable[[int | None], MemoryPlan]:
     """The step traced once (training ``trainable``, by default what requires grad; a name may be a row slice,
-    ``rows_name``), and the function that plans it for a target number of bytes (None: no budget)."""
+    ``rows_name``), and the function that plans it for a target number of bytes (None: no budget);
+    ``world_size``: one rank's, sharded by FSDP2."""
     spec = get_device(device, default=_device_of(model))
     config = _with_offload(config, offload, spec)
     names, rows = split_rows(trainable) if trainable is not None else (None, {})
-    step = slice_rows(capture(model, example_inputs, loss_fn=loss_fn, fake=fake, trainable=names), rows)
+    # a model wrapped with fully_shard is planned as its units shard it, traced as the computation they gather for
+    sharding = sharding_of(model)
+    if sharding is not None and world_size not in (None, sharding.world_size):
+        raise MemoptError(f"the model is sharded over {sharding.world_size} ranks by fully_shard, not world_size="
+                          f"{world_size}: leave world_size out, or plan the unwrapped model")
+    with without_fsdp_hooks(model) if sharding is not None else contextlib.nullcontext():
+        step = slice_rows(capture(model, example_inputs, loss_fn=loss_fn, fake=fake, trainable=names), rows)
+    if sharding is None and world_size is not None:
+        sharding = default_sharding(model, world_size)
     named = dict(model.named_parameters())
     by_node = {node.name: node for node in step.graph.graph.nodes}
     gradient = {name: by_node[node].meta["val"] for name, node in step.gradients.items()}
     params = [ParamInfo(name, tuple(gradient[name].shape), gradient[name].element_size()) for name in step.gradients]
+    if sharding is not None:
+        # each rank's optimizer updates its shards only
+        step = dataclasses.replace(step, sharding=sharding)
+        params = [ParamInfo(p.name, sharding.shard_shape(p.name), p.itemsize) for p in params]
     groups_of = optimizer_groups(optimizer, named)
     if groups_of is not None:  # a row slice is in its tensor's group
         groups_of = {**groups_of, **{rows_name(name, k): groups_of[name] for name, k in rows.items()
@@ -194,6 +218,17 @@ def _values(model: nn.Module, step: CapturedStep, example_inputs: tuple | list |
         else:
             values.append(next(inputs))
     return values
+
+
+def _check_sharded(world_size: int | None, config: PlanConfig, update: str) -> None:
+    """What a plan under FSDP2 does not model yet, refused with the way out."""
+    if world_size is not None and (not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1):
+        raise MemoptError(f"world_size must be a positive int (the ranks FSDP2 shards over), got {world_size!r}")
+    for wanted, what in ((config.step_in_backward, "step_in_backward=True"), (config.layout, "layout=True"),
+                         (update != "full", f"update={update!r}")):
+        if wanted:
+            raise MemoptError(f"{what} is not planned under FSDP2 yet (world_size={world_size}): plan one device "
+                              "without world_size, or the sharded step without it")
 
 
 def _device_of(model: nn.Module) -> str:
@@ -320,6 +355,10 @@ def compile(
         offload = config is not None and config.offload
     if budget is None:
         raise MemoptError("memopt.compile needs a budget, e.g. budget='24GB'")
+    if sharding_of(model) is not None:
+        raise MemoptError("memopt.compile does not run a model wrapped with fully_shard yet (FSDP2 gathers and "
+                          "reduces around each unit; memopt's step would bypass it): memopt.plan(model, batch, ...) "
+                          "plans one rank of it, and world_size=N plans the unwrapped model as FSDP2 would run it")
     config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss, chunk_mlp=chunk_mlp,
                      step_in_backward=step_in_backward, compress=compress)
     check_lowering(config, inductor=backend == "inductor", offload=bool(offload), optimizer=optimizer,

@@ -44,10 +44,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    model, inputs, loss_fn, optimizer = _load(args.target, dict(_literal(kv) for kv in args.arg))
-    with timed("plan", _log):  # the trace and every pass
-        plan = memopt.plan(model, inputs, loss_fn=loss_fn, optimizer=optimizer, budget=args.budget,
-                           device=args.device, layout=args.layout, solver=args.solver, config=_config(args))
+    kwargs = dict(_literal(kv) for kv in args.arg)
+
+    def plan_at(**changed: Any) -> memopt.MemoryPlan:
+        model, inputs, loss_fn, optimizer = _load(args.target, {**kwargs, **changed})
+        with timed("plan", _log):  # the trace and every pass
+            return memopt.plan(model, inputs, loss_fn=loss_fn, optimizer=optimizer, budget=args.budget,
+                               device=args.device, layout=args.layout, solver=args.solver,
+                               world_size=args.world_size, config=_config(args))
+
+    if args.largest is None:
+        plan = plan_at()
+    else:
+        found = _largest(args, kwargs, plan_at)
+        print(found)
+        if found.plan is None:
+            return 1
+        plan = found.plan
     if args.json:
         print(plan.to_json())
     else:
@@ -57,6 +70,21 @@ def _plan(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"\ntimeline: {path}")
     return 0
+
+
+def _largest(args: argparse.Namespace, kwargs: dict[str, Any], plan_at: Any) -> memopt.Largest:
+    """The largest value of FACTORY's argument ``--largest`` that fits ``--budget``, from its --arg or default."""
+    if args.budget is None:
+        raise MemoptError("--largest searches for the largest value that fits a budget: give --budget too")
+    start = kwargs.get(args.largest)
+    if start is None:
+        default = inspect.signature(_factory(args.target)).parameters.get(args.largest)
+        start = None if default is None else default.default
+    if not isinstance(start, int) or isinstance(start, bool):
+        raise MemoptError(f"--largest {args.largest}: FACTORY needs an int argument {args.largest!r} to start from "
+                          f"(give --arg {args.largest}=N), got {start!r}")
+    return memopt.largest_fitting(lambda value: plan_at(**{args.largest: value}), name=args.largest, start=start,
+                                  step=args.step)
 
 
 def _pareto(args: argparse.Namespace) -> int:
@@ -104,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--solver", help="remat solver: memopt (default), or a baseline: blocks, sqrt, none")
         command.add_argument("--layout", action="store_true", help="also plan one arena for the intermediates")
         command.add_argument("--png", help="write the timeline plot here")
+        command.add_argument("--world-size", type=int, metavar="N",
+                             help="plan one rank of N under FSDP2 (fully_shard on every block and the root)")
+        command.add_argument("--largest", metavar="NAME", help="the largest value of FACTORY's int argument NAME "
+                             "(batch, seq) that fits --budget: doubling, halving, then bisecting from its value")
+        command.add_argument("--step", type=int, default=1, help="--largest searches multiples of this (default 1)")
     return parser
 
 
@@ -115,14 +148,19 @@ def _literal(pair: str) -> tuple[str, Any]:
         return name, value
 
 
-def _load(target: str, kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+def _factory(target: str) -> Any:
     module_name, _, factory_name = target.rpartition(":")
     if not module_name or not factory_name:
         raise MemoptError(f"{target!r} is not MODULE:FACTORY; e.g. memopt.examples:gpt2")
     try:
-        factory = getattr(_import(module_name), factory_name)
+        return getattr(_import(module_name), factory_name)
     except (ImportError, AttributeError, OSError) as error:
         raise MemoptError(f"cannot load {target!r}: {error}") from error
+
+
+def _load(target: str, kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    factory = _factory(target)
+    factory_name = target.rpartition(":")[2]
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):  # no signature to read (a builtin): let the call say what is wrong

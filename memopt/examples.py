@@ -142,6 +142,30 @@ def llama7b(seq: int = 4096, batch: int = 1, layers: int = 32) -> Workload:
                                 f"device, seq {seq}, batch {batch}")
 
 
+def llama70b(seq: int = 4096, batch: int = 1, layers: int = 80) -> Workload:
+    """Llama-3-70B's shape (80 layers, hidden 8192, 28672 MLP, 64 heads, 8 KV heads, vocab 128256) in bf16 on
+    the meta device: planned from shapes only, one rank's batch (``memopt plan ... --world-size 8``)."""
+
+    def build() -> nn.Module:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            num_hidden_layers=layers, hidden_size=8192, num_attention_heads=64, num_key_value_heads=8,
+            intermediate_size=28672, vocab_size=128256, max_position_embeddings=max(seq, 8192), use_cache=False,
+        )
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model.loss_type = "ForCausalLM"
+        return model
+
+    def inputs() -> dict:
+        ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
+        return {"input_ids": ids, "labels": ids}
+
+    return Workload(name="llama70b" if layers == 80 else f"llama70b-{layers}L", build=build, inputs=inputs,
+                    description=f"Llama-70B shape in bf16 on the meta device, seq {seq}, batch {batch}")
+
+
 def mlp(width: int = 512, depth: int = 32, batch: int = 1024) -> Workload:
     """A residual MLP of `depth` blocks: activations and optimizer state both matter."""
 

@@ -39,6 +39,7 @@ from memopt.passes.order_plan import plan_order
 from memopt.passes.recompute import apply_recompute
 from memopt.passes.remat_plan import RecomputePlan, plan_recompute
 from memopt.passes.scratch import ScratchModel, measure_scratch
+from memopt.passes.sharding import shard_table
 from memopt.passes.step_in_backward import (
     sink_steps,
     step_temporaries,
@@ -227,6 +228,7 @@ def run_pipeline(
         history=tuple(history.records),
         fake=step.fake,
         graph_nodes=len(table.node_names),
+        sharding=step.sharding,
         order=order,
         arena=arena,
         eager_peak_bytes=eager_peak,
@@ -244,6 +246,8 @@ def _analysed(history: _History, step: CapturedStep, opt: OptimizerMemory, scrat
               ) -> tuple[StorageTable, Liveness, tuple[int, ...], MemoryTimeline, LowerBound]:
     """The step's storages, their live ranges, each node's scratch, the timeline and the smallest budget."""
     table = history.run("storages", storage_table, step)
+    if step.sharding is not None:
+        table = history.run("sharding", shard_table, table, step.gradients, step.sharding)
     live = history.run("liveness", liveness, table)
     scratch = _scratch(step, scratch_model, opt)
     timeline = history.run("timeline", memory_timeline, table, live, opt, scratch)

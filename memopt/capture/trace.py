@@ -17,15 +17,19 @@ import time
 from functools import partial
 from dataclasses import dataclass, field
 from collections.abc import Collection
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.tensor import DTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
 from memopt.errors import CaptureError, LossNotScalarError, ModelForwardError
+
+if TYPE_CHECKING:
+    from memopt.passes.sharding import Sharding
 
 InputRole = Literal["parameter", "buffer", "input", "tangent"]  # tangent: a gradient fed to the backward
 
@@ -56,6 +60,8 @@ class CapturedStep:
     mutated_inputs: tuple[str, ...] = ()  # placeholders written after the forward (AOTAutograd's input mutations)
     # parameters the optimizer updates inside the backward -> their gradient's node (freed there, not returned)
     stepped: dict[str, str] = field(default_factory=dict)
+    # FSDP2 runs the step sharded over ranks: the storages are planned as one rank holds them (memopt.passes.sharding)
+    sharding: Sharding | None = None
 
 
 
@@ -210,8 +216,13 @@ def _module_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 
 def _fake(mode: FakeTensorMode, tensor: torch.Tensor) -> torch.Tensor:
-    """A fake tensor like ``tensor``; one on the meta device becomes a fake CPU tensor."""
+    """A fake tensor like ``tensor``; one on the meta device becomes a fake CPU tensor, and a sharded one (FSDP2's
+    DTensor parameters) the whole tensor it stands for, which the computation reads once gathered."""
     detached = tensor.detach()
+    if isinstance(tensor, DTensor):
+        with mode:
+            return torch.empty(tensor.shape, dtype=tensor.dtype,
+                               device="cpu" if tensor.device.type == "meta" else tensor.device)
     if tensor.device.type != "meta":
         return mode.from_tensor(detached)
     with mode:

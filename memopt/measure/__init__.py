@@ -6,6 +6,8 @@ from memopt.measure.profiler import (
     live_tensor_bytes,
     mark_host_memory,
     measure_peak,
+    measure_steady_peak,
 )
 
-__all__ = ["MeasuredPeak", "host_memory_bytes", "live_tensor_bytes", "mark_host_memory", "measure_peak"]
+__all__ = ["MeasuredPeak", "host_memory_bytes", "live_tensor_bytes", "mark_host_memory", "measure_peak",
+           "measure_steady_peak"]

@@ -154,7 +154,10 @@ def _live_storage_sizes(want: torch.device) -> dict[int, int]:
         for storage in _storages(obj):
             where = storage.device
             if where.type == want.type and (want.index is None or where.index == want.index):
-                ptr = storage.data_ptr()
+                try:
+                    ptr = storage.data_ptr()
+                except RuntimeError:  # a wrapper subclass's (DTensor's) placeholder; its local tensor is scanned
+                    continue
                 nbytes_by_ptr[ptr] = max(nbytes_by_ptr.get(ptr, 0), storage.nbytes())
     nbytes_by_ptr.pop(0, None)  # empty storages
     for ptr in _HOST_BLOCKS:
@@ -162,7 +165,34 @@ def _live_storage_sizes(want: torch.device) -> dict[int, int]:
     return nbytes_by_ptr
 
 
-def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> MeasuredPeak:
+_SECOND_CALL = "memopt::second_call"
+
+
+def measure_steady_peak(step_fn: Callable[[], Any], between: Callable[[], Any] | None = None) -> MeasuredPeak:
+    """The peak of ``step_fn``'s second call of two made in one profiler session (CPU).
+
+    A block allocated before a session and freed in it emits no free event, and a training step frees what
+    the step before it left (a sharded engine keeps communication buffers from one step into the next), so a
+    single measured call would count such a block as live to its end. Here the first call frees what came
+    before; ``between`` runs after it (``optimizer.zero_grad``, say); a scan of the live tensors then gives the
+    true bytes as the second call starts, and its events count from there. The timeline is the second call's.
+    """
+    scanned: dict[str, int] = {}
+
+    def twice() -> Any:
+        step_fn()
+        if between is not None:
+            between()
+        gc.collect()
+        scanned["live"] = sum(_live_storage_sizes(torch.device("cpu")).values())
+        with torch.profiler.record_function(_SECOND_CALL):
+            return step_fn()
+
+    return _measure_cpu(twice, (), {}, second_call=scanned)
+
+
+def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict,
+                 second_call: dict[str, int] | None = None) -> MeasuredPeak:
     if torch.autograd._profiler_enabled():
         raise MeasurementError(
             "measure_peak on CPU starts its own torch.profiler session, but a profiler is already running on this "
@@ -181,6 +211,8 @@ def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Meas
     start_ns = results.trace_start_ns()
     roots = results.experimental_event_tree()
     end_ns = max((node.end_time_ns for node in roots), default=start_ns)
+    if second_call is not None:
+        return _second_call(roots, baseline, live_at_entry, end, second_call["live"], result)
     live, highest = baseline, baseline
     timeline = [(0, baseline)]
     allocated_here: set[int] = set()
@@ -206,6 +238,75 @@ def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Meas
     )
     return MeasuredPeak(highest, baseline, end, tuple(timeline), unaccounted, "cpu", result, max(end_ns - start_ns, 0),
                         host_memory_bytes())
+
+
+def _second_call(roots: list[Any], baseline: int, live_at_entry: dict[int, int], end: int, live_at_start: int,
+                 result: Any) -> MeasuredPeak:
+    """The second call's peak (measure_steady_peak): its events, counted from the bytes scanned at its start."""
+    (mark,) = [node for node in _walk(roots) if node.name == _SECOND_CALL]
+    live = baseline
+    highest, timeline = None, []
+    for at_ns, ptr, nbytes in _closed_collective_blocks(roots):
+        if ptr in _HOST_BLOCKS:
+            continue
+        if nbytes < 0 and ptr in live_at_entry:
+            nbytes = -live_at_entry.pop(ptr)
+        if at_ns >= mark.start_time_ns and highest is None:
+            # the events before the second call miss the frees of blocks older than the session: restart the count
+            # from the scan
+            live, highest = live_at_start, live_at_start
+            timeline.append((0, live))
+        live += nbytes
+        if highest is not None:
+            highest = max(highest, live)
+            timeline.append((max(at_ns - mark.start_time_ns, 0), live))
+    if highest is None:
+        highest, timeline = live_at_start, [(0, live_at_start)]
+    return MeasuredPeak(highest, live_at_start, end, tuple(timeline), end - live, "cpu", result,
+                        max(mark.end_time_ns - mark.start_time_ns, 0), host_memory_bytes())
+
+
+_COLLECTIVE_SCOPES = ("c10d::", "gloo:", "nccl:")
+
+
+def _closed_collective_blocks(roots: list[Any]) -> list[tuple[int, int, int]]:
+    """The session's events, plus a free for each block a collective allocated whose free reached no profiler.
+
+    gloo runs each collective on a worker thread, which drops the collective's temporaries (the copy of a
+    reduce-scatter's input, say) once the work completes, and that thread reports to no profiler; a block
+    allocated inside a collective is freed when the collective ends, if no free of it is seen before then: the
+    next allocation at its address, or the end of the session.
+    """
+    events = _cpu_allocation_events(roots)
+    scope_end = {}
+    for node in _walk(roots):
+        if node.tag == _EventType.Allocation and node.extra_fields.alloc_size > 0:
+            scope = node.parent
+            while scope is not None and not scope.name.startswith(_COLLECTIVE_SCOPES):
+                scope = scope.parent
+            if scope is not None:
+                scope_end[(node.start_time_ns, node.extra_fields.ptr)] = scope.end_time_ns
+    closed: list[tuple[int, int, int]] = []
+    open_blocks: dict[int, tuple[int, int]] = {}  # ptr -> (bytes, when its collective ended) of collective blocks
+    for at_ns, ptr, nbytes in events:
+        if nbytes > 0:
+            if ptr in open_blocks:  # the address came back: its block was freed unseen
+                size, ended = open_blocks.pop(ptr)
+                closed.append((min(ended, at_ns), ptr, -size))
+            if (at_ns, ptr) in scope_end:
+                open_blocks[ptr] = (nbytes, scope_end[(at_ns, ptr)])
+        else:
+            open_blocks.pop(ptr, None)
+    closed.extend((ended, ptr, -size) for ptr, (size, ended) in open_blocks.items())
+    return sorted(events + closed, key=lambda event: event[0])
+
+
+def _walk(roots: list[Any]) -> Iterator[Any]:
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        yield node
 
 
 @contextmanager
@@ -264,10 +365,7 @@ def _cpu_allocation_events(roots: list[Any]) -> list[tuple[int, int, int]]:
     nothing.
     """
     events = []
-    stack = list(roots)
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
+    for node in _walk(roots):
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
             fields = node.extra_fields
             events.append((node.start_time_ns, fields.ptr, fields.alloc_size))

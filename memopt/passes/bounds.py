@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memopt.passes.liveness import Liveness, MemoryTimeline
-from memopt.passes.storage import BUFFERS, GRADIENTS, INPUTS, OPTIMIZER_STATE, PARAMETERS, StorageTable
+from memopt.passes.storage import BUFFERS, GATHERED, GRADIENTS, INPUTS, OPTIMIZER_STATE, PARAMETERS, StorageTable
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +27,8 @@ def minimum_budget(
 ) -> LowerBound:
     """A lower bound on the peak of every rematerialization plan of this step (``scratch``: per node)."""
     best = LowerBound(0, "", "")
-    held = (PARAMETERS, BUFFERS, INPUTS, OPTIMIZER_STATE, GRADIENTS)
+    # (and what FSDP2 holds gathered: the engine's, whatever is recomputed)
+    held = (PARAMETERS, BUFFERS, INPUTS, OPTIMIZER_STATE, GRADIENTS, GATHERED)
     for pos, node in enumerate(live.order):
         resident = sum(timeline.by_category[c][pos] for c in held)
         operands = sum(

@@ -28,7 +28,7 @@ from memopt.passes.op_kinds import (
     written_inputs,
 )
 from memopt.passes.order_plan import copy_graph
-from memopt.passes.storage import StorageTable, shares_storage
+from memopt.passes.storage import GATHERED, StorageTable, shares_storage
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +89,8 @@ def recompute_candidates(graph: fx.GraphModule, table: StorageTable,
     makers = {storage.node for storage in table.storages}
     by_name = {node.name: i for i, node in enumerate(nodes)}
     candidates = []
-    forward_made = [s for s in table.storages if 0 <= s.defined_at < table.backward_start]
+    # (what FSDP2 gathers is the engine's, made by no node of the graph)
+    forward_made = [s for s in table.storages if 0 <= s.defined_at < table.backward_start and s.category != GATHERED]
     for storage in forward_made:
         maker = by_name[storage.node]
         if storage.is_output or maker in tainted or nodes[maker].op != "call_function" \

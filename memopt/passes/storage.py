@@ -27,7 +27,8 @@ OPTIMIZER_STATE = "optimizer_state"
 ACTIVATIONS = "activations"  # produced by the forward and read by the backward (saved tensors)
 TEMPORARIES = "temporaries"  # everything else that lives between two ops
 OFFLOADED = "offloaded"  # host side; no bytes on the device
-CATEGORIES = (PARAMETERS, BUFFERS, INPUTS, GRADIENTS, OPTIMIZER_STATE, ACTIVATIONS, TEMPORARIES)
+GATHERED = "gathered"  # FSDP2's: parameters gathered whole, all-gather outputs, reduce-scatter inputs (one rank's)
+CATEGORIES = (PARAMETERS, BUFFERS, INPUTS, GRADIENTS, OPTIMIZER_STATE, ACTIVATIONS, TEMPORARIES, GATHERED)
 
 
 @dataclass(frozen=True, slots=True)

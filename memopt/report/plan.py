@@ -15,6 +15,7 @@ from memopt.passes.arena_plan import ArenaPlan
 from memopt.passes.bounds import LowerBound
 from memopt.passes.liveness import Liveness, MemoryTimeline
 from memopt.passes.optimizer_memory import OptimizerMemory
+from memopt.passes.sharding import Sharding
 from memopt.passes.storage import (
     ACTIVATIONS,
     BUFFERS,
@@ -231,6 +232,7 @@ class MemoryPlan:
     compressed: tuple[CompressedTensor, ...] = ()  # saved activations packed to int8 or fp8 (compress=): approximate
     stepped: tuple[str, ...] = ()  # parameters the optimizer updates inside the backward (step_in_backward)
     update: UpdatePlan | None = None  # the sparse update the step trains (update="sparse")
+    sharding: Sharding | None = None  # FSDP2's units and world size: the figures are one rank's (world_size=)
     program: CapturedStep | None = dataclasses.field(default=None, compare=False, repr=False)  # what runs
 
     # -- the numbers --------------------------------------------------------
@@ -267,10 +269,13 @@ class MemoryPlan:
     @property
     def static_ledger(self) -> dict[str, int]:
         """What a step holds whatever is recomputed: parameters, buffers, all gradients, optimizer state."""
+        # sharded (FSDP2), a gradient is held whole only until its unit's reduce-scatter: its shard stays
+        gradients = (self.storages.bytes_of(GRADIENTS) if self.sharding is None else
+                     sum(s.nbytes for s in self.storages.by_category(GRADIENTS) if s.is_output))
         return {
             PARAMETERS: self.storages.bytes_of(PARAMETERS),
             BUFFERS: self.storages.bytes_of(BUFFERS),
-            GRADIENTS: self.storages.bytes_of(GRADIENTS),
+            GRADIENTS: gradients,
             OPTIMIZER_STATE: self.optimizer.state_bytes,
         }
 
@@ -345,6 +350,8 @@ class MemoryPlan:
         data["chunks"] = [{"region": "loss head", "ops": [c.loss], "chunks": c.chunks, "kernel": c.kernel}
                           for c in self.chunked]
         data["chunks"] += [{"region": "mlp", "ops": [c.down], "chunks": c.chunks} for c in self.chunked_mlp]
+        if self.sharding is not None:
+            data["sharding"] = self.sharding.describe()
         if self.update is not None:
             data["update"] = {**{key: value for key, value in dataclasses.asdict(self.update).items()
                                  if key != "tensors"},
@@ -406,6 +413,10 @@ class MemoryPlan:
         budget = "none" if self.budget_bytes is None else _both(self.budget_bytes)
         lines.append(f"budget: {budget}")
         lines.append(f"predicted peak: {_both(self.peak_bytes)} at {self.peak_node}")
+        if self.sharding is not None:
+            units = len(self.sharding.units) - 1
+            lines.append(f"per rank of {self.sharding.world_size} (FSDP2: {units} unit{'s' * (units != 1)} and the "
+                         "root; 'gathered' is what the engine gathers and reduces)")
         if self.compiled_peak_bytes is not None:
             lines.append(f"Inductor's code: {_both(self.compiled_peak_bytes)} (the step that runs; fused kernels "
                          "skip intermediates the graph above counts)")

@@ -1,0 +1,246 @@
+"""Per-rank memory under FSDP2 (``fully_shard``): what each rank holds as the engine runs the step.
+
+memopt plans around FSDP2 and changes none of its collectives. The step is traced
+unsharded (the computation is the same on every rank, on its own part of the batch);
+this pass turns its storage table into one rank's, as FSDP2 holds memory
+(torch/distributed/fsdp/_fully_shard, read for torch 2.13, and checked against the
+profiler on two gloo processes in tests/test_sharding.py):
+
+- every parameter of a unit lives as its dim-0 shard, padded to a multiple of the
+  world size (``ceil(rows / world) * row bytes``), and so does its gradient once the
+  unit's reduce-scatter ran; optimizer state is on the shards (the planner gives the
+  optimizer model the shards' shapes);
+- a unit's parameters are gathered whole (the all-gather's output, then the
+  unsharded parameters copied out of it) for its forward and again for its backward;
+  the root unit's stay gathered from the first forward to the end of the backward;
+- in the forward the all-gather output of a unit is held until the next unit's
+  copy-out (implicit prefetch); in the backward, each unit's pre-backward prefetches
+  the next unit's all-gather;
+- a unit's gradients exist whole until its post-backward, whose reduce-scatter input
+  (the gradients copied into one flat buffer) is held until the next unit's
+  post-backward frees it (``reduce_scatter_max_input_buffers`` = 1).
+
+A unit's forward and backward spans are the graph's nodes that read its parameters
+(and, in the backward, make its gradients), so a recompute rewrite that moves a
+forward op into the backward keeps it inside its unit's backward span, where FSDP2
+gathers the parameters anyway: a recomputation never gathers twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+from memopt.errors import MemoptError
+from memopt.passes.storage import GATHERED, GRADIENTS, PARAMETERS, Storage, StorageTable
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """One ``fully_shard`` unit: the parameters it gathers together."""
+
+    name: str  # the module's path ("" for the root)
+    params: tuple[str, ...]  # names as ``model.named_parameters()`` gives them
+    reshard_after_forward: bool = True
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How FSDP2 shards the model: the world size and the units, the root last."""
+
+    world_size: int
+    units: tuple[Unit, ...]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # parameter -> its unsharded shape
+    itemsizes: dict[str, int] = field(default_factory=dict)
+
+    def padded_bytes(self, name: str) -> int:
+        """What the all-gather of ``name`` returns: its rows padded to a multiple of the world size."""
+        return self.shard_bytes(name) * self.world_size
+
+    def shard_bytes(self, name: str) -> int:
+        """One rank's part of ``name`` (rank 0's, the largest): ``ceil(rows / world)`` rows."""
+        shape = self.shapes[name] or (1,)
+        return math.ceil(shape[0] / self.world_size) * math.prod(shape[1:]) * self.itemsizes[name]
+
+    def shard_shape(self, name: str) -> tuple[int, ...]:
+        shape = self.shapes[name] or (1,)
+        return (math.ceil(shape[0] / self.world_size), *shape[1:])
+
+    def gathered_bytes(self, unit: Unit) -> int:
+        return sum(self.padded_bytes(p) for p in unit.params)
+
+    @property
+    def root(self) -> Unit:
+        return self.units[-1]
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "world_size": self.world_size,
+            "units": [{"name": u.name or "(root)", "params": len(u.params), "gathered_bytes": self.gathered_bytes(u),
+                       "reshard_after_forward": u.reshard_after_forward} for u in self.units],
+        }
+
+
+def default_sharding(model: nn.Module, world_size: int) -> Sharding:
+    """The wrapping torchtitan and FSDP2's examples apply: ``fully_shard`` on every block of a layer list
+    (the children of an ``nn.ModuleList`` that hold parameters), then on the root, which takes the rest."""
+    blocks = [f"{path}.{child}" if path else child for path, module in model.named_modules()
+              if isinstance(module, nn.ModuleList)
+              for child, block in module.named_children() if any(True for _ in block.parameters())]
+    return _sharding(model, world_size, [(name, True) for name in blocks])
+
+
+def sharding_of(model: nn.Module) -> Sharding | None:
+    """The units of a model already wrapped with ``fully_shard`` (None: not wrapped), as FSDP2 holds them."""
+    wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, FSDPModule)]
+    if not wrapped:
+        return None
+    if wrapped[0][0] != "":
+        raise MemoptError(f"the model's blocks are wrapped with fully_shard ({wrapped[0][0]}, ...) but the model "
+                          "itself is not: wrap it too (fully_shard(model)), as FSDP2 expects of the root")
+    worlds, units = set(), []
+    for name, module in wrapped:
+        state = module._get_fsdp_state()
+        group = state._fsdp_param_group
+        if group is None:
+            continue
+        if len(group.modules) > 1:
+            raise MemoptError(f"fully_shard over several modules at once ({name}) is not planned yet: wrap each "
+                              "module on its own")
+        policy = group.mp_policy
+        if policy.param_dtype is not None or policy.reduce_dtype is not None:
+            raise MemoptError(f"{name or 'the root'} has a MixedPrecisionPolicy ({policy}), which memopt does not "
+                              "plan yet: plan with the parameters in the dtype the step computes in (model.to(...)) "
+                              "and world_size=N, unwrapped")
+        if type(group.mesh_info).__name__ != "FSDPMeshInfo":
+            raise MemoptError(f"{name or 'the root'} is sharded on a {type(group.mesh_info).__name__} (HSDP or "
+                              "replicate), which memopt does not plan yet; plan one shard group with world_size=N")
+        worlds.add(group.mesh_info.shard_mesh_size)
+        units.append((name, group.post_forward_mesh_info is not None))
+    if len(worlds) > 1:
+        raise MemoptError(f"the units are sharded over meshes of different sizes {sorted(worlds)}: plan one")
+    return _sharding(model, worlds.pop() if worlds else 1, [u for u in units if u[0]])
+
+
+@contextmanager
+def without_fsdp_hooks(model: nn.Module) -> Iterator[None]:
+    """FSDP2's forward hooks (gather, reshard) off while memopt traces the computation they wrap; the user's own
+    hooks stay, and every hook is back, in its place, afterwards."""
+    saved = []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            state = module._get_fsdp_state()
+            engine = {state._pre_forward_hook_handle.id, state._post_forward_hook_handle.id}
+            for attribute in ("_forward_pre_hooks", "_forward_hooks"):
+                hooks = getattr(module, attribute)
+                saved.append((module, attribute, hooks))
+                setattr(module, attribute, OrderedDict((k, v) for k, v in hooks.items() if k not in engine))
+    try:
+        yield
+    finally:
+        for module, attribute, hooks in saved:
+            setattr(module, attribute, hooks)
+
+
+def _sharding(model: nn.Module, world_size: int, wrapped: Sequence[tuple[str, bool]]) -> Sharding:
+    """Units from module paths (each with its reshard_after_forward); the root holds what no unit does."""
+    named = dict(model.named_parameters())
+    owner: dict[str, str] = {}
+    for name, _ in sorted(wrapped, key=lambda w: len(w[0])):  # the deepest unit that holds a parameter owns it
+        prefix = name + "."
+        for param in named:
+            if param.startswith(prefix):
+                owner[param] = name
+    units = [Unit(name, tuple(p for p in named if owner.get(p) == name), reshard) for name, reshard in wrapped]
+    root = Unit("", tuple(p for p in named if p not in owner), False)  # FSDP2 never reshards the root after forward
+    return Sharding(world_size, (*[u for u in units if u.params], root),
+                    {n: tuple(p.shape) for n, p in named.items()}, {n: p.element_size() for n, p in named.items()})
+
+
+def shard_table(table: StorageTable, gradients: dict[str, str], sharding: Sharding) -> StorageTable:
+    """One rank's storages of the step: parameters and reduced gradients as shards, and FSDP2's gathered
+    parameters and communication buffers as storages of their own (category ``gathered``) over the nodes
+    where the engine holds them."""
+    storages = list(table.storages)
+    readers = [list(r) for r in table.readers]
+    end = len(table.node_names) - 1
+    bs = table.backward_start
+    index_of = {s.node: s.index for s in storages if s.category == PARAMETERS}
+    position = {name: i for i, name in enumerate(table.node_names)}
+    gradient_storage = {param: table.values[position[node]] for param, node in gradients.items() if node in position}
+
+    def add(nbytes: int, first: int, last: int, category: str, label: str, output: bool = False) -> None:
+        if nbytes <= 0 or last < first:
+            return
+        storages.append(Storage(len(storages), nbytes, first, last, category, label, output))
+        readers.append([last])
+
+    spans: list[tuple[Unit, tuple[int, int] | None, tuple[int, int] | None]] = []
+    for unit in sharding.units:
+        forward, backward = [], []
+        for param in unit.params:
+            if param in index_of:
+                for r in table.readers[index_of[param]]:
+                    (forward if r < bs else backward).append(r)
+            if param in gradients and gradients[param] in position:  # the gradient node (often a view of it)
+                backward.append(position[gradients[param]])
+            for key in gradient_storage.get(param, ()):
+                backward.append(storages[key].defined_at)
+        spans.append((unit, (min(forward), max(forward)) if forward else None,
+                      (min(backward), max(backward)) if backward else None))
+
+    blocks = [(u, f, b) for u, f, b in spans[:-1] if f is not None]
+    blocks.sort(key=lambda s: s[1][0])  # forward order
+    root = sharding.root
+    root_bytes = sharding.gathered_bytes(root)
+    first_block = blocks[0][1][0] if blocks else end
+    # the root's parameters, gathered before the first op and kept to the end of the backward; its all-gather
+    # output until the first block's copy-out
+    add(root_bytes, 0, end, GATHERED, "(root) unsharded parameters")
+    add(root_bytes, 0, first_block, GATHERED, "(root) all-gather output")
+    for k, (unit, (f0, f1), backward) in enumerate(blocks):
+        size = sharding.gathered_bytes(unit)
+        # (the last one's: until the backward starts, when the root's pre-backward drops it)
+        next_copy_out = blocks[k + 1][1][0] if k + 1 < len(blocks) else max(f1, bs)
+        add(size, f0, next_copy_out, GATHERED, f"{unit.name} all-gather output (forward)")
+        if backward is None or not unit.reshard_after_forward:
+            add(size, f0, backward[1] if backward else f1, GATHERED, f"{unit.name} unsharded parameters")
+            continue
+        add(size, f0, f1, GATHERED, f"{unit.name} unsharded parameters (forward)")
+        # resharded by the post-backward, after the unit's last op, before its reduce-scatter input exists
+        add(size, backward[0], max(backward[0], backward[1] - 1), GATHERED,
+            f"{unit.name} unsharded parameters (backward)")
+    # the backward, blocks in reverse: each one's all-gather prefetched at the previous one's pre-backward (the
+    # first at the backward's start), its reduce-scatter input held until the next one's post-backward
+    backward_order = sorted(((b, u) for u, _, b in blocks if b is not None), key=lambda item: item[0][0])
+    previous_start = bs
+    for k, ((b0, b1), unit) in enumerate(backward_order):
+        size = sharding.gathered_bytes(unit)
+        if unit.reshard_after_forward:
+            add(size, previous_start, b0, GATHERED, f"{unit.name} all-gather output (backward prefetch)")
+        previous_start = b0
+        # allocated once the unit's gradients are final (they are copied into it, then freed), and freed by the
+        # next unit's post-backward before that one allocates its own
+        freed = backward_order[k + 1][0][1] - 1 if k + 1 < len(backward_order) else end
+        add(size, b1, max(b1, freed), GATHERED, f"{unit.name} reduce-scatter input")
+    # gradients: whole until their unit's post-backward, then a shard to the end of the step
+    reduced_at = {p: b[1] for u, _, b in spans if b is not None for p in u.params}
+    for param, keys in gradient_storage.items():
+        at = reduced_at.get(param, end)
+        for key in keys:
+            s = storages[key]
+            if s.category != GRADIENTS:
+                continue
+            storages[key] = replace(s, last_use=max(at, s.defined_at), is_output=False)
+            readers[key] = sorted({*readers[key], max(at, s.defined_at)})
+        add(sharding.shard_bytes(param), at, end, GRADIENTS, f"{param} (gradient shard)", output=True)
+    for param, key in index_of.items():
+        if param in sharding.shapes:
+            storages[key] = replace(storages[key], nbytes=sharding.shard_bytes(param))
+    return replace(table, storages=tuple(storages), readers=tuple(tuple(r) for r in readers))
