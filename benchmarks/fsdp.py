@@ -80,9 +80,9 @@ class Workload:
     batch: Callable[[int], tuple]  # the whole batch (every rank's share) from a seed
 
 
-def _mlp_batch(seed: int) -> tuple:
+def _mlp_batch(seed: int, rows: int = 128) -> tuple:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(128, 256, generator=generator), torch.randint(0, 10, (128,), generator=generator)
+    return torch.randn(rows, 256, generator=generator), torch.randint(0, 10, (rows,), generator=generator)
 
 
 def _llama_batch(seed: int) -> tuple:
@@ -90,7 +90,12 @@ def _llama_batch(seed: int) -> tuple:
     return ({"input_ids": ids, "labels": ids},)
 
 
-WORKLOADS = {"mlp": Workload("mlp", ResidualMLP, _mlp_batch), "llama": Workload("llama", _llama, _llama_batch)}
+WORKLOADS = {
+    "mlp": Workload("mlp", ResidualMLP, _mlp_batch),
+    "llama": Workload("llama", _llama, _llama_batch),
+    # a batch whose activations outweigh the rank's share of the model: what the budget runs check
+    "mlp-batch": Workload("mlp-batch", ResidualMLP, lambda seed: _mlp_batch(seed, 1024)),
+}
 
 
 def share(batch: tuple, rank: int, world: int) -> tuple:
@@ -121,10 +126,10 @@ def _shard(model: nn.Module) -> nn.Module:
     return fully_shard(model)
 
 
-def _rank(rank: int, world: int, name: str, steps: int, port: int, out: str) -> None:
-    """One rank: trains ``steps`` steps sharded and gathers the parameters, then measures more steps (on the first
-    batch): the profiler's steady-state peak, and FSDPMemTracker's; writes its losses and figures, and (rank 0)
-    the full parameters as they were after the training steps."""
+def _rank(rank: int, world: int, name: str, steps: int, port: int, out: str, budget: int | None) -> None:
+    """One rank: trains ``steps`` steps sharded (with ``memopt.compile`` under ``budget`` bytes per rank, if given)
+    and saves its shards, then measures more steps (on the first batch): the profiler's steady-state peak, and
+    FSDPMemTracker's; writes its losses and figures."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
     torch.set_num_threads(1)
@@ -135,10 +140,11 @@ def _rank(rank: int, world: int, name: str, steps: int, port: int, out: str) -> 
         torch.manual_seed(0)
         model = _shard(workload.build())
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        runner = model if budget is None else memopt.compile(model, budget=budget, optimizer=optimizer)
         losses: list[float] = []
 
         def step(seed: int) -> None:
-            loss = call(model, share(workload.batch(seed), rank, world))
+            loss = call(runner, share(workload.batch(seed), rank, world))
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
@@ -167,6 +173,8 @@ def _rank(rank: int, world: int, name: str, steps: int, port: int, out: str) -> 
             torch.device("cpu")].items()}
         result = {"losses": trained, "measured_peak_bytes": max(reconciled) if reconciled else None,
                   "tries": tries, "tracker": tracked}
+        if budget is not None:
+            result["plan"] = {"peak_bytes": runner.plan.peak_bytes, "checkpointed": runner.plan.checkpointed}
         torch.save(result, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -178,10 +186,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_sharded(name: str, world: int, steps: int = 4) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """Every rank's results, and the full parameters after ``steps`` steps (the ranks' dim-0 shards joined)."""
+def run_sharded(name: str, world: int, steps: int = 4, budget: int | None = None
+                ) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Every rank's results, and the full parameters after ``steps`` steps (the ranks' dim-0 shards joined);
+    ``budget``: trained with ``memopt.compile`` under that many bytes per rank."""
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_rank, args=(world, name, steps, _free_port(), out), nprocs=world)
+        mp.spawn(_rank, args=(world, name, steps, _free_port(), out, budget), nprocs=world)
         results = [torch.load(f"{out}/rank{r}.pt") for r in range(world)]
         shards = [torch.load(f"{out}/shards{r}.pt") for r in range(world)]
     return results, {n: torch.cat([s[n] for s in shards]) for n in shards[0]}

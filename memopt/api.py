@@ -17,6 +17,7 @@ from memopt.config import PlanConfig, check_lowering
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import BudgetInfeasibleError, MemoptError
 from memopt.fit import fit
+from memopt.fsdp import ShardedModule
 from memopt.lower.kernels.compress import with_errors
 from memopt.lower.lowering import FXLowering, Lowering
 from memopt.lower.optimizer_step import InBackwardSteps
@@ -289,8 +290,12 @@ def compile(
     update: str = "full",
     calibration: list | tuple | None = None,
     compress: str | None = None,
-) -> CompiledModule:
+) -> CompiledModule | ShardedModule:
     """``model`` as a module whose training step runs memopt's plan for ``budget``.
+
+    A model wrapped with FSDP2's ``fully_shard`` (each rank calls this with its own batch and a budget per rank)
+    stays FSDP2's to run: memopt plans the rank and runs the blocks its plan chooses under
+    ``torch.utils.checkpoint`` (``memopt.fsdp.ShardedModule``: the model's output as it returns it).
 
     Calling the returned module in training mode with grad enabled runs the
     forward and returns the loss (``loss_fn(output)``, the output itself, or its
@@ -355,12 +360,22 @@ def compile(
         offload = config is not None and config.offload
     if budget is None:
         raise MemoptError("memopt.compile needs a budget, e.g. budget='24GB'")
-    if sharding_of(model) is not None:
-        raise MemoptError("memopt.compile does not run a model wrapped with fully_shard yet (FSDP2 gathers and "
-                          "reduces around each unit; memopt's step would bypass it): memopt.plan(model, batch, ...) "
-                          "plans one rank of it, and world_size=N plans the unwrapped model as FSDP2 would run it")
     config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss, chunk_mlp=chunk_mlp,
                      step_in_backward=step_in_backward, compress=compress)
+    if sharding_of(model) is not None:
+        # FSDP2 runs the step; memopt chooses the blocks it runs under torch.utils.checkpoint (memopt.fsdp)
+        wanted = {"backend='inductor'": backend != "fx", "offload=True": bool(offload), "layout=True": layout,
+                  "step_in_backward=True": config.step_in_backward, f"update={update!r}": update != "full",
+                  f"compress={config.compress!r}": config.compress is not None,
+                  f"solver={solver!r}": solver not in (None, "checkpoint"),
+                  "chunk_loss/chunk_mlp": config.chunk_loss != 1 or config.chunk_mlp != 1}
+        refused = [name for name, asked in wanted.items() if asked]
+        if refused:
+            raise MemoptError(f"a model wrapped with fully_shard is compiled with whole blocks checkpointed only, "
+                              f"not {', '.join(refused)}: leave {'them' if len(refused) > 1 else 'it'} out, or "
+                              "memopt.plan(model, batch, ...) to see what the rank would hold")
+        return ShardedModule(model, budget=parse_budget(budget), loss_fn=loss_fn, optimizer=optimizer,
+                             device=device, config=config, planner=plan)
     check_lowering(config, inductor=backend == "inductor", offload=bool(offload), optimizer=optimizer,
                    fx_name="backend='fx'", inductor_name="backend='inductor'")
     if layout:

@@ -126,6 +126,7 @@ def run_pipeline(
     chunked_mlp: tuple[ChunkedMLP, ...] = ()
     compressed: tuple[CompressedTensor, ...] = ()
     decisions: tuple[Decision, ...] = ()
+    checkpointed: tuple[str, ...] = ()
     solver = SolverReport("none", "not-run", None, None, None, 0.0)
     offload: OffloadSummary | None = None
     if budget_bytes is not None:
@@ -189,6 +190,9 @@ def run_pipeline(
             solver = SolverReport(remat.solver + (" (cached)" if remat.cached else ""), solution.status,
                                   solution.cost_s, solution.lower_bound_s, solution.gap, solution.seconds)
             decisions = tuple(Decision(d.node, d.nbytes, d.action, d.cost_s, d.reason) for d in remat.decisions)
+            if remat.solver == "checkpoint":  # whole blocks, for a lowering that runs them under torch's checkpoint
+                checkpointed = tuple(segment.module for segment, level in zip(remat.segments, solution.levels)
+                                     if level and segment.module)
             if remat.chosen:
                 # the step as it will run: chosen activations dropped after the forward, recomputed in the backward
                 graph = history.run("rewrite", apply_recompute, step.graph, step.backward_start, list(remat.chosen))
@@ -229,6 +233,7 @@ def run_pipeline(
         fake=step.fake,
         graph_nodes=len(table.node_names),
         sharding=step.sharding,
+        checkpointed=checkpointed,
         order=order,
         arena=arena,
         eager_peak_bytes=eager_peak,

@@ -62,6 +62,11 @@ HOW = {
                                      "trains with compress='int8' as it does",
     "python benchmarks/loss_kernel.py": "not run by the tests (~5 min); test_kernels plans the fused kernel on the "
                                         "h100 preset and runs it as it does",
+    "python benchmarks/fsdp.py": "not run by the tests (~25 min); test_sharding runs its gloo runs (two ranks in the "
+                                 "default tier, four and the Llama in the slow one)",
+    "memopt plan memopt.examples:llama70b --device h100 --world-size 16 --budget 80GB --largest seq --step 256":
+        "not run by the tests (~10 min: each try plans a 19k-node graph); test_largest runs --largest on a small "
+        "factory and test_sharding plans world_size on a meta Llama",
 }
 
 
@@ -147,6 +152,7 @@ def readme_snippet_namespace():
 
     train_step()  # optimizer state exists: a steady-state step
     return {"memopt": memopt, "torch": torch, "model": model, "example_inputs": batch, "batch": batch,
+            "rank_batch": batch,
             "optimizer": optimizer, "train_step": train_step}
 
 

@@ -31,7 +31,7 @@ from memopt.passes.storage import ACTIVATIONS, StorageTable
 from memopt.solvers import remat_fast
 from memopt.solvers.remat_fast import RecomputeProblem, RecomputeSolution
 
-SOLVERS = ("memopt", "none", "blocks", "sqrt")
+SOLVERS = ("memopt", "none", "blocks", "sqrt", "checkpoint")
 KEPT_RANDOM = "made by a random op: kept, so the backward sees the numbers the forward drew"
 REPLAYED_RANDOM = "replayed from the saved generator state: the forward keeps the state, the backward draws again"
 KEPT_EXACT = "written in place, or made from data written in place: recomputing it could differ from eager"
@@ -45,6 +45,7 @@ class Segment:
     name: str
     start: int  # first node position
     end: int  # one past the last
+    module: str | None = None  # a repeated block's module path ("model.layers.3"); None for the other stretches
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,15 +110,17 @@ def find_segments(step: CapturedStep, table: StorageTable) -> tuple[Segment, ...
         outside = [pos for name, pos in first_use.items()
                    if not name.startswith(container + ".") and pos > starts[-1]]
         prefix = container or "layers"
-        bounds += [(start, f"{prefix}[{k}]") for k, start in enumerate(starts)]
-        bounds.append((min(outside, default=loss + 1), None))
+        index_at = {pos: index for index, pos in sorted(layers[container].items(), reverse=True)}
+        bounds += [(start, f"{prefix}[{k}]", f"{container}.{index_at[start]}" if container else str(index_at[start]))
+                   for k, start in enumerate(starts)]
+        bounds.append((min(outside, default=loss + 1), None, None))
     bounds.sort(key=lambda bound: (bound[0], bound[1] is not None))  # a block starting where another ends wins
-    first, last = bounds[0][0], max(pos for pos, name in bounds if name is not None)
+    first, last = bounds[0][0], max(bound[0] for bound in bounds if bound[1] is not None)
     segments = [Segment("before the blocks", 0, first)] if first > 0 else []
-    for (start, name), (end, _) in zip(bounds, [*bounds[1:], (loss + 1, None)]):
+    for (start, name, module), (end, *_) in zip(bounds, [*bounds[1:], (loss + 1, None, None)]):
         if start < end:
             where = "after the blocks" if start > last else "between the blocks"
-            segments.append(Segment(name or where, start, end))
+            segments.append(Segment(name or where, start, end, module))
     return tuple(segments)
 
 
@@ -196,6 +199,8 @@ def plan_recompute(
             solution = remat_fast.lowest_peak(problem, options, solution, time_limit_s=time_limit_s)
             if solution.peak_bytes <= budget_bytes:  # and low enough for this budget
                 solution = dataclasses.replace(solution, status="feasible")
+    elif solver == "checkpoint":
+        solution = _checkpointed(problem, options, budget_bytes)
     else:  # a baseline: its one option per segment, whatever the budget
         solution = _fixed(problem, options, budget_bytes)
     chosen = tuple(candidates[i] for i in solution.chosen)
@@ -226,9 +231,12 @@ def _options(
                 if not any(segment.end <= r < bs for r in problem.readers[problem.candidates[i].storage])]
         cheap = frozenset(i for i in free if node_flops(nodes[problem.candidates[i].nodes[0]]) == 0)
         full = frozenset(free)
-        if solver == "none" or (solver == "blocks" and not segment.name.endswith("]")):
+        if solver == "none" or (solver in ("blocks", "checkpoint") and not segment.name.endswith("]")):
             per_segment.append([frozenset()])
             names.append((KEEP,))
+        elif solver == "checkpoint":
+            per_segment.append([frozenset(), full])
+            names.append((KEEP, FULL))
         elif solver in ("blocks", "sqrt"):
             per_segment.append([full])
             names.append((FULL,))
@@ -241,6 +249,22 @@ def _options(
             per_segment.append(levels)
             names.append(tuple(level_names))
     return segments, per_segment, tuple(names)
+
+
+def _checkpointed(problem: RecomputeProblem, options: list[list[frozenset[int]]], budget_bytes: int
+                  ) -> RecomputeSolution:
+    """Whole blocks recomputed, as ``torch.utils.checkpoint`` around a block does: the first k blocks, for the least
+    k that fits (each block's activations live from its forward to its backward, the first block's longest), else
+    every block (infeasible)."""
+    blocks = [j for j, block in enumerate(options) if len(block) > 1]
+    for k in range(len(blocks) + 1):
+        levels = tuple(int(j in blocks[:k]) for j in range(len(options)))
+        chosen = tuple(sorted({i for j, level in enumerate(levels) for i in options[j][level]}))
+        sim = remat_fast.simulate(problem, chosen)
+        if sim.peak_bytes <= budget_bytes or k == len(blocks):
+            status = "feasible" if sim.peak_bytes <= budget_bytes else "infeasible"
+            return RecomputeSolution(status, chosen, levels, sim.peak_bytes, sim.cost_s, 0.0, 0.0, k + 1)
+    raise AssertionError("unreachable")
 
 
 def _fixed(problem: RecomputeProblem, options: list[list[frozenset[int]]], budget_bytes: int) -> RecomputeSolution:

@@ -233,6 +233,7 @@ class MemoryPlan:
     stepped: tuple[str, ...] = ()  # parameters the optimizer updates inside the backward (step_in_backward)
     update: UpdatePlan | None = None  # the sparse update the step trains (update="sparse")
     sharding: Sharding | None = None  # FSDP2's units and world size: the figures are one rank's (world_size=)
+    checkpointed: tuple[str, ...] = ()  # blocks recomputed whole (solver="checkpoint"), by module path
     program: CapturedStep | None = dataclasses.field(default=None, compare=False, repr=False)  # what runs
 
     # -- the numbers --------------------------------------------------------
@@ -352,6 +353,8 @@ class MemoryPlan:
         data["chunks"] += [{"region": "mlp", "ops": [c.down], "chunks": c.chunks} for c in self.chunked_mlp]
         if self.sharding is not None:
             data["sharding"] = self.sharding.describe()
+        if self.solver.name.startswith("checkpoint"):
+            data["checkpointed"] = list(self.checkpointed)
         if self.update is not None:
             data["update"] = {**{key: value for key, value in dataclasses.asdict(self.update).items()
                                  if key != "tensors"},
@@ -492,7 +495,9 @@ class MemoryPlan:
         solver = self.solver
         gap = "" if solver.gap is None else f", gap to the lower bound {solver.gap:.1%}"
         replayed = sum(d.action == "replay" for d in recomputed)
-        return (f"recompute {len(recomputed)} of {len(self.decisions)} activations "
+        blocks = (f"blocks run under torch.utils.checkpoint: {', '.join(self.checkpointed)}; "
+                  if self.checkpointed else "")
+        return (blocks + f"recompute {len(recomputed)} of {len(self.decisions)} activations "
                 f"({format_bytes(sum(d.bytes for d in recomputed))}, "
                 + (f"{replayed} of them replayed from the generator state, " if replayed else "")
                 + f"about {solver.objective or 0.0:.3g} s on {self.device.name}): "

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 _COLORS = {
     "parameters": "#4c72b0", "buffers": "#8172b3", "inputs": "#937860", "gradients": "#dd8452",
-    "optimizer_state": "#c44e52", "activations": "#55a868", "temporaries": "#ccb974",
+    "optimizer_state": "#c44e52", "activations": "#55a868", "temporaries": "#ccb974", "gathered": "#da8bc3",
 }
 _UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
 _HOST_COLOR = "#17becf"  # the offload band: host memory, apart from the device's stack

@@ -1,0 +1,80 @@
+"""``memopt.compile`` on a model FSDP2 shards: memopt plans one rank, FSDP2 runs the step.
+
+FSDP2 stays the engine: it gathers, reshards and reduces around each unit as it would without memopt, and none
+of its collectives change. What memopt changes is what the forward keeps for the backward, at the granularity
+FSDP2 composes with: whole blocks run under ``torch.utils.checkpoint`` (non-reentrant, the generator state
+restored, so dropout draws the same noise), chosen by the "checkpoint" solver on the rank's plan (the first k
+blocks, for the least k whose predicted peak fits the budget). A block recomputed in its backward runs no
+collective: FSDP2's pre-backward has gathered its parameters already.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from memopt.config import PlanConfig
+from memopt.device import DeviceSpec
+from memopt.errors import MemoptError
+from memopt.report.plan import MemoryPlan
+
+
+class ShardedModule(nn.Module):
+    """A model wrapped with ``fully_shard`` whose chosen blocks run under ``torch.utils.checkpoint``; ``.plan`` is
+    the rank's plan for the input shapes of the first training call (planned again when they change)."""
+
+    def __init__(self, model: nn.Module, *, budget: int, loss_fn: Callable[[Any], torch.Tensor] | None,
+                 optimizer: Any, device: str | DeviceSpec | None, config: PlanConfig,
+                 planner: Callable[..., MemoryPlan]) -> None:
+        super().__init__()
+        self.model = model
+        self.budget_bytes = budget
+        self._loss_fn, self._optimizer, self._device = loss_fn, optimizer, device
+        self._config = dataclasses.replace(config, solver="checkpoint")
+        self._planner = planner
+        self.plan: MemoryPlan | None = None
+        self._shapes: tuple | None = None
+        self._wrapped: dict[str, Any] = {}  # module path -> the forward it had before memopt wrapped it
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.training and torch.is_grad_enabled():
+            shapes = tuple(tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                           if isinstance(t, torch.Tensor))
+            if shapes != self._shapes:
+                self._replan(args, kwargs)
+                self._shapes = shapes
+        return self.model(*args, **kwargs)
+
+    def _replan(self, args: tuple, kwargs: dict) -> None:
+        if args and kwargs:
+            raise MemoptError("memopt.compile on a sharded model plans from positional or keyword inputs, not both: "
+                              "call it with one kind")
+        self._unwrap()
+        self.plan = self._planner(self.model, kwargs if kwargs else args, loss_fn=self._loss_fn,
+                                  optimizer=self._optimizer, budget=self.budget_bytes, device=self._device,
+                                  config=self._config)
+        for path in self.plan.checkpointed:
+            module = self.model.get_submodule(path)
+            self._wrapped[path] = module.__dict__.get("forward")
+            module.forward = _checkpointed(module.forward)
+
+    def _unwrap(self) -> None:
+        for path, forward in self._wrapped.items():
+            module = self.model.get_submodule(path)
+            if forward is None:
+                del module.forward  # the class's forward again
+            else:
+                module.forward = forward
+        self._wrapped.clear()
+
+
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
