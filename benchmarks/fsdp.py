@@ -18,11 +18,13 @@ import json
 import os
 import platform
 import socket
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,6 +34,8 @@ from torch import nn
 import memopt
 from memopt import examples
 from memopt.budget import format_bytes
+from memopt.config import PlanConfig
+from memopt.fsdp import _checkpointed
 from memopt.measure import measure_steady_peak
 from memopt.passes.sharding import default_sharding
 
@@ -99,13 +103,14 @@ WORKLOADS = {
 
 
 def share(batch: tuple, rank: int, world: int) -> tuple:
-    """One rank's part of the batch: its slice of every tensor's first dimension."""
+    """One rank's part of the batch: its slice of every tensor's first dimension, a tensor of its own (a view
+    would hold the whole batch's storage)."""
 
     def part(value):
         if isinstance(value, dict):
             return {k: part(v) for k, v in value.items()}
         rows = value.shape[0] // world
-        return value[rank * rows:(rank + 1) * rows]
+        return value[rank * rows:(rank + 1) * rows].clone()
 
     return tuple(part(value) for value in batch)
 
@@ -178,6 +183,75 @@ def _rank(rank: int, world: int, name: str, steps: int, port: int, out: str, bud
         torch.save(result, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _pair_rank(rank: int, world: int, name: str, port: int, out: str, rounds: int) -> None:
+    """One rank of the pair: FSDP2 with every block under torch.utils.checkpoint, and memopt.compile on the same
+    model sharded again, at the per-rank peak the first measured (the highest rank's); their steps timed in
+    alternation, ``rounds`` times, in this process."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        workload = WORKLOADS[name]
+        batch = share(workload.batch(0), rank, world)
+
+        def trainer(budget: int | None) -> tuple[Callable[[], None], Callable[[], None], Any]:
+            torch.manual_seed(0)
+            model = _shard(workload.build())
+            optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+            if budget is None:  # per-block checkpointing, as a careful user wraps FSDP2's blocks
+                for unit in default_sharding(model, 1).units[:-1]:
+                    block = model.get_submodule(unit.name)
+                    block.forward = _checkpointed(block.forward)
+                runner = model
+            else:  # planned to the byte: the same peak, with no headroom of memopt's own
+                runner = memopt.compile(model, budget=budget, optimizer=optimizer, config=PlanConfig(headroom=0.0))
+
+            def step() -> None:
+                call(runner, batch).backward()
+                optimizer.step()
+
+            def zero() -> None:
+                optimizer.zero_grad(set_to_none=True)
+
+            step()
+            zero()
+            return step, zero, runner
+
+        def peak(step: Callable[[], None], zero: Callable[[], None]) -> int:
+            measured = [measure_steady_peak(step, between=zero) for _ in range(4)]
+            zero()
+            reconciled = [m.peak_bytes for m in measured if m.unaccounted_bytes == 0]
+            highest = torch.tensor([float(max(reconciled) if reconciled else min(m.peak_bytes for m in measured))])
+            dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+            return int(highest.item())
+
+        # each peak measured with only its own model in the process; then both built again, to time in turns
+        torch_peak = peak(*trainer(None)[:2])
+        memopt_peak = peak(*trainer(torch_peak)[:2])
+        torch_step, torch_zero, _ = trainer(None)
+        memopt_step, memopt_zero, runner = trainer(torch_peak)
+        times: dict[str, list[float]] = {"torch": [], "memopt": []}
+        for _ in range(rounds):
+            for label, step, zero in (("torch", torch_step, torch_zero), ("memopt", memopt_step, memopt_zero)):
+                dist.barrier()
+                started = time.perf_counter()
+                step()
+                times[label].append(time.perf_counter() - started)
+                zero()
+        torch.save({"torch_peak": torch_peak, "memopt_peak": memopt_peak, "times": times,
+                    "checkpointed": runner.plan.checkpointed, "predicted": runner.plan.peak_bytes},
+                   f"{out}/pair{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_pair(name: str, world: int, rounds: int = 7) -> list[dict]:
+    """Every rank's pair: peaks, step times, what memopt checkpointed (``_pair_rank``)."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_pair_rank, args=(world, name, _free_port(), out, rounds), nprocs=world)
+        return [torch.load(f"{out}/pair{r}.pt") for r in range(world)]
 
 
 def _free_port() -> int:
@@ -261,33 +335,70 @@ def plan_70b(world: int = 8, seq: int = 4096, budget: str = "80GB") -> dict:
     return result
 
 
+def sharded_rows(steps: int) -> list[dict]:
+    """Each workload on 2 and 4 gloo ranks, eager FSDP2 (and memopt.compile under a budget on mlp-batch): the
+    measured per-rank peaks against the prediction, FSDPMemTracker and ZeRO-3, and against unsharded training."""
+    rows = []
+    for name, workload in WORKLOADS.items():
+        reference_losses, reference = run_unsharded(name, steps)
+        for world in (2, 4):
+            budgets: list[int | None] = [None]
+            if name == "mlp-batch":  # between the eager peak and every block's recomputed: some blocks, not all
+                every_block = predicted(name, world, solver="blocks", budget=10**12).peak_bytes
+                budgets.append((predicted(name, world).peak_bytes + every_block) // 2)
+            for budget in budgets:
+                results, params = run_sharded(name, world, steps, budget)
+                plan = predicted(name, world) if budget is None else None
+                measured = [r["measured_peak_bytes"] for r in results]
+                highest = max((m for m in measured if m is not None), default=None)
+                peak = plan.peak_bytes if plan is not None else max(r["plan"]["peak_bytes"] for r in results)
+                losses = [sum(r["losses"][i] for r in results) / world for i in range(steps)]
+                rows.append({
+                    "workload": name, "world": world, "budget_bytes": budget, "predicted_bytes": peak,
+                    "measured_bytes": highest, "measured_by_rank": measured, "tries_by_rank": [r["tries"] for r in results],
+                    "error": None if highest is None else (peak - highest) / highest,
+                    "checkpointed": None if budget is None else [list(r["plan"]["checkpointed"]) for r in results],
+                    "tracker_bytes": max(r["tracker"]["total"] for r in results), "tracker": results[0]["tracker"],
+                    "zero3_model_states_bytes": zero3_model_states(workload.build(), world),
+                    "max_param_difference": max((params[n] - v).abs().max().item() for n, v in reference.items()),
+                    "max_loss_difference": max(abs(a - b) for a, b in zip(losses, reference_losses)),
+                })
+                print(json.dumps(rows[-1], default=str), flush=True)
+    return rows
+
+
+def pairs(rounds: int = 7) -> list[dict]:
+    """memopt.compile against FSDP2 with every block checkpointed, at the latter's measured per-rank peak."""
+    found = []
+    for world in (2, 4):
+        ranks = run_pair("mlp-batch", world, rounds)
+        found.append({"workload": "mlp-batch", "world": world, "rounds": rounds,
+                      "torch_peak_bytes": ranks[0]["torch_peak"], "memopt_peak_bytes": ranks[0]["memopt_peak"],
+                      "memopt_predicted_bytes": ranks[0]["predicted"], "checkpointed": list(ranks[0]["checkpointed"]),
+                      "ratio_by_rank": [statistics.median(r["times"]["memopt"]) / statistics.median(r["times"]["torch"])
+                                        for r in ranks],
+                      "torch_median_s": statistics.median(ranks[0]["times"]["torch"])})
+        print(json.dumps(found[-1]), flush=True)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--parts", default="rows,pairs,llama70b",
+                        help="what to run again (the rest is kept from fsdp.json): rows, pairs, llama70b")
     args = parser.parse_args()
-    rows = []
-    for name, workload in WORKLOADS.items():
-        reference_losses, reference = run_unsharded(name, args.steps)
-        for world in (2, 4):
-            results, params = run_sharded(name, world, args.steps)
-            plan = predicted(name, world)
-            measured = [r["measured_peak_bytes"] for r in results]
-            highest = max((m for m in measured if m is not None), default=None)
-            losses = [sum(r["losses"][i] for r in results) / world for i in range(args.steps)]
-            rows.append({
-                "workload": name, "world": world, "predicted_bytes": plan.peak_bytes, "measured_bytes": highest,
-                "measured_by_rank": measured, "tries_by_rank": [r["tries"] for r in results],
-                "error": None if highest is None else (plan.peak_bytes - highest) / highest,
-                "tracker_bytes": max(r["tracker"]["total"] for r in results), "tracker": results[0]["tracker"],
-                "zero3_model_states_bytes": zero3_model_states(workload.build(), world),
-                "predicted_static": plan.static_ledger, "predicted_ledger": plan.ledger, "peak_node": plan.peak_node,
-                "max_param_difference": max((params[n] - value).abs().max().item() for n, value in reference.items()),
-                "max_loss_difference": max(abs(a - b) for a, b in zip(losses, reference_losses)),
-            })
-            print(json.dumps(rows[-1], default=str), flush=True)
-    big = plan_70b()
-    data = {"rows": rows, "llama70b": big, "torch": torch.__version__, "machine": platform.platform()}
-    (HERE / "fsdp.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    path = HERE / "fsdp.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    parts = set(args.parts.split(","))
+    if "rows" in parts:
+        data["rows"] = sharded_rows(args.steps)
+    if "pairs" in parts:
+        data["pairs"] = pairs()
+    if "llama70b" in parts:
+        data["llama70b"] = plan_70b()
+    data.update(torch=torch.__version__, machine=platform.platform())
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     (HERE / "FSDP.md").write_text(report(data))
 
 
@@ -295,37 +406,58 @@ def report(data: dict) -> str:
     lines = [
         "# FSDP2 per rank: predicted, measured, FSDPMemTracker, ZeRO-3", "",
         (f"Written by `python benchmarks/fsdp.py` (its docstring says how the runs are made); torch {data['torch']}, "
-         "CPU, gloo, one thread per rank. A peak is one rank's steady-state step (the highest rank's; the profiler's, "
-         "from measurements whose end reconciles with a scan of the live tensors). The last two columns compare the "
-         "ranks' parameters and mean losses after the training steps with the same training unsharded."), "",
-        ("| workload | ranks | memopt predicted | measured (profiler) | error | FSDPMemTracker | ZeRO-3 model states "
-         "| max param diff | max loss diff |"),
-        "|---|---|---|---|---|---|---|---|---|",
+         "CPU, gloo, one thread per rank. A peak is one rank's steady-state step, the highest rank's, measured by "
+         "the profiler (`measure_steady_peak`; of six measurements per rank, those whose end reconciles with a scan "
+         "of the live tensors). Budget rows are `memopt.compile` on the FSDP2 model: FSDP2 runs the step, memopt "
+         "runs the blocks it chose under `torch.utils.checkpoint`; their prediction is the rank's plan. The last "
+         "two columns compare the parameters and mean losses after 4 training steps with the same training "
+         "unsharded."), "",
+        ("| workload | ranks | budget per rank | blocks memopt recomputes | memopt predicted | measured (profiler) "
+         "| error | FSDPMemTracker | ZeRO-3 model states | max param diff | max loss diff |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         measured = "none reconciled" if r["measured_bytes"] is None else format_bytes(r["measured_bytes"])
         error = "" if r["error"] is None else f"{r['error']:+.2%}"
-        lines.append(f"| {r['workload']} | {r['world']} | {format_bytes(r['predicted_bytes'])} | {measured} | "
-                     f"{error} | {format_bytes(r['tracker_bytes'])} | {format_bytes(r['zero3_model_states_bytes'])} | "
-                     f"{r['max_param_difference']:.2e} | {r['max_loss_difference']:.2e} |")
+        budget = "eager FSDP2" if r["budget_bytes"] is None else format_bytes(r["budget_bytes"])
+        blocks = "" if r["checkpointed"] is None else ", ".join(r["checkpointed"][0])
+        lines.append(f"| {r['workload']} | {r['world']} | {budget} | {blocks} | {format_bytes(r['predicted_bytes'])} | "
+                     f"{measured} | {error} | {format_bytes(r['tracker_bytes'])} | "
+                     f"{format_bytes(r['zero3_model_states_bytes'])} | {r['max_param_difference']:.2e} | "
+                     f"{r['max_loss_difference']:.2e} |")
+    if data.get("pairs"):
+        lines += ["", "## At FSDP2 + per-block checkpointing's peak", "",
+                  ("FSDP2 with every block under `torch.utils.checkpoint` (non-reentrant), measured; then "
+                   "`memopt.compile` on the same model sharded again, with that peak as its budget (planned to the "
+                   "byte: `PlanConfig(headroom=0.0)`). Step times taken in turns in the same processes, "
+                   "medians of 7; the ratio is memopt's time over torch's, per rank."), "",
+                  "| workload | ranks | torch peak | memopt peak (measured) | predicted | memopt recomputes | time ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in data["pairs"]:
+            ratios = ", ".join(f"{x:.3f}" for x in p["ratio_by_rank"])
+            lines.append(f"| {p['workload']} | {p['world']} | {p['torch_peak_bytes']:,} B | "
+                         f"{p['memopt_peak_bytes']:,} B | {p['memopt_predicted_bytes']:,} B | "
+                         f"{', '.join(p['checkpointed'])} | {ratios} |")
     big = data["llama70b"]
     lines += [
         "", f"## Llama-70B-shaped, {big['world']} ranks of the h100 preset, seq {big['seq']}, batch 1 per rank", "",
         (f"Planned from shapes alone in {big['seconds']:.1f} s ({big['graph_nodes']} graph nodes, "
-         f"{big['parameters'] / 1e9:.1f}B parameters, bf16 weights, AdamW, no budget). Predicted peak per rank "
-         f"{format_bytes(big['peak_bytes'])} at `{big['peak_node']}`; no recompute plan peaks below "
+         f"{big['parameters'] / 1e9:.1f}B parameters, bf16 weights and AdamW state, no budget). Predicted peak per "
+         f"rank {format_bytes(big['peak_bytes'])} at `{big['peak_node']}`; no recompute plan peaks below "
          f"{format_bytes(big['minimum_budget_bytes'])} (at `{big['minimum_where']}`)."), "",
         "| category | at the peak |", "|---|---|",
     ]
     lines += [f"| {k} | {format_bytes(v)} |" for k, v in big["ledger"].items() if v]
-    lines += ["", f"The longest sequence (a multiple of 256) whose step memopt plans under {big['budget']} per rank:", "",
-              "| ranks | longest seq | its peak | recomputed | planned at | search |", "|---|---|---|---|---|---|"]
+    lines += ["", (f"The longest sequence (a multiple of 256) whose step memopt plans under {big['budget']} per rank "
+                   "(offload off):"), "",
+              "| ranks | longest seq | its peak | recomputed activations | planned at | search |",
+              "|---|---|---|---|---|---|"]
     for found in big["largest"]:
         tried = ", ".join(f"{v}{'' if ok else ' (no)'}" for v, ok in found["tried"])
         peak = "" if found["peak_bytes"] is None else format_bytes(found["peak_bytes"])
         lines.append(f"| {found['world']} | {found['seq'] or 'none'} | {peak} | {found['recomputed'] or ''} | "
                      f"{tried} | {found['seconds']:.0f} s |")
-    lines += ["", ("The same from the shell: `memopt plan memopt.examples:llama70b --device h100 --world-size 8 "
+    lines += ["", ("The same from the shell: `memopt plan memopt.examples:llama70b --device h100 --world-size 16 "
                    f"--budget {big['budget']} --largest seq --step 256`.")]
     return "\n".join(lines) + "\n"
 

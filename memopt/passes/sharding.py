@@ -229,10 +229,11 @@ def shard_table(table: StorageTable, gradients: dict[str, str], sharding: Shardi
         # next unit's post-backward before that one allocates its own
         freed = backward_order[k + 1][0][1] - 1 if k + 1 < len(backward_order) else end
         add(size, b1, max(b1, freed), GATHERED, f"{unit.name} reduce-scatter input")
-    # gradients: whole until their unit's post-backward, then a shard to the end of the step
-    reduced_at = {p: b[1] for u, _, b in spans if b is not None for p in u.params}
+    # gradients: whole until their unit's post-backward, then a shard to the end of the step (the root's are
+    # reduced last, by the callback that ends the backward)
+    reduced_at = {p: b[1] for u, _, b in spans[:-1] if b is not None for p in u.params}
     for param, keys in gradient_storage.items():
-        at = reduced_at.get(param, end)
+        at = reduced_at.get(param, max(end - 1, 0))
         for key in keys:
             s = storages[key]
             if s.category != GRADIENTS:
