@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from memopt.errors import MeasurementError
-from memopt.measure import MeasuredPeak, live_tensor_bytes, measure_peak
+from memopt.measure import MeasuredPeak, live_tensor_bytes, measure_peak, measure_steady_peak
 
 # Allocated while the test modules are imported, before any profiler session in this process, so the
 # profiler has never seen a block at this address (see test_a_free_of_a_block_allocated_before_any_profiling_...).
@@ -348,3 +348,21 @@ def test_cuda_peak_from_the_allocator_counters():
     assert above_baseline(measured) == (12288, 1024)
     assert measured.unaccounted_bytes == 0
     assert measure_peak(lambda t: None, measured.result).device == "cuda"  # inferred from the argument
+
+
+def test_the_steady_peak_counts_a_step_that_frees_what_the_step_before_it_left() -> None:
+    kept = {"buffer": torch.empty(1_000_000, dtype=torch.uint8)}  # left by "the step before": older than the session
+
+    def step() -> None:
+        kept["buffer"] = None  # an engine frees last step's buffer,
+        temporary = torch.ones(2_000_000, dtype=torch.uint8)
+        kept["buffer"] = torch.empty(1_000_000, dtype=torch.uint8)  # keeps one for the next step
+        del temporary
+
+    single = measure_peak(step)
+    # the first free reaches no profiler (the block is older than the session): one call counts it live throughout
+    assert single.unaccounted_bytes == -1_000_000
+    assert single.peak_bytes - single.baseline_bytes == 3_000_000
+    steady = measure_steady_peak(step)
+    assert steady.unaccounted_bytes == 0
+    assert steady.peak_bytes - steady.baseline_bytes == 2_000_000  # -1 MB, +2 MB, +1 MB: 2 MB above the start

@@ -511,10 +511,10 @@ class MemoryPlan:
         lines = [str(self), "", f"largest storages live at the peak ({self.peak_node}):"]
         live = [s for s in self.storages.storages if _live_at(self, s.index, peak)]
         live.sort(key=lambda s: -s.nbytes)
-        lines.append(f"  {'storage made by':<36}{'category':<16}{'bytes':>14}  lifetime")
+        lines.append(f"  {'storage made by':<36} {'category':<16}{'bytes':>14}  lifetime")
         for s in live[:top]:
             span = "whole step" if s.defined_at < 0 else f"{names[s.defined_at]} -> {names[s.last_use]}"
-            lines.append(f"  {s.node:<36}{s.category:<16}{s.nbytes:>14,}  {span}")
+            lines.append(f"  {s.node:<36} {s.category:<16}{s.nbytes:>14,}  {span}")
         if len(live) > top:
             rest = sum(s.nbytes for s in live[top:])
             lines.append(f"  ... {len(live) - top} more, {rest:,} bytes")
