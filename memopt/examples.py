@@ -120,41 +120,34 @@ def llama(layers: int = 4, width: int = 256, heads: int = 8, seq: int = 256, bat
 def llama7b(seq: int = 4096, batch: int = 1, layers: int = 32) -> Workload:
     """Llama-7B shape (32 layers, hidden 4096, 11008 MLP, vocab 32000), built on the meta device:
     it plans in fake mode and can never run here. ``layers`` deepens (or thins) the stack."""
-
-    def build() -> nn.Module:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        config = LlamaConfig(
-            num_hidden_layers=layers, hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
-            intermediate_size=11008, vocab_size=32000, max_position_embeddings=seq, use_cache=False,
-        )
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-        model.loss_type = "ForCausalLM"
-        return model
-
-    def inputs() -> dict:
-        ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
-        return {"input_ids": ids, "labels": ids}
-
-    return Workload(name="llama7b" if layers == 32 else f"llama7b-{layers}L", build=build, inputs=inputs,
-                    description=f"Llama-7B shape{'' if layers == 32 else f' with {layers} layers'} on the meta "
-                                f"device, seq {seq}, batch {batch}")
+    return _meta_llama(
+        "llama7b" if layers == 32 else f"llama7b-{layers}L",
+        f"Llama-7B shape{'' if layers == 32 else f' with {layers} layers'} on the meta device, seq {seq}, batch {batch}",
+        seq, batch, None, num_hidden_layers=layers, hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
+        intermediate_size=11008, vocab_size=32000, max_position_embeddings=seq)
 
 
 def llama70b(seq: int = 4096, batch: int = 1, layers: int = 80) -> Workload:
     """Llama-3-70B's shape (80 layers, hidden 8192, 28672 MLP, 64 heads, 8 KV heads, vocab 128256) in bf16 on
     the meta device: planned from shapes only, one rank's batch (``memopt plan ... --world-size 8``)."""
+    return _meta_llama(
+        "llama70b" if layers == 80 else f"llama70b-{layers}L",
+        f"Llama-70B shape in bf16 on the meta device, seq {seq}, batch {batch}",
+        seq, batch, torch.bfloat16, num_hidden_layers=layers, hidden_size=8192, num_attention_heads=64,
+        num_key_value_heads=8, intermediate_size=28672, vocab_size=128256, max_position_embeddings=max(seq, 8192))
+
+
+def _meta_llama(name: str, description: str, seq: int, batch: int, dtype: torch.dtype | None,
+                **config: int) -> Workload:
+    """A Llama of ``config``'s shape on the meta device (in ``dtype``), with a ``batch`` x ``seq`` batch of tokens."""
 
     def build() -> nn.Module:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(
-            num_hidden_layers=layers, hidden_size=8192, num_attention_heads=64, num_key_value_heads=8,
-            intermediate_size=28672, vocab_size=128256, max_position_embeddings=max(seq, 8192), use_cache=False,
-        )
         with torch.device("meta"):
-            model = LlamaForCausalLM(config).to(torch.bfloat16)
+            model = LlamaForCausalLM(LlamaConfig(**config, use_cache=False))
+        if dtype is not None:
+            model = model.to(dtype)
         model.loss_type = "ForCausalLM"
         return model
 
@@ -162,8 +155,7 @@ def llama70b(seq: int = 4096, batch: int = 1, layers: int = 80) -> Workload:
         ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
         return {"input_ids": ids, "labels": ids}
 
-    return Workload(name="llama70b" if layers == 80 else f"llama70b-{layers}L", build=build, inputs=inputs,
-                    description=f"Llama-70B shape in bf16 on the meta device, seq {seq}, batch {batch}")
+    return Workload(name=name, build=build, inputs=inputs, description=description)
 
 
 def mlp(width: int = 512, depth: int = 32, batch: int = 1024) -> Workload:
