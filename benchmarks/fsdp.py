@@ -131,10 +131,11 @@ def _shard(model: nn.Module) -> nn.Module:
     return fully_shard(model)
 
 
-def _rank(rank: int, world: int, name: str, steps: int, port: int, out: str, budget: int | None) -> None:
-    """One rank: trains ``steps`` steps sharded (with ``memopt.compile`` under ``budget`` bytes per rank, if given)
-    and saves its shards, then measures more steps (on the first batch): the profiler's steady-state peak, and
-    FSDPMemTracker's; writes its losses and figures."""
+def _rank(rank: int, world: int, name: str, steps: int, port: int, out: str, budget: int | None,
+          step_in_backward: bool, measure: bool) -> None:
+    """One rank: trains ``steps`` steps sharded (with ``memopt.compile`` under ``budget`` bytes per rank, if given,
+    and ``step_in_backward``) and saves its shards, then measures more steps (on the first batch): the profiler's
+    steady-state peak, and FSDPMemTracker's; writes its losses and figures."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
     torch.set_num_threads(1)
@@ -145,7 +146,8 @@ def _rank(rank: int, world: int, name: str, steps: int, port: int, out: str, bud
         torch.manual_seed(0)
         model = _shard(workload.build())
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-        runner = model if budget is None else memopt.compile(model, budget=budget, optimizer=optimizer)
+        runner = model if budget is None else memopt.compile(model, budget=budget, optimizer=optimizer,
+                                                             step_in_backward=step_in_backward)
         losses: list[float] = []
 
         def step(seed: int) -> None:
@@ -165,17 +167,19 @@ def _rank(rank: int, world: int, name: str, steps: int, port: int, out: str, bud
         # a free made on one of gloo's threads reaches no profiler: the block counts as live to the end, and the
         # end does not reconcile with the scan (unaccounted bytes); of six measurements, the reconciled ones count
         tries = []
-        for _ in range(6):
+        for _ in range(6 if measure else 0):
             measured = measure_steady_peak(lambda: step(0), between=zero)
             zero()
             tries.append((measured.peak_bytes, measured.unaccounted_bytes))
         reconciled = [peak for peak, unaccounted in tries if unaccounted == 0]
-        tracker = FSDPMemTracker(model, optimizer)
-        with tracker:
-            step(0)
-        zero()
-        tracked = {str(k).split(".")[-1].lower(): v for k, v in tracker.get_tracker_snapshot("peak")[
-            torch.device("cpu")].items()}
+        tracked = {}
+        if measure:
+            tracker = FSDPMemTracker(model, optimizer)
+            with tracker:
+                step(0)
+            zero()
+            tracked = {str(k).split(".")[-1].lower(): v for k, v in tracker.get_tracker_snapshot("peak")[
+                torch.device("cpu")].items()}
         result = {"losses": trained, "measured_peak_bytes": max(reconciled) if reconciled else None,
                   "tries": tries, "tracker": tracked}
         if budget is not None:
@@ -260,12 +264,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_sharded(name: str, world: int, steps: int = 4, budget: int | None = None
-                ) -> tuple[list[dict], dict[str, torch.Tensor]]:
+def run_sharded(name: str, world: int, steps: int = 4, budget: int | None = None, step_in_backward: bool = False,
+                measure: bool = True) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Every rank's results, and the full parameters after ``steps`` steps (the ranks' dim-0 shards joined);
-    ``budget``: trained with ``memopt.compile`` under that many bytes per rank."""
+    ``budget``: trained with ``memopt.compile`` under that many bytes per rank (and ``step_in_backward``);
+    ``measure=False``: the training only."""
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_rank, args=(world, name, steps, _free_port(), out, budget), nprocs=world)
+        mp.spawn(_rank, args=(world, name, steps, _free_port(), out, budget, step_in_backward, measure),
+                 nprocs=world)
         results = [torch.load(f"{out}/rank{r}.pt") for r in range(world)]
         shards = [torch.load(f"{out}/shards{r}.pt") for r in range(world)]
     return results, {n: torch.cat([s[n] for s in shards]) for n in shards[0]}
@@ -342,19 +348,21 @@ def sharded_rows(steps: int) -> list[dict]:
     for name, workload in WORKLOADS.items():
         reference_losses, reference = run_unsharded(name, steps)
         for world in (2, 4):
-            budgets: list[int | None] = [None]
+            runs: list[tuple[int | None, bool]] = [(None, False)]
             if name == "mlp-batch":  # between the eager peak and every block's recomputed: some blocks, not all
                 every_block = predicted(name, world, solver="blocks", budget=10**12).peak_bytes
-                budgets.append((predicted(name, world).peak_bytes + every_block) // 2)
-            for budget in budgets:
-                results, params = run_sharded(name, world, steps, budget)
+                budget = (predicted(name, world).peak_bytes + every_block) // 2
+                runs += [(budget, False), (budget, True)]
+            for budget, step_in_backward in runs:
+                results, params = run_sharded(name, world, steps, budget, step_in_backward)
                 plan = predicted(name, world) if budget is None else None
                 measured = [r["measured_peak_bytes"] for r in results]
                 highest = max((m for m in measured if m is not None), default=None)
                 peak = plan.peak_bytes if plan is not None else max(r["plan"]["peak_bytes"] for r in results)
                 losses = [sum(r["losses"][i] for r in results) / world for i in range(steps)]
                 rows.append({
-                    "workload": name, "world": world, "budget_bytes": budget, "predicted_bytes": peak,
+                    "workload": name, "world": world, "budget_bytes": budget, "step_in_backward": step_in_backward,
+                    "predicted_bytes": peak,
                     "measured_bytes": highest, "measured_by_rank": measured, "tries_by_rank": [r["tries"] for r in results],
                     "error": None if highest is None else (peak - highest) / highest,
                     "checkpointed": None if budget is None else [list(r["plan"]["checkpointed"]) for r in results],
@@ -420,6 +428,8 @@ def report(data: dict) -> str:
         measured = "none reconciled" if r["measured_bytes"] is None else format_bytes(r["measured_bytes"])
         error = "" if r["error"] is None else f"{r['error']:+.2%}"
         budget = "eager FSDP2" if r["budget_bytes"] is None else format_bytes(r["budget_bytes"])
+        if r.get("step_in_backward"):
+            budget += ", step_in_backward"
         blocks = "" if r["checkpointed"] is None else ", ".join(r["checkpointed"][0])
         lines.append(f"| {r['workload']} | {r['world']} | {budget} | {blocks} | {format_bytes(r['predicted_bytes'])} | "
                      f"{measured} | {error} | {format_bytes(r['tracker_bytes'])} | "

@@ -225,8 +225,7 @@ def _check_sharded(world_size: int | None, config: PlanConfig, update: str) -> N
     """What a plan under FSDP2 does not model yet, refused with the way out."""
     if world_size is not None and (not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1):
         raise MemoptError(f"world_size must be a positive int (the ranks FSDP2 shards over), got {world_size!r}")
-    for wanted, what in ((config.step_in_backward, "step_in_backward=True"), (config.layout, "layout=True"),
-                         (update != "full", f"update={update!r}")):
+    for wanted, what in ((config.layout, "layout=True"), (update != "full", f"update={update!r}")):
         if wanted:
             raise MemoptError(f"{what} is not planned under FSDP2 yet (world_size={world_size}): plan one device "
                               "without world_size, or the sharded step without it")
@@ -365,7 +364,7 @@ def compile(
     if sharding_of(model) is not None:
         # FSDP2 runs the step; memopt chooses the blocks it runs under torch.utils.checkpoint (memopt.fsdp)
         wanted = {"backend='inductor'": backend != "fx", "offload=True": bool(offload), "layout=True": layout,
-                  "step_in_backward=True": config.step_in_backward, f"update={update!r}": update != "full",
+                  f"update={update!r}": update != "full",
                   f"compress={config.compress!r}": config.compress is not None,
                   f"solver={solver!r}": solver not in (None, "checkpoint"),
                   "chunk_loss/chunk_mlp": config.chunk_loss != 1 or config.chunk_mlp != 1}
@@ -374,6 +373,10 @@ def compile(
             raise MemoptError(f"a model wrapped with fully_shard is compiled with whole blocks checkpointed only, "
                               f"not {', '.join(refused)}: leave {'them' if len(refused) > 1 else 'it'} out, or "
                               "memopt.plan(model, batch, ...) to see what the rank would hold")
+        if config.step_in_backward:
+            check_lowering(config, inductor=False, offload=False, optimizer=optimizer, fx_name="fully_shard",
+                           inductor_name="")
+            _check_optimizer_holds(optimizer, model)
         return ShardedModule(model, budget=parse_budget(budget), loss_fn=loss_fn, optimizer=optimizer,
                              device=device, config=config, planner=plan)
     check_lowering(config, inductor=backend == "inductor", offload=bool(offload), optimizer=optimizer,

@@ -6,6 +6,11 @@ FSDP2 composes with: whole blocks run under ``torch.utils.checkpoint`` (non-reen
 restored, so dropout draws the same noise), chosen by the "checkpoint" solver on the rank's plan (the first k
 blocks, for the least k whose predicted peak fits the budget). A block recomputed in its backward runs no
 collective: FSDP2's pre-backward has gathered its parameters already.
+
+With ``step_in_backward=True`` the optimizer updates each shard as soon as FSDP2's reduce-scatter has made its
+gradient (a post-accumulate-grad hook on the sharded parameter, which FSDP2 calls after the reduce-scatter), one
+parameter at a time with the optimizer's own code, and frees the gradient; ``optimizer.step()`` after the backward
+then finds no gradient and does nothing (``memopt.lower.optimizer_step``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from memopt.config import PlanConfig
 from memopt.device import DeviceSpec
 from memopt.errors import MemoptError
+from memopt.lower.optimizer_step import InBackwardSteps
 from memopt.report.plan import MemoryPlan
 
 
@@ -40,8 +46,20 @@ class ShardedModule(nn.Module):
         self.plan: MemoryPlan | None = None
         self._shapes: tuple | None = None
         self._wrapped: dict[str, Any] = {}  # module path -> the forward it had before memopt wrapped it
+        self._in_backward = None
+        if config.step_in_backward:
+            parameters = dict(model.named_parameters())
+            self._in_backward = InBackwardSteps(optimizer, parameters)
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            for name, parameter in parameters.items():
+                if parameter.requires_grad and id(parameter) in held:
+                    update = self._in_backward.update_of(name)
+                    parameter.register_post_accumulate_grad_hook(
+                        lambda sharded, update=update: update(None, sharded.grad))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._in_backward is not None:
+            self._in_backward.check_before_forward()
         if self.training and torch.is_grad_enabled():
             shapes = tuple(tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs))
                            if isinstance(t, torch.Tensor))

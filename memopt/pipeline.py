@@ -106,7 +106,11 @@ def run_pipeline(
     opt = history.run("optimizer-memory", optimizer_memory, optimizer, params,
                       device_is_cuda=device.is_cuda, groups_of=groups_of)
     # the optimizer step inside the backward: each parameter updated once its gradient is final, which frees it
-    if config.step_in_backward:
+    if config.step_in_backward and step.sharding is not None:
+        # under FSDP2 each shard is updated once its unit's reduce-scatter made its gradient (memopt.fsdp)
+        step = dataclasses.replace(step, sharding=dataclasses.replace(step.sharding, step_in_backward=True))
+        opt = opt.without(opt.temporaries_by_param)
+    elif config.step_in_backward:
         step = history.run("step-in-backward", steps_in_backward, step, opt.temporaries_by_param)
         opt = opt.without(step.stepped)
     # workspace kernels allocate inside themselves, measured per distinct op on the real device
@@ -243,7 +247,8 @@ def run_pipeline(
         chunked=chunked,
         chunked_mlp=chunked_mlp,
         compressed=compressed,
-        stepped=tuple(step.stepped),
+        stepped=tuple(opt.temporaries_by_param) if step.sharding and step.sharding.step_in_backward else
+        tuple(step.stepped),
     )
 
 
@@ -252,7 +257,7 @@ def _analysed(history: _History, step: CapturedStep, opt: OptimizerMemory, scrat
     """The step's storages, their live ranges, each node's scratch, the timeline and the smallest budget."""
     table = history.run("storages", storage_table, step)
     if step.sharding is not None:
-        table = history.run("sharding", shard_table, table, step.gradients, step.sharding)
+        table = history.run("sharding", shard_table, table, step.gradients, step.sharding, opt.temporaries_by_param)
     live = history.run("liveness", liveness, table)
     scratch = _scratch(step, scratch_model, opt)
     timeline = history.run("timeline", memory_timeline, table, live, opt, scratch)

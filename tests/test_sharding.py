@@ -21,8 +21,9 @@ PARAM_ATOL = 1e-4
 LOSS_ATOL = 1e-5
 
 
-def _check_run(name: str, world: int, budget: int | None = None) -> list[dict]:
-    results, params = fsdp.run_sharded(name, world, budget=budget)
+def _check_run(name: str, world: int, budget: int | None = None, step_in_backward: bool = False
+               ) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    results, params = fsdp.run_sharded(name, world, budget=budget, step_in_backward=step_in_backward)
     reference_losses, reference = fsdp.run_unsharded(name)
     # what the ranks trained is the unsharded training: the mean of the ranks' losses and the parameters
     for i, expected in enumerate(reference_losses):
@@ -37,18 +38,31 @@ def _check_run(name: str, world: int, budget: int | None = None) -> list[dict]:
         assert abs(error) <= 0.05, (rank, predicted, result["measured_peak_bytes"])
         if budget is not None:
             assert result["measured_peak_bytes"] <= budget
-    return results
+    return results, params
 
 
-def test_memopt_compile_on_two_gloo_ranks_checkpoints_blocks_to_fit_the_rank_budget_and_trains_as_unsharded(
-) -> None:
-    eager = fsdp.predicted("mlp-batch", 2).peak_bytes
-    every_block = fsdp.predicted("mlp-batch", 2, solver="blocks", budget=10**12).peak_bytes
-    budget = (eager + every_block) // 2  # the eager step does not fit; some blocks, not all, must be recomputed
-    results = _check_run("mlp-batch", 2, budget)
+def _between_eager_and_every_block(name: str, world: int) -> int:
+    """A budget the eager step does not fit, which some blocks recomputed, not all, do."""
+    every_block = fsdp.predicted(name, world, solver="blocks", budget=10**12).peak_bytes
+    return (fsdp.predicted(name, world).peak_bytes + every_block) // 2
+
+
+@pytest.mark.parametrize("step_in_backward", [
+    # the shards updated inside the backward, each after its unit's reduce-scatter: bitwise FSDP2's own training
+    True,
+    pytest.param(False, marks=pytest.mark.slow),
+])
+def test_memopt_compile_on_two_gloo_ranks_checkpoints_blocks_to_fit_the_rank_budget_and_trains_as_fsdp2(
+        step_in_backward: bool) -> None:
+    results, params = _check_run("mlp-batch", 2, _between_eager_and_every_block("mlp-batch", 2), step_in_backward)
     for result in results:
         checkpointed = result["plan"]["checkpointed"]
         assert 0 < len(checkpointed) < 4 and set(checkpointed) <= {f"blocks.{i}" for i in range(4)}
+    # recomputing whole blocks (and updating each shard once its gradient is reduced) changes no arithmetic
+    eager_results, eager_params = fsdp.run_sharded("mlp-batch", 2, measure=False)
+    assert [r["losses"] for r in results] == [r["losses"] for r in eager_results]
+    for n, value in eager_params.items():
+        assert torch.equal(params[n], value), n
 
 
 @pytest.mark.slow

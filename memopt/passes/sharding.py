@@ -38,7 +38,14 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from memopt.errors import MemoptError
-from memopt.passes.storage import GATHERED, GRADIENTS, PARAMETERS, Storage, StorageTable
+from memopt.passes.storage import (
+    GATHERED,
+    GRADIENTS,
+    PARAMETERS,
+    TEMPORARIES,
+    Storage,
+    StorageTable,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,8 @@ class Sharding:
     units: tuple[Unit, ...]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # parameter -> its unsharded shape
     itemsizes: dict[str, int] = field(default_factory=dict)
+    # the optimizer updates each shard as soon as its unit's reduce-scatter made its gradient, which it then frees
+    step_in_backward: bool = False
 
     def padded_bytes(self, name: str) -> int:
         """What the all-gather of ``name`` returns: its rows padded to a multiple of the world size."""
@@ -163,10 +172,13 @@ def _sharding(model: nn.Module, world_size: int, wrapped: Sequence[tuple[str, bo
                     {n: tuple(p.shape) for n, p in named.items()}, {n: p.element_size() for n, p in named.items()})
 
 
-def shard_table(table: StorageTable, gradients: dict[str, str], sharding: Sharding) -> StorageTable:
+def shard_table(table: StorageTable, gradients: dict[str, str], sharding: Sharding,
+                step_temporaries: dict[str, int] | None = None) -> StorageTable:
     """One rank's storages of the step: parameters and reduced gradients as shards, and FSDP2's gathered
     parameters and communication buffers as storages of their own (category ``gathered``) over the nodes
-    where the engine holds them."""
+    where the engine holds them. With ``sharding.step_in_backward``, each unit's gradient shards (one buffer, the
+    reduce-scatter's output) live only while its parameters are updated, one at a time (``step_temporaries``:
+    what one update allocates)."""
     storages = list(table.storages)
     readers = [list(r) for r in table.readers]
     end = len(table.node_names) - 1
@@ -232,6 +244,12 @@ def shard_table(table: StorageTable, gradients: dict[str, str], sharding: Shardi
     # gradients: whole until their unit's post-backward, then a shard to the end of the step (the root's are
     # reduced last, by the callback that ends the backward)
     reduced_at = {p: b[1] for u, _, b in spans[:-1] if b is not None for p in u.params}
+    if sharding.step_in_backward:
+        temporaries = step_temporaries or {}
+        for unit in sharding.units:
+            at = reduced_at.get(unit.params[0], max(end - 1, 0)) if unit.params else end
+            add(max((temporaries.get(p, 0) for p in unit.params), default=0), at, at, TEMPORARIES,
+                f"{unit.name or '(root)'} updates, one parameter at a time")
     for param, keys in gradient_storage.items():
         at = reduced_at.get(param, max(end - 1, 0))
         for key in keys:
@@ -240,7 +258,10 @@ def shard_table(table: StorageTable, gradients: dict[str, str], sharding: Shardi
                 continue
             storages[key] = replace(s, last_use=max(at, s.defined_at), is_output=False)
             readers[key] = sorted({*readers[key], max(at, s.defined_at)})
-        add(sharding.shard_bytes(param), at, end, GRADIENTS, f"{param} (gradient shard)", output=True)
+        if sharding.step_in_backward:
+            add(sharding.shard_bytes(param), at, at, GRADIENTS, f"{param} (gradient shard, freed by its update)")
+        else:
+            add(sharding.shard_bytes(param), at, end, GRADIENTS, f"{param} (gradient shard)", output=True)
     for param, key in index_of.items():
         if param in sharding.shapes:
             storages[key] = replace(storages[key], nbytes=sharding.shard_bytes(param))
