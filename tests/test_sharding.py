@@ -150,8 +150,8 @@ def test_a_bad_world_size_is_refused_by_name(world_size) -> None:
 def test_what_is_not_planned_under_fsdp2_yet_is_refused_with_the_way_out() -> None:
     model = fsdp.ResidualMLP(width=8, depth=1)
     batch = (torch.randn(4, 8), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(memopt.MemoptError, match="step_in_backward=True is not planned under FSDP2"):
-        memopt.plan(model, batch, world_size=2, step_in_backward=True)
+    with pytest.raises(memopt.MemoptError, match="layout=True is not planned under FSDP2"):
+        memopt.plan(model, batch, world_size=2, layout=True)
 
 
 def test_a_model_wrapped_with_fully_shard_is_planned_as_its_units_shard_it() -> None:
@@ -178,7 +178,22 @@ def test_a_model_wrapped_with_fully_shard_is_planned_as_its_units_shard_it() -> 
         assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in wrapped.modules()] == hooks
         with pytest.raises(memopt.MemoptError, match="sharded over 4 ranks"):
             memopt.plan(wrapped, batch, world_size=8)
-        with pytest.raises(memopt.MemoptError, match="not backend='inductor', step_in_backward=True"):
-            memopt.compile(wrapped, budget="1GB", backend="inductor", step_in_backward=True)
+        with pytest.raises(memopt.MemoptError, match="not backend='inductor', layout=True"):
+            memopt.compile(wrapped, budget="1GB", backend="inductor", layout=True)
     finally:
         dist.destroy_process_group()
+
+
+def test_updates_inside_the_backward_free_each_unit_s_gradient_shards_as_it_is_reduced() -> None:
+    model = fsdp.ResidualMLP(width=64, depth=4)
+    batch = (torch.randn(32, 64), torch.zeros(32, dtype=torch.long))
+    optimizer = torch.optim.AdamW(model.parameters())
+    after = memopt.plan(model, batch, optimizer=optimizer, world_size=4)
+    inside = memopt.plan(model, batch, optimizer=optimizer, world_size=4, step_in_backward=True)
+    assert set(inside.stepped) == set(dict(model.named_parameters()))
+    gradients = inside.timeline.by_category["gradients"]
+    assert gradients[-1] == 0 and after.timeline.by_category["gradients"][-1] == after.static_ledger["gradients"]
+    assert inside.optimizer_peak_bytes == 0 < after.optimizer_peak_bytes  # no step after the backward
+    # the shards of the units reduced before do not pile up
+    assert max(gradients) < max(after.timeline.by_category["gradients"])
+    assert inside.peak_bytes <= after.peak_bytes
