@@ -398,15 +398,11 @@ def main() -> None:
     args = parser.parse_args()
     path = HERE / "fsdp.json"
     data = json.loads(path.read_text()) if path.exists() else {}
-    parts = set(args.parts.split(","))
-    if "rows" in parts:
-        data["rows"] = sharded_rows(args.steps)
-    if "pairs" in parts:
-        data["pairs"] = pairs()
-    if "llama70b" in parts:
-        data["llama70b"] = plan_70b()
     data.update(torch=torch.__version__, machine=platform.platform())
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    run = {"rows": lambda: sharded_rows(args.steps), "pairs": pairs, "llama70b": plan_70b}
+    for part in args.parts.split(","):
+        data[part] = run[part]()
+        path.write_text(json.dumps(data, indent=2, default=str) + "\n")  # what is done so far, kept
     (HERE / "FSDP.md").write_text(report(data))
 
 

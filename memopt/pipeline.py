@@ -36,7 +36,7 @@ from memopt.passes.offload import apply_compress, apply_offload
 from memopt.passes.offload_plan import OffloadPlan, plan_offload
 from memopt.passes.optimizer_memory import OptimizerMemory, ParamInfo, optimizer_memory
 from memopt.passes.order_plan import plan_order
-from memopt.passes.recompute import apply_recompute
+from memopt.passes.recompute import RECOMPUTE_OF, apply_recompute
 from memopt.passes.remat_plan import RecomputePlan, plan_recompute
 from memopt.passes.scratch import ScratchModel, measure_scratch
 from memopt.passes.sharding import shard_table
@@ -257,7 +257,10 @@ def _analysed(history: _History, step: CapturedStep, opt: OptimizerMemory, scrat
     """The step's storages, their live ranges, each node's scratch, the timeline and the smallest budget."""
     table = history.run("storages", storage_table, step)
     if step.sharding is not None:
-        table = history.run("sharding", shard_table, table, step.gradients, step.sharding, opt.temporaries_by_param)
+        # (a unit's spans from the traced ops: its recomputations run inside its backward, where FSDP2 gathers)
+        copies = frozenset(i for i, node in enumerate(step.graph.graph.nodes) if RECOMPUTE_OF in node.meta)
+        table = history.run("sharding", shard_table, table, step.gradients, step.sharding, opt.temporaries_by_param,
+                            copies)
     live = history.run("liveness", liveness, table)
     scratch = _scratch(step, scratch_model, opt)
     timeline = history.run("timeline", memory_timeline, table, live, opt, scratch)

@@ -142,6 +142,9 @@ def _filled_in_forward(maker: fx.Node, views: list[fx.Node], writers: list[int],
     return True
 
 
+RECOMPUTE_OF = "memopt_recompute_of"  # a copy's meta key: the forward node it recomputes
+
+
 def apply_recompute(graph: fx.GraphModule, backward_start: str, chosen: list[Candidate]) -> fx.GraphModule:
     """A copy of ``graph`` in which the chosen activations are recomputed in the backward."""
     new = fx.GraphModule(graph, copy_graph(graph.graph))
@@ -166,6 +169,7 @@ def apply_recompute(graph: fx.GraphModule, backward_start: str, chosen: list[Can
                 copy.target, copy.args, copy.kwargs = without_running_stats(copy)
             original_val[copy] = node.meta["val"]
             copy.meta["val"] = fake_result(copy)  # a new storage, not the original's
+            copy.meta[RECOMPUTE_OF] = node.name
             copies[node.name] = copy
         return copies[node.name]
 

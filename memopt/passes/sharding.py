@@ -173,12 +173,13 @@ def _sharding(model: nn.Module, world_size: int, wrapped: Sequence[tuple[str, bo
 
 
 def shard_table(table: StorageTable, gradients: dict[str, str], sharding: Sharding,
-                step_temporaries: dict[str, int] | None = None) -> StorageTable:
+                step_temporaries: dict[str, int] | None = None, copies: frozenset[int] = frozenset()) -> StorageTable:
     """One rank's storages of the step: parameters and reduced gradients as shards, and FSDP2's gathered
     parameters and communication buffers as storages of their own (category ``gathered``) over the nodes
     where the engine holds them. With ``sharding.step_in_backward``, each unit's gradient shards (one buffer, the
     reduce-scatter's output) live only while its parameters are updated, one at a time (``step_temporaries``:
-    what one update allocates)."""
+    what one update allocates). ``copies``: the positions of recomputed ops, which do not move a unit's spans (they
+    run inside its backward, as the plan that chose them simulated)."""
     storages = list(table.storages)
     readers = [list(r) for r in table.readers]
     end = len(table.node_names) - 1
@@ -199,7 +200,8 @@ def shard_table(table: StorageTable, gradients: dict[str, str], sharding: Shardi
         for param in unit.params:
             if param in index_of:
                 for r in table.readers[index_of[param]]:
-                    (forward if r < bs else backward).append(r)
+                    if r not in copies:
+                        (forward if r < bs else backward).append(r)
             if param in gradients and gradients[param] in position:  # the gradient node (often a view of it)
                 backward.append(position[gradients[param]])
             for key in gradient_storage.get(param, ()):
