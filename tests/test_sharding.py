@@ -13,6 +13,7 @@ import torch
 
 import memopt
 from benchmarks import fsdp
+from memopt.measure import measure_steady_peak
 from memopt.passes.sharding import default_sharding
 
 # AdamW divides by the gradients' own scale, so an element whose gradient is near zero moves by up to the learning
@@ -31,14 +32,43 @@ def _check_run(name: str, world: int, budget: int | None = None, step_in_backwar
     assert params.keys() == reference.keys()
     for n, value in reference.items():
         torch.testing.assert_close(params[n], value, atol=PARAM_ATOL, rtol=0)
+    single = _single_device_error(name, world)
     for rank, result in enumerate(results):
         predicted = fsdp.predicted(name, world).peak_bytes if budget is None else result["plan"]["peak_bytes"]
         assert result["measured_peak_bytes"] is not None, f"rank {rank}: no measurement reconciled: {result['tries']}"
         error = (predicted - result["measured_peak_bytes"]) / result["measured_peak_bytes"]
-        assert abs(error) <= 0.05, (rank, predicted, result["measured_peak_bytes"])
+        assert abs(error - single) <= SHARDING_ERROR, (rank, predicted, result["measured_peak_bytes"], single)
         if budget is not None:
             assert result["measured_peak_bytes"] <= budget
     return results, params
+
+
+# what the sharding model may add to memopt's error on one device: memopt predicts its own graph of the step, and
+# a Hugging Face loss head runs eagerly with other temporaries (5.2% on the Llama here, 0.0% on the MLP), which
+# FSDP2 does not change
+SHARDING_ERROR = 0.015
+
+
+def _single_device_error(name: str, world: int) -> float:
+    """memopt's error on one process, unsharded, on one rank's batch: its plan against the eager step measured."""
+    workload = fsdp.WORKLOADS[name]
+    torch.manual_seed(0)
+    model = workload.build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=fsdp.LR)
+    batch = fsdp.share(workload.batch(0), 0, world)
+
+    def step() -> None:
+        fsdp.call(model, batch).backward()
+        optimizer.step()
+
+    step()
+    optimizer.zero_grad(set_to_none=True)
+    measured = measure_steady_peak(step, between=lambda: optimizer.zero_grad(set_to_none=True))
+    plan = memopt.plan(model, batch[0] if isinstance(batch[0], dict) else batch, optimizer=optimizer)
+    # the test process holds more than this step (other tests' tensors): the step's own peak is what it adds to
+    # what it starts with, which the plan predicts (parameters, optimizer state, the batch)
+    peak = measured.peak_bytes - measured.baseline_bytes + plan.timeline.totals[0]
+    return (plan.peak_bytes - peak) / peak
 
 
 def _between_eager_and_every_block(name: str, world: int) -> int:
