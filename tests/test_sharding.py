@@ -17,7 +17,7 @@ from memopt.measure import measure_steady_peak
 from memopt.passes.sharding import default_sharding
 
 # AdamW divides by the gradients' own scale, so an element whose gradient is near zero moves by up to the learning
-# rate whatever the reduction order; measured: 1.3e-5 after 4 steps at lr 1e-3 (benchmarks/FSDP.md)
+# rate whatever the reduction order (the measured differences: benchmarks/FSDP.md)
 PARAM_ATOL = 1e-4
 LOSS_ATOL = 1e-5
 
@@ -44,8 +44,8 @@ def _check_run(name: str, world: int, budget: int | None = None, step_in_backwar
 
 
 # what the sharding model may add to memopt's error on one device: memopt predicts its own graph of the step, and
-# a Hugging Face loss head runs eagerly with other temporaries (5.2% on the Llama here, 0.0% on the MLP), which
-# FSDP2 does not change
+# a Hugging Face loss head runs eagerly with other temporaries than memopt's graph of it has, which FSDP2 does
+# not change
 SHARDING_ERROR = 0.015
 
 

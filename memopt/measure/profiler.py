@@ -212,7 +212,7 @@ def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict,
     roots = results.experimental_event_tree()
     end_ns = max((node.end_time_ns for node in roots), default=start_ns)
     if second_call is not None:
-        return _second_call(roots, baseline, live_at_entry, end, second_call["live"], result)
+        return _second_call(roots, live_at_entry, end, second_call["live"], result)
     live, highest = baseline, baseline
     timeline = [(0, baseline)]
     allocated_here: set[int] = set()
@@ -240,28 +240,27 @@ def _measure_cpu(step_fn: Callable[..., Any], args: tuple, kwargs: dict,
                         host_memory_bytes())
 
 
-def _second_call(roots: list[Any], baseline: int, live_at_entry: dict[int, int], end: int, live_at_start: int,
-                 result: Any) -> MeasuredPeak:
-    """The second call's peak (measure_steady_peak): its events, counted from the bytes scanned at its start."""
+def _second_call(roots: list[Any], live_at_entry: dict[int, int], end: int, live_at_start: int, result: Any
+                 ) -> MeasuredPeak:
+    """The second call's peak (measure_steady_peak): its events, counted from the bytes scanned at its start (the
+    events before it miss the frees of blocks older than the session)."""
     (mark,) = [node for node in _walk(roots) if node.name == _SECOND_CALL]
-    live = baseline
-    highest, timeline = None, []
+    live = highest = live_at_start
+    timeline = [(0, live)]
+    allocated_here: set[int] = set()
     for at_ns, ptr, nbytes in _closed_collective_blocks(roots):
         if ptr in _HOST_BLOCKS:
             continue
-        if nbytes < 0 and ptr in live_at_entry:
+        if nbytes > 0:
+            allocated_here.add(ptr)
+        elif ptr in allocated_here:
+            allocated_here.discard(ptr)
+        elif ptr in live_at_entry:  # (sized from the scan at entry, as _measure_cpu does)
             nbytes = -live_at_entry.pop(ptr)
-        if at_ns >= mark.start_time_ns and highest is None:
-            # the events before the second call miss the frees of blocks older than the session: restart the count
-            # from the scan
-            live, highest = live_at_start, live_at_start
-            timeline.append((0, live))
-        live += nbytes
-        if highest is not None:
+        if at_ns >= mark.start_time_ns:
+            live += nbytes
             highest = max(highest, live)
-            timeline.append((max(at_ns - mark.start_time_ns, 0), live))
-    if highest is None:
-        highest, timeline = live_at_start, [(0, live_at_start)]
+            timeline.append((at_ns - mark.start_time_ns, live))
     return MeasuredPeak(highest, live_at_start, end, tuple(timeline), end - live, "cpu", result,
                         max(mark.end_time_ns - mark.start_time_ns, 0), host_memory_bytes())
 

@@ -353,8 +353,7 @@ class MemoryPlan:
         data["chunks"] += [{"region": "mlp", "ops": [c.down], "chunks": c.chunks} for c in self.chunked_mlp]
         if self.sharding is not None:
             data["sharding"] = self.sharding.describe()
-        if self.solver.name.startswith("checkpoint"):
-            data["checkpointed"] = list(self.checkpointed)
+        data["checkpointed"] = list(self.checkpointed)
         if self.update is not None:
             data["update"] = {**{key: value for key, value in dataclasses.asdict(self.update).items()
                                  if key != "tensors"},
