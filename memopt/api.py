@@ -25,7 +25,7 @@ from memopt.lower.runner import Executor, StepRunner, run_step
 from memopt.passes.optimizer_memory import ParamInfo, optimizer_groups
 from memopt.passes.remat_plan import SOLVERS
 from memopt.passes.row_slices import rows_name, slice_rows, split_rows
-from memopt.passes.sharding import default_sharding, sharding_of, without_fsdp_hooks
+from memopt.passes.sharding import default_sharding, sharding_of, traced_as_fsdp_computes
 from memopt.pipeline import run_pipeline
 from memopt.report.plan import MemoryPlan, UpdatePlan
 from memopt.sparse_update import (
@@ -172,8 +172,9 @@ def _planner(model: nn.Module, example_inputs: tuple | list | dict | torch.Tenso
     if sharding is not None and world_size not in (None, sharding.world_size):
         raise MemoptError(f"the model is sharded over {sharding.world_size} ranks by fully_shard, not world_size="
                           f"{world_size}: leave world_size out, or plan the unwrapped model")
-    with without_fsdp_hooks(model) if sharding is not None else contextlib.nullcontext():
-        step = slice_rows(capture(model, example_inputs, loss_fn=loss_fn, fake=fake, trainable=names), rows)
+    with traced_as_fsdp_computes(model) if sharding is not None else contextlib.nullcontext():
+        step = slice_rows(capture(model, example_inputs, loss_fn=loss_fn, fake=fake, trainable=names,
+                                  compute_dtypes=sharding.compute_dtypes() if sharding else None), rows)
     if sharding is None and world_size is not None:
         sharding = default_sharding(model, world_size)
     named = dict(model.named_parameters())
@@ -183,7 +184,7 @@ def _planner(model: nn.Module, example_inputs: tuple | list | dict | torch.Tenso
     if sharding is not None:
         # each rank's optimizer updates its shards only
         step = dataclasses.replace(step, sharding=sharding)
-        params = [ParamInfo(p.name, sharding.shard_shape(p.name), p.itemsize) for p in params]
+        params = [ParamInfo(p.name, sharding.shard_shape(p.name), sharding.dtypes[p.name].itemsize) for p in params]
     groups_of = optimizer_groups(optimizer, named)
     if groups_of is not None:  # a row slice is in its tensor's group
         groups_of = {**groups_of, **{rows_name(name, k): groups_of[name] for name, k in rows.items()

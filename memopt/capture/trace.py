@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from functools import partial
 from dataclasses import dataclass, field
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
@@ -72,6 +72,7 @@ def capture(
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     fake: bool | None = None,
     trainable: Collection[str] | None = None,
+    compute_dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> CapturedStep:
     """Trace the training step of ``model`` on ``example_inputs`` into a joint ATen graph.
 
@@ -80,7 +81,9 @@ def capture(
     a ``.loss`` (Hugging Face outputs). ``trainable`` names the parameters the step
     trains (a sparse update's choice; by default every one that requires grad): the
     others are traced frozen, so the backward computes no gradient for them and
-    nothing that only they need. The model is never modified.
+    nothing that only they need. ``compute_dtypes``: parameters the step reads in
+    another dtype than they are held in (FSDP2's ``MixedPrecisionPolicy.param_dtype``),
+    traced in that dtype. The model is never modified.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"memopt plans an nn.Module; got {type(model).__name__}")
@@ -126,7 +129,8 @@ def capture(
     # the ones a real step runs, not the meta device's reference decompositions.
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_of = partial(_fake, mode)
-    param_inputs = [fake_of(p).requires_grad_(name in trained) for name, p in params.items()]
+    dtypes = compute_dtypes or {}
+    param_inputs = [fake_of(p, dtypes.get(name)).requires_grad_(name in trained) for name, p in params.items()]
     buffer_inputs = [fake_of(b) for b in buffers.values()]
     inputs = pytree.tree_map_only(torch.Tensor, fake_of, (args, kwargs))
     was_training = model.training
@@ -215,13 +219,14 @@ def _module_tensors(model: nn.Module) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers()]
 
 
-def _fake(mode: FakeTensorMode, tensor: torch.Tensor) -> torch.Tensor:
-    """A fake tensor like ``tensor``; one on the meta device becomes a fake CPU tensor, and a sharded one (FSDP2's
-    DTensor parameters) the whole tensor it stands for, which the computation reads once gathered."""
+def _fake(mode: FakeTensorMode, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fake tensor like ``tensor`` (in ``dtype``, if given); one on the meta device becomes a fake CPU tensor, and
+    a sharded one (FSDP2's DTensor parameters) the whole tensor it stands for, which the computation reads once
+    gathered."""
     detached = tensor.detach()
-    if isinstance(tensor, DTensor):
+    if isinstance(tensor, DTensor) or (dtype is not None and dtype != tensor.dtype):
         with mode:
-            return torch.empty(tensor.shape, dtype=tensor.dtype,
+            return torch.empty(tensor.shape, dtype=dtype or tensor.dtype,
                                device="cpu" if tensor.device.type == "meta" else tensor.device)
     if tensor.device.type != "meta":
         return mode.from_tensor(detached)

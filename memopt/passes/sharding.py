@@ -18,7 +18,11 @@ profiler on two gloo processes in tests/test_sharding.py):
   the next unit's all-gather;
 - a unit's gradients exist whole until its post-backward, whose reduce-scatter input
   (the gradients copied into one flat buffer) is held until the next unit's
-  post-backward frees it (``reduce_scatter_max_input_buffers`` = 1).
+  post-backward frees it (``reduce_scatter_max_input_buffers`` = 1);
+- under a ``MixedPrecisionPolicy`` the shards, their gradients and the optimizer state
+  keep the parameters' dtype; what is gathered, computed and saved is in
+  ``param_dtype``, the reduce-scatter runs in ``reduce_dtype`` (by default the
+  compute dtype), and its output is cast to the parameters' dtype beside itself.
 
 A unit's forward and backward spans are the graph's nodes that read its parameters
 (and, in the backward, make its gradients), so a recompute rewrite that moves a
@@ -33,9 +37,13 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import cached_property, partial
+from typing import Any
 
+import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+from torch.utils import _pytree as pytree
 
 from memopt.errors import MemoptError
 from memopt.passes.storage import (
@@ -55,6 +63,8 @@ class Unit:
     name: str  # the module's path ("" for the root)
     params: tuple[str, ...]  # names as ``model.named_parameters()`` gives them
     reshard_after_forward: bool = True
+    param_dtype: torch.dtype | None = None  # MixedPrecisionPolicy: gathered and computed in (None: as held)
+    reduce_dtype: torch.dtype | None = None  # the reduce-scatter's (None: the gradients')
 
 
 @dataclass(frozen=True)
@@ -64,18 +74,42 @@ class Sharding:
     world_size: int
     units: tuple[Unit, ...]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # parameter -> its unsharded shape
-    itemsizes: dict[str, int] = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # parameter -> the dtype it is held in
     # the optimizer updates each shard as soon as its unit's reduce-scatter made its gradient, which it then frees
     step_in_backward: bool = False
 
+    @cached_property
+    def unit_of(self) -> dict[str, Unit]:
+        return {param: unit for unit in self.units for param in unit.params}
+
     def padded_bytes(self, name: str) -> int:
-        """What the all-gather of ``name`` returns: its rows padded to a multiple of the world size."""
-        return self.shard_bytes(name) * self.world_size
+        """What the all-gather of ``name`` returns: its rows padded to a multiple of the world size, in the dtype
+        the step computes in."""
+        dtype = self.unit_of[name].param_dtype
+        return self._padded_numel(name) * (dtype or self.dtypes[name]).itemsize
+
+    def reduced_bytes(self, unit: Unit) -> tuple[int, int]:
+        """The reduce-scatter input of ``unit``'s gradients (padded rows, in the reduce dtype), and, when that
+        dtype is not the parameters', its output, cast to theirs beside itself (else 0)."""
+        dtype = unit.reduce_dtype or unit.param_dtype
+        if dtype is None:  # the gradients reduced in the parameters' dtype, into their shards
+            return sum(self._padded_numel(p) * self.dtypes[p].itemsize for p in unit.params), 0
+        numel = sum(self._padded_numel(p) for p in unit.params)
+        cast = any(self.dtypes[p] != dtype for p in unit.params)
+        return numel * dtype.itemsize, numel // self.world_size * dtype.itemsize if cast else 0
+
+    def compute_dtypes(self) -> dict[str, torch.dtype]:
+        """The parameters the step computes in another dtype than they are held in, and that dtype."""
+        return {p: u.param_dtype for u in self.units if u.param_dtype is not None for p in u.params}
+
+    def _padded_numel(self, name: str) -> int:
+        shape = self.shapes[name] or (1,)
+        return math.ceil(shape[0] / self.world_size) * self.world_size * math.prod(shape[1:])
 
     def shard_bytes(self, name: str) -> int:
         """One rank's part of ``name`` (rank 0's, the largest): ``ceil(rows / world)`` rows."""
         shape = self.shapes[name] or (1,)
-        return math.ceil(shape[0] / self.world_size) * math.prod(shape[1:]) * self.itemsizes[name]
+        return math.ceil(shape[0] / self.world_size) * math.prod(shape[1:]) * self.dtypes[name].itemsize
 
     def shard_shape(self, name: str) -> tuple[int, ...]:
         shape = self.shapes[name] or (1,)
@@ -113,7 +147,7 @@ def sharding_of(model: nn.Module) -> Sharding | None:
     if wrapped[0][0] != "":
         raise MemoptError(f"the model's blocks are wrapped with fully_shard ({wrapped[0][0]}, ...) but the model "
                           "itself is not: wrap it too (fully_shard(model)), as FSDP2 expects of the root")
-    worlds, units = set(), []
+    worlds, units, policies = set(), [], {}
     for name, module in wrapped:
         state = module._get_fsdp_state()
         group = state._fsdp_param_group
@@ -122,34 +156,33 @@ def sharding_of(model: nn.Module) -> Sharding | None:
         if len(group.modules) > 1:
             raise MemoptError(f"fully_shard over several modules at once ({name}) is not planned yet: wrap each "
                               "module on its own")
-        policy = group.mp_policy
-        if policy.param_dtype is not None or policy.reduce_dtype is not None:
-            raise MemoptError(f"{name or 'the root'} has a MixedPrecisionPolicy ({policy}), which memopt does not "
-                              "plan yet: plan with the parameters in the dtype the step computes in (model.to(...)) "
-                              "and world_size=N, unwrapped")
         if type(group.mesh_info).__name__ != "FSDPMeshInfo":
             raise MemoptError(f"{name or 'the root'} is sharded on a {type(group.mesh_info).__name__} (HSDP or "
                               "replicate), which memopt does not plan yet; plan one shard group with world_size=N")
         worlds.add(group.mesh_info.shard_mesh_size)
         units.append((name, group.post_forward_mesh_info is not None))
+        policies[name] = group.mp_policy
     if len(worlds) > 1:
         raise MemoptError(f"the units are sharded over meshes of different sizes {sorted(worlds)}: plan one")
-    return _sharding(model, worlds.pop() if worlds else 1, [u for u in units if u[0]])
+    return _sharding(model, worlds.pop() if worlds else 1, [u for u in units if u[0]], policies)
 
 
 @contextmanager
-def without_fsdp_hooks(model: nn.Module) -> Iterator[None]:
-    """FSDP2's forward hooks (gather, reshard) off while memopt traces the computation they wrap; the user's own
-    hooks stay, and every hook is back, in its place, afterwards."""
+def traced_as_fsdp_computes(model: nn.Module) -> Iterator[None]:
+    """FSDP2's forward hooks (gather, reshard) off while memopt traces the computation they wrap, with the casts
+    of each unit's ``MixedPrecisionPolicy`` in their place (floating-point inputs to ``param_dtype`` where it casts
+    forward inputs, outputs to ``output_dtype``), as FSDP2's hooks make them; the user's own hooks stay, and every
+    hook is back, in its place, afterwards."""
     saved = []
     for module in model.modules():
         if isinstance(module, FSDPModule):
             state = module._get_fsdp_state()
-            engine = {state._pre_forward_hook_handle.id, state._post_forward_hook_handle.id}
+            engine = {state._pre_forward_hook_handle.id: partial(_cast_inputs, state._mp_policy),
+                      state._post_forward_hook_handle.id: partial(_cast_output, state._mp_policy)}
             for attribute in ("_forward_pre_hooks", "_forward_hooks"):
                 hooks = getattr(module, attribute)
                 saved.append((module, attribute, hooks))
-                setattr(module, attribute, OrderedDict((k, v) for k, v in hooks.items() if k not in engine))
+                setattr(module, attribute, OrderedDict((k, engine.get(k, v)) for k, v in hooks.items()))
     try:
         yield
     finally:
@@ -157,8 +190,25 @@ def without_fsdp_hooks(model: nn.Module) -> Iterator[None]:
             setattr(module, attribute, hooks)
 
 
-def _sharding(model: nn.Module, world_size: int, wrapped: Sequence[tuple[str, bool]]) -> Sharding:
-    """Units from module paths (each with its reshard_after_forward); the root holds what no unit does."""
+def _cast_inputs(policy: MixedPrecisionPolicy, module: nn.Module, args: tuple, kwargs: dict
+                 ) -> tuple[tuple, dict]:
+    if not (policy.cast_forward_inputs and policy.param_dtype):
+        return args, kwargs
+    return _cast_floating(policy.param_dtype, (args, kwargs))
+
+
+def _cast_output(policy: MixedPrecisionPolicy, module: nn.Module, args: tuple, output: Any) -> Any:
+    return output if policy.output_dtype is None else _cast_floating(policy.output_dtype, output)
+
+
+def _cast_floating(dtype: torch.dtype, values: Any) -> Any:
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, values)
+
+
+def _sharding(model: nn.Module, world_size: int, wrapped: Sequence[tuple[str, bool]],
+              policies: dict[str, MixedPrecisionPolicy] | None = None) -> Sharding:
+    """Units from module paths (each with its reshard_after_forward, and its policy by path, the root's at "");
+    the root holds what no unit does."""
     named = dict(model.named_parameters())
     owner: dict[str, str] = {}
     for name, _ in sorted(wrapped, key=lambda w: len(w[0])):  # the deepest unit that holds a parameter owns it
@@ -166,10 +216,16 @@ def _sharding(model: nn.Module, world_size: int, wrapped: Sequence[tuple[str, bo
         for param in named:
             if param.startswith(prefix):
                 owner[param] = name
-    units = [Unit(name, tuple(p for p in named if owner.get(p) == name), reshard) for name, reshard in wrapped]
-    root = Unit("", tuple(p for p in named if p not in owner), False)  # FSDP2 never reshards the root after forward
+    policies = policies or {}
+
+    def unit(name: str, params: tuple[str, ...], reshard: bool) -> Unit:
+        policy = policies.get(name) or MixedPrecisionPolicy()
+        return Unit(name, params, reshard, policy.param_dtype, policy.reduce_dtype)
+
+    units = [unit(name, tuple(p for p in named if owner.get(p) == name), reshard) for name, reshard in wrapped]
+    root = unit("", tuple(p for p in named if p not in owner), False)  # FSDP2 never reshards the root after forward
     return Sharding(world_size, (*[u for u in units if u.params], root),
-                    {n: tuple(p.shape) for n, p in named.items()}, {n: p.element_size() for n, p in named.items()})
+                    {n: tuple(p.shape) for n, p in named.items()}, {n: p.dtype for n, p in named.items()})
 
 
 def shard_table(table: StorageTable, gradients: dict[str, str], sharding: Sharding,
@@ -242,7 +298,9 @@ def shard_table(table: StorageTable, gradients: dict[str, str], sharding: Shardi
         # allocated once the unit's gradients are final (they are copied into it, then freed), and freed by the
         # next unit's post-backward before that one allocates its own
         freed = backward_order[k + 1][0][1] - 1 if k + 1 < len(backward_order) else end
-        add(size, b1, max(b1, freed), GATHERED, f"{unit.name} reduce-scatter input")
+        reduced, cast = sharding.reduced_bytes(unit)
+        add(reduced, b1, max(b1, freed), GATHERED, f"{unit.name} reduce-scatter input")
+        add(cast, b1, b1, GATHERED, f"{unit.name} reduce-scatter output (cast to the parameters' dtype)")
     # gradients: whole until their unit's post-backward, then a shard to the end of the step (the root's are
     # reduced last, by the callback that ends the backward)
     reduced_at = {p: b[1] for u, _, b in spans[:-1] if b is not None for p in u.params}
