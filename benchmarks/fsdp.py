@@ -1,11 +1,11 @@
 """FSDP2 per rank: memopt's plan with ``world_size`` against what the ranks measure, on CPU with gloo.
 
 Each workload is trained by ``world`` processes (gloo), ``fully_shard`` on every block and on the root,
-AdamW, each rank on its share of the batch; and by one process unsharded on the whole batch, from the same
-initial weights. Per rank: the steady-state step's peak measured by the profiler (``measure_steady_peak``),
-``FSDPMemTracker``'s peak for the same kind of step, memopt's prediction (``memopt.plan(..., world_size=world)``
-on the unwrapped model and one rank's batch), and ZeRO-3's arithmetic for the model states (16 bytes per
-parameter over the ranks with fp32 Adam). Then a Llama-70B-shaped step planned for 8 ranks of the h100 preset
+AdamW, each rank on its share of the batch (``-bf16``: with FSDP2's ``MixedPrecisionPolicy``, bf16 parameters
+and fp32 reduction); and by one process unsharded on the whole batch in fp32, from the same initial weights. Per
+rank: the steady-state step's peak measured by the profiler (``measure_steady_peak``), ``FSDPMemTracker``'s peak
+for the same kind of step, memopt's prediction (``memopt.plan`` on the wrapped model and the rank's batch, in
+the rank), and ZeRO-3's arithmetic for the model states (16 bytes per parameter over the ranks with fp32 Adam). Then a Llama-70B-shaped step planned for 8 ranks of the h100 preset
 from shapes alone, and the longest sequence that fits 80 GB per rank.
 
     python benchmarks/fsdp.py             # ~5 min on 2 cores; writes fsdp.json and FSDP.md
@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 import memopt
 from memopt import examples
@@ -82,6 +83,7 @@ class Workload:
     name: str
     build: Callable[[], nn.Module]
     batch: Callable[[int], tuple]  # the whole batch (every rank's share) from a seed
+    policy: MixedPrecisionPolicy | None = None  # every unit's, under FSDP2
 
 
 def _mlp_batch(seed: int, rows: int = 128) -> tuple:
@@ -99,6 +101,8 @@ WORKLOADS = {
     "llama": Workload("llama", _llama, _llama_batch),
     # a batch whose activations outweigh the rank's share of the model: what the budget runs check
     "mlp-batch": Workload("mlp-batch", ResidualMLP, lambda seed: _mlp_batch(seed, 1024)),
+    "mlp-batch-bf16": Workload("mlp-batch-bf16", ResidualMLP, lambda seed: _mlp_batch(seed, 1024),
+                               MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)),
 }
 
 
@@ -121,14 +125,19 @@ def call(model: nn.Module, batch: tuple) -> torch.Tensor:
     return model(*batch)
 
 
-def _shard(model: nn.Module) -> nn.Module:
+def _shard(model: nn.Module, policy: MixedPrecisionPolicy | None = None) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     units = default_sharding(model, 1).units[:-1]
     modules = dict(model.named_modules())
+    policy = policy or MixedPrecisionPolicy()
     for unit in units:
-        fully_shard(modules[unit.name])
-    return fully_shard(model)
+        fully_shard(modules[unit.name], mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
+
+
+def _plan(model: nn.Module, batch: tuple, optimizer: Any, **options) -> memopt.MemoryPlan:
+    return memopt.plan(model, batch[0] if isinstance(batch[0], dict) else batch, optimizer=optimizer, **options)
 
 
 def _rank(rank: int, world: int, name: str, steps: int, port: int, out: str, budget: int | None,
@@ -144,14 +153,16 @@ def _rank(rank: int, world: int, name: str, steps: int, port: int, out: str, bud
     try:
         workload = WORKLOADS[name]
         torch.manual_seed(0)
-        model = _shard(workload.build())
+        model = _shard(workload.build(), workload.policy)
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        plan = _plan(model, share(workload.batch(0), rank, world), optimizer)  # (no batch left alive beside the step)
         runner = model if budget is None else memopt.compile(model, budget=budget, optimizer=optimizer,
                                                              step_in_backward=step_in_backward)
         losses: list[float] = []
 
         def step(seed: int) -> None:
-            loss = call(runner, share(workload.batch(seed), rank, world))
+            batch = share(workload.batch(seed), rank, world)  # held through the step, as a training loop holds it
+            loss = call(runner, batch)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
@@ -182,8 +193,8 @@ def _rank(rank: int, world: int, name: str, steps: int, port: int, out: str, bud
                 torch.device("cpu")].items()}
         result = {"losses": trained, "measured_peak_bytes": max(reconciled) if reconciled else None,
                   "tries": tries, "tracker": tracked}
-        if budget is not None:
-            result["plan"] = {"peak_bytes": runner.plan.peak_bytes, "checkpointed": runner.plan.checkpointed}
+        plan = plan if budget is None else runner.plan
+        result["plan"] = {"peak_bytes": plan.peak_bytes, "checkpointed": plan.checkpointed}
         torch.save(result, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -202,7 +213,7 @@ def _pair_rank(rank: int, world: int, name: str, port: int, out: str, rounds: in
 
         def trainer(budget: int | None) -> tuple[Callable[[], None], Callable[[], None], Any]:
             torch.manual_seed(0)
-            model = _shard(workload.build())
+            model = _shard(workload.build(), workload.policy)
             optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
             if budget is None:  # per-block checkpointing, as a careful user wraps FSDP2's blocks
                 for unit in default_sharding(model, 1).units[:-1]:
@@ -294,15 +305,19 @@ def run_unsharded(name: str, steps: int = 4) -> tuple[list[float], dict[str, tor
 
 
 def predicted(name: str, world: int, **options) -> memopt.MemoryPlan:
-    """memopt's plan of one rank's step: the unwrapped model, one rank's batch, ``world_size=world``."""
+    """memopt's plan of one rank's step, as a rank plans it (``_rank``) without the ranks: the model wrapped with
+    ``fully_shard`` on a fake process group of ``world`` ranks in this process, rank 0's batch."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
     workload = WORKLOADS[name]
-    torch.manual_seed(0)
-    model = workload.build()
     batch = share(workload.batch(0), 0, world)
-    optimizer = (torch.optim.AdamW, {"lr": LR})
-    if len(batch) == 1 and isinstance(batch[0], dict):
-        return memopt.plan(model, batch[0], optimizer=optimizer, world_size=world, **options)
-    return memopt.plan(model, batch, optimizer=optimizer, world_size=world, **options)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = _shard(workload.build(), workload.policy)
+        return _plan(model, batch, (torch.optim.AdamW, {"lr": LR}), **options)
+    finally:
+        dist.destroy_process_group()
 
 
 def zero3_model_states(model: nn.Module, world: int) -> int:
@@ -349,23 +364,22 @@ def sharded_rows(steps: int) -> list[dict]:
         reference_losses, reference = run_unsharded(name, steps)
         for world in (2, 4):
             runs: list[tuple[int | None, bool]] = [(None, False)]
-            if name == "mlp-batch":  # between the eager peak and every block's recomputed: some blocks, not all
+            if name.startswith("mlp-batch"):  # between the eager peak and every block's recomputed: some blocks, not all
                 every_block = predicted(name, world, solver="blocks", budget=10**12).peak_bytes
                 budget = (predicted(name, world).peak_bytes + every_block) // 2
                 runs += [(budget, False), (budget, True)]
             for budget, step_in_backward in runs:
                 results, params = run_sharded(name, world, steps, budget, step_in_backward)
-                plan = predicted(name, world) if budget is None else None
                 measured = [r["measured_peak_bytes"] for r in results]
                 highest = max((m for m in measured if m is not None), default=None)
-                peak = plan.peak_bytes if plan is not None else max(r["plan"]["peak_bytes"] for r in results)
+                peak = max(r["plan"]["peak_bytes"] for r in results)
                 losses = [sum(r["losses"][i] for r in results) / world for i in range(steps)]
                 rows.append({
                     "workload": name, "world": world, "budget_bytes": budget, "step_in_backward": step_in_backward,
                     "predicted_bytes": peak,
                     "measured_bytes": highest, "measured_by_rank": measured, "tries_by_rank": [r["tries"] for r in results],
                     "error": None if highest is None else (peak - highest) / highest,
-                    "checkpointed": None if budget is None else [list(r["plan"]["checkpointed"]) for r in results],
+                    "checkpointed": [list(r["plan"]["checkpointed"]) for r in results],
                     "tracker_bytes": max(r["tracker"]["total"] for r in results), "tracker": results[0]["tracker"],
                     "zero3_model_states_bytes": zero3_model_states(workload.build(), world),
                     "max_param_difference": max((params[n] - v).abs().max().item() for n, v in reference.items()),
@@ -426,7 +440,7 @@ def report(data: dict) -> str:
         budget = "eager FSDP2" if r["budget_bytes"] is None else format_bytes(r["budget_bytes"])
         if r.get("step_in_backward"):
             budget += ", step_in_backward"
-        blocks = "" if r["checkpointed"] is None else ", ".join(r["checkpointed"][0])
+        blocks = ", ".join(r["checkpointed"][0] or ())
         lines.append(f"| {r['workload']} | {r['world']} | {budget} | {blocks} | {format_bytes(r['predicted_bytes'])} | "
                      f"{measured} | {error} | {format_bytes(r['tracker_bytes'])} | "
                      f"{format_bytes(r['zero3_model_states_bytes'])} | {r['max_param_difference']:.2e} | "

@@ -280,6 +280,7 @@ def memopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: d
                    ) -> Callable[..., Any]:
     """The torch.compile backend (``backend="memopt"``); ``options`` as ``KNOWN_OPTIONS`` lists them."""
     state = session(options)
+    _refuse_fsdp(gm)
     if state.options.update == "sparse" and state.update is None:
         state.update = _choose_update(gm, state.options)
     # a recompile of one frame for other shapes replaces its graph; another graph (a graph break, or the
@@ -291,6 +292,24 @@ def memopt_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: d
     if any(_is_symbolic(value) for value in example_inputs) or _has_symbolic_shapes(gm):
         return _PerShape(gm, inputs, state, frame, rest)
     return _compile_graph(gm, inputs, list(example_inputs), state, frame, rest)
+
+
+def _refuse_fsdp(gm: fx.GraphModule) -> None:
+    """A graph of a model FSDP2 shards is refused: under ``fully_shard`` Dynamo compiles each unit's forward as a
+    graph of its own (one graph for all the blocks alike, run once per block) and can run the root's own layers
+    outside any graph, while the parameters it sees are the ones FSDP2 gathered for the moment; no graph the
+    backend is handed holds the rank's step, so a per-rank budget could not be kept."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for root in _root_modules(gm):
+        wrapped = next((name for name, module in root.named_modules() if isinstance(module, FSDPModule)), None)
+        if wrapped is not None:
+            raise MemoptError(
+                f"the memopt backend does not plan a model sharded by FSDP2 ({type(root).__name__}"
+                f"{'.' + wrapped if wrapped else ''} is wrapped with fully_shard): Dynamo compiles each unit's "
+                "forward as a graph of its own, so no graph the backend sees holds the rank's step. Use "
+                "memopt.compile(model, budget=..., optimizer=...) on the fully_shard model: it plans the rank's "
+                "whole step and FSDP2 runs it")
 
 
 def _choose_update(gm: fx.GraphModule, options: BackendOptions) -> UpdatePlan:

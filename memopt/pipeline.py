@@ -164,7 +164,7 @@ def run_pipeline(
                 step, table, live, scratch, timeline, minimum = packed.analysed
                 remat, compressed = packed.remat, packed.tensors
                 infeasible = budget_bytes < minimum.bytes or remat.solution.status == "infeasible"
-        if infeasible and not (chunked or chunked_mlp) and chunkable.off(config):
+        if infeasible and not (chunked or chunked_mlp) and chunkable.off(config) and config.solver != "checkpoint":
             # what the knobs left off would reach, for the error's way out: the lowest-peak plans of that step
             alternative = _chunked(history, step, chunkable, opt, scratch_model, chunkable.auto(config), device,
                                    lambda *analysed: recompute_plan(*analysed, target=1), hint=chunkable.off(config))
@@ -649,8 +649,11 @@ def _infeasible(budget: int, headroom: float, best: int, minimum: LowerBound, so
     needed = max(minimum.bytes, budget_for_peak(best, headroom))
     if needed == minimum.bytes:
         return BudgetInfeasibleError(budget, minimum.bytes, minimum.where, minimum.why, proven=minimum.bytes)
+    # (the 'checkpoint' solver's plans run under FSDP2, which memopt neither offloads nor chunks under)
+    others = ("a smaller batch or sequence per rank, more ranks, or a cheaper optimizer" if solver == "checkpoint"
+              else "a smaller batch or sequence, offloading, or a cheaper optimizer")
     why = (f"the '{solver}' remat plans peak at {format_bytes(best)} at best, and memopt keeps {headroom:.0%} of the "
            f"budget as headroom for what the prediction does not see. No keep/recompute plan of these ops can "
            f"go below {format_bytes(minimum.bytes)} (at {minimum.where}: {minimum.why}). What else lowers the "
-           f"peak: a smaller batch or sequence, offloading, or a cheaper optimizer")
+           f"peak: {others}")
     return BudgetInfeasibleError(budget, needed, "the lowest-peak recompute plan found", why, proven=minimum.bytes)

@@ -25,16 +25,17 @@ LOSS_ATOL = 1e-5
 def _check_run(name: str, world: int, budget: int | None = None, step_in_backward: bool = False
                ) -> tuple[list[dict], dict[str, torch.Tensor]]:
     results, params = fsdp.run_sharded(name, world, budget=budget, step_in_backward=step_in_backward)
-    reference_losses, reference = fsdp.run_unsharded(name)
-    # what the ranks trained is the unsharded training: the mean of the ranks' losses and the parameters
-    for i, expected in enumerate(reference_losses):
-        assert sum(r["losses"][i] for r in results) / world == pytest.approx(expected, abs=LOSS_ATOL)
-    assert params.keys() == reference.keys()
-    for n, value in reference.items():
-        torch.testing.assert_close(params[n], value, atol=PARAM_ATOL, rtol=0)
+    if fsdp.WORKLOADS[name].policy is None:  # (in another precision, the training is another one)
+        reference_losses, reference = fsdp.run_unsharded(name)
+        # what the ranks trained is the unsharded training: the mean of the ranks' losses and the parameters
+        for i, expected in enumerate(reference_losses):
+            assert sum(r["losses"][i] for r in results) / world == pytest.approx(expected, abs=LOSS_ATOL)
+        assert params.keys() == reference.keys()
+        for n, value in reference.items():
+            torch.testing.assert_close(params[n], value, atol=PARAM_ATOL, rtol=0)
     single = _single_device_error(name, world)
     for rank, result in enumerate(results):
-        predicted = fsdp.predicted(name, world).peak_bytes if budget is None else result["plan"]["peak_bytes"]
+        predicted = result["plan"]["peak_bytes"]  # the rank's plan of the wrapped model, or memopt.compile's
         assert result["measured_peak_bytes"] is not None, f"rank {rank}: no measurement reconciled: {result['tries']}"
         error = (predicted - result["measured_peak_bytes"]) / result["measured_peak_bytes"]
         assert abs(error - single) <= SHARDING_ERROR, (rank, predicted, result["measured_peak_bytes"], single)
@@ -77,19 +78,21 @@ def _between_eager_and_every_block(name: str, world: int) -> int:
     return (fsdp.predicted(name, world).peak_bytes + every_block) // 2
 
 
-@pytest.mark.parametrize("step_in_backward", [
+@pytest.mark.parametrize("name, step_in_backward", [
     # the shards updated inside the backward, each after its unit's reduce-scatter: bitwise FSDP2's own training
-    True,
-    pytest.param(False, marks=pytest.mark.slow),
+    ("mlp-batch", True),
+    pytest.param("mlp-batch", False, marks=pytest.mark.slow),
+    # FSDP2's MixedPrecisionPolicy: bf16 gathered parameters, activations and unsharded gradients, fp32 reduction
+    pytest.param("mlp-batch-bf16", False, marks=pytest.mark.slow),
 ])
 def test_memopt_compile_on_two_gloo_ranks_checkpoints_blocks_to_fit_the_rank_budget_and_trains_as_fsdp2(
-        step_in_backward: bool) -> None:
-    results, params = _check_run("mlp-batch", 2, _between_eager_and_every_block("mlp-batch", 2), step_in_backward)
+        name: str, step_in_backward: bool) -> None:
+    results, params = _check_run(name, 2, _between_eager_and_every_block(name, 2), step_in_backward)
     for result in results:
         checkpointed = result["plan"]["checkpointed"]
         assert 0 < len(checkpointed) < 4 and set(checkpointed) <= {f"blocks.{i}" for i in range(4)}
     # recomputing whole blocks (and updating each shard once its gradient is reduced) changes no arithmetic
-    eager_results, eager_params = fsdp.run_sharded("mlp-batch", 2, measure=False)
+    eager_results, eager_params = fsdp.run_sharded(name, 2, measure=False)
     assert [r["losses"] for r in results] == [r["losses"] for r in eager_results]
     for n, value in eager_params.items():
         assert torch.equal(params[n], value), n
@@ -211,6 +214,99 @@ def test_a_model_wrapped_with_fully_shard_is_planned_as_its_units_shard_it() -> 
         with pytest.raises(memopt.MemoptError, match="not backend='inductor', layout=True"):
             memopt.compile(wrapped, budget="1GB", backend="inductor", layout=True)
     finally:
+        dist.destroy_process_group()
+
+
+def _planned_on_fake_ranks(world: int, policy=None, **options) -> memopt.MemoryPlan:
+    """The residual MLP wrapped with fully_shard (each block and the root under ``policy``) on a fake process group
+    of ``world`` ranks, planned by memopt."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = fsdp.ResidualMLP(width=64, depth=3)
+        policy = policy or MixedPrecisionPolicy()
+        for block in model.blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        parameters = {n: p.to_local().clone() for n, p in model.named_parameters()}
+        plan = memopt.plan(model, (torch.randn(32, 64), torch.zeros(32, dtype=torch.long)),
+                           optimizer=torch.optim.AdamW, **options)
+        # planning changed nothing of the model
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(torch.equal(p.to_local(), parameters[n]) for n, p in model.named_parameters())
+        return plan
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_mixed_precision_policy_is_planned_as_fsdp2_casts_gathers_and_reduces() -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    full = _planned_on_fake_ranks(4)
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mixed = _planned_on_fake_ranks(4, bf16)
+    # what the optimizer holds stays fp32 shards: parameters, reduced gradients, AdamW's state
+    for category in ("parameters", "gradients"):
+        assert mixed.static_ledger[category] == full.static_ledger[category]
+    assert mixed.optimizer.state_bytes == full.optimizer.state_bytes
+    # what is gathered is bf16: the root's parameters and their all-gather output, at the first op, half as large
+    assert 2 * mixed.timeline.by_category["gathered"][0] == full.timeline.by_category["gathered"][0]
+    # the step computes in bf16: the input cast at the root's entry, parameters read in bf16
+    placeholders = [n for n in mixed.program.graph.graph.nodes if n.op == "placeholder"]
+    assert {p.meta["val"].dtype for p, role in zip(placeholders, mixed.program.placeholders)
+            if role.role == "parameter"} == {torch.bfloat16}
+    # (about half: the bf16 saved activations, beside what keeps its dtype: the labels, a scalar or two)
+    assert 0.5 <= max(mixed.timeline.by_category["activations"]) / max(full.timeline.by_category["activations"]) < 0.55
+    assert mixed.peak_bytes < full.peak_bytes
+    unit = mixed.sharding.units[0]
+    numel = sum(mixed.sharding.padded_bytes(p) for p in unit.params) // 2
+    assert unit.param_dtype == torch.bfloat16 and mixed.sharding.reduced_bytes(unit) == (4 * numel, 0)
+    # reduced in bf16 (reduce_dtype None): a bf16 reduce-scatter input, and its output cast to fp32 beside it
+    low = _planned_on_fake_ranks(4, MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    assert low.sharding.reduced_bytes(low.sharding.units[0]) == (2 * numel, 2 * numel // 4)
+    # a unit whose outputs are cast back to fp32 (output_dtype): the next unit casts them to bf16 again
+    casts = MixedPrecisionPolicy(param_dtype=torch.bfloat16, output_dtype=torch.float32)
+    back = _planned_on_fake_ranks(4, casts)
+
+    def forward_casts(plan: memopt.MemoryPlan) -> list[torch.dtype]:
+        casts = []
+        for node in plan.program.graph.graph.nodes:
+            if node.name == plan.program.backward_start:
+                return casts
+            if node.target == torch.ops.aten._to_copy.default:
+                casts.append(node.kwargs["dtype"])
+        raise AssertionError("no backward")
+
+    # the input to bf16 at the root; then each block's output to fp32, and to bf16 again at the next block (the
+    # root's head is no unit's entry: no cast)
+    assert forward_casts(mixed) == [torch.bfloat16]
+    assert forward_casts(back) == [torch.bfloat16] + [torch.float32, torch.bfloat16] * 2 + [torch.float32]
+
+
+def test_the_backend_refuses_a_model_fsdp2_shards_and_names_memopt_compile() -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = fsdp.ResidualMLP(width=16, depth=2)
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        compiled = torch.compile(model, backend="memopt", options={"budget": "1GB"})
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as raised:
+            compiled(torch.randn(8, 16), torch.zeros(8, dtype=torch.long))
+        error = raised.value.inner_exception
+        assert isinstance(error, memopt.MemoptError) and "memopt.compile(model, budget=" in str(error)
+        assert "wrapped with fully_shard" in str(error)
+    finally:
+        torch._dynamo.reset()
         dist.destroy_process_group()
 
 
