@@ -325,6 +325,27 @@ def zero3_model_states(model: nn.Module, world: int) -> int:
     return 16 * sum(p.numel() for p in model.parameters()) // world
 
 
+def plan_70b_mixed(world: int = 8, seq: int = 4096) -> dict:
+    """The Llama-70B shape as torchtitan trains it: fp32 weights and AdamW state, ``fully_shard`` on every layer and
+    the root with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, wrapped on the meta device over
+    a fake process group of ``world`` ranks and planned for the h100 preset (no budget)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    made = examples.llama70b(seq=seq)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        model = _shard(made.build().to(torch.float32),
+                       MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+        started = time.perf_counter()
+        plan = memopt.plan(model, made.inputs(), optimizer=torch.optim.AdamW, device="h100", offload=False)
+        seconds = time.perf_counter() - started
+    finally:
+        dist.destroy_process_group()
+    return {"world": world, "seq": seq, "seconds": seconds, "peak_bytes": plan.peak_bytes, "ledger": plan.ledger,
+            "static": plan.static_ledger, "minimum_budget_bytes": plan.minimum.bytes,
+            "minimum_where": plan.minimum.where, "peak_node": plan.peak_node, "graph_nodes": plan.graph_nodes}
+
+
 def plan_70b(world: int = 8, seq: int = 4096, budget: str = "80GB") -> dict:
     """A Llama-70B-shaped step (bf16 weights, AdamW, batch 1 per rank) on the meta device, planned for ``world``
     ranks of the h100 preset with no budget at ``seq``; then the longest sequence (a multiple of 256) that fits
@@ -407,13 +428,15 @@ def pairs(rounds: int = 7) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--parts", default="rows,pairs,llama70b",
-                        help="what to run again (the rest is kept from fsdp.json): rows, pairs, llama70b")
+    parser.add_argument("--parts", default="rows,pairs,llama70b,llama70b-mixed",
+                        help="what to run again (the rest is kept from fsdp.json): rows, pairs, llama70b, "
+                             "llama70b-mixed")
     args = parser.parse_args()
     path = HERE / "fsdp.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     data.update(torch=torch.__version__, machine=platform.platform())
-    run = {"rows": lambda: sharded_rows(args.steps), "pairs": pairs, "llama70b": plan_70b}
+    run = {"rows": lambda: sharded_rows(args.steps), "pairs": pairs, "llama70b": plan_70b,
+           "llama70b-mixed": plan_70b_mixed}
     for part in args.parts.split(","):
         data[part] = run[part]()
         path.write_text(json.dumps(data, indent=2, default=str) + "\n")  # what is done so far, kept
@@ -467,7 +490,19 @@ def report(data: dict) -> str:
          f"{format_bytes(big['minimum_budget_bytes'])} (at `{big['minimum_where']}`)."), "",
         "| category | at the peak |", "|---|---|",
     ]
-    lines += [f"| {k} | {format_bytes(v)} |" for k, v in big["ledger"].items() if v]
+    mixed = data.get("llama70b-mixed")
+    if mixed is None:
+        lines += [f"| {k} | {format_bytes(v)} |" for k, v in big["ledger"].items() if v]
+    else:
+        lines[-2:] = [
+            (f"Beside it, the same shape as torchtitan trains it: fp32 weights and AdamW state, `fully_shard` with "
+             "`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`, wrapped on the meta device over a fake "
+             f"process group of {mixed['world']} ranks: planned in {mixed['seconds']:.1f} s, predicted peak per "
+             f"rank {format_bytes(mixed['peak_bytes'])} at `{mixed['peak_node']}`, no recompute plan below "
+             f"{format_bytes(mixed['minimum_budget_bytes'])} (at `{mixed['minimum_where']}`)."), "",
+            "| category | bf16 weights: at the peak | fp32 weights, bf16 policy: at the peak |", "|---|---|---|"]
+        lines += [f"| {k} | {format_bytes(v)} | {format_bytes(mixed['ledger'].get(k, 0))} |"
+                  for k, v in big["ledger"].items() if v or mixed["ledger"].get(k)]
     lines += ["", (f"The longest sequence (a multiple of 256) whose step memopt plans under {big['budget']} per rank "
                    "(offload off):"), "",
               "| ranks | longest seq | its peak | recomputed activations | planned at | search |",

@@ -363,7 +363,8 @@ def compile(
     config = _config(config, layout=layout, solver=solver, chunk_loss=chunk_loss, chunk_mlp=chunk_mlp,
                      step_in_backward=step_in_backward, compress=compress)
     if sharding_of(model) is not None:
-        # FSDP2 runs the step; memopt chooses the blocks it runs under torch.utils.checkpoint (memopt.fsdp)
+        # FSDP2 runs the step; memopt chooses the blocks it runs under torch.utils.checkpoint, each selectively or
+        # whole (memopt.fsdp)
         wanted = {"backend='inductor'": backend != "fx", "offload=True": bool(offload), "layout=True": layout,
                   f"update={update!r}": update != "full",
                   f"compress={config.compress!r}": config.compress is not None,
@@ -371,7 +372,7 @@ def compile(
                   "chunk_loss/chunk_mlp": config.chunk_loss != 1 or config.chunk_mlp != 1}
         refused = [name for name, asked in wanted.items() if asked]
         if refused:
-            raise MemoptError(f"a model wrapped with fully_shard is compiled with whole blocks checkpointed only, "
+            raise MemoptError(f"a model wrapped with fully_shard is compiled with blocks checkpointed only, "
                               f"not {', '.join(refused)}: leave {'them' if len(refused) > 1 else 'it'} out, or "
                               "memopt.plan(model, batch, ...) to see what the rank would hold")
         if config.step_in_backward:

@@ -37,7 +37,7 @@ from memopt.passes.offload_plan import OffloadPlan, plan_offload
 from memopt.passes.optimizer_memory import OptimizerMemory, ParamInfo, optimizer_memory
 from memopt.passes.order_plan import plan_order
 from memopt.passes.recompute import RECOMPUTE_OF, apply_recompute
-from memopt.passes.remat_plan import RecomputePlan, plan_recompute
+from memopt.passes.remat_plan import CHEAP, RecomputePlan, plan_recompute, saved_by_policy
 from memopt.passes.scratch import ScratchModel, measure_scratch
 from memopt.passes.sharding import shard_table
 from memopt.passes.step_in_backward import (
@@ -131,6 +131,7 @@ def run_pipeline(
     compressed: tuple[CompressedTensor, ...] = ()
     decisions: tuple[Decision, ...] = ()
     checkpointed: tuple[str, ...] = ()
+    selective: dict[str, tuple[tuple[str, bool], ...]] = {}
     solver = SolverReport("none", "not-run", None, None, None, 0.0)
     offload: OffloadSummary | None = None
     if budget_bytes is not None:
@@ -194,9 +195,12 @@ def run_pipeline(
             solver = SolverReport(remat.solver + (" (cached)" if remat.cached else ""), solution.status,
                                   solution.cost_s, solution.lower_bound_s, solution.gap, solution.seconds)
             decisions = tuple(Decision(d.node, d.nbytes, d.action, d.cost_s, d.reason) for d in remat.decisions)
-            if remat.solver == "checkpoint":  # whole blocks, for a lowering that runs them under torch's checkpoint
+            if remat.solver == "checkpoint":  # blocks, for a lowering that runs them under torch's checkpoint
                 checkpointed = tuple(segment.module for segment, level in zip(remat.segments, solution.levels)
                                      if level and segment.module)
+                selective = {segment.module: saved_by_policy(step, table, segment)
+                             for segment, level, names in zip(remat.segments, solution.levels, remat.options)
+                             if segment.module and names[level] == CHEAP}
             if remat.chosen:
                 # the step as it will run: chosen activations dropped after the forward, recomputed in the backward
                 graph = history.run("rewrite", apply_recompute, step.graph, step.backward_start, list(remat.chosen))
@@ -238,6 +242,7 @@ def run_pipeline(
         graph_nodes=len(table.node_names),
         sharding=step.sharding,
         checkpointed=checkpointed,
+        selective=selective,
         order=order,
         arena=arena,
         eager_peak_bytes=eager_peak,

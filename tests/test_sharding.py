@@ -89,8 +89,9 @@ def test_memopt_compile_on_two_gloo_ranks_checkpoints_blocks_to_fit_the_rank_bud
         name: str, step_in_backward: bool) -> None:
     results, params = _check_run(name, 2, _between_eager_and_every_block(name, 2), step_in_backward)
     for result in results:
-        checkpointed = result["plan"]["checkpointed"]
-        assert 0 < len(checkpointed) < 4 and set(checkpointed) <= {f"blocks.{i}" for i in range(4)}
+        checkpointed, selective = result["plan"]["checkpointed"], result["plan"]["selective"]
+        whole = set(checkpointed) - set(selective)
+        assert 0 < len(checkpointed) and len(whole) < 4 and set(checkpointed) <= {f"blocks.{i}" for i in range(4)}
     # recomputing whole blocks (and updating each shard once its gradient is reduced) changes no arithmetic
     eager_results, eager_params = fsdp.run_sharded(name, 2, measure=False)
     assert [r["losses"] for r in results] == [r["losses"] for r in eager_results]
@@ -217,9 +218,9 @@ def test_a_model_wrapped_with_fully_shard_is_planned_as_its_units_shard_it() -> 
         dist.destroy_process_group()
 
 
-def _planned_on_fake_ranks(world: int, policy=None, **options) -> memopt.MemoryPlan:
+def _planned_on_fake_ranks(world: int, policy=None, rows: int = 32, **options) -> memopt.MemoryPlan:
     """The residual MLP wrapped with fully_shard (each block and the root under ``policy``) on a fake process group
-    of ``world`` ranks, planned by memopt."""
+    of ``world`` ranks, planned by memopt for a batch of ``rows``."""
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -233,7 +234,7 @@ def _planned_on_fake_ranks(world: int, policy=None, **options) -> memopt.MemoryP
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         parameters = {n: p.to_local().clone() for n, p in model.named_parameters()}
-        plan = memopt.plan(model, (torch.randn(32, 64), torch.zeros(32, dtype=torch.long)),
+        plan = memopt.plan(model, (torch.randn(rows, 64), torch.zeros(rows, dtype=torch.long)),
                            optimizer=torch.optim.AdamW, **options)
         # planning changed nothing of the model
         assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -285,6 +286,23 @@ def test_a_mixed_precision_policy_is_planned_as_fsdp2_casts_gathers_and_reduces(
     # root's head is no unit's entry: no cast)
     assert forward_casts(mixed) == [torch.bfloat16]
     assert forward_casts(back) == [torch.bfloat16] + [torch.float32, torch.bfloat16] * 2 + [torch.float32]
+
+
+def test_blocks_are_kept_checkpointed_selectively_or_whole_the_least_costly_that_fits() -> None:
+    eager = _planned_on_fake_ranks(2, rows=1024)
+    every_block = _planned_on_fake_ranks(2, rows=1024, solver="blocks", budget=10**12)
+    plans = [_planned_on_fake_ranks(2, rows=1024, solver="checkpoint", budget=budget)
+             for budget in (eager.peak_bytes * 95 // 100, (eager.peak_bytes + every_block.peak_bytes) // 2)]
+    for plan in plans:
+        assert plan.peak_bytes <= plan.budget_bytes and plan.checkpointed
+        for path, policy in plan.selective.items():
+            # the block's two matmuls: the up projection's result kept (GELU's backward reads it), the down
+            # projection's not (the residual add's backward reads nothing)
+            assert path in plan.checkpointed and policy == (("aten.addmm", True), ("aten.addmm", False))
+    # a smaller budget recomputes more: more blocks, or more of them whole; and costs more
+    assert plans[1].solver.objective > plans[0].solver.objective
+    assert "keeping what the backward reads of their matmuls" in str(plans[0]) and plans[0].selective
+    assert plans[0].to_dict()["selective"] == {k: [list(op) for op in v] for k, v in plans[0].selective.items()}
 
 
 def test_the_backend_refuses_a_model_fsdp2_shards_and_names_memopt_compile() -> None:

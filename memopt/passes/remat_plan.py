@@ -9,6 +9,9 @@ selective activation checkpointing does); recompute everything but what later
 blocks read (what ``torch.utils.checkpoint`` around the block does).
 Baselines by name: ``none``, ``blocks`` (every block checkpointed) and
 ``sqrt`` (Chen et al.: segments of about sqrt(n) blocks checkpointed).
+``checkpoint`` offers the blocks only, each kept, checkpointed selectively or
+whole, for a lowering that runs them under ``torch.utils.checkpoint``
+(``memopt.fsdp``: what composes with FSDP2).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import fx
+from torch.utils.flop_counter import flop_registry
 
 from memopt.capture import CapturedStep
 from memopt.device import DeviceSpec
@@ -184,10 +188,10 @@ def plan_recompute(
         if isinstance(cached, RecomputePlan):
             return dataclasses.replace(cached, cached=True)
     segments, options, names = _options(problem, nodes, segments, solver)
-    if solver == "memopt":
+    if solver in ("memopt", "checkpoint"):
         solution = remat_fast.solve_blocks(problem, options, budget_bytes, time_limit_s=time_limit_s)
         # never worse than a baseline: one that fits for less, or reaches lower when nothing fits, wins
-        for baseline in ("blocks", "sqrt"):
+        for baseline in ("blocks", "sqrt") if solver == "memopt" else ():
             other = _options(problem, nodes, segments, baseline)
             fixed = _fixed(problem, other[1], budget_bytes)
             if (fixed.status != "infeasible" and (solution.status == "infeasible" or fixed.cost_s < solution.cost_s)) \
@@ -199,8 +203,6 @@ def plan_recompute(
             solution = remat_fast.lowest_peak(problem, options, solution, time_limit_s=time_limit_s)
             if solution.peak_bytes <= budget_bytes:  # and low enough for this budget
                 solution = dataclasses.replace(solution, status="feasible")
-    elif solver == "checkpoint":
-        solution = _checkpointed(problem, options, budget_bytes)
     else:  # a baseline: its one option per segment, whatever the budget
         solution = _fixed(problem, options, budget_bytes)
     chosen = tuple(candidates[i] for i in solution.chosen)
@@ -234,9 +236,6 @@ def _options(
         if solver == "none" or (solver in ("blocks", "checkpoint") and not segment.name.endswith("]")):
             per_segment.append([frozenset()])
             names.append((KEEP,))
-        elif solver == "checkpoint":
-            per_segment.append([frozenset(), full])
-            names.append((KEEP, FULL))
         elif solver in ("blocks", "sqrt"):
             per_segment.append([full])
             names.append((FULL,))
@@ -251,20 +250,19 @@ def _options(
     return segments, per_segment, tuple(names)
 
 
-def _checkpointed(problem: RecomputeProblem, options: list[list[frozenset[int]]], budget_bytes: int
-                  ) -> RecomputeSolution:
-    """Whole blocks recomputed, as ``torch.utils.checkpoint`` around a block does: the first k blocks, for the least
-    k that fits (each block's activations live from its forward to its backward, the first block's longest), else
-    every block (infeasible)."""
-    blocks = [j for j, block in enumerate(options) if len(block) > 1]
-    for k in range(len(blocks) + 1):
-        levels = tuple(int(j in blocks[:k]) for j in range(len(options)))
-        chosen = tuple(sorted({i for j, level in enumerate(levels) for i in options[j][level]}))
-        sim = remat_fast.simulate(problem, chosen)
-        if sim.peak_bytes <= budget_bytes or k == len(blocks):
-            status = "feasible" if sim.peak_bytes <= budget_bytes else "infeasible"
-            return RecomputeSolution(status, chosen, levels, sim.peak_bytes, sim.cost_s, 0.0, 0.0, k + 1)
-    raise AssertionError("unreachable")
+def saved_by_policy(step: CapturedStep, table: StorageTable, segment: Segment) -> tuple[tuple[str, bool], ...]:
+    """The policy of a block checkpointed selectively (torch's selective activation checkpointing): the ops of its
+    forward that have FLOPs (torch's flop counter's), in order, each with whether the checkpoint keeps its result,
+    as the "recompute all but matmuls and attention" option has it: kept where the backward reads it, else not
+    (torch's early stop then recomputes it only if an op the backward needs comes after it)."""
+    nodes = list(step.graph.graph.nodes)
+    ops = []
+    for i in range(segment.start, segment.end):
+        packet = getattr(nodes[i].target, "overloadpacket", None)
+        if nodes[i].op == "call_function" and packet in flop_registry:
+            read_in_backward = any(r >= table.backward_start for key in table.values[i] for r in table.readers[key])
+            ops.append((str(packet), read_in_backward))
+    return tuple(ops)
 
 
 def _fixed(problem: RecomputeProblem, options: list[list[frozenset[int]]], budget_bytes: int) -> RecomputeSolution:

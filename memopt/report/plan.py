@@ -233,7 +233,10 @@ class MemoryPlan:
     stepped: tuple[str, ...] = ()  # parameters the optimizer updates inside the backward (step_in_backward)
     update: UpdatePlan | None = None  # the sparse update the step trains (update="sparse")
     sharding: Sharding | None = None  # FSDP2's units and world size: the figures are one rank's (world_size=)
-    checkpointed: tuple[str, ...] = ()  # blocks recomputed whole (solver="checkpoint"), by module path
+    checkpointed: tuple[str, ...] = ()  # blocks run under torch's checkpoint (solver="checkpoint"), by module path
+    # of those, the ones checkpointed selectively: the ops with FLOPs of the block's forward, in order, each with
+    # whether the checkpoint keeps its result (memopt.passes.remat_plan.saved_by_policy); the others recompute whole
+    selective: dict[str, tuple[tuple[str, bool], ...]] = dataclasses.field(default_factory=dict)
     program: CapturedStep | None = dataclasses.field(default=None, compare=False, repr=False)  # what runs
 
     # -- the numbers --------------------------------------------------------
@@ -354,6 +357,7 @@ class MemoryPlan:
         if self.sharding is not None:
             data["sharding"] = self.sharding.describe()
         data["checkpointed"] = list(self.checkpointed)
+        data["selective"] = {path: [list(op) for op in ops] for path, ops in self.selective.items()}
         if self.update is not None:
             data["update"] = {**{key: value for key, value in dataclasses.asdict(self.update).items()
                                  if key != "tensors"},
@@ -494,8 +498,10 @@ class MemoryPlan:
         solver = self.solver
         gap = "" if solver.gap is None else f", gap to the lower bound {solver.gap:.1%}"
         replayed = sum(d.action == "replay" for d in recomputed)
-        blocks = (f"blocks run under torch.utils.checkpoint: {', '.join(self.checkpointed)}; "
-                  if self.checkpointed else "")
+        whole = [path for path in self.checkpointed if path not in self.selective]
+        blocks = "".join(f"blocks run under torch.utils.checkpoint{how}: {', '.join(paths)}; "
+                         for how, paths in ((" whole", whole), (" keeping what the backward reads of their matmuls",
+                                                                list(self.selective))) if paths)
         return (blocks + f"recompute {len(recomputed)} of {len(self.decisions)} activations "
                 f"({format_bytes(sum(d.bytes for d in recomputed))}, "
                 + (f"{replayed} of them replayed from the generator state, " if replayed else "")
