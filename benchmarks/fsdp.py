@@ -194,7 +194,8 @@ def _rank(rank: int, world: int, name: str, steps: int, port: int, out: str, bud
         result = {"losses": trained, "measured_peak_bytes": max(reconciled) if reconciled else None,
                   "tries": tries, "tracker": tracked}
         plan = plan if budget is None else runner.plan
-        result["plan"] = {"peak_bytes": plan.peak_bytes, "checkpointed": plan.checkpointed}
+        result["plan"] = {"peak_bytes": plan.peak_bytes, "checkpointed": plan.checkpointed,
+                          "selective": list(plan.selective)}
         torch.save(result, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -256,7 +257,8 @@ def _pair_rank(rank: int, world: int, name: str, port: int, out: str, rounds: in
                 times[label].append(time.perf_counter() - started)
                 zero()
         torch.save({"torch_peak": torch_peak, "memopt_peak": memopt_peak, "times": times,
-                    "checkpointed": runner.plan.checkpointed, "predicted": runner.plan.peak_bytes},
+                    "checkpointed": runner.plan.checkpointed, "selective": list(runner.plan.selective),
+                    "predicted": runner.plan.peak_bytes},
                    f"{out}/pair{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -401,6 +403,7 @@ def sharded_rows(steps: int) -> list[dict]:
                     "measured_bytes": highest, "measured_by_rank": measured, "tries_by_rank": [r["tries"] for r in results],
                     "error": None if highest is None else (peak - highest) / highest,
                     "checkpointed": [list(r["plan"]["checkpointed"]) for r in results],
+                    "selective": [r["plan"]["selective"] for r in results],
                     "tracker_bytes": max(r["tracker"]["total"] for r in results), "tracker": results[0]["tracker"],
                     "zero3_model_states_bytes": zero3_model_states(workload.build(), world),
                     "max_param_difference": max((params[n] - v).abs().max().item() for n, v in reference.items()),
@@ -418,6 +421,7 @@ def pairs(rounds: int = 7) -> list[dict]:
         found.append({"workload": "mlp-batch", "world": world, "rounds": rounds,
                       "torch_peak_bytes": ranks[0]["torch_peak"], "memopt_peak_bytes": ranks[0]["memopt_peak"],
                       "memopt_predicted_bytes": ranks[0]["predicted"], "checkpointed": list(ranks[0]["checkpointed"]),
+                      "selective": ranks[0]["selective"],
                       "ratio_by_rank": [statistics.median(r["times"]["memopt"]) / statistics.median(r["times"]["torch"])
                                         for r in ranks],
                       "torch_median_s": statistics.median(ranks[0]["times"]["torch"])})
@@ -443,6 +447,11 @@ def main() -> None:
     (HERE / "FSDP.md").write_text(report(data))
 
 
+def _blocks(checkpointed: list[str], selective: list[str]) -> str:
+    """The blocks a plan runs under torch's checkpoint, the selective ones marked."""
+    return ", ".join(f"{path} (selective)" if path in selective else path for path in checkpointed)
+
+
 def report(data: dict) -> str:
     lines = [
         "# FSDP2 per rank: predicted, measured, FSDPMemTracker, ZeRO-3", "",
@@ -450,9 +459,12 @@ def report(data: dict) -> str:
          "CPU, gloo, one thread per rank. A peak is one rank's steady-state step, the highest rank's, measured by "
          "the profiler (`measure_steady_peak`; of six measurements per rank, those whose end reconciles with a scan "
          "of the live tensors). Budget rows are `memopt.compile` on the FSDP2 model: FSDP2 runs the step, memopt "
-         "runs the blocks it chose under `torch.utils.checkpoint`; their prediction is the rank's plan. The last "
+         "runs the blocks it chose under `torch.utils.checkpoint` (selective: torch's selective activation "
+         "checkpointing with memopt's policy, what the backward reads of the block's matmuls kept); their "
+         "prediction is the rank's plan. The last "
          "two columns compare the parameters and mean losses after 4 training steps with the same training "
-         "unsharded."), "",
+         "unsharded, in fp32 (`-bf16` rows train under FSDP2's `MixedPrecisionPolicy(param_dtype=bf16, "
+         "reduce_dtype=fp32)`: their differences are bf16's)."), "",
         ("| workload | ranks | budget per rank | blocks memopt recomputes | memopt predicted | measured (profiler) "
          "| error | FSDPMemTracker | ZeRO-3 model states | max param diff | max loss diff |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -463,7 +475,7 @@ def report(data: dict) -> str:
         budget = "eager FSDP2" if r["budget_bytes"] is None else format_bytes(r["budget_bytes"])
         if r.get("step_in_backward"):
             budget += ", step_in_backward"
-        blocks = ", ".join(r["checkpointed"][0] or ())
+        blocks = _blocks(r["checkpointed"][0], r.get("selective", [[]])[0])
         lines.append(f"| {r['workload']} | {r['world']} | {budget} | {blocks} | {format_bytes(r['predicted_bytes'])} | "
                      f"{measured} | {error} | {format_bytes(r['tracker_bytes'])} | "
                      f"{format_bytes(r['zero3_model_states_bytes'])} | {r['max_param_difference']:.2e} | "
@@ -480,7 +492,7 @@ def report(data: dict) -> str:
             ratios = ", ".join(f"{x:.3f}" for x in p["ratio_by_rank"])
             lines.append(f"| {p['workload']} | {p['world']} | {p['torch_peak_bytes']:,} B | "
                          f"{p['memopt_peak_bytes']:,} B | {p['memopt_predicted_bytes']:,} B | "
-                         f"{', '.join(p['checkpointed'])} | {ratios} |")
+                         f"{_blocks(p['checkpointed'], p.get('selective', []))} | {ratios} |")
     big = data["llama70b"]
     lines += [
         "", f"## Llama-70B-shaped, {big['world']} ranks of the h100 preset, seq {big['seq']}, batch 1 per rank", "",
