@@ -6,7 +6,9 @@ share of the batch, and the same training unsharded on the whole batch from the 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -188,22 +190,28 @@ def test_what_is_not_planned_under_fsdp2_yet_is_refused_with_the_way_out() -> No
         memopt.plan(model, batch, world_size=2, layout=True)
 
 
-def test_a_model_wrapped_with_fully_shard_is_planned_as_its_units_shard_it() -> None:
+@contextlib.contextmanager
+def _fake_ranks(world: int) -> Iterator[None]:
+    """A fake process group of ``world`` ranks in this process (this one rank 0): fully_shard wraps, nothing is
+    sent."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_model_wrapped_with_fully_shard_is_planned_as_its_units_shard_it() -> None:
     batch = (torch.randn(32, 64), torch.zeros(32, dtype=torch.long))
     torch.manual_seed(0)
     plain = fsdp.ResidualMLP(width=64, depth=3)
     expected = memopt.plan(plain, batch, optimizer=torch.optim.AdamW, world_size=4)
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
-    try:
+    with _fake_ranks(4):
         torch.manual_seed(0)
-        wrapped = fsdp.ResidualMLP(width=64, depth=3)
-        for block in wrapped.blocks:
-            fully_shard(block)
-        fully_shard(wrapped)
+        wrapped = fsdp._shard(fsdp.ResidualMLP(width=64, depth=3))
         hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in wrapped.modules()]
         plan = memopt.plan(wrapped, batch, optimizer=torch.optim.AdamW)
         assert plan.sharding == expected.sharding
@@ -214,25 +222,14 @@ def test_a_model_wrapped_with_fully_shard_is_planned_as_its_units_shard_it() -> 
             memopt.plan(wrapped, batch, world_size=8)
         with pytest.raises(memopt.MemoptError, match="not backend='inductor', layout=True"):
             memopt.compile(wrapped, budget="1GB", backend="inductor", layout=True)
-    finally:
-        dist.destroy_process_group()
 
 
 def _planned_on_fake_ranks(world: int, policy=None, rows: int = 32, **options) -> memopt.MemoryPlan:
     """The residual MLP wrapped with fully_shard (each block and the root under ``policy``) on a fake process group
     of ``world`` ranks, planned by memopt for a batch of ``rows``."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    try:
+    with _fake_ranks(world):
         torch.manual_seed(0)
-        model = fsdp.ResidualMLP(width=64, depth=3)
-        policy = policy or MixedPrecisionPolicy()
-        for block in model.blocks:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+        model = fsdp._shard(fsdp.ResidualMLP(width=64, depth=3), policy)
         parameters = {n: p.to_local().clone() for n, p in model.named_parameters()}
         plan = memopt.plan(model, (torch.randn(rows, 64), torch.zeros(rows, dtype=torch.long)),
                            optimizer=torch.optim.AdamW, **options)
@@ -240,8 +237,6 @@ def _planned_on_fake_ranks(world: int, policy=None, rows: int = 32, **options) -
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert all(torch.equal(p.to_local(), parameters[n]) for n, p in model.named_parameters())
         return plan
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_mixed_precision_policy_is_planned_as_fsdp2_casts_gathers_and_reduces() -> None:
@@ -306,26 +301,18 @@ def test_blocks_are_kept_checkpointed_selectively_or_whole_the_least_costly_that
 
 
 def test_the_backend_refuses_a_model_fsdp2_shards_and_names_memopt_compile() -> None:
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    try:
+    with _fake_ranks(2):
         torch.manual_seed(0)
-        model = fsdp.ResidualMLP(width=16, depth=2)
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+        model = fsdp._shard(fsdp.ResidualMLP(width=16, depth=2))
         compiled = torch.compile(model, backend="memopt", options={"budget": "1GB"})
-        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as raised:
-            compiled(torch.randn(8, 16), torch.zeros(8, dtype=torch.long))
+        try:
+            with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as raised:
+                compiled(torch.randn(8, 16), torch.zeros(8, dtype=torch.long))
+        finally:
+            torch._dynamo.reset()
         error = raised.value.inner_exception
         assert isinstance(error, memopt.MemoptError) and "memopt.compile(model, budget=" in str(error)
         assert "wrapped with fully_shard" in str(error)
-    finally:
-        torch._dynamo.reset()
-        dist.destroy_process_group()
 
 
 def test_updates_inside_the_backward_free_each_unit_s_gradient_shards_as_it_is_reduced() -> None:
