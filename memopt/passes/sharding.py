@@ -88,6 +88,14 @@ class Sharding:
         dtype = self.unit_of[name].param_dtype
         return self._padded_numel(name) * (dtype or self.dtypes[name]).itemsize
 
+    def cast_bytes(self, unit: Unit) -> int:
+        """The all-gather's input when ``unit`` gathers in another dtype than it holds (0 when not): its shards cast
+        to ``param_dtype``, copied into the all-gather's buffer and then freed."""
+        dtype = unit.param_dtype
+        if dtype is None or all(self.dtypes[p] == dtype for p in unit.params):
+            return 0
+        return sum(self._padded_numel(p) // self.world_size for p in unit.params) * dtype.itemsize
+
     def reduced_bytes(self, unit: Unit) -> tuple[int, int]:
         """The reduce-scatter input of ``unit``'s gradients (padded rows, in the reduce dtype), and, when that
         dtype is not the parameters', its output, cast to theirs beside itself (else 0)."""
@@ -274,11 +282,14 @@ def shard_table(table: StorageTable, gradients: dict[str, str], sharding: Shardi
     # output until the first block's copy-out
     add(root_bytes, 0, end, GATHERED, "(root) unsharded parameters")
     add(root_bytes, 0, first_block, GATHERED, "(root) all-gather output")
+    add(sharding.cast_bytes(root), 0, 0, GATHERED, "(root) all-gather input (cast)")
     for k, (unit, (f0, f1), backward) in enumerate(blocks):
         size = sharding.gathered_bytes(unit)
         # (the last one's: until the backward starts, when the root's pre-backward drops it)
         next_copy_out = blocks[k + 1][1][0] if k + 1 < len(blocks) else max(f1, bs)
         add(size, f0, next_copy_out, GATHERED, f"{unit.name} all-gather output (forward)")
+        # (counted over the unit's first op: the engine frees it just before)
+        add(sharding.cast_bytes(unit), f0, f0, GATHERED, f"{unit.name} all-gather input (cast)")
         if backward is None or not unit.reshard_after_forward:
             add(size, f0, backward[1] if backward else f1, GATHERED, f"{unit.name} unsharded parameters")
             continue
@@ -294,6 +305,8 @@ def shard_table(table: StorageTable, gradients: dict[str, str], sharding: Shardi
         size = sharding.gathered_bytes(unit)
         if unit.reshard_after_forward:
             add(size, previous_start, b0, GATHERED, f"{unit.name} all-gather output (backward prefetch)")
+            add(sharding.cast_bytes(unit), previous_start, previous_start, GATHERED,
+                f"{unit.name} all-gather input (cast)")
         previous_start = b0
         # allocated once the unit's gradients are final (they are copied into it, then freed), and freed by the
         # next unit's post-backward before that one allocates its own
