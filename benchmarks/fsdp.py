@@ -251,7 +251,7 @@ def _pair_rank(rank: int, world: int, name: str, port: int, out: str, rounds: in
         times: dict[str, list[float]] = {"torch": [], "memopt": []}
         turns = [("torch", torch_step, torch_zero), ("memopt", memopt_step, memopt_zero)]
         for round_ in range(rounds):
-            # (in turn first: the step that runs first after the other measured slower by up to 10% here)
+            # (each side first in every other round: the step that runs first in a round measures slower)
             for label, step, zero in turns if round_ % 2 == 0 else reversed(turns):
                 dist.barrier()
                 started = time.perf_counter()
@@ -345,6 +345,11 @@ def plan_70b_mixed(world: int = 8, seq: int = 4096) -> dict:
         seconds = time.perf_counter() - started
     finally:
         dist.destroy_process_group()
+    return _planned(plan, world, seq, seconds)
+
+
+def _planned(plan: memopt.MemoryPlan, world: int, seq: int, seconds: float) -> dict:
+    """A 70B plan's figures as fsdp.json keeps them."""
     return {"world": world, "seq": seq, "seconds": seconds, "peak_bytes": plan.peak_bytes, "ledger": plan.ledger,
             "static": plan.static_ledger, "minimum_budget_bytes": plan.minimum.bytes,
             "minimum_where": plan.minimum.where, "peak_node": plan.peak_node, "graph_nodes": plan.graph_nodes}
@@ -360,10 +365,8 @@ def plan_70b(world: int = 8, seq: int = 4096, budget: str = "80GB") -> dict:
     plan = memopt.plan(model, made.inputs(), optimizer=torch.optim.AdamW, device="h100", world_size=world,
                        offload=False)
     seconds = time.perf_counter() - started
-    result = {"world": world, "seq": seq, "seconds": seconds, "peak_bytes": plan.peak_bytes, "ledger": plan.ledger,
-              "static": plan.static_ledger, "minimum_budget_bytes": plan.minimum.bytes,
-              "minimum_where": plan.minimum.where, "peak_node": plan.peak_node, "graph_nodes": plan.graph_nodes,
-              "parameters": sum(p.numel() for p in model.parameters()), "budget": budget, "largest": []}
+    result = {**_planned(plan, world, seq, seconds), "parameters": sum(p.numel() for p in model.parameters()),
+              "budget": budget, "largest": []}
     for ranks, start in ((world, 256), (2 * world, seq)):
 
         def plan_at(length: int, ranks: int = ranks) -> memopt.MemoryPlan:
