@@ -3,10 +3,13 @@
 Blocks are found from parameter names: the repeated layers of a ModuleList
 (``transformer.h.3.attn...``, ``model.layers.7...``) each start where the
 forward first reads one of their parameters. Each block (and the stretches
-before and after them) offers three options: keep everything; recompute the
-cheap results (everything but matmuls, convolutions and attention, as
-selective activation checkpointing does); recompute everything but what later
-blocks read (what ``torch.utils.checkpoint`` around the block does).
+before and after them) offers up to four options: keep everything; recompute
+the cheap results (everything but matmuls, convolutions and attention, as
+selective activation checkpointing does); recompute everything but the
+residual stream (the sums each sub-layer adds its result to: checkpointing
+each sub-layer rather than the block, so the backward of one sub-layer does
+not hold the recomputed values of the others); recompute everything but what
+later blocks read (what ``torch.utils.checkpoint`` around the block does).
 Baselines by name: ``none``, ``blocks`` (every block checkpointed) and
 ``sqrt`` (Chen et al.: segments of about sqrt(n) blocks checkpointed).
 ``checkpoint`` offers the blocks only, each kept, checkpointed selectively or
@@ -22,6 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 from torch.utils.flop_counter import flop_registry
 
@@ -40,6 +44,7 @@ KEPT_RANDOM = "made by a random op: kept, so the backward sees the numbers the f
 REPLAYED_RANDOM = "replayed from the saved generator state: the forward keeps the state, the backward draws again"
 KEPT_EXACT = "written in place, or made from data written in place: recomputing it could differ from eager"
 KEEP, CHEAP, FULL = "keep everything", "recompute all but matmuls and attention", "recompute all but its outputs"
+SUBLAYERS = "recompute all but the residual stream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +231,7 @@ def _options(
         merged = [Segment(f"{blocks[k].name}..", blocks[k].start, blocks[min(k + size, len(blocks)) - 1].end)
                   for k in range(0, len(blocks), size)]
         segments = tuple(merged)
+    residual = _residual_sums(problem, nodes)
     for segment in segments:
         inside = [i for i, c in enumerate(problem.candidates) if segment.start <= c.nodes[0] < segment.end]
         # what the forward reads after the segment stays: recomputing it would chain into later blocks
@@ -233,6 +239,7 @@ def _options(
                 if not any(segment.end <= r < bs for r in problem.readers[problem.candidates[i].storage])]
         cheap = frozenset(i for i in free if node_flops(nodes[problem.candidates[i].nodes[0]]) == 0)
         full = frozenset(free)
+        sublayers = full - residual
         if solver == "none" or (solver in ("blocks", "checkpoint") and not segment.name.endswith("]")):
             per_segment.append([frozenset()])
             names.append((KEEP,))
@@ -241,13 +248,35 @@ def _options(
             names.append((FULL,))
         else:
             levels, level_names = [frozenset()], [KEEP]
-            for option, name in ((cheap, CHEAP), (full, FULL)):
-                if option != levels[-1]:
+            # (the residual sums are cheap: the sub-layer level keeps some of what the one before recomputes;
+            # torch's checkpoint, which the "checkpoint" solver's lowering runs, has no such level)
+            for option, name in ((cheap, CHEAP), (sublayers, SUBLAYERS), (full, FULL)):
+                if option != levels[-1] and not (name == SUBLAYERS and solver == "checkpoint"):
                     levels.append(option)
                     level_names.append(name)
             per_segment.append(levels)
             names.append(tuple(level_names))
     return segments, per_segment, tuple(names)
+
+
+def _residual_sums(problem: RecomputeProblem, nodes: list[fx.Node]) -> frozenset[int]:
+    """The candidates that are the residual stream: sums that a later sum of the same size reads, or that read
+    one (the last of a stack, which the final norm reads), found from the ops, not from module names."""
+    def sums(a: fx.Node, b: fx.Node) -> bool:
+        return (a.target is b.target is _ADD
+                and problem.sizes[problem.values[position[a]][0]] == problem.sizes[problem.values[position[b]][0]])
+
+    position = {node: i for i, node in enumerate(nodes)}
+    found = set()
+    for i, candidate in enumerate(problem.candidates):
+        node = nodes[candidate.nodes[0]]
+        if any(sums(node, other) for other in (*node.all_input_nodes, *node.users)
+               if position[other] < problem.backward_start):
+            found.add(i)
+    return frozenset(found)
+
+
+_ADD = torch.ops.aten.add.Tensor
 
 
 def saved_by_policy(step: CapturedStep, table: StorageTable, segment: Segment) -> tuple[tuple[str, bool], ...]:
