@@ -217,7 +217,8 @@ def run_pipeline(
     order = None
     if config.order:
         order = history.run("order", plan_order, step.graph, table, time_limit_s=config.order_time_limit_s)
-        history.peaks("order", order.peak_before, order.peak_after, changed=False)  # recorded, not applied (see layout)
+        # recorded, not applied (see layout); the order solver prices the graph alone, the history the whole step
+        history.peaks("order", order.peak_before + opt.state_bytes, order.peak_after + opt.state_bytes, changed=False)
     # the step as it runs in one arena: the order (where it peaks no higher), offsets for the intermediates,
     # the graph rewritten into out= ops on views of the arena, and the ledger of that graph
     arena = None

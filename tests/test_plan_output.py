@@ -154,6 +154,11 @@ def test_history_records_every_pass(gpt2_plan):
     assert all(record.seconds >= 0 for record in gpt2_plan.history)
     remat = next(r for r in gpt2_plan.history if r.name == "remat")
     assert not remat.changed and remat.peak_before == remat.peak_after == gpt2_plan.eager_peak_bytes
+    # every pass is priced as the whole step, optimizer state included: the order pass as the plan prints it
+    order = next(r for r in gpt2_plan.history if r.name == "order")
+    printed = gpt2_plan.to_dict()["order"]
+    assert (order.peak_before, order.peak_after) == (printed["peak_before_bytes"], printed["peak_after_bytes"])
+    assert gpt2_plan.optimizer.state_bytes > 0 and order.peak_before == gpt2_plan.peak_bytes
 
 
 def test_a_rewrite_is_recorded_with_the_peak_before_and_after_it():
