@@ -104,7 +104,7 @@ def test_below_the_traced_minimum_the_error_names_chunk_mlp_and_the_fx_step_trai
     with pytest.raises(BudgetInfeasibleError) as chunked:
         memopt.plan(model, batch, optimizer=optimizer, budget=1, chunk_mlp=4)
     budget = chunked.value.minimum
-    assert budget < 0.9 * error.minimum
+    assert budget < error.minimum  # a budget no plan of the traced step meets
     compiled = memopt.compile(model, budget=budget, optimizer=optimizer, chunk_mlp=4)
     loss = compiled(**batch)
     eager = workload.build()
