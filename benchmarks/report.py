@@ -95,7 +95,7 @@ def time_ratio(row: dict[str, Any], base: dict[str, Any]) -> str:
 
 def strategy_row(row: dict[str, Any], eager: dict[str, Any] | None) -> list[str]:
     if "error" in row:
-        return [row["strategy"], f"error: {row['error'][:120]}"] + [""] * 9
+        return [row["strategy"], f"error: {' '.join(row['error'].split())[:120]}"] + [""] * 9  # one table line
     if "skipped" in row:
         return [row["strategy"], f"skipped: {row['skipped'][:120]}"] + [""] * 9
     peak = row["measured"]["peak_bytes"]
