@@ -43,7 +43,7 @@ from torch.fx.graph import _BoxedCodeGen
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
-from memopt.budget import Budget, format_bytes, parse_budget
+from memopt.budget import CODE_SLACK, Budget, format_bytes, parse_budget
 from memopt.capture import CapturedStep
 from memopt.capture.aot import GraphInput, graph_inputs, joint_step, partition
 from memopt.config import PlanConfig, check_lowering
@@ -464,6 +464,10 @@ class _AOTLowering:
         return self.options.compiler == "inductor"
 
     @property
+    def code_slack(self) -> float:
+        return CODE_SLACK if self.reads_code else 0.0
+
+    @property
     def replans(self) -> int:
         # Inductor compiles are slow: two; eager's kernels compile at once: as many as the FX lowering, which the
         # arena's span needs to come back to the smallest plan it reported
@@ -512,7 +516,7 @@ class _AOTLowering:
             return predicted_infeasible(budget, lowest, attempts, below, "the planned graph")
         from memopt.lower.inductor import InductorBudgetError
 
-        return InductorBudgetError(budget, lowest, attempts, below)
+        return InductorBudgetError(budget, lowest, attempts, below, self.code_slack)
 
 
 def _aot_compile(gm: fx.GraphModule, example_inputs: list[Any], options: BackendOptions, partition_fn: Any,

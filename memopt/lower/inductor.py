@@ -51,7 +51,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memopt.budget import Budget
+from memopt.budget import CODE_SLACK, Budget, budget_for_code_peak
 from memopt.errors import BudgetInfeasibleError, MemoptError
 from memopt.lower.fusion import FUSION_WINDOW, inductor_patches
 from memopt.lower.lowering import Lowered
@@ -185,12 +185,12 @@ FALLBACK_OPTIONS: tuple[dict[str, Any], ...] = (
 class InductorBudgetError(BudgetInfeasibleError):
     """Inductor's code for the step breaks the budget, whatever memopt turned off or re-planned.
 
-    ``minimum`` is the smallest budget Inductor's code was seen to meet (its lowest peak, plus what
-    is held beside the step), not the plans' own.
+    ``minimum`` is the smallest budget Inductor's code was seen to meet (its lowest peak and the
+    lowering's ``slack`` beside it, plus what is held beside the step), not the plans' own.
     """
 
     def __init__(self, budget: Budget, predicted: int, attempts: tuple[CompileAttempt, ...],
-                 below: BudgetInfeasibleError | None = None) -> None:
+                 below: BudgetInfeasibleError | None = None, slack: float = 0.0) -> None:
         self.predicted, self.attempts = predicted, attempts
         targets = [a.target_bytes for a in attempts]
         why = (f"Inductor's code for this step peaks at {predicted:,} B at best after {len(attempts)} compile(s) "
@@ -199,7 +199,8 @@ class InductorBudgetError(BudgetInfeasibleError):
         if below is not None:
             why += f"; no keep/recompute plan of the traced ops goes below {below.proven_minimum:,} B"
         why += ". Or run the planned FX graphs instead (backend='fx')"
-        super().__init__(budget.total_bytes, predicted + budget.held_elsewhere_bytes, "Inductor's code for the step",
+        super().__init__(budget.total_bytes, budget_for_code_peak(predicted, slack) + budget.held_elsewhere_bytes,
+                         "Inductor's code for the step",
                          why, proven=None if below is None else below.proven_minimum)
 
 
@@ -216,6 +217,7 @@ class InductorLowering:
     compile_step: Callable[..., InductorStep] = InductorStep
     name: str = "inductor"
     reads_code: bool = True
+    code_slack: float = CODE_SLACK
     reclaims: bool = True
     replans: int = 2
 
@@ -239,7 +241,7 @@ class InductorLowering:
 
     def infeasible(self, budget: Budget, lowest: int, attempts: tuple[CompileAttempt, ...],
                    below: BudgetInfeasibleError | None) -> BudgetInfeasibleError:
-        return InductorBudgetError(budget, lowest, attempts, below)
+        return InductorBudgetError(budget, lowest, attempts, below, self.code_slack)
 
 
 def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node], *,

@@ -42,6 +42,7 @@ class Lowering(Protocol):
     # the peak is read from the compiled code (the limit is the budget itself), not predicted by the plan
     # (the limit is the budget less its headroom)
     reads_code: bool
+    code_slack: float  # with reads_code: the share of the budget the code's peak leaves free (CODE_SLACK)
     # the code can hold less than its plan: below every plan, try the smallest; with budget to spare,
     # compile plans made for more
     reclaims: bool
@@ -70,6 +71,7 @@ class FXLowering:
     name: str = "fx"
     variants: tuple[dict[str, Any], ...] = ({},)
     reads_code: bool = False
+    code_slack: float = 0.0
     reclaims: bool = False
     replans: int = 4
 
