@@ -39,8 +39,8 @@ class Lowering(Protocol):
     name: str
     # options to compile under, the caller's first, then what to turn on (or off) when the step is over
     variants: tuple[dict[str, Any], ...]
-    # the peak is read from the compiled code (the limit is the budget itself), not predicted by the plan
-    # (the limit is the budget less its headroom)
+    # the peak is read from the compiled code (the limit is the budget less code_slack), not predicted by the
+    # plan (the limit is the budget less its headroom)
     reads_code: bool
     code_slack: float  # with reads_code: the share of the budget the code's peak leaves free (CODE_SLACK)
     # the code can hold less than its plan: below every plan, try the smallest; with budget to spare,
