@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
-from torch import fx
 
 from memopt.budget import budget_for_peak, format_bytes, planned_part
 from memopt.capture import CapturedStep
@@ -30,6 +29,7 @@ from memopt.passes.chunk_loss import (
     logits_seconds,
 )
 from memopt.passes.chunk_mlp import MLPRegion, chunk_mlp_step, find_mlp_regions
+from memopt.passes.compress_plan import needed_packs, packable, packs_in
 from memopt.passes.costs import node_seconds
 from memopt.passes.liveness import Liveness, MemoryTimeline, liveness, memory_timeline
 from memopt.passes.offload import apply_compress, apply_offload
@@ -45,7 +45,7 @@ from memopt.passes.step_in_backward import (
     step_temporaries,
     steps_in_backward,
 )
-from memopt.passes.storage import ACTIVATIONS, StorageTable, storage_table
+from memopt.passes.storage import StorageTable, storage_table
 from memopt.report.plan import (
     ChunkedHead,
     ChunkedMLP,
@@ -129,6 +129,7 @@ def run_pipeline(
     chunked: tuple[ChunkedHead, ...] = ()
     chunked_mlp: tuple[ChunkedMLP, ...] = ()
     compressed: tuple[CompressedTensor, ...] = ()
+    pack_nodes: dict[str, CompressedTensor] = {}  # per pack node of the step, the tensor it packs
     decisions: tuple[Decision, ...] = ()
     checkpointed: tuple[str, ...] = ()
     selective: dict[str, tuple[tuple[str, bool], ...]] = {}
@@ -160,10 +161,11 @@ def run_pipeline(
         if config.compress is not None and (exact_infeasible or remat.solution.cost_s > 0):
             # saved activations packed to int8/fp8 between forward and backward, where that plan fits a budget
             # the exact one cannot, or costs less (the packing included)
-            packed = _compressed(history, step, table, opt, scratch_model, config, device, recompute_plan)
+            packed = _compressed(history, step, table, opt, scratch_model, config, device, target, recompute_plan)
             if packed is not None and packed.chosen_over(remat, exact_infeasible, minimum.bytes, config.headroom):
                 step, table, live, scratch, timeline, minimum = packed.analysed
                 remat, compressed = packed.remat, packed.tensors
+                pack_nodes = {packed.made[t.node][0]: t for t in compressed}
                 infeasible = budget_bytes < minimum.bytes or remat.solution.status == "infeasible"
         if infeasible and not (chunked or chunked_mlp) and chunkable.off(config) and config.solver != "checkpoint":
             # what the knobs left off would reach, for the error's way out: the lowest-peak plans of that step
@@ -194,7 +196,8 @@ def run_pipeline(
                 raise error
             solver = SolverReport(remat.solver + (" (cached)" if remat.cached else ""), solution.status,
                                   solution.cost_s, solution.lower_bound_s, solution.gap, solution.seconds)
-            decisions = tuple(Decision(d.node, d.nbytes, d.action, d.cost_s, d.reason) for d in remat.decisions)
+            decisions = _with_packs(tuple(Decision(d.node, d.nbytes, d.action, d.cost_s, d.reason)
+                                          for d in remat.decisions), pack_nodes)
             if remat.solver == "checkpoint":  # blocks, for a lowering that runs them under torch's checkpoint
                 checkpointed = tuple(segment.module for segment, level in zip(remat.segments, solution.levels)
                                      if level and segment.module)
@@ -437,6 +440,12 @@ class _Compressed:
     analysed: tuple[CapturedStep, StorageTable, Liveness, tuple[int, ...], MemoryTimeline, LowerBound]
     remat: RecomputePlan
     tensors: tuple[CompressedTensor, ...]
+    made: dict[str, tuple[str, str]]  # per packed tensor, its pack and unpack nodes
+
+    @property
+    def seconds(self) -> float:
+        """Recomputation, packing and unpacking."""
+        return self.remat.solution.cost_s + sum(t.seconds for t in self.tensors)
 
     def chosen_over(self, remat: RecomputePlan, infeasible: bool, exact_smallest: int, headroom: float) -> bool:
         """This plan runs instead of the exact ``remat``: that one does not fit and this one meets a smaller
@@ -445,49 +454,71 @@ class _Compressed:
         if infeasible:
             smallest = max(self.analysed[-1].bytes, budget_for_peak(self.remat.solution.peak_bytes, headroom))
             return fits or smallest < max(exact_smallest, budget_for_peak(remat.solution.peak_bytes, headroom))
-        packing = sum(t.seconds for t in self.tensors)
-        return fits and self.remat.solution.cost_s + packing < remat.solution.cost_s
-
-
-_LEAST_PACKED = 16 * 1024  # bytes: a smaller saved activation is not worth two more ops
-# log-probabilities: their backward exponentiates them, so a packing's absolute error becomes a relative error of
-# every probability
-_NOT_PACKED = {torch.ops.aten._log_softmax.default}
+        return fits and self.seconds < remat.solution.cost_s
 
 
 def _compressed(history: _History, step: CapturedStep, table: StorageTable, opt: OptimizerMemory,
-                scratch_model: ScratchModel | None, config: PlanConfig, device: DeviceSpec,
+                scratch_model: ScratchModel | None, config: PlanConfig, device: DeviceSpec, target: int,
                 recompute_plan: Callable[[CapturedStep, StorageTable, tuple[int, ...]], RecomputePlan]
                 ) -> _Compressed | None:
-    """The step with every floating-point saved activation of at least ``_LEAST_PACKED`` bytes packed to
-    ``config.compress`` (what is still kept whole then is the recompute plan's choice), or None when none is."""
-    from memopt.lower.kernels.compress import packed_bytes
-
-    forward = list(zip(step.graph.graph.nodes, table.values))[:table.backward_start]  # (node, its storages)
-    saved = {s.index for s in table.by_category(ACTIVATIONS) if s.nbytes >= _LEAST_PACKED and 0 <= s.defined_at}
-    saved -= {index for node, indices in forward if node.target in _NOT_PACKED for index in indices}
-    bases: dict[int, fx.Node] = {}  # per storage, the node holding it whole
-    for node, indices in forward:
-        value = node.meta.get("val")
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or not value.is_contiguous():
-            continue
-        for index in indices:
-            if index in saved and index not in bases and value.storage_offset() == 0 \
-                    and value.numel() * value.element_size() == table.storages[index].nbytes:
-                bases[index] = node
+    """The step with the saved activations it needs packed to ``config.compress`` (what is still kept whole then
+    is the recompute plan's choice), or None when it needs none: every one that may be packed is, the recompute
+    plan is made on that step, and the packs it does not need to stay under ``target`` (or, where nothing fits,
+    under its peak) are left out, when the step so packed plans no worse."""
+    bases = packable(step.graph, table)
     if not bases:
         return None
-    names = [node.name for node in bases.values()]
+    every = _packed(history, step, [node.name for node in bases.values()], opt, scratch_model, config, device,
+                    recompute_plan)
+    solution = every.remat.solution
+    limit = target if solution.status != "infeasible" else solution.peak_bytes
+    packed_step, packed_table = every.analysed[0], every.analysed[1]
+    seconds = {t.node: t.seconds for t in every.tensors}
+    needed = needed_packs(every.remat.problem, solution.chosen,
+                          packs_in(packed_step.graph, packed_table, every.made, seconds), limit)
+    if not needed or len(needed) == len(every.tensors):
+        return every if needed else None
+    fewer = _packed(history, step, [pack.base for pack in needed], opt, scratch_model, config, device,
+                    recompute_plan)
+    if fewer.remat.solution.status == "infeasible":
+        return fewer if solution.status == "infeasible" and fewer.remat.solution.peak_bytes <= limit else every
+    return fewer if fewer.seconds <= every.seconds or solution.status == "infeasible" else every
+
+
+def _with_packs(decisions: tuple[Decision, ...], pack_nodes: dict[str, CompressedTensor]) -> tuple[Decision, ...]:
+    """The decisions with each packed tensor's payload and scales (made by its pack node) read as one decision
+    about the tensor: packed."""
+    out, seen = [], set()
+    for d in decisions:
+        packed = pack_nodes.get(d.name)
+        if packed is None:
+            out.append(d)
+        elif d.name not in seen:
+            seen.add(d.name)
+            out.append(Decision(packed.node, packed.nbytes, "pack", packed.seconds,
+                                f"packed to {packed.format} after its last forward reader and unpacked before its "
+                                f"first backward reader: {packed.packed_bytes:,} B kept instead (compress=; "
+                                f"approximate)"))
+    return tuple(out)
+
+
+def _packed(history: _History, step: CapturedStep, names: list[str], opt: OptimizerMemory,
+            scratch_model: ScratchModel | None, config: PlanConfig, device: DeviceSpec,
+            recompute_plan: Callable[[CapturedStep, StorageTable, tuple[int, ...]], RecomputePlan]) -> _Compressed:
+    """The step with ``names`` packed to ``config.compress``, analysed, and its recompute plan."""
+    from memopt.lower.kernels.compress import packed_bytes
+
     graph, made = history.run("compress", apply_compress, step.graph, step.backward_start, names, config.compress,
                               use_triton=device.is_cuda)
     packed = _steps_sunk(dataclasses.replace(step, graph=graph))
     analysed = _analysed(history, packed, opt, scratch_model)
     by_name = {node.name: node for node in graph.graph.nodes}
-    tensors = tuple(CompressedTensor(node.name, table.storages[index].nbytes,
-                                     packed_bytes(node.meta["val"].numel(), config.compress), config.compress,
-                                     sum(node_seconds(by_name[op], device) for op in made[node.name]))
-                    for index, node in bases.items())
-    return _Compressed((packed, *analysed), recompute_plan(packed, analysed[0], analysed[2]), tensors)
+    values = {name: by_name[name].meta["val"] for name in names}  # (each the whole of its storage)
+    tensors = tuple(CompressedTensor(name, value.numel() * value.element_size(),
+                                     packed_bytes(value.numel(), config.compress), config.compress,
+                                     sum(node_seconds(by_name[op], device) for op in made[name]))
+                    for name, value in values.items())
+    return _Compressed((packed, *analysed), recompute_plan(packed, analysed[0], analysed[2]), tensors, made)
 
 
 def _chunk_count(setting: int | str, name: str, rows: int, analyse: Callable[[int], tuple[CapturedStep, tuple]],

@@ -10,6 +10,8 @@ from conftest import measured_step_peak, steady_step
 import memopt
 from memopt import examples
 from memopt.errors import MemoptError
+from memopt.passes.compress_plan import Pack, needed_packs
+from memopt.solvers.remat_sim import RecomputeProblem
 
 
 def _workload():
@@ -106,3 +108,48 @@ def test_log_probabilities_are_never_packed():
         while node.target in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
             node = node.args[0]
         assert node.target is not torch.ops.aten._log_softmax.default, node
+
+
+def test_a_pack_stays_only_where_the_step_needs_it():
+    """With the recomputations held, leaving a tensor whole adds its bytes less its payload's between its pack and
+    its unpack: the costliest packs are left out first, while the step stays under the limit."""
+    # per node: the bytes of the storage it makes, the nodes it reads; the backward starts at node 5
+    nodes = [(100, ()), (30, (0,)), (100, ()), (30, (2,)), (300, ()), (100, (3,)), (1, (5,)), (100, (1,)), (1, (7,))]
+    readers = tuple(tuple(j for j, (_, reads) in enumerate(nodes) if i in reads) for i in range(len(nodes)))
+    problem = RecomputeProblem(
+        backward_start=5, inputs=tuple(reads for _, reads in nodes), values=tuple((i,) for i in range(len(nodes))),
+        node_costs=(0.0,) * len(nodes), sizes=tuple(size for size, _ in nodes), start=tuple(range(len(nodes))),
+        end=tuple(max(r, default=i) for i, r in enumerate(readers)), readers=readers, candidates=())
+    # the forward peaks at node 4 (360 B with both packed); "a" is packed from node 1 to 7, "b" from 3 to 5
+    a, b = Pack("a", 1, 7, 70, seconds=2.0), Pack("b", 3, 5, 70, seconds=1.0)
+
+    def needed(limit: int) -> list[str]:
+        return [pack.base for pack in needed_packs(problem, (), [a, b], limit)]
+
+    assert needed(500) == []  # 360 + 70 + 70: both whole fit
+    assert needed(450) == ["b"]  # "a" whole (430 B at node 4) leaves no room for "b" whole
+    assert needed(429) == ["a", "b"]
+
+
+def test_packing_replaces_recomputation_where_it_costs_less_and_packs_only_what_that_needs():
+    workload, model, inputs = _workload()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    eager = memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer).peak_bytes
+    budget = int(0.85 * eager)  # above the exact minimum, which the exact plan meets by recomputing
+    exact = memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=budget)
+    assert any(d.recomputed for d in exact.decisions)
+    plan = memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=budget, compress="int8")
+    packed = {c.node for c in plan.compressed}
+    assert packed and {d.name for d in plan.decisions if d.action == "pack"} == packed
+    packing = sum(c.seconds for c in plan.compressed)
+    assert packing + (plan.solver.objective or 0.0) < exact.solver.objective  # why it was chosen
+    # the step packs fewer tensors than it may: the plan at the smallest budget packs more
+    smallest = _smallest(model, inputs, workload, optimizer, compress="int8")
+    tightest = memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=smallest,
+                           compress="int8")
+    assert len(plan.compressed) < len(tightest.compressed)
+    assert f"pack {len(packed)} of" in str(plan)
+    compiled = memopt.compile(model, budget=budget, loss_fn=workload.loss_fn, optimizer=optimizer, compress="int8")
+    step = steady_step(compiled, inputs, optimizer)
+    peak = measured_step_peak(compiled.plan, memopt.measure_peak(step))
+    assert peak <= budget, f"measured {peak:,} B over the budget {budget:,} B"

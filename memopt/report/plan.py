@@ -38,7 +38,9 @@ class Decision:
 
     name: str
     bytes: int
-    action: str  # "keep" | "recompute" | "replay" (recomputed from the generator state saved for it) | "offload"
+    # "keep" | "recompute" | "replay" (recomputed from the generator state saved for it) | "offload" | "pack" (to
+    # int8 or fp8 between forward and backward: approximate, compress=)
+    action: str
     cost_s: float
     reason: str
 
@@ -493,7 +495,14 @@ class MemoryPlan:
                     f"(about {self.solver.objective or 0.0:.3g} s of recompute and stall on {self.device.name}): "
                     f"eager peak {format_bytes(self.eager_peak_bytes or 0)} -> {format_bytes(self.peak_bytes)}, "
                     f"{spare} to spare ({self.solver.name}: {self.solver.status})")
+        packed = [d for d in self.decisions if d.action == "pack"]
+        packing = (f"pack {len(packed)} of {len(self.decisions)} activations to {self.compressed[0].format} "
+                   f"(approximate; about {sum(d.cost_s for d in packed):.3g} s of packing on {self.device.name})"
+                   if packed else "")
         if not recomputed:
+            if packed:
+                return (f"{packing}: eager peak {format_bytes(self.eager_peak_bytes or 0)} -> "
+                        f"{format_bytes(self.peak_bytes)}, {spare} to spare")
             return f"the eager step fits the budget with {spare} to spare"
         solver = self.solver
         gap = "" if solver.gap is None else f", gap to the lower bound {solver.gap:.1%}"
@@ -502,7 +511,8 @@ class MemoryPlan:
         blocks = "".join(f"blocks run under torch.utils.checkpoint{how}: {', '.join(paths)}; "
                          for how, paths in ((" whole", whole), (" keeping what the backward reads of their matmuls",
                                                                 list(self.selective))) if paths)
-        return (blocks + f"recompute {len(recomputed)} of {len(self.decisions)} activations "
+        return (blocks + (f"{packing}; " if packing else "")
+                + f"recompute {len(recomputed)} of {len(self.decisions)} activations "
                 f"({format_bytes(sum(d.bytes for d in recomputed))}, "
                 + (f"{replayed} of them replayed from the generator state, " if replayed else "")
                 + f"about {solver.objective or 0.0:.3g} s on {self.device.name}): "
