@@ -289,14 +289,15 @@ def budget_at(model: nn.Module, training: Training, index: int, count: int) -> t
     return low + (high - low) * index // count, found
 
 
-def memopt_budget(index: int, count: int = MEMOPT_BUDGETS, *,
-                  backend: str = "fx") -> Callable[[nn.Module, Training], Setup]:
-    """memopt.compile at budget minimum + index/count × (eager peak − minimum), all predicted by memopt,
-    its planned programs run as FX graphs (eager kernels) or compiled by Inductor (`backend`)."""
+def memopt_budget(index: int, count: int = MEMOPT_BUDGETS, *, backend: str = "fx",
+                  **levers: Any) -> Callable[[nn.Module, Training], Setup]:
+    """memopt.compile at budget minimum + index/count × (eager peak − minimum), all predicted by memopt (exactly,
+    whatever the `levers`), its planned programs run as FX graphs (eager kernels) or compiled by Inductor
+    (`backend`), with `CHUNKS` and the `levers` (compress="int8")."""
 
     def prepare(model: nn.Module, training: Training) -> Setup:
         budget, found = budget_at(model, training, index, count)
-        return memopt_setup(model, training, budget, solver=None, backend=backend, chunks=CHUNKS,
+        return memopt_setup(model, training, budget, solver=None, backend=backend, options={**CHUNKS, **levers},
                             budget_index=index, budget_count=count, **found)
 
     return prepare
@@ -349,7 +350,7 @@ def memopt_at_peak_of(other: str) -> Callable[[nn.Module, Training], Setup]:
                              f"(python benchmarks/run.py --strategies {other},memopt-inductor={other})")
         peak = training.peaks[other]
         budget = budget_for_peak(peak, PlanConfig().headroom)
-        return memopt_setup(model, training, budget, solver=None, backend="inductor", chunks=CHUNKS,
+        return memopt_setup(model, training, budget, solver=None, backend="inductor", options=CHUNKS,
                             peak_of=other, peak_of_bytes=peak)
 
     return prepare
@@ -362,16 +363,16 @@ def memopt_blocks(model: nn.Module, training: Training) -> Setup:
 
 
 def memopt_setup(model: nn.Module, training: Training, budget: int, *, solver: str | None, backend: str = "fx",
-                 chunks: dict[str, int | str] | None = None, **settings: Any) -> Setup:
+                 options: dict[str, int | str] | None = None, **settings: Any) -> Setup:
     """memopt.compile(model) at `budget`, with the time memopt.plan takes for that budget measured apart
     (the compiled module plans again on its first call, and with backend="inductor" compiles there too:
     the first step's extra time says so). With Inductor the budget may be below every plan: memopt.compile
     then runs the code of a plan just above it that fits (the time is then that of the refused plan).
-    `chunks`: memopt's chunk_loss and chunk_mlp."""
-    chunks = chunks or {}
+    `options`: memopt's chunk_loss and chunk_mlp, and any other lever (compress)."""
+    options = options or {}
     start = time.perf_counter()
     try:
-        planned_peak = plan_step(model, training, budget=budget, solver=solver, **chunks).peak_bytes
+        planned_peak = plan_step(model, training, budget=budget, solver=solver, **options).peak_bytes
     except memopt.BudgetInfeasibleError:
         if backend != "inductor":
             raise
@@ -379,10 +380,10 @@ def memopt_setup(model: nn.Module, training: Training, budget: int, *, solver: s
     plan_seconds = time.perf_counter() - start
     compiled = memopt.compile(model, budget=budget, loss_fn=training.workload.loss_fn,
                               optimizer=training.optimizer, device="cpu", solver=solver, backend=backend,
-                              **chunks)
+                              **options)
     return Setup(compiled, returns_loss=True, plan=lambda: compiled.plan, settings={
         "budget_bytes": budget, "solver": solver or "memopt", "backend": backend, "plan_seconds": plan_seconds,
-        "planned_apart_peak_bytes": planned_peak, **chunks, **settings})
+        "planned_apart_peak_bytes": planned_peak, **options, **settings})
 
 
 # what a PyTorch user would run: eager, and the torch rows memopt is compared with at the same peak
@@ -408,6 +409,8 @@ STRATEGIES: dict[str, Callable[[nn.Module, Training], Setup]] = {
     **{f"memopt-backend@{index}": memopt_backend_budget(index) for index in range(MEMOPT_BUDGETS)},
     "memopt-stepped@0": memopt_smallest(step_in_backward=True),
     "memopt-int8@0": memopt_smallest(compress="int8"),
+    # memopt@k's budgets with compress="int8": packing where it costs less than recomputing
+    **{f"memopt-int8@{index}": memopt_budget(index, compress="int8") for index in range(1, MEMOPT_BUDGETS)},
 }
 
 
