@@ -528,7 +528,8 @@ def spread_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] | None = None,
-                    offload_rows: list[dict[str, Any]] | None = None, pairs: dict[str, Any] | None = None) -> str:
+                    offload_rows: list[dict[str, Any]] | None = None, pairs: dict[str, Any] | None = None,
+                    loss_kernel: dict[str, Any] | None = None) -> str:
     machine, versions = results["machine"], results["versions"]
     loads = [row["load_average"] for row in results["rows"] if "load_average" in row]
     lines = [
@@ -600,19 +601,25 @@ def render_markdown(results: dict[str, Any], layout_rows: list[dict[str, Any]] |
                  "From `benchmarks/offload.json` (`python -m benchmarks.offload`; details in OFFLOAD.md): plans on "
                  "fake tensors for the h100 spec, so recompute and stall seconds are predictions, not "
                  "measurements.\n\n" + table(offload_rows) + "\n\n" + NOTES)
+    if loss_kernel:  # benchmarks/loss_kernel.py's table: the fused kernel's memory model against the chunked graph's
+        from benchmarks.loss_kernel import report
+
+        text += "\n" + report(loss_kernel).replace("# ", "## ", 1)
     return text
 
 
 def write_results_md(directory: Path) -> Path:
-    """RESULTS.md from results.json (benchmarks/run.py) and, when present, layout_order.json, offload.json and
-    pairs.json (the last only when its pairs were timed at the peaks of this results.json)."""
+    """RESULTS.md from results.json (benchmarks/run.py) and, when present, layout_order.json, offload.json,
+    loss_kernel.json and pairs.json (the last only when its pairs were timed at the peaks of this results.json)."""
     results = json.loads((directory / "results.json").read_text())
     layout, offload, pairs = directory / "layout_order.json", directory / "offload.json", directory / "pairs.json"
     layout_rows = json.loads(layout.read_text()) if layout.exists() else None
     offload_rows = json.loads(offload.read_text()) if offload.exists() else None
     timed = json.loads(pairs.read_text()) if pairs.exists() else None
+    kernel = directory / "loss_kernel.json"
+    loss_kernel = json.loads(kernel.read_text()) if kernel.exists() else None
     if timed is not None and timed.get("results_date") != results["date"]:
         timed = None  # timed against another run's peaks
     path = directory / "RESULTS.md"
-    path.write_text(render_markdown(results, layout_rows, offload_rows, timed))
+    path.write_text(render_markdown(results, layout_rows, offload_rows, timed, loss_kernel))
     return path

@@ -8,6 +8,7 @@ runs here; its Inductor twin (memopt-inductor@0) only in the slow tier.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,3 +299,17 @@ def test_the_whole_model_linear_cross_entropy_and_auto_chunker_rows_compile_and_
     whole = rows["whole-compile-amb-0.5"]
     assert "the model" in whole["settings"]["compiled"] and whole["partitions"][0]["memory_budget"] == 0.5
     assert rows["compile-autochunker"]["settings"]["auto_chunker"]  # what the chunker did with each joint graph
+
+
+def test_results_md_carries_the_fused_loss_kernels_predicted_table(tmp_path):
+    """The issue asks for the kernel's memory model against the chunked graph's, and its predicted step, in
+    RESULTS.md: write_results_md adds benchmarks/loss_kernel.json's table when it is there."""
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    (tmp_path / "results.json").write_text((root / "results.json").read_text())
+    assert "fused loss kernel" not in report.write_results_md(tmp_path).read_text()
+    kernel = json.loads((root / "loss_kernel.json").read_text())
+    (tmp_path / "loss_kernel.json").write_text(json.dumps(kernel))
+    text = report.write_results_md(tmp_path).read_text()
+    section = text[text.index("## The fused loss kernel against the chunked graph"):]
+    for name, row in kernel["rows"].items():
+        assert f"| {name} | {row['peak_bytes'] / 2**20:.1f} |" in section
