@@ -10,7 +10,7 @@ from conftest import measured_step_peak, steady_step
 import memopt
 from memopt import examples
 from memopt.errors import MemoptError
-from memopt.passes.compress_plan import Pack, needed_packs
+from memopt.passes.compress_plan import Pack, needed_packs, packable
 from memopt.solvers.remat_sim import RecomputeProblem
 
 
@@ -153,3 +153,28 @@ def test_packing_replaces_recomputation_where_it_costs_less_and_packs_only_what_
     step = steady_step(compiled, inputs, optimizer)
     peak = measured_step_peak(compiled.plan, memopt.measure_peak(step))
     assert peak <= budget, f"measured {peak:,} B over the budget {budget:,} B"
+
+
+def test_a_value_the_backward_divides_by_is_never_packed():
+    """Packing errs by up to half a step of its block's scale: small beside the block's largest value, not beside
+    its smallest, so a divisor (here a sigmoid's output, read as one by the division's backward) stays whole."""
+
+    class Gated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.gate = torch.nn.Linear(64, 512), torch.nn.Linear(64, 512)
+            self.down = torch.nn.Linear(512, 64)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)) / torch.sigmoid(self.gate(x)))
+
+    torch.manual_seed(0)
+    model, x = Gated(), torch.randn(1024, 64)
+
+    def loss_fn(out):
+        return out.square().mean()
+
+    step = memopt.plan(model, (x,), loss_fn=loss_fn, optimizer=torch.optim.SGD)
+    packed = {node.target for node in packable(step.program.graph, step.storages).values()}
+    assert torch.ops.aten.relu.default in packed  # the numerator may be packed
+    assert torch.ops.aten.sigmoid.default not in packed

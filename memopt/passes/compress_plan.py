@@ -21,9 +21,16 @@ from memopt.passes.storage import ACTIVATIONS, StorageTable
 from memopt.solvers.remat_sim import RecomputeProblem, _replay
 
 LEAST_PACKED = 16 * 1024  # bytes: a smaller saved activation is not worth two more ops
-# log-probabilities: their backward exponentiates them, so a packing's absolute error becomes a relative error of
-# every probability
-NOT_PACKED = {torch.ops.aten._log_softmax.default}
+aten = torch.ops.aten
+# Packing errs by up to half a step of its block's scale: an absolute error, small beside the block's largest
+# value but not beside its smallest. A backward that divides by the value, or takes its exponential, logarithm or
+# a negative power, turns that into a large relative error of small values (log-probabilities: their backward
+# exponentiates them, so every probability would be off), so such a value is not packed.
+_AMPLIFIES = {aten.exp.default, aten.log.default, aten.reciprocal.default, aten.rsqrt.default}
+# ops through which the backward reads the same numbers (views, copies, scaling by a number)
+_SAME_NUMBERS = {aten.detach.default, aten.alias.default, aten.view.default, aten._unsafe_view.default,
+                 aten.reshape.default, aten.expand.default, aten.permute.default, aten.transpose.int, aten.t.default,
+                 aten.clone.default, aten.mul.Scalar, aten.div.Scalar, aten.add.Scalar, aten.sub.Scalar}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +46,12 @@ class Pack:
 
 def packable(graph: fx.GraphModule, table: StorageTable) -> dict[int, fx.Node]:
     """Per storage that may be packed, the node holding it whole: a floating-point, contiguous activation of its
-    own, made in the forward and read in the backward, of at least ``LEAST_PACKED`` bytes, and not
-    log-probabilities."""
-    forward = list(zip(graph.graph.nodes, table.values))[:table.backward_start]  # (node, its storages)
+    own, made in the forward and read in the backward, of at least ``LEAST_PACKED`` bytes, whose error the
+    backward does not amplify."""
+    nodes = list(graph.graph.nodes)
+    forward = list(zip(nodes, table.values))[:table.backward_start]  # (node, its storages)
     saved = {s.index for s in table.by_category(ACTIVATIONS) if s.nbytes >= LEAST_PACKED and 0 <= s.defined_at}
-    saved -= {index for node, indices in forward if node.target in NOT_PACKED for index in indices}
+    saved -= _amplified(nodes, table, saved)
     bases: dict[int, fx.Node] = {}
     for node, indices in forward:
         value = node.meta.get("val")
@@ -54,6 +62,40 @@ def packable(graph: fx.GraphModule, table: StorageTable) -> dict[int, fx.Node]:
                     and value.numel() * value.element_size() == table.storages[index].nbytes:
                 bases[index] = node
     return bases
+
+
+def _amplified(nodes: list[fx.Node], table: StorageTable, saved: set[int]) -> set[int]:
+    """The ``saved`` storages the backward reads, directly or through ``_SAME_NUMBERS``, in an op that amplifies
+    an absolute error (``_AMPLIFIES``, a divisor, a negative power, the log-probabilities of log-softmax's
+    backward)."""
+    position = {node: i for i, node in enumerate(nodes)}
+    holders: dict[int, list[fx.Node]] = {}  # per saved storage, the nodes whose result lives in it
+    for node, indices in zip(nodes, table.values):
+        for index in set(indices) & saved:
+            holders.setdefault(index, []).append(node)
+    amplified = set()
+    for index, reached in holders.items():
+        seen = set(reached)
+        while reached and index not in amplified:
+            node = reached.pop()
+            for user in node.users:
+                if position[user] < table.backward_start or user in seen:
+                    continue
+                if _amplifies(user, node):
+                    amplified.add(index)
+                elif user.target in _SAME_NUMBERS:
+                    seen.add(user)
+                    reached.append(user)
+    return amplified
+
+
+def _amplifies(user: fx.Node, value: fx.Node) -> bool:
+    """``user`` turns an absolute error of ``value`` into a large relative one."""
+    args = user.args
+    return (user.target in _AMPLIFIES
+            or (user.target == aten.div.Tensor and len(args) > 1 and args[1] is value)
+            or (user.target == aten.pow.Tensor_Scalar and args[0] is value and args[1] < 0)
+            or (user.target == aten._log_softmax_backward_data.default and args[1] is value))
 
 
 def packs_in(graph: fx.GraphModule, table: StorageTable, made: Mapping[str, tuple[str, str]],
