@@ -48,13 +48,14 @@ PAIRED = SAME_PEAK_ROWS
 
 
 def measure_pair(workload_name: str, torch_row: str, peaks: dict[str, int], *, rounds: int, threads: int,
-                 quick: bool = False) -> dict[str, Any]:
-    """Both rows of a pair set up, warmed and timed alternately in this process."""
+                 quick: bool = False, lowering: str = "inductor") -> dict[str, Any]:
+    """Both rows of a pair set up, warmed and timed alternately in this process: the torch row, and memopt's
+    programs at its peak compiled by Inductor (`lowering` "inductor") or run as FX graphs ("fx")."""
     import torch
 
     torch.set_num_threads(threads)
     workload = make_workload(workload_name, quick)
-    names = (torch_row, f"memopt-inductor={torch_row}")
+    names = (torch_row, memopt_row(torch_row, lowering))
     sides = []
     for name in names:
         torch.manual_seed(0)
@@ -91,6 +92,11 @@ def measure_pair(workload_name: str, torch_row: str, peaks: dict[str, int], *, r
     }
 
 
+def memopt_row(torch_row: str, lowering: str) -> str:
+    """The memopt row paired with `torch_row`: memopt-inductor=<row>, or memopt=<row> (FX graphs)."""
+    return f"memopt-inductor={torch_row}" if lowering == "inductor" else f"memopt={torch_row}"
+
+
 @contextlib.contextmanager
 def optimizer_timed(optimizer) -> Iterator[list[float]]:
     """The CPU seconds of `optimizer.step()` calls while held, summed into the one-element list it yields."""
@@ -120,16 +126,22 @@ def summary_row(pair: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]
 
     apart = (min(memopt_row["step_cpu_s"]) / min(torch_row["step_cpu_s"])
              if "step_cpu_s" in torch_row and "step_cpu_s" in memopt_row else None)
+    same = (None if not memopt_row else
+            memopt_row.get("memopt", {}).get("recomputed") == pair["memopt_plan"]["recomputed"])
     return {"torch_peak_bytes": peak(torch_row), "memopt_peak_bytes": peak(memopt_row), "apart_ratio": apart,
-            "same_recomputed": (memopt_row.get("memopt", {}).get("recomputed") == pair["memopt_plan"]["recomputed"])}
+            "same_recomputed": same}
 
 
 def pairs_markdown(results: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     """What pairs.json says, beside run.py's rows: how it was timed, a table, and the count below 1."""
     mib = 2 ** 20
+    fx = results.get("lowering") == "fx"
     lines = [
-        f"Written by `python benchmarks/pairs.py` on {results['date']}, in {results['total_wall_s'] / 60:.1f} min "
-        f"(memopt {results['memopt']}, {results['rounds']} rounds, 1 torch thread). Peaks are from "
+        f"Written by `python benchmarks/pairs.py{' --memopt fx' if fx else ''}` on {results['date']}, in "
+        f"{results['total_wall_s'] / 60:.1f} min (memopt {results['memopt']}, {results['rounds']} rounds, 1 torch "
+        "thread). memopt's side: "
+        + ("`memopt=<row>`, its programs run as FX graphs (eager kernels), memopt.compile's default lowering"
+           if fx else "`memopt-inductor=<row>`, its programs compiled by Inductor") + ". Peaks are from "
         f"`{results['results']}` (run.py, each row in its own process); the steps were timed here, both rows of "
         "a pair in one process, alternately (A B B A ...). ratio: memopt's CPU time ÷ the torch step's beside it, "
         "median over rounds; forward and backward only: the same without the optimizer step, which both sides run "
@@ -158,7 +170,8 @@ def pairs_markdown(results: dict[str, Any], rows: dict[tuple[str, str], dict[str
             continue
         extra = summary_row(pair, rows)
         apart = "—" if extra["apart_ratio"] is None else f"{extra['apart_ratio']:.2f}"
-        code_peak = pair["memopt_plan"].get("inductor", {}).get("predicted_peak_bytes")
+        plan = pair["memopt_plan"]  # (FX graphs: the plan's peak is the code's)
+        code_peak = plan.get("inductor", {}).get("predicted_peak_bytes", plan["predicted_peak_bytes"])
         lines.append(
             f"| {pair['workload']} | {pair['torch']} | {fmt(extra['torch_peak_bytes'])} | "
             f"{fmt(extra['memopt_peak_bytes'])} / {fmt(code_peak)}"
@@ -167,7 +180,7 @@ def pairs_markdown(results: dict[str, Any], rows: dict[tuple[str, str], dict[str
             f"{statistics.median(pair['torch_cpu_s']) * 1000:.0f} | "
             f"{statistics.median(pair['memopt_cpu_s']) * 1000:.0f} | {ratio(pair, 'forward_backward')} | "
             f"{ratio(pair, 'optimizer')} | {apart} | "
-            f"{'yes' if extra['same_recomputed'] else 'no'} |")
+            f"{({True: 'yes', False: 'no'}).get(extra['same_recomputed'], '— (no run.py row)')} |")
     done = [p for p in results["pairs"] if "error" not in p]
     faster = sum(p["ratio_median"] < 1 for p in done)
     split = [p for p in done if "forward_backward_ratio_median" in p]
@@ -178,19 +191,20 @@ def pairs_markdown(results: dict[str, Any], rows: dict[tuple[str, str], dict[str
     return lines
 
 
-def write_pairs_md(out_dir: Path, results: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]]) -> Path:
-    path = out_dir / "PAIRS.md"
+def write_pairs_md(out_dir: Path, results: dict[str, Any], rows: dict[tuple[str, str], dict[str, Any]],
+                   name: str = "PAIRS.md") -> Path:
+    path = out_dir / name
     lines = ["# Step times in one process: torch rows against memopt at their measured peak", ""]
     path.write_text("\n".join(lines + pairs_markdown(results, rows)) + "\n")
     return path
 
 
-def run_pair_in_subprocess(workload: str, torch_row: str, peaks: dict[str, int], *, rounds: int, timeout: int
-                           ) -> dict[str, Any]:
+def run_pair_in_subprocess(workload: str, torch_row: str, peaks: dict[str, int], *, rounds: int, timeout: int,
+                           lowering: str = "inductor") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="memopt-pairs-") as scratch:
         out = Path(scratch) / "pair.json"
         command = [sys.executable, str(Path(__file__).resolve()), "--one", workload, torch_row, "--json-out",
-                   str(out), "--rounds", str(rounds), "--peaks", json.dumps(peaks)]
+                   str(out), "--rounds", str(rounds), "--peaks", json.dumps(peaks), "--memopt", lowering]
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(scratch) / "inductor")}
         try:
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
@@ -201,10 +215,11 @@ def run_pair_in_subprocess(workload: str, torch_row: str, peaks: dict[str, int],
         return json.loads(out.read_text())
 
 
-def time_pairs(source: Path, todo: list[tuple[str, str]], *, rounds: int = 7, timeout: int = 1200
-               ) -> dict[str, Any]:
+def time_pairs(source: Path, todo: list[tuple[str, str]], *, rounds: int = 7, timeout: int = 1200,
+               lowering: str = "inductor") -> dict[str, Any]:
     """Each (workload, torch row) of `todo` timed against memopt at the peak `source` (results.json) measured for
-    it; writes pairs.json and PAIRS.md beside `source`, and RESULTS.md again with the pairs in it."""
+    it; writes pairs.json and PAIRS.md beside `source`, and RESULTS.md again with the pairs in it (with `lowering`
+    "fx": pairs-fx.json and PAIRS-fx.md, RESULTS.md left as it is)."""
     from benchmarks.report import write_results_md
 
     measured = json.loads(source.read_text())
@@ -213,12 +228,17 @@ def time_pairs(source: Path, todo: list[tuple[str, str]], *, rounds: int = 7, ti
     for workload, torch_row in todo:
         peaks = {s: r["measured"]["peak_bytes"] for (w, s), r in rows.items() if w == workload and "measured" in r}
         print(f"pair: {workload} {torch_row} ...", flush=True)
-        pairs.append(run_pair_in_subprocess(workload, torch_row, peaks, rounds=rounds, timeout=timeout))
+        pairs.append(run_pair_in_subprocess(workload, torch_row, peaks, rounds=rounds, timeout=timeout,
+                                            lowering=lowering))
         pair = pairs[-1]
         print(f"    {pair.get('error') or 'median ratio %.3f' % pair['ratio_median']}", flush=True)
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "memopt": memopt_revision(),
                "rounds": rounds, "results": source.name, "results_date": measured["date"],
-               "total_wall_s": time.perf_counter() - start, "pairs": pairs}
+               "total_wall_s": time.perf_counter() - start, "lowering": lowering, "pairs": pairs}
+    if lowering == "fx":
+        (source.parent / "pairs-fx.json").write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {write_pairs_md(source.parent, results, rows, 'PAIRS-fx.md')}")
+        return results
     (source.parent / "pairs.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {write_pairs_md(source.parent, results, rows)} and {write_results_md(source.parent)}")
     return results
@@ -238,19 +258,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="timed steps of each row, alternating")
     parser.add_argument("--results", default=str(HERE / "results.json"), help="run.py's results (the peaks)")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per pair")
+    parser.add_argument("--memopt", choices=("inductor", "fx"), default="inductor",
+                        help="memopt's side: its programs compiled by Inductor, or run as FX graphs (memopt=<row>)")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help=argparse.SUPPRESS)
     parser.add_argument("--peaks", type=json.loads, default={}, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         Path(args.json_out).write_text(json.dumps(measure_pair(*args.one, args.peaks, rounds=args.rounds,
-                                                               threads=1), indent=1) + "\n")
+                                                               threads=1, lowering=args.memopt), indent=1) + "\n")
         return 0
     unknown = sorted(set(args.torch.split(",")) - set(PAIRED))
     if unknown:
         parser.error(f"unknown torch rows {unknown}; choose from {list(PAIRED)}")
     todo = [(w, t) for w in args.workloads.split(",") for t in args.torch.split(",")]
-    results = time_pairs(Path(args.results), todo, rounds=args.rounds, timeout=args.timeout)
+    results = time_pairs(Path(args.results), todo, rounds=args.rounds, timeout=args.timeout, lowering=args.memopt)
     return 1 if any("error" in p for p in results["pairs"]) else 0
 
 

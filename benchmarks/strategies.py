@@ -339,8 +339,8 @@ def memopt_smallest(**levers: Any) -> Callable[[nn.Module, Training], Setup]:
     return prepare
 
 
-def memopt_at_peak_of(other: str) -> Callable[[nn.Module, Training], Setup]:
-    """memopt.compile(backend="inductor") asked to peak no higher than the torch row `other` measured in this run:
+def memopt_at_peak_of(other: str, backend: str = "inductor") -> Callable[[nn.Module, Training], Setup]:
+    """memopt.compile(backend=`backend`) asked to peak no higher than the torch row `other` measured in this run:
     its budget is the smallest whose planned part (the budget less memopt's headroom) is that peak, so both rows
     are compared at the same peak; the report still pairs them by measured peaks."""
 
@@ -350,7 +350,7 @@ def memopt_at_peak_of(other: str) -> Callable[[nn.Module, Training], Setup]:
                              f"(python benchmarks/run.py --strategies {other},memopt-inductor={other})")
         peak = training.peaks[other]
         budget = budget_for_peak(peak, PlanConfig().headroom)
-        return memopt_setup(model, training, budget, solver=None, backend="inductor", options=CHUNKS,
+        return memopt_setup(model, training, budget, solver=None, backend=backend, options=CHUNKS,
                             peak_of=other, peak_of_bytes=peak)
 
     return prepare
@@ -406,6 +406,8 @@ STRATEGIES: dict[str, Callable[[nn.Module, Training], Setup]] = {
     "memopt-blocks": memopt_blocks,
     **{f"memopt-inductor@{index}": memopt_budget(index, backend="inductor") for index in range(MEMOPT_BUDGETS)},
     **{f"memopt-inductor={name}": memopt_at_peak_of(name) for name in SAME_PEAK_ROWS},
+    # the same with memopt's default lowering, the planned programs run as FX graphs (benchmarks/pairs.py --memopt fx)
+    **{f"memopt={name}": memopt_at_peak_of(name, backend="fx") for name in SAME_PEAK_ROWS},
     **{f"memopt-backend@{index}": memopt_backend_budget(index) for index in range(MEMOPT_BUDGETS)},
     "memopt-stepped@0": memopt_smallest(step_in_backward=True),
     "memopt-int8@0": memopt_smallest(compress="int8"),

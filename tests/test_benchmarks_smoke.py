@@ -227,6 +227,26 @@ def test_a_pair_times_both_rows_alternately_in_one_process_and_reports_them(tmp_
         assert (section in text) == shown and (f"| {pair['ratio_median']:.3f} |" in text) == shown
 
 
+def test_a_pair_with_memopts_fx_programs_times_memopt_at_the_torch_rows_peak(tmp_path):
+    """pairs.py --memopt fx: memopt's side is memopt=<row>, its programs run as FX graphs (its default lowering)."""
+    from benchmarks import pairs
+
+    checkpointed = run.run_one("mlp", "checkpoint", repeats=1, quick=True)
+    peak = checkpointed["measured"]["peak_bytes"]
+    pair = pairs.measure_pair("mlp", "checkpoint", {"checkpoint": peak}, rounds=3, threads=1, quick=True,
+                              lowering="fx")
+    assert pair["memopt"] == "memopt=checkpoint" and len(pair["ratios"]) == 3
+    assert pair["memopt_budget_bytes"] == budget_for_peak(peak, PlanConfig().headroom)
+    assert "inductor" not in pair["memopt_plan"] and pair["memopt_plan"]["predicted_peak_bytes"] <= peak
+    assert pair["first_losses"][0] == pair["first_losses"][1]  # FX graphs of the eager step: the same loss
+    results = {"date": "today", "memopt": "abc", "rounds": 3, "results": "results.json", "total_wall_s": 60,
+               "lowering": "fx", "pairs": [pair]}
+    text = pairs.write_pairs_md(tmp_path, results, {("mlp", "checkpoint"): checkpointed}, "PAIRS-fx.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| mlp | checkpoint |"))
+    assert f"— / {pair['memopt_plan']['predicted_peak_bytes'] / 2**20:.1f}" in row and "no run.py row" in row
+    assert "--memopt fx" in text and "run as FX graphs" in text
+
+
 def test_a_run_times_again_the_torch_rows_whose_same_peak_row_it_ran():
     from benchmarks.pairs import pairs_of_run
 
