@@ -55,9 +55,14 @@ HOW = {
     "python benchmarks/run.py --workloads mlp --strategies eager,checkpoint --repeats 3": SLOW,
     "python benchmarks/sparse_update.py": "not run by the tests (~10 min); test_sparse_update plans, compiles and "
                                           "trains with update='sparse' as it does",
-    "python benchmarks/run.py --workloads mlp,gpt2,llama --strategies eager,memopt@0,memopt-int8@0 --pairs-rounds 0 "
-    "--out benchmarks/compress_rows": "not run by the tests (~17 min); test_benchmarks_smoke runs the memopt-int8@0 "
-                                      "row's code",
+    "python benchmarks/run.py --workloads mlp,gpt2,llama --strategies eager,memopt@0,memopt-int8@0,memopt@1,"
+    "memopt-int8@1 --pairs-rounds 0 --out benchmarks/compress_rows": "not run by the tests (~30 min); "
+                                                                     "test_benchmarks_smoke runs the memopt-int8@0 "
+                                                                     "row's code, test_compress the plans at a budget "
+                                                                     "above the smallest",
+    "python benchmarks/pairs.py --workloads resnet_bn,bert_mlm,t5 --torch checkpoint,compile-checkpoint --results "
+    "benchmarks/issue17/results.json --memopt fx": "not run by the tests (~30 min); test_benchmarks_smoke times an "
+                                                   "FX pair",
     "python benchmarks/compress.py": "not run by the tests (~3 min); test_compress plans, compiles, measures and "
                                      "trains with compress='int8' as it does",
     "python benchmarks/loss_kernel.py": "not run by the tests (~5 min); test_kernels plans the fused kernel on the "
