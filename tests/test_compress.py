@@ -11,6 +11,7 @@ import memopt
 from memopt import examples
 from memopt.errors import MemoptError
 from memopt.passes.compress_plan import Pack, needed_packs, packable
+from memopt.report.plot import plan_figure
 from memopt.solvers.remat_sim import RecomputeProblem
 
 
@@ -149,6 +150,8 @@ def test_packing_replaces_recomputation_where_it_costs_less_and_packs_only_what_
                            compress="int8")
     assert len(plan.compressed) < len(tightest.compressed)
     assert f"pack {len(packed)} of" in str(plan)
+    labels = plan_figure(plan).axes[0].get_legend_handles_labels()[1]  # the plot ticks each pack and unpack
+    assert f"activation packed to int8 ({len(packed)})" in labels and f"activation unpacked ({len(packed)})" in labels
     compiled = memopt.compile(model, budget=budget, loss_fn=workload.loss_fn, optimizer=optimizer, compress="int8")
     step = steady_step(compiled, inputs, optimizer)
     peak = measured_step_peak(compiled.plan, memopt.measure_peak(step))

@@ -37,18 +37,24 @@ def byte_unit(largest_bytes: float) -> tuple[str, int]:
 
 
 def _marks(plan: MemoryPlan) -> dict[str, list[int]]:
-    """The nodes where the planned step replays a random op from its saved generator state, and where it
-    updates a parameter inside the backward (step_in_backward), by position on the timeline."""
+    """The nodes where the planned step replays a random op from its saved generator state, updates a parameter
+    inside the backward (step_in_backward), and packs and unpacks a saved activation (compress=), by position on
+    the timeline."""
+    import torch
+
     from memopt.lower.rng_ops import RUN_WITH_RNG_STATE
     from memopt.passes.step_in_backward import step_parameter
 
-    marks: dict[str, list[int]] = {"random op replayed": [], "parameter updated in the backward": []}
+    labels = {RUN_WITH_RNG_STATE: "random op replayed", step_parameter: "parameter updated in the backward"}
+    if plan.compressed:  # (the ops exist once memopt's kernels are loaded, which packing did)
+        labels[torch.ops.memopt.pack.default] = f"activation packed to {plan.compressed[0].format}"
+        labels[torch.ops.memopt.unpack.default] = "activation unpacked"
+    marks: dict[str, list[int]] = {label: [] for label in labels.values()}
     if plan.program is None:
         return marks
     position = {name: i for i, name in enumerate(plan.storages.node_names)}
     for node in plan.program.graph.graph.nodes:
-        label = ("random op replayed" if node.target is RUN_WITH_RNG_STATE
-                 else "parameter updated in the backward" if node.target is step_parameter else None)
+        label = labels.get(node.target)
         if label is not None and node.name in position:
             marks[label].append(position[node.name])
     return marks
@@ -100,7 +106,7 @@ def plan_figure(plan: MemoryPlan, *, measured_timeline: Sequence[tuple[float, in
         n = len(timeline.totals)
         ax.plot([f * n for f, _ in measured_timeline], [b / scale for _, b in measured_timeline],
                 color="black", linewidth=0.8, label="measured")
-    for (label, positions), color in zip(_marks(plan).items(), ("#8c564b", "#9467bd")):
+    for (label, positions), color in zip(_marks(plan).items(), ("#8c564b", "#9467bd", "#17becf", "#bcbd22")):
         if positions:  # ticks along the floor where the plan does it
             ax.plot(positions, [0] * len(positions), linestyle="", marker="|", markersize=14, color=color,
                     clip_on=False, label=f"{label} ({len(positions)})")
@@ -109,6 +115,8 @@ def plan_figure(plan: MemoryPlan, *, measured_timeline: Sequence[tuple[float, in
     chunked = "".join(f"; loss head in {c.chunks} chunks" for c in plan.chunked if c.chunks > 1)
     if plan.chunked_mlp:
         chunked += f"; MLPs in {plan.chunked_mlp[0].chunks} chunks"
+    if plan.compressed:
+        chunked += f"; {len(plan.compressed)} activations packed (approximate)"
     ax.set_title(f"memopt plan: predicted peak at {timeline.peak_label} ({plan.device.name}){chunked}")
     ax.set_xlim(0, max(len(timeline.totals), 1))
     ax.legend(loc="upper left", fontsize=8)
