@@ -147,8 +147,10 @@ def pairs_markdown(results: dict[str, Any], rows: dict[tuple[str, str], dict[str
         "median over rounds; forward and backward only: the same without the optimizer step, which both sides run "
         "as the same eager code and which is timed apart as a control (its ratio far from 1 says the moment favoured "
         "one side); apart: the ratio of the CPU-time minima run.py measured in separate processes. "
-        "Where the plan differs from run.py's (memopt changed since), its peak is the code's as memopt predicts it "
-        "from Inductor's wrapper (within 0.5% of the measured peak in the slow tests).", "",
+        + ("memopt's peak is its plan's: the FX graphs run as planned (the tests hold the prediction to the measured "
+           "peak). A memopt=<row> row has no run.py row, so no peak measured apart." if fx else
+           "Where the plan differs from run.py's (memopt changed since), its peak is the code's as memopt predicts it "
+           "from Inductor's wrapper (within 0.5% of the measured peak in the slow tests)."), "",
         "| workload | torch row | its peak (MiB) | memopt peak (MiB): run.py measured / this plan's code, predicted | "
         "memopt ÷ torch, median of rounds | rounds memopt faster | torch CPU median (ms) | "
         "memopt CPU median (ms) | forward and backward only, memopt ÷ torch | "
