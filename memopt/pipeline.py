@@ -506,7 +506,7 @@ def _packed(history: _History, step: CapturedStep, names: list[str], opt: Optimi
             scratch_model: ScratchModel | None, config: PlanConfig, device: DeviceSpec,
             recompute_plan: Callable[[CapturedStep, StorageTable, tuple[int, ...]], RecomputePlan]) -> _Compressed:
     """The step with ``names`` packed to ``config.compress``, analysed, and its recompute plan."""
-    from memopt.lower.kernels.compress import packed_bytes
+    from memopt.lower.kernels.compress import packed_bytes, time_factor
 
     graph, made = history.run("compress", apply_compress, step.graph, step.backward_start, names, config.compress,
                               use_triton=device.is_cuda)
@@ -516,7 +516,8 @@ def _packed(history: _History, step: CapturedStep, names: list[str], opt: Optimi
     values = {name: by_name[name].meta["val"] for name in names}  # (each the whole of its storage)
     tensors = tuple(CompressedTensor(name, value.numel() * value.element_size(),
                                      packed_bytes(value.numel(), config.compress), config.compress,
-                                     sum(node_seconds(by_name[op], device) for op in made[name]))
+                                     sum(node_seconds(by_name[op], device) * time_factor(by_name[op])
+                                         for op in made[name]))
                     for name, value in values.items())
     return _Compressed((packed, *analysed), recompute_plan(packed, analysed[0], analysed[2]), tensors, made)
 

@@ -133,29 +133,33 @@ def test_a_pack_stays_only_where_the_step_needs_it():
 
 
 def test_packing_replaces_recomputation_where_it_costs_less_and_packs_only_what_that_needs():
+    """Above the exact minimum a pack is taken only where it costs less than the recomputation it saves: with
+    Triton's one-pass kernels (planned for the h100 preset), not with the torch path this CPU runs, whose
+    packing makes several passes over the values."""
     workload, model, inputs = _workload()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    eager = memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer).peak_bytes
-    budget = int(0.85 * eager)  # above the exact minimum, which the exact plan meets by recomputing
-    exact = memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=budget)
-    assert any(d.recomputed for d in exact.decisions)
-    plan = memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=budget, compress="int8")
-    packed = {c.node for c in plan.compressed}
-    assert packed and {d.name for d in plan.decisions if d.action == "pack"} == packed
-    packing = sum(c.seconds for c in plan.compressed)
-    assert packing + (plan.solver.objective or 0.0) < exact.solver.objective  # why it was chosen
-    # the step packs fewer tensors than it may: the plan at the smallest budget packs more
-    smallest = _smallest(model, inputs, workload, optimizer, compress="int8")
-    tightest = memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=smallest,
-                           compress="int8")
-    assert len(plan.compressed) < len(tightest.compressed)
-    assert f"pack {len(packed)} of" in str(plan)
-    labels = plan_figure(plan).axes[0].get_legend_handles_labels()[1]  # the plot ticks each pack and unpack
-    assert f"activation packed to int8 ({len(packed)})" in labels and f"activation unpacked ({len(packed)})" in labels
-    compiled = memopt.compile(model, budget=budget, loss_fn=workload.loss_fn, optimizer=optimizer, compress="int8")
-    step = steady_step(compiled, inputs, optimizer)
-    peak = measured_step_peak(compiled.plan, memopt.measure_peak(step))
-    assert peak <= budget, f"measured {peak:,} B over the budget {budget:,} B"
+    for device in ("cpu", "h100"):
+        options = {"loss_fn": workload.loss_fn, "optimizer": optimizer, "device": device, "offload": False}
+        budget = int(0.85 * memopt.plan(model, inputs, **options).peak_bytes)  # above the exact minimum
+        exact = memopt.plan(model, inputs, budget=budget, **options)
+        assert any(d.recomputed for d in exact.decisions)
+        plan = memopt.plan(model, inputs, budget=budget, compress="int8", **options)
+        packed = {c.node for c in plan.compressed}
+        if device == "cpu":
+            assert not packed and plan.choices == exact.choices
+            continue
+        assert packed and {d.name for d in plan.decisions if d.action == "pack"} == packed
+        packing = sum(c.seconds for c in plan.compressed)
+        assert packing + (plan.solver.objective or 0.0) < exact.solver.objective  # why it was chosen
+        assert f"pack {len(packed)} of" in str(plan)
+        labels = plan_figure(plan).axes[0].get_legend_handles_labels()[1]  # the plot ticks each pack and unpack
+        assert f"activation packed to int8 ({len(packed)})" in labels
+        assert f"activation unpacked ({len(packed)})" in labels
+        # the packs the budget needs, not every one that may be: the plan at the smallest budget packs more
+        tightest = memopt.plan(model, inputs, budget=_smallest(model, inputs, workload, optimizer, compress="int8",
+                                                               device=device, offload=False),
+                               compress="int8", **options)
+        assert len(plan.compressed) < len(tightest.compressed)
 
 
 def test_a_value_the_backward_divides_by_is_never_packed():

@@ -110,6 +110,26 @@ def kernel_scratch(node: object) -> int:
     return torch_scratch_bytes(node.args[0].meta["val"].numel())
 
 
+# Bytes per value each path moves through memory, for its time: the kernels read the value and write its byte
+# (pack), or read the byte and write the value (unpack); the torch path copies a slice to fp32, takes its
+# magnitudes, their maxima, divides, rounds and clamps in place, and writes the payload (pack), or widens the
+# payload, spreads the scales over the values, multiplies and writes the output (unpack).
+_KERNEL_BYTES = 4 + 1
+_TORCH_BYTES = {"pack": (4 + 4) + (4 + 4) + 4 + (4 + 4) + (4 + 4) + (4 + 4) + (4 + 1),
+                "unpack": (1 + 4) + 4 + (4 + 4 + 4) + (4 + 4)}
+
+
+def time_factor(node: object) -> float:
+    """How many times a pack or unpack node's one pass over its values (what a cost model of its inputs and
+    results prices) the path that runs it takes: 1 for Triton's int8 kernels, more for the torch path."""
+    target = getattr(node, "target", None)
+    if target not in (torch.ops.memopt.pack.default, torch.ops.memopt.unpack.default):
+        return 1.0
+    which = "pack" if target is torch.ops.memopt.pack.default else "unpack"
+    format, use_triton = node.args[1 if which == "pack" else 4], node.args[-1]
+    return 1.0 if use_triton and format == "int8" else _TORCH_BYTES[which] / _KERNEL_BYTES
+
+
 def _check(format: str, block: int) -> None:
     if format not in FORMATS:
         raise MemoptError(f"compression format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -177,8 +197,10 @@ def measure_errors(graph: torch.fx.GraphModule, backward_start: str, values: lis
             if node.target is not torch.ops.memopt.pack.default:
                 return super().run_node(node)
             original = self.env[node.args[0]]
-            payload, scales = result = super().run_node(node)
             _, format, block, use_triton = node.args
+            # (a plan for a CUDA preset, measured on host values: the torch path, the same math)
+            use_triton = use_triton and triton_runs(original)
+            payload, scales = result = torch.ops.memopt.pack(original, format, block, use_triton)
             again = torch.ops.memopt.unpack(payload, scales, list(original.shape), original.dtype, format, block,
                                             use_triton)
             error = float((again.float() - original.float()).abs().max())
