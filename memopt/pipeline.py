@@ -130,6 +130,7 @@ def run_pipeline(
     chunked_mlp: tuple[ChunkedMLP, ...] = ()
     compressed: tuple[CompressedTensor, ...] = ()
     pack_nodes: dict[str, CompressedTensor] = {}  # per pack node of the step, the tensor it packs
+    exact = None  # the step and its recompute plan before packing, when packing was chosen
     decisions: tuple[Decision, ...] = ()
     checkpointed: tuple[str, ...] = ()
     selective: dict[str, tuple[tuple[str, bool], ...]] = {}
@@ -163,6 +164,7 @@ def run_pipeline(
             # the exact one cannot, or costs less (the packing included)
             packed = _compressed(history, step, table, opt, scratch_model, config, device, target, recompute_plan)
             if packed is not None and packed.chosen_over(remat, exact_infeasible, minimum.bytes, config.headroom):
+                exact = (step, table, live, scratch, timeline, minimum, remat)
                 step, table, live, scratch, timeline, minimum = packed.analysed
                 remat, compressed = packed.remat, packed.tensors
                 pack_nodes = {packed.made[t.node][0]: t for t in compressed}
@@ -176,8 +178,20 @@ def run_pipeline(
         # which activations go to host memory instead, after their last forward use and back before the backward's
         offloaded = None
         if config.offload:
-            offloaded = _offload(history, step, table, live, opt, scratch_model, remat, device, target, config,
-                                 budget_bytes, minimum, eager_peak)
+            try:
+                offloaded = _offload(history, step, table, live, opt, scratch_model, remat, device, target, config,
+                                     budget_bytes, minimum, eager_peak)
+            except BudgetInfeasibleError as packed_error:
+                if exact is None:
+                    raise
+                # the packed step leaves less to offload: the exact one, offloaded, may fit where it does not
+                step, table, live, scratch, timeline, minimum, remat = exact
+                solution, compressed, pack_nodes = remat.solution, (), {}
+                try:
+                    offloaded = _offload(history, step, table, live, opt, scratch_model, remat, device, target,
+                                         config, budget_bytes, minimum, eager_peak)
+                except BudgetInfeasibleError as exact_error:
+                    raise min(packed_error, exact_error, key=lambda error: error.minimum) from None
         if offloaded is not None:
             plan, step, table, live, timeline = offloaded
             scratch = _scratch(step, scratch_model, opt)

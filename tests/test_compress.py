@@ -185,3 +185,16 @@ def test_a_value_the_backward_divides_by_is_never_packed():
     packed = {node.target for node in packable(step.program.graph, step.storages).values()}
     assert torch.ops.aten.relu.default in packed  # the numerator may be packed
     assert torch.ops.aten.sigmoid.default not in packed
+
+
+def test_with_offload_packing_never_raises_the_smallest_budget():
+    """On a CUDA preset offload is on: a packed step leaves less to offload, so where the exact step, offloaded,
+    fits lower than the packed one, the exact plan is taken."""
+    workload, model, inputs = _workload()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    exact = _smallest(model, inputs, workload, optimizer, device="h100")
+    smallest = _smallest(model, inputs, workload, optimizer, device="h100", compress="int8")
+    assert smallest <= exact
+    plan = memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, budget=smallest,
+                       device="h100", compress="int8")
+    assert plan.offload is not None and plan.peak_bytes <= smallest
