@@ -120,8 +120,8 @@ _TORCH_BYTES = {"pack": (4 + 4) + (4 + 4) + 4 + (4 + 4) + (4 + 4) + (4 + 4) + (4
 
 
 def time_factor(node: object) -> float:
-    """How many times a pack or unpack node's one pass over its values (what a cost model of its inputs and
-    results prices) the path that runs it takes: 1 for Triton's int8 kernels, more for the torch path."""
+    """A pack or unpack node's time over that of one pass over its inputs and results (what a cost model of the
+    node prices): 1 for Triton's int8 kernels; for the torch path, the bytes it moves over the kernel's."""
     target = getattr(node, "target", None)
     if target not in (torch.ops.memopt.pack.default, torch.ops.memopt.unpack.default):
         return 1.0
