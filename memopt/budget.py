@@ -60,29 +60,15 @@ def format_bytes(nbytes: int | float) -> str:
 
 
 def planned_part(budget: int, headroom: float) -> int:
-    """The peak memopt plans for under ``budget``: the budget less its headroom."""
+    """The peak memopt plans for under ``budget``: the budget less its headroom (or, for a peak read from code, less
+    ``CODE_SLACK``)."""
     return budget - math.ceil(budget * headroom)
 
 
-def code_limit(available: int, slack: float) -> int:
-    """What a step whose peak is read from its code may peak at, of ``available`` bytes: less the ``slack`` share
-    kept for what a replay of the code does not see."""
-    return available - math.ceil(available * slack)
-
-
-# the share of the budget a peak read from Inductor's code leaves free: the replay of its wrapper does not see
-# what the allocator adds around the buffers (the slow test of tests/test_inductor.py measures it)
+# the share of the budget a peak read from Inductor's code leaves free (its limit is ``planned_part(budget,
+# CODE_SLACK)``): the replay of its wrapper does not see what the allocator adds around the buffers (the slow test
+# of tests/test_inductor.py measures it)
 CODE_SLACK = 0.002
-
-
-def budget_for_code_peak(peak: int, slack: float) -> int:
-    """The smallest available bytes whose ``code_limit`` holds ``peak``."""
-    available = peak + math.ceil(peak * slack)
-    while code_limit(available, slack) < peak:
-        available += 1
-    while available > 1 and code_limit(available - 1, slack) >= peak:
-        available -= 1
-    return available
 
 
 def budget_for_peak(peak: int, headroom: float) -> int:

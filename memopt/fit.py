@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from memopt.budget import Budget, code_limit
+from memopt.budget import Budget, planned_part
 from memopt.errors import BudgetInfeasibleError
 from memopt.lower.lowering import Lowered, Lowering
 from memopt.report.plan import CompileAttempt, MemoryPlan
@@ -109,7 +109,7 @@ class _Search:
         self.plan_at, self.budget, self.lowering = plan_at, budget, lowering
         # what a lowered step must not exceed: the budget less the lowering's slack when its peak is read from
         # its code, else the planned part (the headroom covers what the prediction does not see)
-        self.limit = (code_limit(budget.available_bytes, lowering.code_slack) if lowering.reads_code
+        self.limit = (planned_part(budget.available_bytes, lowering.code_slack) if lowering.reads_code
                       else budget.planned_bytes)
         self.attempts: list[CompileAttempt] = []
         self.lowered: list[tuple[Lowered, int]] = []  # each compile and the variant it was made with

@@ -51,7 +51,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memopt.budget import CODE_SLACK, Budget, budget_for_code_peak
+from memopt.budget import CODE_SLACK, Budget, budget_for_peak
 from memopt.errors import BudgetInfeasibleError, MemoptError
 from memopt.lower.fusion import FUSION_WINDOW, inductor_patches
 from memopt.lower.lowering import Lowered
@@ -199,7 +199,7 @@ class InductorBudgetError(BudgetInfeasibleError):
         if below is not None:
             why += f"; no keep/recompute plan of the traced ops goes below {below.proven_minimum:,} B"
         why += ". Or run the planned FX graphs instead (backend='fx')"
-        super().__init__(budget.total_bytes, budget_for_code_peak(predicted, slack) + budget.held_elsewhere_bytes,
+        super().__init__(budget.total_bytes, budget_for_peak(predicted, slack) + budget.held_elsewhere_bytes,
                          "Inductor's code for the step",
                          why, proven=None if below is None else below.proven_minimum)
 
