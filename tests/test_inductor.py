@@ -407,3 +407,40 @@ def test_memopt_compile_with_the_inductor_backend_fits_and_matches_eager():
     assert len(chosen) == 1 and chosen[0].predicted_peak_bytes == compiled.plan.compiled_peak_bytes
     assert compiled.executor.peaks(compiled.plan.entry_bytes) == (chosen[0].forward_peak_bytes,
                                                                    chosen[0].backward_peak_bytes)
+
+
+def test_the_saved_set_keeps_the_layout_the_forwards_kernels_made_and_the_backward_is_compiled_for_it():
+    """Inductor runs convolutions channels-last. Returned in the traced layout, each saved activation costs a copy
+    in the forward and one per reader in the backward; returned as the kernels made it (what AOTAutograd does with
+    a training forward's saved tensors), none, and the step peaks lower. A backward compiled for other layouts is
+    not reused."""
+    workload = examples.resnet_bn(batch=16, image=16, widths=(8, 16), blocks_per_stage=1)
+    torch.manual_seed(0)
+    model, inputs = workload.build(), workload.inputs()
+    twin = copy.deepcopy(model)
+    optimizer = workload.optimizer(model)
+    plan = memopt.plan(model, inputs, loss_fn=workload.loss_fn, optimizer=optimizer, solver="blocks", budget=2**34)
+    runner = StepRunner(plan.program)
+    step = InductorStep(runner)
+    made = dict(zip(runner.saved_forward, step.forward.memory.returned[1:]))
+    compiled_for = dict(zip(step.backward_inputs, step.backward.examples))
+    channels_last = [node for node, value in made.items()
+                     if value.dim() == 4 and value.shape[1] > 1 and not value.is_contiguous()
+                     and value.is_contiguous(memory_format=torch.channels_last)]
+    assert channels_last, "Inductor laid out no saved activation channels-last"
+    assert all(compiled_for[node].stride() == value.stride() for node, value in made.items())
+
+    traced_forward = compile_program(runner.forward.nodes, step.forward_inputs, runner.forward.outputs,
+                                     held=[True] * len(step.forward_inputs), options={})
+    traced = InductorStep(runner, forward=traced_forward)
+    assert all(traced.backward.examples[i].is_contiguous() for i, node in enumerate(traced.backward_inputs)
+               if node in channels_last)
+    assert InductorStep(runner, backward=traced.backward).backward is not traced.backward
+    assert (step.predicted_peak_bytes(plan.entry_bytes, plan.optimizer_peak_bytes)
+            < traced.predicted_peak_bytes(plan.entry_bytes, plan.optimizer_peak_bytes))
+
+    compiled = _Compiled(model, step)
+    _assert_close_to_eager(workload, model, twin, compiled, inputs)
+    measured = measured_step_peak(plan, memopt.measure_peak(steady_step(compiled, inputs, optimizer)))
+    predicted = step.predicted_peak_bytes(plan.entry_bytes, plan.optimizer_peak_bytes)
+    assert abs(measured - predicted) <= max(4096, 0.005 * measured), f"predicted {predicted:,}, measured {measured:,}"

@@ -80,6 +80,7 @@ class WrapperMemory:
     peak_statement: str  # the statement after which the peak is reached
     unsized: tuple[str, ...]  # assignments whose result could not be sized (counted as no bytes)
     host_bytes: int = 0  # bytes of host copies (memopt::offload's results) the program made: not in the above
+    returned: tuple[Any, ...] = ()  # what the code returns, as fake tensors: its layouts and shared storages
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,7 @@ class CompiledProgram:
     options: dict[str, Any]  # the Inductor config it was compiled under
     seconds: float
     unread: tuple[int, ...] = ()  # inputs its code never reads (``unread_inputs``)
+    examples: tuple[Any, ...] = ()  # the inputs it was compiled for (fake): its code asserts their layouts
 
     def run(self, values: list) -> list[torch.Tensor]:
         """The program's outputs from ``values`` (emptied). The unread inputs go in as empty tensors: the
@@ -128,9 +130,29 @@ class InductorStep:
         host = [isinstance(node.meta.get("val"), torch.Tensor) and _storage_key(node.meta["val"]) in pooled
                 for node in self.backward_inputs]
         self.forward = forward or compile_program(runner.forward.nodes, self.forward_inputs, runner.forward.outputs,
-                                                  held=[True] * len(self.forward_inputs), options=options)
+                                                  held=[True] * len(self.forward_inputs), options=options,
+                                                  free_layouts=True)
+        examples = self._backward_examples()
+        if backward is not None and not _same_layouts(backward.examples, examples):
+            backward = None  # compiled for the saved set as another forward laid it out
         self.backward = backward or compile_program(runner.backward.nodes, self.backward_inputs,
-                                                    runner.backward.outputs, held=held, options=options, host=host)
+                                                    runner.backward.outputs, held=held, options=options, host=host,
+                                                    examples=examples)
+
+    def _backward_examples(self) -> list[Any]:
+        """The backward's inputs as the forward's code returns them: the saved set in the layouts its kernels
+        made (a convolution's channels-last output stays channels-last, where the trace's layout would cost a
+        copy in the forward and one per reader in the backward), the rest as traced."""
+        runner, returned = self.runner, self.forward.memory.returned
+        made = dict(zip([runner.loss, *runner.saved_forward], returned))
+        examples = []
+        for node in self.backward_inputs:
+            traced, value = _example(node), made.get(node)
+            if isinstance(traced, torch.Tensor) and not (
+                    isinstance(value, torch.Tensor) and value.shape == traced.shape and value.dtype == traced.dtype):
+                value = traced
+            examples.append(traced if value is None else value)
+        return examples
 
     @property
     def compile_seconds(self) -> float:
@@ -245,25 +267,31 @@ class InductorLowering:
 
 
 def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node], *,
-                    held: Sequence[bool], options: dict[str, Any],
-                    host: Sequence[bool] | None = None) -> CompiledProgram:
+                    held: Sequence[bool], options: dict[str, Any], host: Sequence[bool] | None = None,
+                    examples: Sequence[Any] | None = None, free_layouts: bool = False) -> CompiledProgram:
     """Compile one program with Inductor and read what its code allocates.
 
     ``held[i]`` says whether something outside the program keeps input ``i`` alive
     (a parameter, the forward's inputs); the others die with the program's last reader.
     ``host[i]``: input ``i`` is in the host pool (a host copy), not device memory.
+    ``examples``: the inputs as they will come (fake tensors; by default the nodes' traced values).
+    ``free_layouts``: the outputs take the layouts Inductor's kernels make, not the trace's
+    (``keep_output_stride`` off, as AOTAutograd leaves a training forward's saved tensors);
+    ``memory.returned`` gives them.
     """
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.graph import GraphLowering
 
     module = program_module(nodes, inputs, outputs)
-    examples = [_example(node) for node in inputs]
+    examples = [_example(node) for node in inputs] if examples is None else [
+        value.detach() if isinstance(value, torch.Tensor) else value for value in examples]
     sources: list[str] = []
     started = time.perf_counter()
     # the wrapper code, on a cache hit too (Inductor's hook for reading the code it produced)
     chosen = {**DEFAULT_OPTIONS, **options}
+    layouts = {"keep_output_stride": False} if free_layouts else {}
     with (torch.no_grad(), mock.patch.object(GraphLowering, "save_output_code", sources.append),
-          inductor_patches(chosen) as patches):
+          inductor_patches({**chosen, **layouts}) as patches):
         compiled = compile_fx(module, [examples], config_patches=patches)
     seconds = time.perf_counter() - started
     if len(sources) != 1:
@@ -280,7 +308,15 @@ def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs
         log.warning("could not size %d allocation(s) of the compiled code: %s", len(memory.unsized),
                     "; ".join(memory.unsized[:3]))
     unread_of_program = tuple(index - len(lifted) for index in unread if index >= len(lifted))
-    return CompiledProgram(compiled, sources[0], memory, chosen, seconds, unread_of_program)
+    return CompiledProgram(compiled, sources[0], memory, chosen, seconds, unread_of_program, tuple(examples))
+
+
+def _same_layouts(compiled_for: Sequence[Any], given: Sequence[Any]) -> bool:
+    """Whether inputs laid out as ``given`` pass the layout checks of code compiled for ``compiled_for``."""
+    def layout(value: Any) -> Any:
+        return (tuple(value.shape), value.stride(), value.storage_offset()) if isinstance(value, torch.Tensor) else None
+
+    return len(compiled_for) == len(given) and all(map(lambda a, b: layout(a) == layout(b), compiled_for, given))
 
 
 def _lifted_examples(module: fx.GraphModule, examples: Sequence[Any]) -> list[torch.Tensor]:
@@ -448,6 +484,7 @@ def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool], *,
     timeline: list[int] = []
     unsized: list[str] = []
     calls: list[tuple[int, str, list[Hashable]]] = []  # live after, statement, its op calls' signatures
+    returned: tuple[Any, ...] = ()
     distinct: dict[Hashable, tuple[Any, tuple, dict]] = {}  # the op calls by signature
 
     def storages(value: Any) -> set[int]:
@@ -504,6 +541,7 @@ def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool], *,
                         release(names.pop(target, None))
                 elif statement.startswith("return "):
                     result = _evaluate(statement[len("return "):], namespace, names)
+                    returned = tuple(result)
                     hold(result)
                     for value in list(names.values()):
                         release(value)
@@ -535,7 +573,7 @@ def wrapper_memory(source: str, inputs: Sequence[Any], held: Sequence[bool], *,
             extra = max(measured[signature] for signature in signatures)
             if live_after + extra > peak:
                 peak, peak_statement = live_after + extra, f"{statement} (with {extra} bytes of its scratch)"
-    return WrapperMemory(peak, live, tuple(timeline), peak_statement, tuple(unsized), host_results.nbytes)
+    return WrapperMemory(peak, live, tuple(timeline), peak_statement, tuple(unsized), host_results.nbytes, returned)
 
 
 class _HostResults(TorchDispatchMode):
