@@ -2,6 +2,7 @@
 and peaks where its wrapper code says it does."""
 
 import copy
+import dataclasses
 import weakref
 
 import pytest
@@ -444,3 +445,24 @@ def test_the_saved_set_keeps_the_layout_the_forwards_kernels_made_and_the_backwa
     measured = measured_step_peak(plan, memopt.measure_peak(steady_step(compiled, inputs, optimizer)))
     predicted = step.predicted_peak_bytes(plan.entry_bytes, plan.optimizer_peak_bytes)
     assert abs(measured - predicted) <= max(4096, 0.005 * measured), f"predicted {predicted:,}, measured {measured:,}"
+
+
+def test_where_the_replay_cannot_read_what_the_forward_returns_it_returns_the_traced_layouts():
+    """The backward must be compiled for the layouts the forward's code returns: where the replay of that code
+    gives none, the forward is compiled again to return the traced ones, and the backward for those."""
+    workload = examples.mlp(width=32, depth=2, batch=16)
+    torch.manual_seed(0)
+    model, inputs = workload.build(), workload.inputs()
+    plan = memopt.plan(model, inputs, loss_fn=workload.loss_fn, budget=2**34)
+    runner = StepRunner(plan.program)
+    first = InductorStep(runner)
+    unread = dataclasses.replace(first.forward, memory=dataclasses.replace(first.forward.memory, returned=()))
+    step = InductorStep(runner, forward=unread)
+    assert step.forward is not unread  # compiled again, to return the traced layouts
+    returned = zip([runner.loss, *runner.saved_forward], step.forward.memory.returned, strict=True)
+    assert all(value.stride() == node.meta["val"].stride() for node, value in returned)
+    traced = [node.meta["val"] for node in step.backward_inputs]
+    assert all(a.stride() == b.stride() for a, b in zip(step.backward.examples, traced) if isinstance(a, torch.Tensor))
+    compiled = _Compiled(model, step)
+    twin = copy.deepcopy(model)
+    _assert_close_to_eager(workload, model, twin, compiled, inputs, seeds=(1,))

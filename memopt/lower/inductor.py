@@ -129,29 +129,39 @@ class InductorStep:
         pooled = {_storage_key(node.meta["val"]) for node in runner.forward.nodes if node.target in HOST_RESULT_OPS}
         host = [isinstance(node.meta.get("val"), torch.Tensor) and _storage_key(node.meta["val"]) in pooled
                 for node in self.backward_inputs]
-        self.forward = forward or compile_program(runner.forward.nodes, self.forward_inputs, runner.forward.outputs,
-                                                  held=[True] * len(self.forward_inputs), options=options,
-                                                  free_layouts=True)
+        compile_forward = partial(compile_program, runner.forward.nodes, self.forward_inputs, runner.forward.outputs,
+                                  held=[True] * len(self.forward_inputs), options=options)
+        self.forward = forward or compile_forward(free_layouts=True)
         examples = self._backward_examples()
+        if examples is None:  # a layout the replay could not read: the forward returns the traced ones
+            self.forward = compile_forward()
+            examples = [_example(node) for node in self.backward_inputs]
         if backward is not None and not _same_layouts(backward.examples, examples):
             backward = None  # compiled for the saved set as another forward laid it out
         self.backward = backward or compile_program(runner.backward.nodes, self.backward_inputs,
                                                     runner.backward.outputs, held=held, options=options, host=host,
                                                     examples=examples)
 
-    def _backward_examples(self) -> list[Any]:
+    def _backward_examples(self) -> list[Any] | None:
         """The backward's inputs as the forward's code returns them: the saved set in the layouts its kernels
         made (a convolution's channels-last output stays channels-last, where the trace's layout would cost a
-        copy in the forward and one per reader in the backward), the rest as traced."""
+        copy in the forward and one per reader in the backward), the rest as traced. None where the replay
+        of the forward's code returned something else than the trace says."""
         runner, returned = self.runner, self.forward.memory.returned
+        if len(returned) != 1 + len(runner.saved_forward):
+            return None
         made = dict(zip([runner.loss, *runner.saved_forward], returned))
         examples = []
         for node in self.backward_inputs:
-            traced, value = _example(node), made.get(node)
-            if isinstance(traced, torch.Tensor) and not (
-                    isinstance(value, torch.Tensor) and value.shape == traced.shape and value.dtype == traced.dtype):
-                value = traced
-            examples.append(traced if value is None else value)
+            traced = _example(node)
+            if node not in made:
+                examples.append(traced)
+                continue
+            value = made[node]
+            if isinstance(traced, torch.Tensor) != isinstance(value, torch.Tensor) or (
+                    isinstance(traced, torch.Tensor) and (value.shape, value.dtype) != (traced.shape, traced.dtype)):
+                return None
+            examples.append(value if isinstance(value, torch.Tensor) else traced)
         return examples
 
     @property
