@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -193,11 +192,9 @@ def _planner(model: nn.Module, example_inputs: tuple | list | dict | torch.Tenso
 
     errors: dict[str, tuple[float, float]] = {}  # of each tensor a plan packs, on the example inputs
 
-    def plan_at(target: int | None, *, plain: bool = False) -> MemoryPlan:
-        """``plain``: no loss head or MLP block sliced, whatever the config says."""
+    def plan_at(target: int | None) -> MemoryPlan:
         plan = run_pipeline(step, params=params, optimizer=optimizer, groups_of=groups_of, device=spec,
-                            budget_bytes=target,
-                            config=dataclasses.replace(config, chunk_loss=1, chunk_mlp=1) if plain else config)
+                            budget_bytes=target, config=config)
         if not plan.compressed or step.fake:
             return plan
         return with_errors(plan, _values(model, plan.program, example_inputs), errors)
@@ -500,10 +497,7 @@ class CompiledModule(nn.Module):
             lowering = FXLowering(arena=self.layout)  # config.layout: plans are of the step as it runs in the arena
         plan_at = _planner(self.model, inputs, loss_fn=self._loss_fn, optimizer=self._optimizer, device=self._device,
                            offload=self._offload, fake=None, config=self._config, trainable=self._trainable)
-        # where "auto" may slice the loss heads or MLP blocks, the fit loop weighs the step without (its code may fit)
-        knobs = (self._config.chunk_loss, self._config.chunk_mlp)
-        plain_at = partial(plan_at, plain=True) if "auto" in knobs and set(knobs) <= {"auto", 1} else None
-        fitted = fit(plan_at, Budget(self.budget_bytes, self._config.headroom), lowering, plain_at)
+        fitted = fit(plan_at, Budget(self.budget_bytes, self._config.headroom), lowering)
         runner = fitted.lowered.runner
         if runner.stepped:
             runner.bind_steps(self._in_backward.update_of)

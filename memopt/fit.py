@@ -15,13 +15,7 @@ The loop, top to bottom:
 3. still over, with a lowering whose code can hold less than its plan
    (Inductor's fused kernels): plans a little above the smallest;
 4. under, with budget to spare (and the code's peak read from the code):
-   plans for larger targets, less recomputation, while their code fits;
-5. under, with a plan that slices loss heads or MLP blocks ("auto") and a
-   lowering whose code can hold less than its plan: the step with none
-   sliced is planned, lowered and reclaimed as in 4 (``plain_at``), and runs
-   instead where its code fits and it costs less by the plans' model (the
-   plans weigh slicing against recomputation by their own peaks, and
-   Inductor fuses away part of an unsliced head's).
+   plans for larger targets, less recomputation, while their code fits.
 """
 
 from __future__ import annotations
@@ -43,7 +37,6 @@ log = logging.getLogger(__name__)
 RECLAIM_FRACTION = 0.01  # of the budget: the smallest step between two plan targets worth a plan and a compile
 RECLAIM_COMPILES = 6  # compiles spent looking for the plan that uses what the code left unused
 ABOVE_FACTORS = (1.05, 1.1, 1.2)  # plans for targets this much above the smallest, tried when nothing lower fits
-PLAIN = "no loss head or MLP block sliced"  # a compile of plain_at's plan
 
 
 @dataclass(frozen=True)
@@ -55,8 +48,7 @@ class Fitted:
     attempts: tuple[CompileAttempt, ...]
 
 
-def fit(plan_at: Callable[[int], Any], budget: Budget, lowering: Lowering,
-        plain_at: Callable[[int], Any] | None = None) -> Fitted:
+def fit(plan_at: Callable[[int], Any], budget: Budget, lowering: Lowering) -> Fitted:
     """The lowered step for ``budget``: planned by ``plan_at(target)``, compiled by ``lowering``.
 
     ``plan_at(target)`` plans this step to peak within ``target`` less the headroom and
@@ -64,8 +56,6 @@ def fit(plan_at: Callable[[int], Any], budget: Budget, lowering: Lowering,
     or raises ``BudgetInfeasibleError`` naming the smallest whole budget (what is held
     elsewhere included). Raises ``BudgetInfeasibleError`` whose ``minimum`` is the
     smallest budget this lowering was seen to meet (``lowering.infeasible`` words it).
-    ``plain_at(target)``: the same, with no loss head or MLP block sliced (where
-    ``plan_at`` may slice them, "auto").
     """
     search = _Search(plan_at, budget, lowering)
     target = budget.available_bytes
@@ -93,8 +83,8 @@ def fit(plan_at: Callable[[int], Any], budget: Budget, lowering: Lowering,
         found = search.variants(planned, target, first_variant)
         if found is not None:
             if replan == 0 and search.below is None and lowering.reclaims:
-                found = search.reclaimed(found, planned, target)
-            return search.done(search.plain(found, plain_at))
+                return search.reclaimed(found, planned, target)
+            return search.done(found)
         best_peak, first_variant = search.best_over
         target -= best_peak - search.limit
     if lowering.reclaims:
@@ -108,7 +98,7 @@ def fit(plan_at: Callable[[int], Any], budget: Budget, lowering: Lowering,
                 continue
             found = search.variants(planned, above, 0, only=dict.fromkeys((0, first_variant)))
             if found is not None:
-                return search.done(search.plain(found, plain_at))
+                return search.done(found)
     raise search.infeasible()
 
 
@@ -126,13 +116,11 @@ class _Search:
         self.below: BudgetInfeasibleError | None = None
         self.best_over = (0, 0)  # the lowest peak over the limit at the last plan, and its variant
 
-    def compile(self, planned: Any, target: int, variant: int, reuse: Lowered | None = None, step: str = ""
-                ) -> Lowered:
+    def compile(self, planned: Any, target: int, variant: int, reuse: Lowered | None = None) -> Lowered:
         lowered = self.lowering.lower(planned, self.lowering.variants[variant], reuse=reuse, limit=self.limit)
         self.lowered.append((lowered, variant))
         self.attempts.append(CompileAttempt(target, dict(lowered.options), lowered.forward_peak_bytes,
-                                            lowered.backward_peak_bytes, lowered.peak_bytes, lowered.seconds,
-                                            step=step))
+                                            lowered.backward_peak_bytes, lowered.peak_bytes, lowered.seconds))
         log.info("%s: plan for %d B, options %s: peak %d B (limit %d B)", self.lowering.name, target,
                  lowered.options, lowered.peak_bytes, self.limit)
         return lowered
@@ -165,32 +153,7 @@ class _Search:
                                        compiles=tuple(attempts) if reads_code else ())
         return Fitted(plan, lowered, tuple(attempts))
 
-    def plain(self, lowered: Lowered, plain_at: Callable[[int], Any] | None) -> Lowered:
-        """``lowered``, or the traced step's plan that runs instead: where ``lowered`` slices loss heads or MLP
-        blocks and the lowering's code can hold less than its plan, the traced step is planned for the budget
-        (its smallest plan, below every plan), lowered and reclaimed as above; it runs if its code fits and it
-        costs less by the plans' model (a sliced head computes its logits again)."""
-        planned = lowered.plan
-        sliced = getattr(planned, "chunked", ()) or getattr(planned, "chunked_mlp", ())
-        if plain_at is None or not self.lowering.reclaims or not sliced:
-            return lowered
-        target = self.budget.available_bytes
-        try:
-            plain = plain_at(target)
-        except BudgetInfeasibleError as error:
-            target = error.minimum - self.budget.held_elsewhere_bytes
-            try:
-                plain = plain_at(target)
-            except BudgetInfeasibleError:
-                return lowered
-        compiled = self.compile(plain, target, self.variant_of(lowered), step=PLAIN)
-        if compiled.peak_bytes > self.limit:
-            return lowered
-        best = self.reclaimed(compiled, plain, target, plan_at=plain_at, step=PLAIN)
-        return best if best.plan.overhead_seconds < planned.overhead_seconds else lowered
-
-    def reclaimed(self, lowered: Lowered, planned: Any, target: int,
-                  plan_at: Callable[[int], Any] | None = None, step: str = "") -> Lowered:
+    def reclaimed(self, lowered: Lowered, planned: Any, target: int) -> Fitted:
         """The step planned for the largest target found whose code still peaks under the planned part.
 
         The code of a plan peaks below it by an amount that varies from plan to plan (the code's peak is
@@ -202,7 +165,6 @@ class _Search:
         a step smaller than that fraction, or at a plan that recomputes and offloads nothing. A plan with
         the choices of the last that fit is that step (no compile).
         """
-        plan_at = plan_at or self.plan_at
         limit = self.budget.planned_bytes
         resolution = math.ceil(RECLAIM_FRACTION * self.budget.available_bytes)
         best, best_plan = lowered, planned
@@ -221,20 +183,20 @@ class _Search:
             if following - low < resolution:
                 break
             try:
-                candidate = plan_at(following)
+                candidate = self.plan_at(following)
             except BudgetInfeasibleError:
                 break
             plans += 1
             if candidate.choices is not None and candidate.choices == best_plan.choices:
                 low = following  # the same plan: the same code, which fits
                 continue
-            compiled = self.compile(candidate, following, self.variant_of(best), step=step)
+            compiled = self.compile(candidate, following, self.variant_of(best))
             compiles += 1
             if compiled.peak_bytes <= limit:
                 best, best_plan, low, overs = compiled, candidate, following, 0
             else:
                 high, overs = (following, compiled.peak_bytes), overs + 1
-        return best
+        return self.done(best)
 
     def variant_of(self, lowered: Lowered) -> int:
         return next(variant for candidate, variant in self.lowered if candidate is lowered)

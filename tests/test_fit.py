@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 import memopt
-from memopt.fit import PLAIN, Budget, fit
+from memopt.fit import Budget, fit
 from memopt.lower.inductor import FALLBACK_OPTIONS, InductorBudgetError
 from memopt.lower.lowering import FXLowering, Lowered
 
@@ -251,37 +251,3 @@ def test_below_every_plan_the_fx_lowering_names_the_plans_own_minimum(monkeypatc
     with pytest.raises(memopt.BudgetInfeasibleError) as info:
         fit(_ArenaAbove(-20, 900), Budget(500, 0.02), FXLowering())
     assert info.value.minimum == 900 and info.value.where == "the smallest plan"
-
-
-def _sliced_or_plain(target, *, sliced, smallest=0, little=0.03):
-    """A stand-in plan: with the loss head sliced (its logits computed again: 0.09 s), or with nothing sliced,
-    below ``smallest`` none, recomputing more the lower the target (0.2 s under 1280, then ``little``)."""
-    if sliced:
-        return SimpleNamespace(target=target, choices=(), chunked=("head",), chunked_mlp=(), overhead_seconds=0.09)
-    if target < smallest:
-        raise memopt.BudgetInfeasibleError(target, smallest, "somewhere")
-    choices, seconds = (("much",), 0.2) if target < 1280 else (("little",), little)
-    return SimpleNamespace(target=target, choices=choices, chunked=(), chunked_mlp=(), overhead_seconds=seconds)
-
-
-@pytest.mark.parametrize("plain", ["cheaper", "over", "dearer"])
-def test_a_sliced_plan_gives_way_to_the_unsliced_steps_where_its_code_fits_and_costs_less(plain):
-    """chunk "auto" sliced the loss head: the step with nothing sliced has no plan for the budget by the plans'
-    count, but the code of its smallest plan fits (fused kernels hold less than the plan), and once reclaimed it
-    recomputes less than the sliced head costs. Where its code does not fit, or it costs more, the sliced plan
-    runs."""
-    table = {_key(1000, 0): (500, 800), _key(1200, 0): (500, 1000 if plain == "over" else 800),
-             _key(1280, 0): (500, 870)}
-    lowering = _TableLowering(table)
-    little = 0.1 if plain == "dearer" else 0.03
-    fitted = fit(lambda t: _sliced_or_plain(t, sliced=True), Budget(1000, 0.02), lowering,
-                 plain_at=lambda t: _sliced_or_plain(t, sliced=False, smallest=1200, little=little))
-    runs = next(a for a in fitted.attempts if a.chosen)
-    tried = [(a.target_bytes, a.step) for a in fitted.attempts]
-    if plain == "cheaper":
-        assert fitted.plan.chunked == () and fitted.plan.overhead_seconds == 0.03
-        assert tried == [(1000, ""), (1200, PLAIN), (1280, PLAIN)]
-        assert (runs.target_bytes, runs.predicted_peak_bytes) == (1280, 970)
-    else:
-        assert fitted.plan.chunked == ("head",) and (runs.target_bytes, runs.step) == (1000, "")
-        assert tried == [(1000, "")] + ([(1200, PLAIN)] if plain == "over" else [(1200, PLAIN), (1280, PLAIN)])

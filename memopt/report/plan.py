@@ -186,7 +186,6 @@ class CompileAttempt:
     predicted_peak_bytes: int  # the step's: the larger of both and the optimizer step's
     seconds: float
     chosen: bool = False  # the step that runs
-    step: str = ""  # what was planned, where it is not the step as configured
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,12 +246,6 @@ class MemoryPlan:
     def peak_bytes(self) -> int:
         """Predicted peak of live device bytes during the step."""
         return self.timeline.peak_bytes
-
-    @property
-    def overhead_seconds(self) -> float:
-        """The time the plan adds to the step, by its own model: each decision's (recomputation, packing,
-        offload), and the chunked loss heads' logits computed again in the backward."""
-        return sum(d.cost_s for d in self.decisions) + sum(c.cost_s for c in self.chunked)
 
     @property
     def peak(self) -> int:
@@ -572,7 +565,6 @@ class MemoryPlan:
             lines.append("\nInductor compiles (plan made for, options, the code's peak):")
             lines.extend(f"  {format_bytes(c.target_bytes):>12}  {str(c.options or 'defaults'):<60}"
                          f"{format_bytes(c.predicted_peak_bytes):>12}{'  runs' if c.chosen else ''}"
-                         f"{f'  ({c.step})' if c.step else ''}"
                          for c in self.compiles)
         lines.append("\npasses:")
         for record in self.history:
