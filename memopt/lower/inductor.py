@@ -10,7 +10,11 @@ The list is the boxed calling convention: the compiled code clears it and drops
 each input after its last reader, so the backward frees the saved set as it
 goes, as the FX path does. An input the code never reads (Inductor's
 decompositions leave some unread) would stay bound to its name until the code
-returns: it goes in as an empty tensor (``CompiledProgram.run``).
+returns: it goes in as an empty tensor (``CompiledProgram.run``). The forward
+returns the saved set in the layouts its kernels made, as AOTAutograd leaves a
+training forward's saved tensors, and the backward is compiled for them: in the
+traced layouts, a channels-last convolution output would be copied back in the
+forward and again for each of its readers in the backward.
 
 Three Inductor settings differ from its defaults (``DEFAULT_OPTIONS``):
 ``fallback_random`` (dropout draws from aten's generator in eager's order, so
