@@ -330,7 +330,7 @@ def _same_layouts(compiled_for: Sequence[Any], given: Sequence[Any]) -> bool:
     def layout(value: Any) -> Any:
         return (tuple(value.shape), value.stride(), value.storage_offset()) if isinstance(value, torch.Tensor) else None
 
-    return len(compiled_for) == len(given) and all(map(lambda a, b: layout(a) == layout(b), compiled_for, given))
+    return len(compiled_for) == len(given) and all(layout(a) == layout(b) for a, b in zip(compiled_for, given))
 
 
 def _lifted_examples(module: fx.GraphModule, examples: Sequence[Any]) -> list[torch.Tensor]:
