@@ -172,6 +172,45 @@ def test_a_compiled_program_lets_go_of_the_inputs_its_code_never_reads():
     torch.testing.assert_close(result, value * 2)
 
 
+def _scaled_product_program(a, b, w):
+    """exp(a) * b.T @ w, as a program of its three inputs (their values as the nodes' traced values)."""
+    graph = torch.fx.Graph()
+    inputs = [graph.placeholder(name) for name in "abw"]
+    e = graph.call_function(torch.ops.aten.exp.default, (inputs[0],))
+    t = graph.call_function(torch.ops.aten.t.default, (inputs[1],))
+    y = graph.call_function(torch.ops.aten.mul.Tensor, (e, t))
+    z = graph.call_function(torch.ops.aten.mm.default, (y, inputs[2]))
+    graph.output((z,))
+    for node, value in zip([*inputs, e, t, y, z], [a, b, w, a.exp(), b.t(), a.exp() * b.t(), a.exp() * b.t() @ w]):
+        node.meta["val"] = value
+    return [e, t, y, z], inputs, [z]
+
+
+def test_the_code_writes_into_the_buffers_of_inputs_nothing_else_holds_and_reads_an_alias_of_one_through_it():
+    """As AOTAutograd donates a backward's saved tensors: an input nothing outside holds gives its buffer to a
+    result once read. Of inputs on one storage, one is donated and the others are made from it; where anything
+    holds the storage, none is."""
+    a, b, w = torch.randn(64, 64), torch.randn(64, 64), torch.randn(64, 64)
+    options = {"fx_graph_cache": False}
+    donated = compile_program(*_scaled_product_program(a, b, w), held=[False, False, True], options=options)
+    held = compile_program(*_scaled_product_program(a, b, w), held=[True, False, True], options=options)
+    assert "= arg0_1; del arg0_1  # reuse" in donated.source
+    assert donated.memory.peak_bytes == 0 and held.memory.peak_bytes == a.numel() * 4
+    values = [a.clone(), b.clone(), w]
+    torch.testing.assert_close(donated.run(values)[0], a.exp() * b.t() @ w, rtol=1e-5, atol=1e-4)
+
+    # b is a's transpose: both read, in one buffer
+    shared = compile_program(*_scaled_product_program(a, a.t(), w), held=[False, False, True], options=options)
+    assert shared.unread == (1,) and "# reuse" in shared.source
+    base = a.clone()
+    torch.testing.assert_close(shared.run([base, base.t(), w])[0], a.exp() * a @ w, rtol=1e-5, atol=1e-4)
+    outside = compile_program(*_scaled_product_program(a, a.t(), w), held=[True, False, True], options=options)
+    assert outside.unread == () and "# reuse" not in outside.source
+    base = a.clone()
+    torch.testing.assert_close(outside.run([base, base.t(), w])[0], a.exp() * a @ w, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(base, a)  # held: untouched
+
+
 def test_a_program_reading_a_constant_carries_it_and_its_code_holds_it_beside_the_inputs():
     """Tracing makes a tensor the model creates (T5's empty key caches) a get_attr constant of the traced module;
     the program's module carries it, and AOTAutograd's lifting it into the code's inputs shifts none of theirs."""
@@ -445,6 +484,36 @@ def test_the_saved_set_keeps_the_layout_the_forwards_kernels_made_and_the_backwa
     measured = measured_step_peak(plan, memopt.measure_peak(steady_step(compiled, inputs, optimizer)))
     predicted = step.predicted_peak_bytes(plan.entry_bytes, plan.optimizer_peak_bytes)
     assert abs(measured - predicted) <= max(4096, 0.005 * measured), f"predicted {predicted:,}, measured {measured:,}"
+
+
+def test_the_backward_writes_the_logits_gradient_into_the_saved_log_probabilities_and_equals_eager():
+    """The saved log-probabilities die in the kernel that makes the logits' gradient: their buffer takes it, where a
+    backward holding every input allocates one more logits-sized tensor beside them. (They come in twice, on one
+    storage: the second is read through the first.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2048))
+    twin = copy.deepcopy(model)
+    x, targets = torch.randn(256, 32), torch.randint(0, 2048, (256,))
+
+    def loss_fn(logits):
+        return torch.nn.functional.cross_entropy(logits, targets)
+
+    plan = memopt.plan(model, (x,), loss_fn=loss_fn, optimizer=torch.optim.SGD, budget=2**34)
+    runner = StepRunner(plan.program)
+    step = InductorStep(runner)
+    held = compile_program(runner.backward.nodes, step.backward_inputs, runner.backward.outputs,
+                           held=[True] * len(step.backward_inputs), options={}, examples=step.backward.examples)
+    logits_bytes = 256 * 2048 * 4
+    assert step.backward.memory.peak_bytes <= held.memory.peak_bytes - logits_bytes
+    assert step.backward.unread  # the log-probabilities' second input
+
+    loss = run_inductor_step(step, _values(model, (x,)))
+    loss.backward()
+    expected = loss_fn(twin(x))
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for p, q in zip(twin.parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad)
 
 
 def test_where_the_replay_cannot_read_what_the_forward_returns_it_returns_the_traced_layouts():

@@ -23,13 +23,14 @@ without losing Inductor's buffer reuse.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 from unittest import mock
 
 from torch._inductor import memory as inductor_memory
 from torch._inductor.choices import InductorChoices
+from torch._inductor.graph import GraphLowering
 from torch._inductor.virtualized import V
 
 FUSION_WINDOW = "memopt.fusion_window"  # memopt's option, not an Inductor config entry
@@ -38,17 +39,19 @@ FUSION_WINDOW = "memopt.fusion_window"  # memopt's option, not an Inductor confi
 class PlanOrderChoices(InductorChoices):
     """Inductor's default heuristics, and no fusion of nodes more than ``window`` apart in the program.
 
-    ``window`` None: no limit. ``kept_order``: compiled with the program's order kept (``inductor_patches``);
-    it only tells Inductor's cache those compiles apart.
+    ``window`` None: no limit. ``kept_order``: compiled with the program's order kept; ``donated``: the inputs
+    whose buffers the code may reuse (``inductor_patches``). Those two only tell Inductor's cache compiles apart.
     """
 
-    def __init__(self, window: int | None = None, kept_order: bool = False) -> None:
+    def __init__(self, window: int | None = None, kept_order: bool = False, donated: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.window = window
         self.kept_order = kept_order
+        self.donated = donated
 
     def uuid(self) -> str:  # Inductor's cache key for these heuristics
-        return f"memopt.PlanOrderChoices(window={self.window}, kept_order={self.kept_order})"
+        return (f"memopt.PlanOrderChoices(window={self.window}, kept_order={self.kept_order}, "
+                f"donated={self.donated})")
 
     def can_fuse(self, scheduler: Any, node1: Any, node2: Any, shared_data_score: int) -> bool:
         # the span of the two groups in the order the scheduler got them (fused groups keep min/max)
@@ -58,8 +61,14 @@ class PlanOrderChoices(InductorChoices):
 
 
 @contextlib.contextmanager
-def inductor_patches(options: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def inductor_patches(options: dict[str, Any], donated: Sequence[int] = ()) -> Iterator[dict[str, Any]]:
     """Inductor's config patches for ``options``, and what they need around the compile.
+
+    ``donated``: the indices of the compiled graph's inputs (its placeholders, lifted constants first)
+    whose buffers the code may reuse once it has read them, as AOTAutograd lets a training backward
+    reuse the saved tensors (``bw_donated_idxs``). Inductor reads that list only when it lowers a
+    backward, and a backward lowering also changes the layouts it asks of fallback kernels; so each
+    of these placeholders alone is lowered as a backward's donated input.
 
     ``FUSION_WINDOW`` compiles under ``PlanOrderChoices``: set twice, as the config entry, which keys
     Inductor's cache, and as the handler of this thread, since Inductor keeps the first heuristics
@@ -75,7 +84,8 @@ def inductor_patches(options: dict[str, Any]) -> Iterator[dict[str, Any]]:
     patches = {key: value for key, value in options.items() if key != FUSION_WINDOW}
     window = options.get(FUSION_WINDOW)
     kept_order = patches.get("reorder_for_peak_memory") is False
-    if window is None and not kept_order:
+    donated = tuple(sorted(donated))
+    if window is None and not kept_order and not donated:
         yield patches
         return
     with contextlib.ExitStack() as stack:
@@ -83,6 +93,21 @@ def inductor_patches(options: dict[str, Any]) -> Iterator[dict[str, Any]]:
             patches["reorder_for_peak_memory"] = True
             stack.enter_context(mock.patch.object(inductor_memory, "reorder_for_peak_memory",
                                                   partial(inductor_memory.reorder_for_peak_memory, methods=[])))
-        patches["inductor_choices_class"] = partial(PlanOrderChoices, window, kept_order)
-        stack.enter_context(V.set_choices_handler(PlanOrderChoices(window, kept_order)))
+        if donated:
+            stack.enter_context(mock.patch.object(GraphLowering, "placeholder",
+                                                  _donating(GraphLowering.placeholder, frozenset(donated))))
+        patches["inductor_choices_class"] = partial(PlanOrderChoices, window, kept_order, donated)
+        stack.enter_context(V.set_choices_handler(PlanOrderChoices(window, kept_order, donated)))
         yield patches
+
+
+def _donating(placeholder: Callable[..., Any], donated: frozenset[int]) -> Callable[..., Any]:
+    """``GraphLowering.placeholder``, lowering the ``donated`` placeholders as a backward's donated inputs."""
+    def lower(graph: GraphLowering, target: str, args: Any, kwargs: Any) -> Any:
+        index = graph.placeholder_idx + 1  # the method counts the placeholder it lowers first
+        if index not in donated:
+            return placeholder(graph, target, args, kwargs)
+        with mock.patch.multiple(graph, is_backward=True, bw_donated_idxs=[index]):
+            return placeholder(graph, target, args, kwargs)
+
+    return lower

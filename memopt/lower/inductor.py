@@ -8,13 +8,15 @@ running statistics and ``num_batches_tracked``, an input changed in place: all
 written back once, in the graph) and Inductor fuses it, recomputation included.
 The list is the boxed calling convention: the compiled code clears it and drops
 each input after its last reader, so the backward frees the saved set as it
-goes, as the FX path does. An input the code never reads (Inductor's
-decompositions leave some unread) would stay bound to its name until the code
-returns: it goes in as an empty tensor (``CompiledProgram.run``). The forward
-returns the saved set in the layouts its kernels made, as AOTAutograd leaves a
-training forward's saved tensors, and the backward is compiled for them: in the
-traced layouts, a channels-last convolution output would be copied back in the
-forward and again for each of its readers in the backward.
+goes, as the FX path does, and may write a result into a saved tensor's buffer
+after its last reader, as AOTAutograd lets a training backward (``_donations``).
+An input the code never reads (Inductor's decompositions leave some unread)
+would stay bound to its name until the code returns: it goes in as an empty
+tensor (``CompiledProgram.run``). The forward returns the saved set in the
+layouts its kernels made, as AOTAutograd leaves a training forward's saved
+tensors, and the backward is compiled for them: in the traced layouts, a
+channels-last convolution output would be copied back in the forward and again
+for each of its readers in the backward.
 
 Three Inductor settings differ from its defaults (``DEFAULT_OPTIONS``):
 ``fallback_random`` (dropout draws from aten's generator in eager's order, so
@@ -286,7 +288,9 @@ def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs
     """Compile one program with Inductor and read what its code allocates.
 
     ``held[i]`` says whether something outside the program keeps input ``i`` alive
-    (a parameter, the forward's inputs); the others die with the program's last reader.
+    (a parameter, the forward's inputs); the others die with the program's last reader,
+    and the code may write its own results into their buffers once it has read them
+    (``_donations``).
     ``host[i]``: input ``i`` is in the host pool (a host copy), not device memory.
     ``examples``: the inputs as they will come (fake tensors; by default the nodes' traced values).
     ``free_layouts``: the outputs take the layouts Inductor's kernels make, not the trace's
@@ -296,33 +300,77 @@ def compile_program(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.graph import GraphLowering
 
-    module = program_module(nodes, inputs, outputs)
     examples = [_example(node) for node in inputs] if examples is None else [
         value.detach() if isinstance(value, torch.Tensor) else value for value in examples]
+    host = [False] * len(inputs) if host is None else list(host)
+    donated, views = _donations(nodes, inputs, outputs, examples, held, host)
+    module = program_module(nodes, inputs, outputs, views=views)
     sources: list[str] = []
     started = time.perf_counter()
+    # AOTAutograd lifts the module's tensors (the constants the get_attr nodes read) into the wrapper's
+    # inputs, ahead of the program's; the module holds them, so they are never freed
+    lifted = _lifted_examples(module, examples)
     # the wrapper code, on a cache hit too (Inductor's hook for reading the code it produced)
     chosen = {**DEFAULT_OPTIONS, **options}
     layouts = {"keep_output_stride": False} if free_layouts else {}
     with (torch.no_grad(), mock.patch.object(GraphLowering, "save_output_code", sources.append),
-          inductor_patches({**chosen, **layouts}) as patches):
+          inductor_patches({**chosen, **layouts}, [len(lifted) + index for index in donated]) as patches):
         compiled = compile_fx(module, [examples], config_patches=patches)
     seconds = time.perf_counter() - started
     if len(sources) != 1:
         raise MemoptError(f"Inductor compiled one program into {len(sources)} graphs; memopt expects one")
-    # AOTAutograd lifts the module's tensors (the constants the get_attr nodes read) into the wrapper's
-    # inputs, ahead of the program's; the module holds them, so they are never freed
-    lifted = _lifted_examples(module, examples)
     unread = unread_inputs(sources[0])
     device = next((t.device for t in examples if isinstance(t, torch.Tensor)), torch.device("cpu"))
     memory = wrapper_memory(sources[0], [*lifted, *examples], [True] * len(lifted) + list(held),
-                            host=None if host is None else [False] * len(lifted) + list(host), unread=unread,
+                            host=[False] * len(lifted) + host, unread=unread,
                             scratch=partial(measure_calls, device=device))
     if memory.unsized:
         log.warning("could not size %d allocation(s) of the compiled code: %s", len(memory.unsized),
                     "; ".join(memory.unsized[:3]))
     unread_of_program = tuple(index - len(lifted) for index in unread if index >= len(lifted))
     return CompiledProgram(compiled, sources[0], memory, chosen, seconds, unread_of_program, tuple(examples))
+
+
+def _donations(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node],
+               examples: Sequence[Any], held: Sequence[bool],
+               host: Sequence[bool]) -> tuple[tuple[int, ...], dict[int, tuple[int, Any]]]:
+    """The inputs whose buffers the code may reuse, and the inputs it reads as views of another.
+
+    An input is donated, as AOTAutograd donates a backward's saved tensors, where nothing outside
+    holds its storage (no input on it is ``held``), it is device memory, and neither an output nor a
+    write of the program's is on it. Inductor then writes a result into it after its last reader:
+    Llama's backward puts the logits' gradient in the saved log-probabilities' buffer, where a fresh
+    one would live beside them. Inductor tracks each input's readers alone, so of the inputs on one
+    donated storage the first is donated, and each other is made from it in the program
+    (``as_strided``: the same elements) and goes in unread.
+    """
+    def storage(value: Any) -> int | None:
+        return _storage_key(value) if isinstance(value, torch.Tensor) else None
+
+    def traced(node: Any) -> int | None:
+        return storage(node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+    written = {traced(node) for node in outputs}
+    for node in nodes:
+        schema = getattr(node.target, "_schema", None)
+        for position, argument in enumerate(schema.arguments if schema else ()):
+            value = node.args[position] if position < len(node.args) else node.kwargs.get(argument.name)
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                written.add(traced(value))
+    on_storage: dict[int, list[int]] = {}
+    for index, example in enumerate(examples):
+        if storage(example) is not None:
+            on_storage.setdefault(storage(example), []).append(index)
+    donated, views = [], {}
+    for indices in on_storage.values():
+        if any(held[i] or host[i] or traced(inputs[i]) in written - {None} for i in indices):
+            continue
+        first, *others = indices
+        donated.append(first)
+        for index in others:
+            value = examples[index]
+            views[index] = (first, (tuple(value.shape), value.stride(), value.storage_offset()))
+    return tuple(sorted(donated)), views
 
 
 def _same_layouts(compiled_for: Sequence[Any], given: Sequence[Any]) -> bool:
@@ -414,13 +462,17 @@ def _contiguous_lone_cats(graph: fx.Graph) -> None:
 
 
 def program_module(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node], *,
-                   root: torch.nn.Module | None = None) -> fx.GraphModule:
+                   root: torch.nn.Module | None = None,
+                   views: dict[int, tuple[int, Any]] | None = None) -> fx.GraphModule:
     """A GraphModule of ``nodes`` whose one placeholder is the list of ``inputs``, returning ``outputs``.
 
     The placeholder is marked ``steal_arg``: Inductor's wrapper clears the caller's
     list, so the compiled code alone holds the inputs and frees each after its last reader.
     Dropout's random fill becomes one op (``_opaque_random_fills``), and a ``cat`` of one
     non-empty tensor a contiguous clone (``_contiguous_lone_cats``).
+
+    ``views[i] = (j, (size, stride, offset))``: input ``i`` is read as that view of input ``j``
+    (on the same storage), and not from the list.
 
     ``root`` holds what the ``get_attr`` nodes read (the constants tracing made of tensors
     the model created, such as T5's); by default, the module that owns the nodes' graph.
@@ -435,9 +487,14 @@ def program_module(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs:
     boxed = graph.placeholder("inputs")
     boxed.meta["steal_arg"] = True
     env: dict[fx.Node, fx.Node] = {}
+    views = views or {}
     for i, node in enumerate(inputs):
-        env[node] = graph.call_function(operator.getitem, (boxed, i))
-        env[node].meta = dict(node.meta)
+        if i not in views:
+            env[node] = graph.call_function(operator.getitem, (boxed, i))
+            env[node].meta = dict(node.meta)
+    for i, (base, layout) in views.items():
+        env[inputs[i]] = graph.call_function(torch.ops.aten.as_strided.default, (env[inputs[base]], *layout))
+        env[inputs[i]].meta = dict(inputs[i].meta)
     for node in nodes:
         env[node] = graph.node_copy(node, env.__getitem__)
     graph.output(tuple(env[node] for node in outputs))
