@@ -70,6 +70,57 @@ def test_a_head_found_from_its_ops_runs_over_slices_and_keeps_eagers_values_up_t
     assert chunk_step(step, {head.loss: 1}).graph.code == step.graph.code
 
 
+def test_the_forward_takes_each_slices_gradients_so_the_logits_are_computed_once_and_scaled_in_the_backward():
+    """As Liger-Kernel's fused linear cross-entropy: each slice's logits are made once, in the forward, which takes
+    their gradient for a unit loss gradient and its shares of the input's and weight's gradients; the backward
+    multiplies those by the loss's gradient, so a loss scaled before backward() still gets eager's gradients."""
+    torch.manual_seed(0)
+    model, batch = TinyLM(bias=True), _batch()
+    step = capture(model, batch)
+    (head,) = find_loss_heads(step.graph)
+    assert head.gradients_in_forward
+    chunked = chunk_step(step, {head.loss: 4})
+    nodes = list(chunked.graph.graph.nodes)
+    backward_start = [node.name for node in nodes].index(chunked.backward_start)
+    products = [i for i, node in enumerate(nodes) if node.target in (torch.ops.aten.mm.default,
+                                                                       torch.ops.aten.addmm.default)
+                and tuple(node.meta["val"].shape) == (TOKENS // 4, VOCAB)]
+    assert len(products) == 4 and max(products) < backward_start
+    assert not any(node.target is torch.ops.aten._log_softmax.default for node in nodes[backward_start:])
+
+    twin = TinyLM(bias=True)
+    twin.load_state_dict(model.state_dict())
+    compiled = memopt.compile(model, budget="1GB", optimizer=torch.optim.SGD, chunk_loss=4)
+    (compiled(*batch) * 3).backward()
+    (twin(*batch) * 3).backward()
+    assert compiled.plan.chunked[0].gradients_in_forward
+    assert "computed once: the forward takes each chunk's gradients" in str(compiled.plan)
+    for (name, want), got in zip(twin.named_parameters(), model.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_where_the_forward_cannot_take_the_gradients_the_backward_computes_each_slices_logits_again(monkeypatch):
+    from memopt.passes import chunk_loss
+
+    monkeypatch.setattr(chunk_loss, "_gradients_in_forward", lambda *args: False)
+    torch.manual_seed(0)
+    model, batch = TinyLM(bias=True), _batch()
+    step = capture(model, batch)
+    (head,) = find_loss_heads(step.graph)
+    assert not head.gradients_in_forward
+    chunked = chunk_step(step, {head.loss: 4})
+    nodes = list(chunked.graph.graph.nodes)
+    backward_start = [node.name for node in nodes].index(chunked.backward_start)
+    products = [i for i, node in enumerate(nodes) if node.target is torch.ops.aten.addmm.default
+                and tuple(node.meta["val"].shape) == (TOKENS // 4, VOCAB)]
+    assert len(products) == 8 and sum(i >= backward_start for i in products) == 4
+    loss, grads = _run(step.graph, model, batch)
+    chunked_loss, chunked_grads = _run(chunked.graph, model, batch)
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-6, atol=0)
+    for got, want in zip(chunked_grads, grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_logits_read_by_more_than_the_loss_leave_the_head_as_traced():
     torch.manual_seed(0)
     assert find_loss_heads(capture(TinyLM(extra=True), _batch()).graph) == []

@@ -7,12 +7,19 @@ rows reach ``_log_softmax`` and ``nll_loss_forward`` through views and casts, th
 matching ``nll_loss_backward`` and ``_log_softmax_backward_data``, and the
 matrix products that read the logits' gradient), the head is rewritten to run
 over ``k`` slices of the tokens: the forward sums each slice's loss and keeps
-none of its logits; the backward computes each slice's logits again, its
-gradient, and that slice's share of the input's and the weight's gradients.
+none of its logits. Where every other operand of the products that read the
+logits' gradient exists in the forward (the head's weight and input), the forward
+also takes each slice's gradient for a unit loss gradient and its share of the
+input's and the weight's gradients, as Liger-Kernel's fused linear cross-entropy
+does, and the backward scales those sums by the loss's gradient: the logits are
+computed once, as unchunked. Elsewhere the backward computes each slice's logits
+again, its gradient, and that slice's shares.
 
 The same kernels run on each slice, so each row's values are eager's; the sums
 over the tokens (the loss, the weight's and bias's gradients) add the slices'
 partial sums, which changes only the order of the floating-point additions.
+Scaling after the sums, not before, changes nothing where the loss's gradient
+is one (``loss.backward()``) or a power of two (a gradient scaler's).
 """
 
 from __future__ import annotations
@@ -55,7 +62,8 @@ class LossHead:
     rows: int  # tokens (the rows of the logits)
     vocab: int  # classes (the logits' columns)
     logits_bytes: int  # one (rows x vocab) tensor of the log-softmax's dtype
-    logits_nodes: tuple[str, ...]  # the matrix product and log-softmax: what chunking computes twice
+    logits_nodes: tuple[str, ...]  # the matrix product and log-softmax: what the backward may compute again
+    gradients_in_forward: bool = False  # chunked, the forward takes its gradients and computes them once
 
     def chunk_bytes(self, chunks: int) -> int:
         return math.ceil(self.rows / chunks) * self.logits_bytes // self.rows
@@ -108,7 +116,8 @@ def fused_heads(graph: fx.GraphModule) -> list[LossHead]:
 
 
 def logits_seconds(graph: fx.GraphModule, head: LossHead, device: DeviceSpec) -> float:
-    """What chunking adds to the step: the head's logits and log-softmax computed again in the backward."""
+    """The head's logits and log-softmax computed again in the backward: what the fused kernel adds to the step,
+    and chunking where the forward cannot take the head's gradients."""
     return sum(node_seconds(node, device) for node in graph.graph.nodes if node.name in head.logits_nodes)
 
 
@@ -176,10 +185,36 @@ def _match(forward: fx.Node) -> _Match | None:
     if backward is not None:
         region |= {backward, gradient, *_views_between(log_probs), *between}
         region |= {reader for reader, *_ in readers}
+    in_forward = backward is not None and _gradients_in_forward(forward, backward, readers)
     head = LossHead(forward.name, rows, vocab, rows * vocab * tensor_of(log_probs).element_size(),
-                    (product.name, log_probs.name))
+                    (product.name, log_probs.name), in_forward)
     return _Match(head, forward, inputs, weight_t, bias, cast, target, backward, gradient, tuple(readers),
                   frozenset(region))
+
+
+def _gradients_in_forward(forward: fx.Node, backward: fx.Node, readers) -> bool:
+    """Whether the forward can take the head's gradients for a unit loss gradient: the loss's gradient is a scalar
+    and every other operand of the gradient's readers is defined before the loss, or is a view of what is."""
+    at = position(forward)
+    grad_output = tensor_of(backward.args[0])
+    return (grad_output is not None and grad_output.dim() == 0
+            and all(other is None or _early(other, at) for *_, other in readers))
+
+
+def _early(node: fx.Node, at: int) -> bool:
+    """``node`` comes before position ``at``, or is a view or transpose of nodes that do."""
+    if position(node) < at:
+        return True
+    return (node.op == "call_function" and node.target in _VIEWS | _TRANSPOSES
+            and all(_early(arg, at) for arg in node.all_input_nodes))
+
+
+def _copied_early(build: Builder, node: fx.Node, at: int) -> fx.Node:
+    """``node``, or where it comes at or after position ``at``, a copy of its views made by ``build``."""
+    if position(node) < at:
+        return node
+    return build(node.target, *fx.node.map_arg(node.args, lambda arg: _copied_early(build, arg, at)),
+                 **node.kwargs)
 
 
 def _backward_of(log_probs: fx.Node, forward: fx.Node, target: fx.Node, reduction: int,
@@ -279,6 +314,16 @@ def _rewrite(graph: fx.Graph, match: _Match, k: int) -> tuple[dict[str, str], se
 
     # the forward: each slice's summed loss and its count of counted tokens, then the step's loss
     build = Builder(graph, forward)
+    in_forward = match.head.gradients_in_forward
+    if in_forward:
+        # each slice's gradient divides by the count of every slice's counted tokens: counted first
+        at = position(forward)
+        others = [None if other is None else _copied_early(build, other, at) for *_, other in match.readers]
+        dtype = tensor_of(match.forward.args[0]).dtype
+        counted = build(aten.sum.default, build(aten.ne.Scalar, match.target, ignore_index))
+        total_weight = build(CAST, counted, dtype=dtype)
+        one = build(aten.scalar_tensor.default, 1.0, dtype=dtype, device=tensor_of(match.target).device)
+        parts: list[list[fx.Node]] = [[] for _ in match.readers]
     total = count = None
     for start, stop in bounds:
         log_probs, target = logits(build, start, stop)
@@ -286,12 +331,17 @@ def _rewrite(graph: fx.Graph, match: _Match, k: int) -> tuple[dict[str, str], se
         part, weight = build(operator.getitem, pair, 0), build(operator.getitem, pair, 1)
         total = part if total is None else build(aten.add.Tensor, total, part)
         count = weight if count is None else build(aten.add.Tensor, count, weight)
+        if in_forward:
+            _gradient_shares(build, match, log_probs, target, one, total_weight, others, parts, start, stop)
     loss = build(aten.div.Tensor, total, count) if reduction == MEAN else total
     renamed = _replace_results(forward, loss, count)
     backward = set()
     if match.backward is not None:
         backward_build = Builder(graph, _last_reader(match))
-        renamed |= _rewrite_backward(backward_build, match, bounds, logits, reduction, ignore_index)
+        if in_forward:  # the forward's results, times the loss's gradient
+            renamed |= _replace_readers(backward_build, match, _joined(build, match, parts), match.backward.args[0])
+        else:
+            renamed |= _rewrite_backward(backward_build, match, bounds, logits)
         backward = {node.name for node in backward_build.added}
     erase_unused(match.region)
     sort_topologically(graph)
@@ -313,42 +363,60 @@ def _last_reader(match: _Match) -> fx.Node:
     return max((reader for reader, *_ in match.readers), key=position, default=match.gradient)
 
 
-def _rewrite_backward(build: Builder, match: _Match, bounds, logits, reduction: int,
-                      ignore_index: int) -> dict[str, str]:
+def _rewrite_backward(build: Builder, match: _Match, bounds, logits) -> dict[str, str]:
     """Each slice's logits again, their gradient, and the slice's share of what the backward read from it."""
-    backward, gradient = match.backward, match.gradient
-    grad_output, total_weight = backward.args[0], backward.args[6]
-    readers = match.readers
-    parts: list[list[fx.Node]] = [[] for _ in readers]
+    grad_output, total_weight = match.backward.args[0], match.backward.args[6]
+    parts: list[list[fx.Node]] = [[] for _ in match.readers]
     for start, stop in bounds:
         log_probs, target = logits(build, start, stop)
-        grad_log_probs = build(aten.nll_loss_backward.default, grad_output, log_probs, target, None, reduction,
-                               ignore_index, total_weight)
-        grad_logits = build(aten._log_softmax_backward_data.default, grad_log_probs, log_probs, 1,
-                            gradient.args[3])
-        for index, (reader, how, cast, other) in enumerate(readers):
-            piece = build.cast(grad_logits, cast)
-            if how == "rows":
-                parts[index].append(build(aten.mm.default, piece, other))
-            elif how == "tokens-left":
-                rows = build(aten.slice.Tensor, other, 0, start, stop)
-                parts[index].append(build(aten.mm.default, build(aten.t.default, piece), rows))
-            elif how == "tokens-right":
-                columns = build(aten.slice.Tensor, other, 1, start, stop)
-                parts[index].append(build(aten.mm.default, columns, piece))
-            else:
-                parts[index].append(build(aten.sum.dim_IntList, piece, [0], reader.args[2] if len(reader.args) > 2
-                                          else reader.kwargs.get("keepdim", False)))
-            if how != "rows" and len(parts[index]) > 1:  # summed as the slices come: one partial sum held
-                parts[index][-2:] = [build(aten.add.Tensor, *parts[index][-2:])]
+        _gradient_shares(build, match, log_probs, target, grad_output, total_weight,
+                         [other for *_, other in match.readers], parts, start, stop)
+    return _replace_readers(build, match, _joined(build, match, parts))
+
+
+def _gradient_shares(build: Builder, match: _Match, log_probs: fx.Node, target: fx.Node, grad_output: fx.Node,
+                     total_weight: fx.Node, others: list[fx.Node | None], parts: list[list[fx.Node]], start: int,
+                     stop: int) -> None:
+    """One slice's gradient of the logits for ``grad_output``, and its share of each reader's result appended to
+    ``parts`` (the sums over the tokens added as the slices come: one partial sum held)."""
+    backward, gradient = match.backward, match.gradient
+    grad_log_probs = build(aten.nll_loss_backward.default, grad_output, log_probs, target, None, backward.args[4],
+                           backward.args[5], total_weight)
+    grad_logits = build(aten._log_softmax_backward_data.default, grad_log_probs, log_probs, 1, gradient.args[3])
+    for index, ((reader, how, cast, _), other) in enumerate(zip(match.readers, others)):
+        piece = build.cast(grad_logits, cast)
+        if how == "rows":
+            parts[index].append(build(aten.mm.default, piece, other))
+        elif how == "tokens-left":
+            rows = build(aten.slice.Tensor, other, 0, start, stop)
+            parts[index].append(build(aten.mm.default, build(aten.t.default, piece), rows))
+        elif how == "tokens-right":
+            columns = build(aten.slice.Tensor, other, 1, start, stop)
+            parts[index].append(build(aten.mm.default, columns, piece))
+        else:
+            parts[index].append(build(aten.sum.dim_IntList, piece, [0], reader.args[2] if len(reader.args) > 2
+                                      else reader.kwargs.get("keepdim", False)))
+        if how != "rows" and len(parts[index]) > 1:
+            parts[index][-2:] = [build(aten.add.Tensor, *parts[index][-2:])]
+
+
+def _joined(build: Builder, match: _Match, parts: list[list[fx.Node]]) -> list[fx.Node]:
+    """Each reader's result from its slices' shares: joined along the tokens, or their sum."""
+    return [build(aten.cat.default, pieces, 0) if how == "rows" else pieces[0]
+            for (_, how, *_), pieces in zip(match.readers, parts)]
+
+
+def _replace_readers(build: Builder, match: _Match, results: list[fx.Node],
+                     scale: fx.Node | None = None) -> dict[str, str]:
+    """Each reader of the logits' gradient replaced by its result, times ``scale`` if given; the readers' names ->
+    their replacements'."""
     renamed = {}
-    for (reader, how, *_), pieces in zip(readers, parts):
-        result = build(aten.cat.default, pieces, 0) if how == "rows" else pieces[0]
+    for (reader, *_), result in zip(match.readers, results):
+        if scale is not None:
+            result = build(aten.mul.Tensor, result, scale)
         reader.replace_all_uses_with(result)
         renamed[reader.name] = result.name
     return renamed
-
-
 
 
 # ------------------------------------------------------------------ the fused kernel

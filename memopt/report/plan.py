@@ -60,9 +60,10 @@ class ChunkedHead:
     chunks: int
     logits_bytes: int  # one whole (tokens x vocabulary) tensor: none exists in the chunked step
     chunk_bytes: int  # one slice's (the fused kernel's: its 8 bytes per token)
-    cost_s: float  # the backward computes the head's logits again, slice by slice
+    cost_s: float  # the backward computes the head's logits again, slice by slice (none when the forward does not)
     reason: str
     kernel: str = ""  # the fused kernel that runs the head instead (no logits in the graph), if one does
+    gradients_in_forward: bool = False  # the forward takes each slice's gradients: the logits are computed once
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,7 +469,8 @@ class MemoryPlan:
                      f"(about {c.cost_s:.3g} s on {self.device.name})" if c.kernel else
                      f"loss head {c.loss}: {c.chunks} chunks of {math.ceil(c.rows / c.chunks)} of its {c.rows} "
                      f"tokens, logits {format_bytes(c.logits_bytes)} -> {format_bytes(c.chunk_bytes)} at a time, "
-                     f"computed again in the backward (about {c.cost_s:.3g} s on {self.device.name})"
+                     + ("computed once: the forward takes each chunk's gradients" if c.gradients_in_forward else
+                        f"computed again in the backward (about {c.cost_s:.3g} s on {self.device.name})")
                      for c in self.chunked)
         if self.chunked_mlp:
             c = self.chunked_mlp[0]
