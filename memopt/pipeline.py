@@ -436,13 +436,13 @@ def _chunked(history: _History, step: CapturedStep, chunkable: _Chunkable, opt: 
     chunked, analysed = found or analyse(1, 1)  # ("kernel" with no head it can run, and no MLP block)
     remat = next((plan for tried, plan in remats if tried is chunked), None) or \
         recompute_plan(chunked, analysed[0], analysed[2])
+    # the kernel, and slices whose gradients the forward cannot take, compute the logits again in the backward
+    once = {head.loss: head_count != _KERNEL and head.gradients_in_forward for head in heads}
     described = tuple(ChunkedHead(head.loss, head.rows, head.vocab, max(head_count, 1), head.logits_bytes,
                                   head.rows * LSE_BYTES_PER_TOKEN if head_count == _KERNEL
                                   else head.chunk_bytes(head_count),
-                                  logits_seconds(step.graph, head, device)
-                                  if head_count == _KERNEL or not head.gradients_in_forward else 0.0,
-                                  head_why, kernel if head_count == _KERNEL else "",
-                                  head_count != _KERNEL and head.gradients_in_forward)
+                                  0.0 if once[head.loss] else logits_seconds(step.graph, head, device),
+                                  head_why, kernel if head_count == _KERNEL else "", once[head.loss])
                       for head in heads)
     described_mlps = tuple(ChunkedMLP(mlp.down, mlp.rows, mlp.width, mlp_count, mlp.wide_bytes,
                                       mlp.chunk_bytes(mlp_count), mlp_why) for mlp in mlps)

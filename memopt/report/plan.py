@@ -60,7 +60,7 @@ class ChunkedHead:
     chunks: int
     logits_bytes: int  # one whole (tokens x vocabulary) tensor: none exists in the chunked step
     chunk_bytes: int  # one slice's (the fused kernel's: its 8 bytes per token)
-    cost_s: float  # the backward computes the head's logits again, slice by slice (none when the forward does not)
+    cost_s: float  # the backward computes the head's logits again, slice by slice (0 with gradients_in_forward)
     reason: str
     kernel: str = ""  # the fused kernel that runs the head instead (no logits in the graph), if one does
     gradients_in_forward: bool = False  # the forward takes each slice's gradients: the logits are computed once
