@@ -30,7 +30,7 @@ from memopt.passes.chunk_loss import (
 )
 from memopt.passes.chunk_mlp import MLPRegion, chunk_mlp_step, find_mlp_regions
 from memopt.passes.compress_plan import needed_packs, packable, packs_in
-from memopt.passes.costs import node_seconds
+from memopt.passes.costs import graph_seconds, node_seconds
 from memopt.passes.liveness import Liveness, MemoryTimeline, liveness, memory_timeline
 from memopt.passes.offload import apply_compress, apply_offload
 from memopt.passes.offload_plan import OffloadPlan, plan_offload
@@ -151,11 +151,12 @@ def run_pipeline(
         infeasible = budget_bytes < minimum.bytes or remat.solution.status == "infeasible"
         alternative = None
         if chunkable.wanted(config) and (chunkable.forced(config) or infeasible or remat.solution.cost_s > 0):
-            # the loss heads and MLP blocks over slices of the tokens, when the recompute plan of that step costs
-            # less (the heads' logits are computed twice) or fits where the traced step's does not
+            # the loss heads and MLP blocks over slices of the tokens, when that step with its recompute plan
+            # takes less time by the cost model or fits where the traced step's does not
             alternative = _chunked(history, step, chunkable, opt, scratch_model, config, device, recompute_plan)
             traced_smallest = max(minimum.bytes, budget_for_peak(remat.solution.peak_bytes, config.headroom))
-            if alternative.chosen_over(remat, infeasible, traced_smallest, config.headroom):
+            if alternative.chosen_over(remat, infeasible, traced_smallest, config.headroom,
+                                       graph_seconds(step.graph, device)):
                 step, table, live, scratch, timeline, minimum = alternative.analysed
                 remat, chunked, chunked_mlp = alternative.remat, alternative.heads, alternative.mlps
         exact_infeasible = budget_bytes < minimum.bytes or remat.solution.status == "infeasible"
@@ -353,17 +354,20 @@ class _Chunked:
     mlps: tuple[ChunkedMLP, ...]
     forced: bool  # the config names a chunk count
     hint: str  # the knobs, as the user would pass them, when this step was made for an error's way out only
+    graph_s: float  # the chunked step's ops, each run once (``graph_seconds``)
 
-    def chosen_over(self, remat: RecomputePlan, infeasible: bool, traced_smallest: int, headroom: float) -> bool:
-        """This plan runs instead of ``remat`` (of the traced step): the config says so, the traced step does not
-        fit (``infeasible``) and this one meets a smaller budget than its ``traced_smallest``, or this one costs
-        less, the heads' logits computed twice included."""
+    def chosen_over(self, remat: RecomputePlan, infeasible: bool, traced_smallest: int, headroom: float,
+                    traced_graph_s: float) -> bool:
+        """This plan runs instead of ``remat`` (of the traced step, whose ops take ``traced_graph_s``): the config
+        says so, the traced step does not fit (``infeasible``) and this one meets a smaller budget than its
+        ``traced_smallest``, or this step, its recomputation included, takes less time by the cost model (the
+        slices re-read the weights and add up their gradients; a head's logits may be computed twice)."""
         if self.forced:
             return True
         if infeasible:
             return self.smallest_budget(headroom) < traced_smallest
-        extra = sum(head.cost_s for head in self.heads)
-        return self.remat.solution.status != "infeasible" and self.remat.solution.cost_s + extra < remat.solution.cost_s
+        return (self.remat.solution.status != "infeasible"
+                and self.remat.solution.cost_s + self.graph_s < remat.solution.cost_s + traced_graph_s)
 
     def smallest_budget(self, headroom: float) -> int:
         """The smallest budget this step meets: its proven minimum, or what its best recompute plan needs."""
@@ -406,13 +410,14 @@ def _chunked(history: _History, step: CapturedStep, chunkable: _Chunkable, opt: 
             remats.append((candidate[0], remat))
         if remat.solution.status == "infeasible":
             return True, budget_for_peak(remat.solution.peak_bytes, config.headroom)
-        return False, remat.solution.cost_s
+        return False, remat.solution.cost_s + graph_seconds(candidate[0].graph, device)
 
     if mlps:
         # an MLP's wide tensors are transient, mostly above the proven minimum: the recompute plan measures them
         mlp_count, found, mlp_why = _chunk_count(
             config.chunk_mlp, "chunk_mlp", min(mlp.rows for mlp in mlps), lambda k: analyse(head_count, k),
-            planned, "the recompute plan's cost (or, where none fits, its peak) falls", most=_MOST_MLP_CHUNKS)
+            planned, "the step's modelled time (its ops and the recompute plan's; where none fits, its peak) falls",
+            most=_MOST_MLP_CHUNKS)
     if heads and config.chunk_loss == "auto":
         # past the count where the proven minimum stops falling, the heads' slices may still be at the plan's
         # peak (the proven minimum's floor moved elsewhere, the plan's did not): more while the plan's score falls
@@ -420,7 +425,7 @@ def _chunked(history: _History, step: CapturedStep, chunkable: _Chunkable, opt: 
             "auto", "chunk_loss", min(head.rows for head in heads), lambda k: analyse(k, mlp_count),
             planned, "", start=(head_count, found))
         if more != head_count:
-            head_count, head_why = more, (f"{head_why}, then more while the recompute plan's cost (or, where none "
+            head_count, head_why = more, (f"{head_why}, then more while the step's modelled time (or, where none "
                                           "fits, its peak) falls by 1% or more")
             if mlps and config.chunk_mlp == "auto":  # and the MLP blocks' count again, with the heads' new one
                 mlp_count, found, _ = _chunk_count(
@@ -446,7 +451,8 @@ def _chunked(history: _History, step: CapturedStep, chunkable: _Chunkable, opt: 
                       for head in heads)
     described_mlps = tuple(ChunkedMLP(mlp.down, mlp.rows, mlp.width, mlp_count, mlp.wide_bytes,
                                       mlp.chunk_bytes(mlp_count), mlp_why) for mlp in mlps)
-    return _Chunked((chunked, *analysed), remat, described, described_mlps, chunkable.forced(config), hint)
+    return _Chunked((chunked, *analysed), remat, described, described_mlps, chunkable.forced(config), hint,
+                    graph_seconds(chunked.graph, device))
 
 
 @dataclasses.dataclass(frozen=True)

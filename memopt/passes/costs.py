@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
@@ -35,3 +37,9 @@ def node_seconds(node: fx.Node, device: DeviceSpec) -> float:
         return 0.0
     return max(node_flops(node) / device.fp32_flops_per_s, node_bytes(node) / device.memory_bandwidth)
 
+
+
+def graph_seconds(graph: fx.GraphModule, device: DeviceSpec) -> float:
+    """The roofline seconds of every op of ``graph``, each run once: what a rewrite of the step adds or saves
+    (the slices of a chunked region re-read their weights, and add up the weights' gradients)."""
+    return sum(node_seconds(node, device) for node in graph.graph.nodes if node.target is not operator.getitem)
