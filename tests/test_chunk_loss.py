@@ -11,8 +11,10 @@ import memopt
 from memopt import examples
 from memopt.capture.trace import capture
 from memopt.config import PlanConfig
+from memopt.device import get_device
 from memopt.errors import BudgetInfeasibleError, MemoptError
 from memopt.passes.chunk_loss import chunk_step, find_loss_heads
+from memopt.passes.costs import graph_seconds
 
 TOKENS, VOCAB = 4 * 32, 1000
 
@@ -114,6 +116,11 @@ def test_where_the_forward_cannot_take_the_gradients_the_backward_computes_each_
     products = [i for i, node in enumerate(nodes) if node.target is torch.ops.aten.addmm.default
                 and tuple(node.meta["val"].shape) == (TOKENS // 4, VOCAB)]
     assert len(products) == 8 and sum(i >= backward_start for i in products) == 4
+    # the cost model, which chooses whether to chunk, sees the logits made twice, and the slices' extra work
+    monkeypatch.undo()
+    once = chunk_step(step, {head.loss: 4})
+    cpu = get_device("cpu")
+    assert graph_seconds(step.graph, cpu) < graph_seconds(once.graph, cpu) < graph_seconds(chunked.graph, cpu)
     loss, grads = _run(step.graph, model, batch)
     chunked_loss, chunked_grads = _run(chunked.graph, model, batch)
     torch.testing.assert_close(chunked_loss, loss, rtol=1e-6, atol=0)
