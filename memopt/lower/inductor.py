@@ -64,6 +64,7 @@ from memopt.lower.lowering import Lowered
 from memopt.lower.offload_ops import HOST_RESULT_OPS
 from memopt.lower.rng_ops import RUN_WITH_RNG_STATE
 from memopt.lower.runner import StepRunner, run_step
+from memopt.passes.op_kinds import written_inputs
 from memopt.passes.scratch import call_signature, measurable, measure_calls
 from memopt.report.plan import CompileAttempt
 
@@ -350,20 +351,15 @@ def _donations(nodes: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Seq
     def traced(node: Any) -> int | None:
         return storage(node.meta.get("val")) if isinstance(node, fx.Node) else None
 
-    written = {traced(node) for node in outputs}
-    for node in nodes:
-        schema = getattr(node.target, "_schema", None)
-        for position, argument in enumerate(schema.arguments if schema else ()):
-            value = node.args[position] if position < len(node.args) else node.kwargs.get(argument.name)
-            if argument.alias_info is not None and argument.alias_info.is_write:
-                written.add(traced(value))
+    written = {traced(node) for node in [*outputs, *(w for node in nodes for w in written_inputs(node))]}
+    written.discard(None)
     on_storage: dict[int, list[int]] = {}
     for index, example in enumerate(examples):
         if storage(example) is not None:
             on_storage.setdefault(storage(example), []).append(index)
     donated, views = [], {}
     for indices in on_storage.values():
-        if any(held[i] or host[i] or traced(inputs[i]) in written - {None} for i in indices):
+        if any(held[i] or host[i] or traced(inputs[i]) in written for i in indices):
             continue
         first, *others = indices
         donated.append(first)
