@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 from memopt.budget import Budget, parse_budget
 from memopt.capture import CapturedStep, capture
 from memopt.capture.trace import _split_inputs
-from memopt.config import PlanConfig, check_lowering
+from memopt.config import PlanConfig, check_lowering, slicing_nothing_by_choice
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import BudgetInfeasibleError, MemoptError
 from memopt.fit import fit
@@ -192,9 +192,9 @@ def _planner(model: nn.Module, example_inputs: tuple | list | dict | torch.Tenso
 
     errors: dict[str, tuple[float, float]] = {}  # of each tensor a plan packs, on the example inputs
 
-    def plan_at(target: int | None) -> MemoryPlan:
+    def plan_at(target: int | None, *, sliced: bool = True) -> MemoryPlan:
         plan = run_pipeline(step, params=params, optimizer=optimizer, groups_of=groups_of, device=spec,
-                            budget_bytes=target, config=config)
+                            budget_bytes=target, config=config if sliced else slicing_nothing_by_choice(config))
         if not plan.compressed or step.fake:
             return plan
         return with_errors(plan, _values(model, plan.program, example_inputs), errors)
@@ -383,6 +383,7 @@ def compile(
                              device=device, config=config, planner=plan)
     check_lowering(config, inductor=backend == "inductor", offload=bool(offload), optimizer=optimizer,
                    fx_name="backend='fx'", inductor_name="backend='inductor'")
+    config = dataclasses.replace(config, fused_recompute=backend == "inductor")
     if layout:
         offload = False  # offload=None would turn it on for CUDA devices
     if config.step_in_backward:

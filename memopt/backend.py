@@ -46,7 +46,7 @@ from torch.utils import _pytree as pytree
 from memopt.budget import CODE_SLACK, Budget, format_bytes, parse_budget
 from memopt.capture import CapturedStep
 from memopt.capture.aot import GraphInput, graph_inputs, joint_step, partition
-from memopt.config import PlanConfig, check_lowering
+from memopt.config import PlanConfig, check_lowering, slicing_nothing_by_choice
 from memopt.device import DeviceSpec, get_device
 from memopt.errors import BudgetInfeasibleError, MemoptError, MemoptWarning
 from memopt.fit import fit
@@ -156,6 +156,7 @@ class BackendOptions:
         check_lowering(config, inductor=compiler == "inductor", offload=config.offload,
                        optimizer=options.get("optimizer"), fx_name="compiler='eager'",
                        inductor_name="compiler='inductor'")
+        config = dataclasses.replace(config, fused_recompute=compiler == "inductor")
         cache = options.get("cache", True)
         if cache is True:
             from torch._inductor.runtime.cache_dir_utils import cache_dir
@@ -425,10 +426,11 @@ def _planner(joint: _Joint, inputs: list[GraphInput], example_inputs: list[Any],
 
     errors: dict[str, tuple[float, float]] = {}  # of each tensor a plan packs, on the example inputs
 
-    def plan_at(target: int) -> MemoryPlan:
+    def plan_at(target: int, *, sliced: bool = True) -> MemoryPlan:
+        config = options.config if sliced else slicing_nothing_by_choice(options.config)
         try:
             plan = run_pipeline(step, params=params, optimizer=options.optimizer, groups_of=groups_of, device=spec,
-                                budget_bytes=target, config=options.config)
+                                budget_bytes=target, config=config)
             # (the joint graph's tangents are read by the backward only, which the measurement does not run)
             values = [*_lifted(joint.graph, inputs, example_inputs), *([None] * (len(step.placeholders) - len(inputs)))]
             return with_errors(plan, values, errors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,9 @@ class PlanConfig:
     # and their first backward use, where that plan fits a budget the exact one cannot or costs less: approximate,
     # so off (None) unless asked for
     compress: str | None = None
+    # the lowering fuses a recomputed pointwise op into the backward kernel that reads it (Inductor): the recompute
+    # plan prices such an op at its arithmetic, not its memory traffic (set by the entry points, from the lowering)
+    fused_recompute: bool = False
 
     def __post_init__(self) -> None:
         if self.compress not in (None, "int8", "fp8"):
@@ -56,6 +60,13 @@ class PlanConfig:
             if chunks != "auto" and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
                 kernel = ", 'kernel' (memopt's fused linear + cross-entropy)" if name == "chunk_loss" else ""
                 raise MemoptError(f"{name} must be 1 (off), 'auto'{kernel} or a number of chunks >= 2, got {chunks!r}")
+
+
+def slicing_nothing_by_choice(config: PlanConfig) -> PlanConfig:
+    """``config`` with the regions left to memopt's choice (``"auto"``) run whole: the plans ``fit`` also searches
+    under a lowering whose code holds less than its plans count, and less for a whole region than a sliced one."""
+    return dataclasses.replace(config, chunk_loss=1 if config.chunk_loss == "auto" else config.chunk_loss,
+                               chunk_mlp=1 if config.chunk_mlp == "auto" else config.chunk_mlp)
 
 
 def check_lowering(config: PlanConfig, *, inductor: bool, offload: bool, optimizer: object, fx_name: str,

@@ -15,7 +15,9 @@ The loop, top to bottom:
 3. still over, with a lowering whose code can hold less than its plan
    (Inductor's fused kernels): plans a little above the smallest;
 4. under, with budget to spare (and the code's peak read from the code):
-   plans for larger targets, less recomputation, while their code fits.
+   plans for larger targets, less recomputation, while their code fits; where
+   the plan slices a loss head or an MLP by choice, the same for the plans
+   that slice nothing, and the faster of both by the cost model runs.
 """
 
 from __future__ import annotations
@@ -83,7 +85,15 @@ def fit(plan_at: Callable[[int], Any], budget: Budget, lowering: Lowering) -> Fi
         found = search.variants(planned, target, first_variant)
         if found is not None:
             if replan == 0 and search.below is None and lowering.reclaims:
-                return search.reclaimed(found, planned, target)
+                best = search.reclaimed(found, planned, target, plan_at)
+                if best.plan.chunked or best.plan.chunked_mlp:
+                    # the code of a whole loss head or MLP can hold far less than its plan counts (Inductor fuses
+                    # the head's log-softmax into its backward and writes the logits' gradient over a saved
+                    # tensor), so the plans slicing nothing are searched too; the faster by the cost model runs
+                    whole = search.whole(best, target)
+                    if whole is not None and whole.plan.modelled_seconds < best.plan.modelled_seconds:
+                        best = whole
+                return search.done(best)
             return search.done(found)
         best_peak, first_variant = search.best_over
         target -= best_peak - search.limit
@@ -119,8 +129,11 @@ class _Search:
     def compile(self, planned: Any, target: int, variant: int, reuse: Lowered | None = None) -> Lowered:
         lowered = self.lowering.lower(planned, self.lowering.variants[variant], reuse=reuse, limit=self.limit)
         self.lowered.append((lowered, variant))
+        plan = lowered.plan
+        modelled, sliced = (plan.modelled_seconds, plan.sliced) if isinstance(plan, MemoryPlan) else (None, "")
         self.attempts.append(CompileAttempt(target, dict(lowered.options), lowered.forward_peak_bytes,
-                                            lowered.backward_peak_bytes, lowered.peak_bytes, lowered.seconds))
+                                            lowered.backward_peak_bytes, lowered.peak_bytes, lowered.seconds,
+                                            modelled_seconds=modelled, sliced=sliced))
         log.info("%s: plan for %d B, options %s: peak %d B (limit %d B)", self.lowering.name, target,
                  lowered.options, lowered.peak_bytes, self.limit)
         return lowered
@@ -153,8 +166,27 @@ class _Search:
                                        compiles=tuple(attempts) if reads_code else ())
         return Fitted(plan, lowered, tuple(attempts))
 
-    def reclaimed(self, lowered: Lowered, planned: Any, target: int) -> Fitted:
-        """The step planned for the largest target found whose code still peaks under the planned part.
+    def whole(self, sliced: Lowered, target: int) -> Lowered | None:
+        """Of the plans that slice nothing ``sliced`` sliced by choice, from ``target`` up, the one ``reclaimed``
+        finds (None: none differs from ``sliced``, or the first one's code is over the limit)."""
+
+        def plan_at(target: int) -> Any:
+            return self.plan_at(target, sliced=False)
+
+        try:
+            planned = plan_at(target)
+        except BudgetInfeasibleError:
+            return None
+        if planned.choices == sliced.plan.choices:
+            return None
+        lowered = self.compile(planned, target, self.variant_of(sliced))
+        if lowered.peak_bytes > self.budget.planned_bytes:
+            return None
+        return self.reclaimed(lowered, planned, target, plan_at)
+
+    def reclaimed(self, lowered: Lowered, planned: Any, target: int, plan_at: Callable[[int], Any]) -> Lowered:
+        """The step planned by ``plan_at`` for the largest target found whose code still peaks under the planned
+        part.
 
         The code of a plan peaks below it by an amount that varies from plan to plan (the code's peak is
         not even monotone in the plan's target), so the plan is searched for, one compile a step. ``low``
@@ -162,8 +194,8 @@ class _Search:
         plus what its code left unused while no plan has been over; then the target where the line through
         the two codes' peaks meets the limit (halfway, after two plans over in a row), kept
         ``RECLAIM_FRACTION`` of the budget inside both ends. It stops at ``RECLAIM_COMPILES`` compiles, at
-        a step smaller than that fraction, or at a plan that recomputes and offloads nothing. A plan with
-        the choices of the last that fit is that step (no compile).
+        a step smaller than that fraction, or at a plan that recomputes, offloads and slices nothing. A plan
+        with the choices of the last that fit is that step (no compile).
         """
         limit = self.budget.planned_bytes
         resolution = math.ceil(RECLAIM_FRACTION * self.budget.available_bytes)
@@ -183,7 +215,7 @@ class _Search:
             if following - low < resolution:
                 break
             try:
-                candidate = self.plan_at(following)
+                candidate = plan_at(following)
             except BudgetInfeasibleError:
                 break
             plans += 1
@@ -196,7 +228,7 @@ class _Search:
                 best, best_plan, low, overs = compiled, candidate, following, 0
             else:
                 high, overs = (following, compiled.peak_bytes), overs + 1
-        return self.done(best)
+        return best
 
     def variant_of(self, lowered: Lowered) -> int:
         return next(variant for candidate, variant in self.lowered if candidate is lowered)

@@ -145,7 +145,8 @@ def run_pipeline(
                            ) -> RecomputePlan:
             return history.run("remat", plan_recompute, step, table, device, target, constant_bytes=opt.state_bytes,
                                floor_bytes=floor, scratch=scratch, solver=config.solver,
-                               time_limit_s=config.remat_time_limit_s, cache_dir=config.cache_dir)
+                               time_limit_s=config.remat_time_limit_s, cache_dir=config.cache_dir,
+                               fused=config.fused_recompute)
 
         remat = recompute_plan(step, table, scratch)
         infeasible = budget_bytes < minimum.bytes or remat.solution.status == "infeasible"
@@ -175,6 +176,7 @@ def run_pipeline(
             alternative = _chunked(history, step, chunkable, opt, scratch_model, chunkable.auto(config), device,
                                    lambda *analysed: recompute_plan(*analysed, target=1), hint=chunkable.off(config))
         solution = remat.solution
+        planned_graph_s = graph_seconds(step.graph, device)  # the step chosen, before its recomputations
         history.peaks("remat", eager_peak, solution.peak_bytes, changed=False)  # a decision; the rewrite changes the step
         # which activations go to host memory instead, after their last forward use and back before the backward's
         offloaded = None
@@ -231,6 +233,8 @@ def run_pipeline(
             if config.offload:
                 offload = OffloadSummary(0, 0, 0, 0, 0.0, solution.cost_s, (0,) * len(timeline.totals),
                                          "not needed" if solution.status != "infeasible" else "infeasible")
+    else:
+        planned_graph_s = graph_seconds(step.graph, device)
     # a topological order with a lower peak (recorded; the eager timeline above keeps the traced order)
     order = None
     if config.order:
@@ -270,6 +274,7 @@ def run_pipeline(
         program=step,
         chunked=chunked,
         chunked_mlp=chunked_mlp,
+        modelled_seconds=planned_graph_s + (solver.objective or 0.0),
         compressed=compressed,
         stepped=tuple(opt.temporaries_by_param) if step.sharding and step.sharding.step_in_backward else
         tuple(step.stepped),

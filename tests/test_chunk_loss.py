@@ -181,9 +181,14 @@ def test_below_the_traced_heads_minimum_the_error_names_chunk_loss_and_the_fx_st
 def test_the_default_keeps_the_head_as_traced_and_a_count_forces_it():
     _, model, batch, optimizer = _language_model()
     budget = 64 * 2**20
-    assert memopt.plan(model, batch, optimizer=optimizer, budget=budget).chunked == ()
-    (head,) = memopt.plan(model, batch, optimizer=optimizer, budget=budget, chunk_loss=8).chunked
-    assert head.chunks == 8 and head.reason == "chunk_loss=8"
+    whole = memopt.plan(model, batch, optimizer=optimizer, budget=budget)
+    assert whole.chunked == () and whole.sliced == ""
+    sliced = memopt.plan(model, batch, optimizer=optimizer, budget=budget, chunk_loss=8)
+    (head,) = sliced.chunked
+    assert head.chunks == 8 and head.reason == "chunk_loss=8" and sliced.sliced == "loss head x8"
+    # the slices re-read the head's weight and add up its gradient: by the cost model the step takes longer
+    assert sliced.modelled_seconds > whole.modelled_seconds > 0
+    assert ("nll_loss_forward", "chunked x8") in sliced.choices and not whole.choices
 
 
 def test_the_backend_chunks_the_head_of_a_module_that_returns_the_loss():

@@ -43,7 +43,7 @@ def _plan_at(target, *, smallest=0, choices=None, held=0):
     """A stand-in plan for ``target``; below ``smallest``, the error names the whole budget (``held`` on top)."""
     if target < smallest:
         raise memopt.BudgetInfeasibleError(target + held, smallest + held, "somewhere")
-    return SimpleNamespace(target=target, choices=choices)
+    return SimpleNamespace(target=target, choices=choices, chunked=(), chunked_mlp=(), modelled_seconds=0.0)
 
 
 def _key(target, variant):
@@ -172,6 +172,49 @@ def test_reclaim_compiles_no_plan_twice_and_stops_at_one_that_recomputes_nothing
     assert targets == [1000, 1280, 1560]
     assert [(a.target_bytes, a.predicted_peak_bytes, a.chosen) for a in fitted.attempts] == [
         (1000, 700, False), (1560, 970, True)]
+
+
+class _PlanPeaks(_TableLowering):
+    """Each stand-in plan carries its code's peak."""
+
+    def __init__(self):
+        super().__init__({})
+
+    def lower(self, plan, options, *, reuse, limit):
+        self.log.append((plan.target, bool(plan.chunked)))
+        return Lowered(plan, None, None, 100, plan.peak, plan.peak, dict(options), 0.0)
+
+
+def _sliced_or_whole(whole_seconds, *, forced=False):
+    """Plans that slice a loss head (their code 20 under their target) and, asked to slice nothing, plans whose
+    code holds 300 less than they count, recomputing "a" under 1250 and nothing from there on."""
+
+    def plan_at(target, *, sliced=True):
+        if sliced or forced:
+            return SimpleNamespace(target=target, peak=target - 20, choices=(("head", "chunked x8"),),
+                                   chunked=("head",), chunked_mlp=(), modelled_seconds=2.0)
+        choices = (("a", "recompute"),) if target < 1250 else ()
+        return SimpleNamespace(target=target, peak=target - 300, choices=choices, chunked=(), chunked_mlp=(),
+                               modelled_seconds=whole_seconds + (0.5 if choices else 0.0))
+
+    return plan_at
+
+
+def test_where_the_plan_slices_by_choice_the_plans_slicing_nothing_are_searched_too_and_the_faster_runs():
+    lowering = _PlanPeaks()
+    fitted = fit(_sliced_or_whole(1.0), Budget(1000, 0.02), lowering)
+    # the sliced plan for 1000 fits with nothing to spare; the whole one for 1000 leaves 280, and the one for
+    # 1280 recomputes nothing and fits: by the cost model the fastest
+    assert lowering.log == [(1000, True), (1000, False), (1280, False)]
+    assert fitted.lowered.plan.target == 1280 and not fitted.lowered.plan.chunked
+    assert [a.chosen for a in fitted.attempts] == [False, False, True]
+    # slower by the cost model: the sliced plan runs
+    fitted = fit(_sliced_or_whole(3.0), Budget(1000, 0.02), _PlanPeaks())
+    assert fitted.lowered.plan.chunked and fitted.attempts[0].chosen
+    # sliced because the config says so: asked to slice nothing, the plan is the same, and nothing is compiled
+    lowering = _PlanPeaks()
+    fitted = fit(_sliced_or_whole(1.0, forced=True), Budget(1000, 0.02), lowering)
+    assert lowering.log == [(1000, True)] and fitted.lowered.plan.chunked
 
 
 def test_what_is_held_beside_the_step_comes_off_its_share_and_onto_the_minimum_reported():

@@ -71,16 +71,19 @@ def test_the_inductor_compiles_tried_show_in_the_json_and_the_explanation(gpt2_p
     from memopt.report.plan import CompileAttempt
 
     assert "compiles" not in json.loads(gpt2_plan.to_json())  # not compiled
-    tried = (CompileAttempt(900_000_000, {}, 500, 700_000_000, 700_000_000, 12.5),
-             CompileAttempt(1_200_000_000, {"pattern_matcher": False}, 500, 960_000_000, 960_000_000, 11.0, True))
+    tried = (CompileAttempt(900_000_000, {}, 500, 700_000_000, 700_000_000, 12.5, modelled_seconds=0.25,
+                            sliced="loss head x8"),
+             CompileAttempt(1_200_000_000, {"pattern_matcher": False}, 500, 960_000_000, 960_000_000, 11.0, True,
+                            modelled_seconds=0.125))
     compiled = dataclasses.replace(gpt2_plan, compiled_peak_bytes=960_000_000, compiles=tried)
     data = json.loads(compiled.to_json())
     assert [(c["target_bytes"], c["options"], c["predicted_peak_bytes"], c["chosen"]) for c in data["compiles"]] == [
         (900_000_000, {}, 700_000_000, False), (1_200_000_000, {"pattern_matcher": False}, 960_000_000, True)]
     lines = compiled.explain().splitlines()
-    rows = lines[lines.index("Inductor compiles (plan made for, options, the code's peak):") + 1:][:2]
-    assert "defaults" in rows[0] and not rows[0].endswith("runs")
-    assert "'pattern_matcher': False" in rows[1] and rows[1].endswith("runs")
+    title = next(i for i, line in enumerate(lines) if line.startswith("Inductor compiles (plan made for"))
+    rows = lines[title + 1:][:2]
+    assert "defaults" in rows[0] and "0.25 s  loss head x8" in rows[0] and not rows[0].endswith("runs")
+    assert "'pattern_matcher': False" in rows[1] and rows[1].endswith("0.125 s  nothing  runs")
 
 
 def test_plot_is_a_real_picture(gpt2_plan, tmp_path):

@@ -10,7 +10,7 @@ from torch import nn
 from memopt import examples
 from memopt.capture import capture
 from memopt.device import get_device
-from memopt.passes.costs import node_flops, node_seconds
+from memopt.passes.costs import node_flops, node_seconds, recompute_seconds
 from memopt.passes.liveness import liveness
 from memopt.passes.recompute import apply_recompute, recompute_candidates
 from memopt.passes.storage import ACTIVATIONS, storage_table
@@ -133,6 +133,19 @@ def test_costs_follow_the_roofline():
     assert node_seconds(nodes["t"], h100) == 0.0  # a view moves nothing
     relu_bytes = 2 * 256 * 128 * 4
     assert node_seconds(nodes["relu"], h100) == relu_bytes / h100.memory_bandwidth
+
+
+def test_a_lowering_that_fuses_prices_a_recomputed_pointwise_op_at_its_arithmetic():
+    """Inductor recomputes ReLU inside the backward kernel that reads it: no memory traffic, one operation per
+    element. A matmul is priced as before; without fusion so is ReLU."""
+    workload = examples.mlp(width=128, depth=1, batch=256)
+    step = capture(workload.build(), workload.inputs(), loss_fn=workload.loss_fn)
+    nodes = {n.name: n for n in step.graph.graph.nodes}
+    h100 = get_device("h100")
+    assert recompute_seconds(nodes["relu"], h100) == node_seconds(nodes["relu"], h100)
+    assert recompute_seconds(nodes["relu"], h100, fused=True) == 256 * 128 / h100.fp32_flops_per_s
+    assert 0 < recompute_seconds(nodes["relu"], h100, fused=True) < node_seconds(nodes["relu"], h100) / 10
+    assert recompute_seconds(nodes["addmm"], h100, fused=True) == node_seconds(nodes["addmm"], h100)
 
 
 @pytest.mark.parametrize("name", ["mlp", "gpt2"])

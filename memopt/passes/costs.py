@@ -38,6 +38,19 @@ def node_seconds(node: fx.Node, device: DeviceSpec) -> float:
     return max(node_flops(node) / device.fp32_flops_per_s, node_bytes(node) / device.memory_bandwidth)
 
 
+def recompute_seconds(node: fx.Node, device: DeviceSpec, *, fused: bool = False) -> float:
+    """Seconds one recomputation of ``node`` in the backward takes.
+
+    ``fused``: the lowering fuses a recomputed pointwise op into the kernel that reads its result (Inductor
+    does), so the recomputation reads the op's inputs where that kernel would have read its result, and writes
+    nothing: it costs its arithmetic, one operation per element, and not the memory traffic ``node_seconds``
+    prices. Keeping the result instead costs a write in the forward and a read in the backward, which is why
+    torch's partitioner recomputes such ops rather than save them."""
+    if fused and node.op == "call_function" and torch.Tag.pointwise in getattr(node.target, "tags", ()):
+        val = node.meta.get("val")
+        return val.numel() / device.fp32_flops_per_s if isinstance(val, torch.Tensor) else 0.0
+    return node_seconds(node, device)
+
 
 def graph_seconds(graph: fx.GraphModule, device: DeviceSpec) -> float:
     """The roofline seconds of every op of ``graph``, each run once: what a rewrite of the step adds or saves

@@ -33,7 +33,7 @@ from memopt.capture import CapturedStep
 from memopt.device import DeviceSpec
 from memopt.lower.rng_ops import RNG_STATE_BYTES
 from memopt.passes import plan_cache, recompute
-from memopt.passes.costs import node_flops, node_seconds
+from memopt.passes.costs import node_flops, recompute_seconds
 from memopt.passes.op_kinds import is_random, written_inputs
 from memopt.passes.storage import ACTIVATIONS, StorageTable
 from memopt.solvers import remat_fast
@@ -151,10 +151,12 @@ def plan_recompute(
     solver: str = "memopt",
     time_limit_s: float = 5.0,
     cache_dir: str | None = None,
+    fused: bool = False,
 ) -> RecomputePlan:
     """Choose the activations to recompute so that the step's peak is at most ``budget_bytes``.
 
-    With ``cache_dir``, a plan made before for the same problem, budget and solver is reused.
+    With ``cache_dir``, a plan made before for the same problem, budget and solver is reused. ``fused``: the
+    lowering fuses recomputed pointwise ops into the backward's kernels (``recompute_seconds``).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown remat solver {solver!r}; known: {', '.join(SOLVERS)}")
@@ -170,7 +172,7 @@ def plan_recompute(
         backward_start=bs,
         inputs=tuple(tuple(position[a] for a in node.all_input_nodes) for node in nodes),
         values=table.values,
-        node_costs=tuple(node_seconds(node, device) for node in nodes),
+        node_costs=tuple(recompute_seconds(node, device, fused=fused) for node in nodes),
         sizes=tuple(s.nbytes for s in table.storages),
         start=tuple(s.defined_at for s in table.storages),
         end=tuple(s.last_use for s in table.storages),
@@ -211,7 +213,7 @@ def plan_recompute(
     else:  # a baseline: its one option per segment, whatever the budget
         solution = _fixed(problem, options, budget_bytes)
     chosen = tuple(candidates[i] for i in solution.chosen)
-    decisions = _decisions(table, nodes, device, candidates, solution, segments, options, names)
+    decisions = _decisions(table, nodes, problem.node_costs, candidates, solution, segments, options, names)
     remat = RecomputePlan(solver, solution, chosen, segments, names, decisions, problem, tuple(candidates))
     if key is not None:
         plan_cache.store(cache_dir, key, remat)
@@ -304,7 +306,7 @@ def _fixed(problem: RecomputeProblem, options: list[list[frozenset[int]]], budge
 def _decisions(
     table: StorageTable,
     nodes: list[fx.Node],
-    device: DeviceSpec,
+    node_costs: Sequence[float],
     candidates: list[recompute.Candidate],
     solution: RecomputeSolution,
     segments: tuple[Segment, ...],
@@ -329,12 +331,12 @@ def _decisions(
             continue
         entry = by_storage.get(storage.index)
         if entry is None:
-            cost = node_seconds(by_name[storage.node], device)
+            cost = node_costs[position[by_name[storage.node]]]
             why = KEPT_RANDOM if is_random(by_name[storage.node]) or storage.index in drawn else KEPT_EXACT
             decisions.append(ActivationDecision(storage.node, storage.nbytes, "keep", cost, why))
             continue
         i, candidate = entry
-        cost = sum(node_seconds(by_name[n], device) for n in candidate.nodes)
+        cost = sum(node_costs[position[by_name[n]]] for n in candidate.nodes)
         if i in chosen:
             level = level_of.get(i, "chosen by the solver")
             if candidate.replays:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,6 +188,8 @@ class CompileAttempt:
     predicted_peak_bytes: int  # the step's: the larger of both and the optimizer step's
     seconds: float
     chosen: bool = False  # the step that runs
+    modelled_seconds: float | None = None  # the plan's step by the cost model: what decides between codes that fit
+    sliced: str = ""  # the regions the plan runs over slices of the tokens ("" : none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +233,9 @@ class MemoryPlan:
     offload: OffloadSummary | None = None  # host offload (offload=True and a budget)
     compiled_peak_bytes: int | None = None  # Inductor's code for the step, read from its wrapper (what runs)
     compiles: tuple[CompileAttempt, ...] = ()  # the Inductor compiles tried for it, in order
+    # the step's time by the cost model: each op of the planned step once, plus what the plan recomputes (and
+    # the offload's stalls); what ``fit`` compares plans whose code meets the budget by
+    modelled_seconds: float | None = None
     chunked: tuple[ChunkedHead, ...] = ()  # loss heads run over slices of the tokens
     chunked_mlp: tuple[ChunkedMLP, ...] = ()  # feed-forward blocks run over slices of the tokens
     compressed: tuple[CompressedTensor, ...] = ()  # saved activations packed to int8 or fp8 (compress=): approximate
@@ -254,8 +260,19 @@ class MemoryPlan:
 
     @property
     def choices(self) -> tuple[tuple[str, str], ...]:
-        """What the plan does not keep, (name, action) each: two plans with equal choices make the same programs."""
-        return tuple((d.name, d.action) for d in self.decisions if d.action != "keep")
+        """What the plan does not keep, (name, action) each, and the regions it runs over slices of the tokens:
+        two plans with equal choices make the same programs."""
+        sliced = tuple((head.loss, f"{head.kernel or 'chunked'} x{head.chunks}") for head in self.chunked)
+        sliced += tuple((mlp.down, f"chunked x{mlp.chunks}") for mlp in self.chunked_mlp)
+        return tuple((d.name, d.action) for d in self.decisions if d.action != "keep") + sliced
+
+    @property
+    def sliced(self) -> str:
+        """The regions run over slices of the tokens, in words ("" : none)."""
+        heads = [f"loss head x{head.chunks}" if not head.kernel else f"loss head: {head.kernel}"
+                 for head in self.chunked]
+        mlps = Counter(mlp.chunks for mlp in self.chunked_mlp)
+        return ", ".join([*heads, *(f"{count} MLP{'s' if count > 1 else ''} x{k}" for k, count in mlps.items())])
 
     @property
     def peak_node(self) -> str:
@@ -564,9 +581,12 @@ class MemoryPlan:
             lines.append("\ndecisions:")
             lines.extend(f"  {d.action:<10}{d.name:<36}{d.bytes:>14,}  {d.reason}" for d in self.decisions)
         if self.compiles:
-            lines.append("\nInductor compiles (plan made for, options, the code's peak):")
+            lines.append("\nInductor compiles (plan made for, options, the code's peak, the step by the cost model, "
+                         "what it slices):")
             lines.extend(f"  {format_bytes(c.target_bytes):>12}  {str(c.options or 'defaults'):<60}"
-                         f"{format_bytes(c.predicted_peak_bytes):>12}{'  runs' if c.chosen else ''}"
+                         f"{format_bytes(c.predicted_peak_bytes):>12}"
+                         f"{'' if c.modelled_seconds is None else f'{c.modelled_seconds:.4g} s':>12}"
+                         f"  {c.sliced or 'nothing'}{'  runs' if c.chosen else ''}"
                          for c in self.compiles)
         lines.append("\npasses:")
         for record in self.history:
