@@ -135,19 +135,24 @@ def test_costs_follow_the_roofline():
     assert node_seconds(nodes["relu"], h100) == relu_bytes / h100.memory_bandwidth
 
 
-def test_a_lowering_that_fuses_prices_a_recomputed_pointwise_op_at_its_arithmetic():
-    """Inductor recomputes ReLU inside the backward kernel that reads it: no memory traffic, one operation per
-    element. A matmul is priced as before; without fusion so is ReLU."""
-    workload = examples.mlp(width=128, depth=1, batch=256)
-    step = capture(workload.build(), workload.inputs(), loss_fn=workload.loss_fn)
+def test_a_lowering_that_fuses_prices_a_recomputed_pointwise_op_at_its_arithmetic_and_what_it_must_write():
+    """Inductor recomputes a pointwise op inside the backward kernels that read it: no memory traffic, one
+    operation per element, unless a matmul reads the result, which the recomputation then writes. A matmul is
+    priced as before; without fusion so is every op."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 128))
+    step = capture(model, (torch.randn(256, 128),), loss_fn=lambda out: (out.sigmoid() * 2).sum())
     nodes = {n.name: n for n in step.graph.graph.nodes}
     h100 = get_device("h100")
-    assert recompute_seconds(nodes["relu"], h100) == node_seconds(nodes["relu"], h100)
-    assert recompute_seconds(nodes["relu"], h100, fused=True) == 256 * 128 / h100.fp32_flops_per_s
-    assert 0 < recompute_seconds(nodes["relu"], h100, fused=True) < node_seconds(nodes["relu"], h100) / 10
+    arithmetic = 256 * 128 / h100.fp32_flops_per_s
+    # the tanh is read by the second linear's matmul (forward and backward): recomputed, it is written again
+    assert recompute_seconds(nodes["tanh"], h100, fused=True) == arithmetic + 256 * 128 * 4 / h100.memory_bandwidth
+    # the sigmoid is read by a product and, in the backward, by sigmoid_backward: both pointwise
+    sigmoid = nodes["sigmoid"]
+    assert recompute_seconds(sigmoid, h100, fused=True) == arithmetic
+    for node in (nodes["tanh"], sigmoid, nodes["addmm"]):
+        assert recompute_seconds(node, h100) == node_seconds(node, h100)
     assert recompute_seconds(nodes["addmm"], h100, fused=True) == node_seconds(nodes["addmm"], h100)
-
-
 @pytest.mark.parametrize("name", ["mlp", "gpt2"])
 def test_ops_with_several_results_are_recomputed_whole_and_exactly(name):
     workload = {"mlp": lambda: examples.mlp(width=128, depth=3, batch=64),

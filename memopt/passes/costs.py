@@ -41,15 +41,33 @@ def node_seconds(node: fx.Node, device: DeviceSpec) -> float:
 def recompute_seconds(node: fx.Node, device: DeviceSpec, *, fused: bool = False) -> float:
     """Seconds one recomputation of ``node`` in the backward takes.
 
-    ``fused``: the lowering fuses a recomputed pointwise op into the kernel that reads its result (Inductor
-    does), so the recomputation reads the op's inputs where that kernel would have read its result, and writes
-    nothing: it costs its arithmetic, one operation per element, and not the memory traffic ``node_seconds``
-    prices. Keeping the result instead costs a write in the forward and a read in the backward, which is why
-    torch's partitioner recomputes such ops rather than save them."""
-    if fused and node.op == "call_function" and torch.Tag.pointwise in getattr(node.target, "tags", ()):
-        val = node.meta.get("val")
-        return val.numel() / device.fp32_flops_per_s if isinstance(val, torch.Tensor) else 0.0
-    return node_seconds(node, device)
+    ``fused``: the lowering fuses a recomputed pointwise op into the kernels that read its result (Inductor
+    does), which read the op's inputs where they would have read its result: the recomputation costs its
+    arithmetic, one operation per element, and not the memory traffic ``node_seconds`` prices, unless a reader
+    (a matmul, attention) needs the result in memory, which the recomputation then writes. Keeping a result
+    that only fused kernels read costs a write in the forward and a read in the backward, which is why torch's
+    partitioner recomputes such ops rather than save them."""
+    val = node.meta.get("val")
+    if not (fused and node.op == "call_function" and torch.Tag.pointwise in getattr(node.target, "tags", ())
+            and isinstance(val, torch.Tensor)):
+        return node_seconds(node, device)
+    written = val.numel() * val.element_size() / device.memory_bandwidth if _read_from_memory(node) else 0.0
+    return val.numel() / device.fp32_flops_per_s + written
+
+
+def _read_from_memory(node: fx.Node) -> bool:
+    """Whether a reader of ``node``'s result, through its views, is an op other than a pointwise one (which a
+    fusing lowering computes the result inside of)."""
+    val = node.meta.get("val")
+    for user in node.users:
+        if user.op != "call_function":
+            return True
+        if shares_storage(user.meta.get("val"), val):  # a view: what reads it reads the result
+            if _read_from_memory(user):
+                return True
+        elif torch.Tag.pointwise not in getattr(user.target, "tags", ()):
+            return True
+    return False
 
 
 def graph_seconds(graph: fx.GraphModule, device: DeviceSpec) -> float:
