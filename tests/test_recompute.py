@@ -153,6 +153,8 @@ def test_a_lowering_that_fuses_prices_a_recomputed_pointwise_op_at_its_arithmeti
     for node in (nodes["tanh"], sigmoid, nodes["addmm"]):
         assert recompute_seconds(node, h100) == node_seconds(node, h100)
     assert recompute_seconds(nodes["addmm"], h100, fused=True) == node_seconds(nodes["addmm"], h100)
+
+
 @pytest.mark.parametrize("name", ["mlp", "gpt2"])
 def test_ops_with_several_results_are_recomputed_whole_and_exactly(name):
     workload = {"mlp": lambda: examples.mlp(width=128, depth=3, batch=64),
