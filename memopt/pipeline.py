@@ -121,6 +121,7 @@ def run_pipeline(
     # budget any recompute plan could meet
     table, live, scratch, timeline, minimum = _analysed(history, step, opt, scratch_model)
     eager_peak = timeline.peak_bytes
+    traced, traced_graph_s = step, graph_seconds(step.graph, device)  # the traced step's ops, each run once
     # loss heads (linear, log-softmax, NLL) that can run over slices of the tokens
     # and feed-forward blocks (up projections, activation, down projection) that can too
     chunkable = _Chunkable(history.run("loss-heads", find_loss_heads, step.graph),
@@ -157,7 +158,7 @@ def run_pipeline(
             alternative = _chunked(history, step, chunkable, opt, scratch_model, config, device, recompute_plan)
             traced_smallest = max(minimum.bytes, budget_for_peak(remat.solution.peak_bytes, config.headroom))
             if alternative.chosen_over(remat, infeasible, traced_smallest, config.headroom,
-                                       graph_seconds(step.graph, device)):
+                                       traced_graph_s):
                 step, table, live, scratch, timeline, minimum = alternative.analysed
                 remat, chunked, chunked_mlp = alternative.remat, alternative.heads, alternative.mlps
         exact_infeasible = budget_bytes < minimum.bytes or remat.solution.status == "infeasible"
@@ -176,7 +177,6 @@ def run_pipeline(
             alternative = _chunked(history, step, chunkable, opt, scratch_model, chunkable.auto(config), device,
                                    lambda *analysed: recompute_plan(*analysed, target=1), hint=chunkable.off(config))
         solution = remat.solution
-        planned_graph_s = graph_seconds(step.graph, device)  # the step chosen, before its recomputations
         history.peaks("remat", eager_peak, solution.peak_bytes, changed=False)  # a decision; the rewrite changes the step
         # which activations go to host memory instead, after their last forward use and back before the backward's
         offloaded = None
@@ -195,6 +195,8 @@ def run_pipeline(
                                          config, budget_bytes, minimum, eager_peak)
                 except BudgetInfeasibleError as exact_error:
                     raise min(packed_error, exact_error, key=lambda error: error.minimum) from None
+        # the step chosen (traced, chunked or packed), before its recomputations and transfers
+        planned_graph_s = traced_graph_s if step is traced else graph_seconds(step.graph, device)
         if offloaded is not None:
             plan, step, table, live, timeline = offloaded
             scratch = _scratch(step, scratch_model, opt)
@@ -234,7 +236,7 @@ def run_pipeline(
                 offload = OffloadSummary(0, 0, 0, 0, 0.0, solution.cost_s, (0,) * len(timeline.totals),
                                          "not needed" if solution.status != "infeasible" else "infeasible")
     else:
-        planned_graph_s = graph_seconds(step.graph, device)
+        planned_graph_s = traced_graph_s
     # a topological order with a lower peak (recorded; the eager timeline above keeps the traced order)
     order = None
     if config.order:

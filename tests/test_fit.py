@@ -43,7 +43,7 @@ def _plan_at(target, *, smallest=0, choices=None, held=0):
     """A stand-in plan for ``target``; below ``smallest``, the error names the whole budget (``held`` on top)."""
     if target < smallest:
         raise memopt.BudgetInfeasibleError(target + held, smallest + held, "somewhere")
-    return SimpleNamespace(target=target, choices=choices, chunked=(), chunked_mlp=(), modelled_seconds=0.0)
+    return SimpleNamespace(target=target, choices=choices, chunked=(), chunked_mlp=())
 
 
 def _key(target, variant):
